@@ -1,0 +1,180 @@
+"""`BlockSparsePlan`: the compressed block-sparse format the attention kernels consume.
+
+A plan describes which key blocks every query block attends to, for a sequence that is already
+in block order (see `layout.TileLayout`). Query block ``i`` covers query rows
+``[i*q_block, (i+1)*q_block)``, key block ``j`` covers key rows ``[j*k_block, (j+1)*k_block)``.
+
+Row format (forward and dQ):
+    kv_count[b, h, i]            number of kept key blocks of query block i
+    kv_index[b, h, i, :count]    their ids, ascending; entries past ``count`` are padding (undefined)
+Column format (dK / dV), the transpose:
+    q_count[b, h, j], q_index[b, h, j, :count]
+Key validity:
+    k_valid[b, j]                key tokens ``j*k_block + r`` with ``r >= k_valid[b, j]`` are excluded
+Schedules (heavy rows first, so long dense text rows do not form a tail):
+    row_order[b, h, :]           query blocks sorted by descending kv_count
+    col_order[b, h, :]           key blocks sorted by descending q_count
+
+The batch and head dims of the index tensors are ``B`` or 1, and the batch dim of ``k_valid`` is
+``B`` or 1: size-1 dims broadcast. Everything is int32 and built on the mask's device without a host
+synchronisation (widths are the static block counts, not data-dependent maxima).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+
+__all__ = ["BlockSparsePlan"]
+
+
+def _compress(mask: torch.Tensor):
+    """bool [..., R, C] → (count int32 [..., R], ascending index int32 [..., R, C]).
+
+    Kept column ids come first in ascending order; the tail repeats the last kept id (or 0 for an
+    empty row) so that a kernel that over-reads a padded slot still loads a valid block.
+    """
+    C = mask.shape[-1]
+    ar = torch.arange(C, device=mask.device, dtype=torch.int32)
+    key = torch.where(mask, ar, ar + C)  # kept first, each group ascending
+    index = key.sort(dim=-1).values
+    count = mask.sum(dim=-1, dtype=torch.int32)
+    last = (count - 1).clamp(min=0).unsqueeze(-1)
+    last_id = torch.gather(index, -1, last.long()).masked_fill(count.unsqueeze(-1) == 0, 0)
+    index = torch.where(ar < count.unsqueeze(-1), index, last_id)
+    return count, index.to(torch.int32)
+
+
+def _heavy_first(count: torch.Tensor) -> torch.Tensor:
+    """Block ids sorted by descending count (stable), int32 [..., R]."""
+    return torch.sort(count, dim=-1, descending=True, stable=True).indices.to(torch.int32)
+
+
+@dataclass(frozen=True)
+class BlockSparsePlan:
+    """Compressed block-sparse attention pattern (see the module docstring for the format).
+
+    Shapes (B' in {1, B}, H' in {1, H}, Bv in {1, B}; Mq query blocks, Nk key blocks):
+        kv_count [B', H', Mq]       kv_index [B', H', Mq, Nk]
+        q_count  [B', H', Nk]       q_index  [B', H', Nk, Mq]
+        row_order [B', H', Mq]      col_order [B', H', Nk]
+        k_valid  [Bv, Nk]           density  [] float32 (mean of the block mask)
+    """
+
+    kv_count: torch.Tensor
+    kv_index: torch.Tensor
+    q_count: torch.Tensor
+    q_index: torch.Tensor
+    row_order: torch.Tensor
+    col_order: torch.Tensor
+    k_valid: torch.Tensor
+    density: torch.Tensor
+    q_block: int
+    k_block: int
+
+    def __post_init__(self) -> None:
+        for name in ("q_block", "k_block"):
+            v = getattr(self, name)
+            if v < 16 or v % 16:
+                raise ValueError(f"{name}={v}: block sizes must be positive multiples of 16")
+        Bp, Hp, Mq = self.kv_count.shape
+        Nk = self.q_count.shape[-1]
+        if self.kv_index.shape != (Bp, Hp, Mq, Nk) or self.q_index.shape != (Bp, Hp, Nk, Mq):
+            raise ValueError(
+                f"inconsistent plan: kv_count {tuple(self.kv_count.shape)}, kv_index "
+                f"{tuple(self.kv_index.shape)}, q_count {tuple(self.q_count.shape)}, q_index {tuple(self.q_index.shape)}"
+            )
+        if self.k_valid.dim() != 2 or self.k_valid.shape[1] != Nk:
+            raise ValueError(f"k_valid must be [B or 1, {Nk}], got {tuple(self.k_valid.shape)}")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_block_mask(
+        cls,
+        block_mask: torch.Tensor,
+        q_block: int,
+        k_block: Optional[int] = None,
+        k_valid: Optional[torch.Tensor] = None,
+    ) -> "BlockSparsePlan":
+        """Build a plan from a bool block mask ``[B or 1, H or 1, Mq, Nk]`` (or ``[Mq, Nk]``).
+
+        ``k_valid`` (int ``[B or 1, Nk]``) defaults to full blocks. No host synchronisation.
+        """
+        k_block = q_block if k_block is None else k_block
+        if block_mask.dtype != torch.bool:
+            raise TypeError(f"block_mask must be bool, got {block_mask.dtype}")
+        if block_mask.dim() == 2:
+            block_mask = block_mask[None, None]
+        if block_mask.dim() != 4:
+            raise ValueError(f"block_mask must be [B, H, Mq, Nk] or [Mq, Nk], got {tuple(block_mask.shape)}")
+        Nk = block_mask.shape[-1]
+        kv_count, kv_index = _compress(block_mask)
+        q_count, q_index = _compress(block_mask.transpose(-1, -2))
+        if k_valid is None:
+            k_valid = torch.full((1, Nk), k_block, dtype=torch.int32, device=block_mask.device)
+        k_valid = k_valid.to(device=block_mask.device, dtype=torch.int32)
+        if k_valid.dim() == 1:
+            k_valid = k_valid[None]
+        return cls(
+            kv_count=kv_count, kv_index=kv_index, q_count=q_count, q_index=q_index,
+            row_order=_heavy_first(kv_count), col_order=_heavy_first(q_count),
+            k_valid=k_valid.clamp(0, k_block).contiguous(),
+            density=block_mask.float().mean(), q_block=int(q_block), k_block=int(k_block),
+        )
+
+    @classmethod
+    def dense(cls, batch: int, heads: int, num_q_blocks: int, num_k_blocks: int, q_block: int,
+              k_block: Optional[int] = None, k_valid: Optional[torch.Tensor] = None,
+              device: torch.device | str = "cpu") -> "BlockSparsePlan":
+        """Every key block for every query block."""
+        mask = torch.ones(batch, heads, num_q_blocks, num_k_blocks, dtype=torch.bool, device=device)
+        return cls.from_block_mask(mask, q_block, k_block, k_valid)
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def num_q_blocks(self) -> int:
+        return self.kv_count.shape[-1]
+
+    @property
+    def num_k_blocks(self) -> int:
+        return self.q_count.shape[-1]
+
+    @property
+    def shape(self) -> tuple:
+        """(B', H', Mq, Nk)."""
+        return tuple(self.kv_index.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_count.device
+
+    def to_dense(self) -> torch.Tensor:
+        """The bool block mask ``[B', H', Mq, Nk]`` this plan encodes."""
+        Nk = self.num_k_blocks
+        slots = torch.arange(Nk, device=self.device)
+        keep = slots < self.kv_count.unsqueeze(-1)
+        out = torch.zeros(self.shape, dtype=torch.int8, device=self.device)
+        # padded slots repeat a kept id with keep=False: take the max so they never clear it
+        return out.scatter_reduce(-1, self.kv_index.long(), keep.to(torch.int8), reduce="amax").bool()
+
+    def token_valid(self) -> torch.Tensor:
+        """bool ``[Bv, Nk * k_block]``: which key tokens take part at all."""
+        r = torch.arange(self.k_block, device=self.device, dtype=torch.int32)
+        return (r < self.k_valid.unsqueeze(-1)).flatten(1)
+
+    def to(self, device: torch.device | str) -> "BlockSparsePlan":
+        """A copy on ``device`` (the plan itself is left alone)."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device)
+                                for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def __repr__(self) -> str:
+        Bp, Hp, Mq, Nk = self.shape
+        return (f"BlockSparsePlan(shape=(B={Bp}, H={Hp}, Mq={Mq}, Nk={Nk}), q_block={self.q_block}, "
+                f"k_block={self.k_block}, k_valid={tuple(self.k_valid.shape)}, device={self.device})")
+
+    def to_string(self, b: int = 0, h: int = 0, max_blocks: int = 64) -> str:
+        """A picture of one (b, h) block mask: '#' kept, '.' skipped (host sync: for humans)."""
+        m = self.to_dense()[b, h, :max_blocks, :max_blocks].cpu()
+        return "\n".join("".join("#" if x else "." for x in row) for row in m.tolist())
