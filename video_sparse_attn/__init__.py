@@ -5,7 +5,12 @@ Data flows config → layout → masks → plan → kernels → processors.
 
 from .config import SSTAConfig
 from .plan import BlockSparsePlan
-from .attention import block_sparse_attention
+from .layout import TileLayout
+from .masks import build_block_mask
+from .attention import SSTAInfo, block_sparse_attention, ssta_attention
 
-__all__ = ["SSTAConfig", "BlockSparsePlan", "block_sparse_attention"]
+__all__ = [
+    "SSTAConfig", "TileLayout", "build_block_mask", "BlockSparsePlan", "block_sparse_attention",
+    "ssta_attention", "SSTAInfo",
+]
 __version__ = "0.1.0"

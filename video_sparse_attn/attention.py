@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from .config import SSTAConfig
+from .layout import TileLayout
+from .masks.build import block_mask_from_tiled
 from .plan import BlockSparsePlan
 
-__all__ = ["block_sparse_attention"]
+__all__ = ["block_sparse_attention", "ssta_attention", "SSTAInfo"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -53,3 +56,107 @@ def block_sparse_attention(
             from .kernels.triton_op import block_sparse_attention_triton
 
             return block_sparse_attention_triton(q, k, v, plan, scale)
+
+
+class SSTAInfo(NamedTuple):
+    """What `ssta_attention(..., return_info=True)` also returns (tensors stay on the device)."""
+
+    block_mask: torch.Tensor   # bool [B or 1, H or 1, N, N], tile order
+    plan: BlockSparsePlan
+    density: torch.Tensor      # float32 scalar: mean of the block mask
+    layout: TileLayout
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _validate(q, k, v, thw, config, text_len, text_mask) -> None:
+    """Caller mistakes → ValueError / TypeError naming the problem."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, S, D] (4-D), got shape {tuple(x.shape)}")
+        if x.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {x.dtype}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if min(q.shape) < 1:
+        raise ValueError(f"q has an empty dimension: {tuple(q.shape)}")
+    if not isinstance(config, SSTAConfig):
+        raise TypeError(f"config must be an SSTAConfig, got {type(config).__name__}")
+    if not isinstance(thw, Sequence) or len(thw) != 3 or any(
+        isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in thw
+    ):
+        raise ValueError(f"thw must be three positive ints (t, h, w), got {thw!r}")
+    if isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 0:
+        raise ValueError(f"text_len must be an int >= 0, got {text_len!r}")
+    S = q.shape[2]
+    t, h, w = thw
+    if S != t * h * w + text_len:
+        raise ValueError(
+            f"sequence length S={S} does not match the grid: t*h*w + text_len = {t}*{h}*{w} + {text_len} "
+            f"= {t * h * w + text_len}"
+        )
+    if text_mask is not None:
+        if not isinstance(text_mask, torch.Tensor):
+            raise TypeError(f"text_mask must be a tensor, got {type(text_mask).__name__}")
+        if text_len == 0:
+            raise ValueError("text_mask given but text_len == 0")
+        if tuple(text_mask.shape) != (q.shape[0], text_len):
+            raise ValueError(f"text_mask must be [B, text_len] = [{q.shape[0]}, {text_len}], got {tuple(text_mask.shape)}")
+        if text_mask.dtype.is_floating_point or text_mask.dtype.is_complex:
+            raise TypeError(f"text_mask must be bool or integer (True/1 = valid), got {text_mask.dtype}")
+        if text_mask.device != q.device:
+            raise ValueError(f"text_mask is on {text_mask.device} but q is on {q.device}")
+
+
+def ssta_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    thw: Tuple[int, int, int],
+    config: SSTAConfig = SSTAConfig(),
+    text_len: int = 0,
+    text_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+    return_info: bool = False,
+):
+    """Selective and Sliding Tile Attention over a ``[video | text]`` sequence.
+
+    Args:
+        q, k, v: ``[B, H, S, D]`` (any strides; e.g. ``x.transpose(1, 2)`` of diffusers' ``[B, S, H, D]``),
+            ``S = t*h*w + text_len``: video tokens in raster order over ``thw``, then text.
+        thw: unpadded latent grid ``(t, h, w)``.
+        config: `SSTAConfig` (used as given; `SSTAConfig.for_thw` applies the model's caller rules).
+        text_len: L, number of text tokens at the end of the sequence.
+        text_mask: optional ``[B, L]`` bool, True = valid text token (valid tokens form a prefix).
+        scale: softmax scale, default ``1/sqrt(D)``.
+        backend: ``"auto"`` (Triton on CUDA when available, else torch), ``"torch"`` or ``"triton"``.
+        return_info: also return an `SSTAInfo` (block mask, plan, density, layout).
+
+    Returns:
+        ``out [B, H, S, D]`` in q's dtype (and `SSTAInfo` when ``return_info``).
+
+    Example::
+
+        out = ssta_attention(q, k, v, thw=(31, 45, 80), config=SSTAConfig(topk=32), text_len=1985,
+                             text_mask=mask)
+    """
+    _validate(q, k, v, thw, config, text_len, text_mask)
+    backend = resolve_backend(backend, q)
+    layout = TileLayout(tuple(thw), config.tile_thw, text_len, config.pad_type)
+    q_t, k_t, v_t = layout.tile(q), layout.tile(k), layout.tile(v)
+    block_mask = block_mask_from_tiled(q_t, k_t, layout, config, text_mask)
+    bs = layout.block_size
+    plan = BlockSparsePlan.from_block_mask(block_mask, bs, bs, layout.key_valid(text_mask, q.device))
+    out_t, _ = block_sparse_attention(q_t, k_t, v_t, plan, scale, backend)
+    out = layout.untile(out_t)
+    if return_info:
+        return out, SSTAInfo(block_mask, plan, plan.density, layout)
+    return out

@@ -1,0 +1,182 @@
+"""Tile layout: reorder a `[video | text]` sequence into tile (= attention block) order and back.
+
+Video tokens come in raster order over the latent grid ``(t, h, w)`` (t slowest). The grid is padded
+per axis to a multiple of the tile, tiles are laid out in raster order and tokens in raster order
+inside each tile (einops: ``(nt tt nh th nw tw) -> (nt nh nw tt th tw)``). Text is padded to a
+multiple of the block size by repeating its last token. The block-ordered sequence is
+``[Nv video blocks | Nt text blocks]`` of ``bs = prod(tile)`` tokens each.
+
+Padding values: ``zero`` → 0, ``repeat`` → copy of the last slice along each padded axis, ``mask``
+→ 0, and inside each tile the valid tokens come first so that a per-block valid-token count
+(`key_valid`) describes the padding exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+from einops import rearrange
+
+__all__ = ["TileLayout"]
+
+Triple = Tuple[int, int, int]
+
+
+@functools.lru_cache(maxsize=64)
+def _cpu_indices(grid: Triple, tile: Triple, text_len: int, pad_type: str) -> Dict[str, torch.Tensor]:
+    """Index tensors for one layout, built once on the CPU (see `TileLayout` for their meaning)."""
+    t, h, w = grid
+    Tt, Th, Tw = tile
+    nt, nh, nw = (-(-g // s) for g, s in zip(grid, tile))
+    bs = Tt * Th * Tw
+    # coordinates of every padded-grid position, then tile order
+    T = torch.arange(nt * Tt).view(-1, 1, 1).expand(nt * Tt, nh * Th, nw * Tw)
+    Y = torch.arange(nh * Th).view(1, -1, 1).expand_as(T)
+    X = torch.arange(nw * Tw).view(1, 1, -1).expand_as(T)
+    to_tiles = "(nt tt) (nh th) (nw tw) -> (nt nh nw) (tt th tw)"
+    T, Y, X = (rearrange(c, to_tiles, tt=Tt, th=Th, tw=Tw) for c in (T, Y, X))   # [Nv, bs]
+    valid = (T < t) & (Y < h) & (X < w)
+    if pad_type == "repeat":
+        src = T.clamp(max=t - 1) * h * w + Y.clamp(max=h - 1) * w + X.clamp(max=w - 1)
+    else:
+        src = torch.where(valid, T * h * w + Y * w + X, torch.zeros_like(T))
+    slot_raster = torch.arange(bs).expand_as(T)  # raster position inside the tile of each slot
+    if pad_type == "mask":
+        # valid tokens first inside each tile (stable: raster order kept among them)
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+        src, valid, slot_raster = (torch.gather(x, 1, order) for x in (src, valid, slot_raster))
+    Nv = nt * nh * nw
+    Nt = -(-text_len // bs)
+    text_src = t * h * w + torch.arange(Nt * bs).clamp(max=max(text_len - 1, 0))
+    src_all = torch.cat([src.flatten(), text_src])
+    zero_pos = torch.nonzero(~valid.flatten()).flatten() if pad_type != "repeat" else torch.zeros(0, dtype=torch.long)
+    inverse = torch.empty(t * h * w + text_len, dtype=torch.long)
+    flat_valid = valid.flatten()
+    inverse[src.flatten()[flat_valid]] = torch.nonzero(flat_valid).flatten()
+    inverse[t * h * w:] = Nv * bs + torch.arange(text_len)
+    return {
+        "src": src_all, "zero_pos": zero_pos, "inverse": inverse,
+        "video_valid": valid.sum(1).to(torch.int32), "slot_raster": slot_raster,
+    }
+
+
+@functools.lru_cache(maxsize=256)
+def _device_indices(grid, tile, text_len, pad_type, device: str) -> Dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in _cpu_indices(grid, tile, text_len, pad_type).items()}
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """How a ``[video (t*h*w) | text (text_len)]`` sequence maps onto attention blocks.
+
+    Attributes:
+        grid_thw: unpadded latent grid (t, h, w).
+        tile_thw: tile size (Tt, Th, Tw); ``block_size = Tt*Th*Tw`` tokens.
+        text_len: number of text tokens L.
+        pad_type: ``zero`` | ``repeat`` | ``mask``.
+    Derived: ``tiles_thw`` (nt, nh, nw); ``num_video_blocks`` Nv; ``num_text_blocks`` Nt;
+    ``num_blocks`` N = Nv + Nt; ``seq_len`` S = t*h*w + L; ``padded_len`` N * block_size.
+    """
+
+    grid_thw: Triple
+    tile_thw: Triple
+    text_len: int = 0
+    pad_type: str = "zero"
+
+    def __post_init__(self) -> None:
+        if len(self.grid_thw) != 3 or any(int(g) < 1 for g in self.grid_thw):
+            raise ValueError(f"grid_thw must be three positive ints, got {self.grid_thw}")
+        if self.text_len < 0:
+            raise ValueError(f"text_len must be >= 0, got {self.text_len}")
+        object.__setattr__(self, "grid_thw", tuple(int(g) for g in self.grid_thw))
+        object.__setattr__(self, "tile_thw", tuple(int(g) for g in self.tile_thw))
+        object.__setattr__(self, "text_len", int(self.text_len))
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def block_size(self) -> int:
+        return math.prod(self.tile_thw)
+
+    @property
+    def tiles_thw(self) -> Triple:
+        return tuple(-(-g // s) for g, s in zip(self.grid_thw, self.tile_thw))  # type: ignore[return-value]
+
+    @property
+    def padded_thw(self) -> Triple:
+        return tuple(n * s for n, s in zip(self.tiles_thw, self.tile_thw))  # type: ignore[return-value]
+
+    @property
+    def num_video_tokens(self) -> int:
+        return math.prod(self.grid_thw)
+
+    @property
+    def num_video_blocks(self) -> int:
+        return math.prod(self.tiles_thw)
+
+    @property
+    def num_text_blocks(self) -> int:
+        return -(-self.text_len // self.block_size)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_video_blocks + self.num_text_blocks
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_video_tokens + self.text_len
+
+    @property
+    def padded_len(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def indices(self, device: torch.device | str) -> Dict[str, torch.Tensor]:
+        """Cached index tensors on ``device``:
+        ``src [padded_len]`` source token of every block-ordered slot; ``zero_pos`` slots filled with
+        zeros; ``inverse [seq_len]`` slot of every original token; ``video_valid [Nv]`` real tokens
+        per video tile; ``slot_raster [Nv, bs]`` raster position inside its tile of each slot.
+        """
+        return _device_indices(self.grid_thw, self.tile_thw, self.text_len, self.pad_type, str(torch.device(device)))
+
+    # ------------------------------------------------------------------ reorder
+    def tile(self, x: torch.Tensor, seq_dim: int = 2) -> torch.Tensor:
+        """``[..., S, ...]`` (sequence along ``seq_dim``) → block order ``[..., N*bs, ...]`` (new tensor)."""
+        if x.shape[seq_dim] != self.seq_len:
+            raise ValueError(
+                f"sequence length {x.shape[seq_dim]} != t*h*w + text_len = "
+                f"{'*'.join(map(str, self.grid_thw))} + {self.text_len} = {self.seq_len}"
+            )
+        idx = self.indices(x.device)
+        out = x.index_select(seq_dim, idx["src"])
+        if idx["zero_pos"].numel():
+            out = out.index_fill(seq_dim, idx["zero_pos"], 0)
+        return out
+
+    def untile(self, y: torch.Tensor, seq_dim: int = 2) -> torch.Tensor:
+        """Inverse of `tile`: block order ``[..., N*bs, ...]`` → ``[..., S, ...]`` (padding dropped)."""
+        if y.shape[seq_dim] != self.padded_len:
+            raise ValueError(f"expected {self.padded_len} block-ordered tokens, got {y.shape[seq_dim]}")
+        return y.index_select(seq_dim, self.indices(y.device)["inverse"])
+
+    # ------------------------------------------------------------------ key validity
+    def key_valid(self, text_mask: Optional[torch.Tensor], device: torch.device | str) -> torch.Tensor:
+        """Valid key tokens per block, int32 ``[B or 1, N]`` (a `BlockSparsePlan.k_valid`).
+
+        Only ``pad_type="mask"`` excludes anything: padded video tokens, text padding copies and,
+        when ``text_mask`` ``[B, L]`` is given, the tokens past its valid count (a valid prefix is
+        assumed, as in HunyuanVideo-1.5). Other pad types keep every token visible.
+        """
+        bs, Nv, Nt = self.block_size, self.num_video_blocks, self.num_text_blocks
+        if self.pad_type != "mask":
+            return torch.full((1, Nv + Nt), bs, dtype=torch.int32, device=device)
+        video = self.indices(device)["video_valid"][None]
+        if text_mask is None:
+            n_text = torch.full((1, 1), self.text_len, dtype=torch.int32, device=device)
+        else:
+            n_text = text_mask.to(device=device).sum(-1, dtype=torch.int32)[:, None]
+        starts = torch.arange(Nt, device=device, dtype=torch.int32)[None] * bs
+        text = (n_text - starts).clamp(0, bs)
+        return torch.cat([video.expand(text.shape[0], Nv), text], dim=1).to(torch.int32)

@@ -1,0 +1,67 @@
+"""`build_block_mask`: the SSTA block mask in tile order, batched, with no host synchronisation."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..config import SSTAConfig
+from ..layout import TileLayout
+from .selection import importance_topk, similarity_threshold, similarity_topk, tile_representatives
+from .sta import sta_window_mask
+from .text import apply_text_validity, assemble_with_text
+
+__all__ = ["build_block_mask", "block_mask_from_tiled"]
+
+
+def _selection(q_video, k_video, layout: TileLayout, config: SSTAConfig) -> torch.Tensor:
+    share = config.mask_share_within_head
+    pool = config.pool_thw
+    q_rep = tile_representatives(q_video, layout, pool, share)
+    k_rep = tile_representatives(k_video, layout, pool, share)
+    if config.sampling_type == "importance":
+        return importance_topk(q_rep, k_rep, config.topk, config.lambda_)
+    if config.threshold > 0:
+        return similarity_threshold(q_rep, k_rep, config.topk, config.threshold)
+    return similarity_topk(q_rep, k_rep, config.topk)
+
+
+@torch.no_grad()
+def block_mask_from_tiled(q_t: torch.Tensor, k_t: torch.Tensor, layout: TileLayout, config: SSTAConfig,
+                          text_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Block mask from block-ordered ``q_t, k_t [B, H, N*bs, D]`` (see `build_block_mask`)."""
+    B, H = q_t.shape[:2]
+    Nv, Nt = layout.num_video_blocks, layout.num_text_blocks
+    dev = q_t.device
+    kind = config.sparse_type
+    if kind == "dense":
+        video = torch.ones(1, 1, Nv, Nv, dtype=torch.bool, device=dev)
+    else:
+        video = None
+        if kind in ("ssta", "sta"):
+            video = sta_window_mask(layout.tiles_thw, config.kernel_thw, dev)[None, None]
+        if kind in ("ssta", "block_attn"):
+            nvt = Nv * layout.block_size
+            sel = _selection(q_t[:, :, :nvt], k_t[:, :, :nvt], layout, config)
+            video = sel if video is None else (video | sel)
+    mask = assemble_with_text(video, Nt)
+    if config.use_text_mask and text_mask is not None and Nt > 0:
+        mask = apply_text_validity(mask, Nv, layout.block_size, text_mask.to(dev),
+                                   exact=config.pad_type == "mask")
+    return mask
+
+
+def build_block_mask(q: torch.Tensor, k: torch.Tensor, thw: Tuple[int, int, int], config: SSTAConfig = SSTAConfig(),
+                     text_len: int = 0, text_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The SSTA block mask of ``q, k [B, H, S, D]`` (S = t*h*w + text_len, video first).
+
+    Returns bool ``[B or 1, H or 1, N, N]`` in tile order, ``N = Nv + Nt`` (video tiles in raster
+    order, then text blocks). H is 1 for ``mask_share_within_head`` (and for masks that do not depend
+    on the data, like ``sta`` without a text mask); B is 1 when nothing depends on the batch.
+    """
+    from ..attention import _validate
+
+    _validate(q, k, k, thw, config, text_len, text_mask)
+    layout = TileLayout(tuple(thw), config.tile_thw, text_len, config.pad_type)
+    return block_mask_from_tiled(layout.tile(q), layout.tile(k), layout, config, text_mask)
