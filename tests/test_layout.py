@@ -1,0 +1,84 @@
+"""Tile reorder / inverse, padding values, and per-block key validity."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from video_sparse_attn import TileLayout
+
+GRIDS = [((4, 8, 8), (2, 4, 4)), ((5, 9, 10), (4, 4, 4)), ((3, 9, 13), (2, 4, 4)), ((1, 5, 7), (1, 4, 4)),
+         ((7, 3, 2), (2, 4, 4))]
+
+
+def _reference_tile(x, grid, tile, text_len, pad):
+    """Pad (zero or replicate) each axis, reorder tiles with einops, pad text by its last token."""
+    B, H, S, D = x.shape
+    t, h, w = grid
+    vid = x[:, :, : t * h * w].reshape(B * H, t, h, w, D).permute(0, 4, 1, 2, 3)
+    pads = [(-g) % s for g, s in zip(grid, tile)]
+    vid = F.pad(vid, (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate" if pad == "repeat" else "constant")
+    vid = vid.permute(0, 2, 3, 4, 1)
+    vid = rearrange(vid, "b (nt tt) (nh th) (nw tw) d -> b (nt nh nw tt th tw) d", tt=tile[0], th=tile[1], tw=tile[2])
+    vid = vid.reshape(B, H, -1, D)
+    bs = tile[0] * tile[1] * tile[2]
+    text = x[:, :, t * h * w:]
+    if text_len:
+        extra = (-text_len) % bs
+        text = torch.cat([text, text[:, :, -1:].expand(B, H, extra, D)], dim=2)
+    return torch.cat([vid, text], dim=2)
+
+
+@pytest.mark.parametrize("grid, tile", GRIDS)
+@pytest.mark.parametrize("pad", ["zero", "repeat"])
+@pytest.mark.parametrize("text_len", [0, 5, 32])
+def test_tile_matches_pad_and_einops(grid, tile, pad, text_len):
+    x = torch.randn(2, 3, grid[0] * grid[1] * grid[2] + text_len, 4, dtype=torch.float64)
+    lay = TileLayout(grid, tile, text_len, pad)
+    y = lay.tile(x)
+    assert y.shape[2] == lay.padded_len
+    torch.testing.assert_close(y, _reference_tile(x, grid, tile, text_len, pad), rtol=0, atol=0)
+    torch.testing.assert_close(lay.untile(y), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("grid, tile", GRIDS)
+def test_mask_layout_puts_valid_tokens_first(grid, tile):
+    text_len = 21
+    x = torch.randn(1, 2, grid[0] * grid[1] * grid[2] + text_len, 4)
+    lay = TileLayout(grid, tile, text_len, "mask")
+    ref = _reference_tile(x, grid, tile, text_len, "zero")
+    y = lay.tile(x)
+    bs, Nv = lay.block_size, lay.num_video_blocks
+    k_valid = lay.key_valid(None, "cpu")[0]
+    for n in range(Nv):
+        blk, rblk = y[0, :, n * bs:(n + 1) * bs], ref[0, :, n * bs:(n + 1) * bs]
+        c = int(k_valid[n])
+        assert torch.all(blk[:, c:] == 0)
+        # the valid slots hold exactly the tile's real tokens, in raster order
+        assert torch.equal(blk[:, :c], rblk[:, lay.indices("cpu")["slot_raster"][n, :c]])
+    assert int(k_valid[:Nv].sum()) == grid[0] * grid[1] * grid[2]
+    assert k_valid[Nv:].tolist() == [min(bs, text_len - j * bs) for j in range(lay.num_text_blocks)]
+    torch.testing.assert_close(lay.untile(y), x, rtol=0, atol=0)
+
+
+def test_key_valid_with_text_mask_counts_per_sample():
+    lay = TileLayout((2, 4, 4), (2, 4, 4), 40, "mask")
+    tm = torch.zeros(3, 40, dtype=torch.bool)
+    tm[0, :40] = True
+    tm[1, :33] = True
+    tm[2, :0] = True
+    kv = lay.key_valid(tm, "cpu")
+    assert kv.tolist() == [[32, 32, 8], [32, 32, 1], [32, 0, 0]]
+    assert TileLayout((2, 4, 4), (2, 4, 4), 40, "zero").key_valid(tm, "cpu").tolist() == [[32, 32, 32]]
+
+
+def test_sequence_mismatch_is_reported_with_both_numbers():
+    lay = TileLayout((2, 4, 4), (2, 4, 4), 8)
+    with pytest.raises(ValueError, match=r"sequence length 39 != t\*h\*w \+ text_len = 2\*4\*4 \+ 8 = 40"):
+        lay.tile(torch.zeros(1, 1, 39, 4))
+
+
+def test_tile_accepts_strided_views():
+    x = torch.randn(2, 40, 3, 8)  # diffusers layout [B, S, H, D]
+    lay = TileLayout((2, 4, 4), (2, 4, 4), 8, "zero")
+    torch.testing.assert_close(lay.tile(x.transpose(1, 2)), lay.tile(x.transpose(1, 2).contiguous()))
