@@ -17,7 +17,7 @@ GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 

@@ -1,0 +1,64 @@
+"""The mask → plan path never synchronises with the host."""
+
+import math
+
+import pytest
+import torch
+
+from video_sparse_attn import BlockSparsePlan, SSTAConfig, TileLayout
+from video_sparse_attn.masks import block_mask_from_tiled
+
+CONFIGS = [
+    SSTAConfig(tile_thw=(2, 4, 4), kernel_thw=(1, 3, 3), topk=3, caller_rules=False),
+    SSTAConfig(tile_thw=(2, 4, 4), topk=10, sparse_type="block_attn", sampling_type="similarity", threshold=0.5,
+               caller_rules=False),
+    SSTAConfig(tile_thw=(2, 4, 4), topk=2, mask_share_within_head=True, pad_type="mask", caller_rules=False),
+    SSTAConfig(tile_thw=(2, 4, 4), sparse_type="dense", pad_type="repeat", caller_rules=False),
+]
+
+
+def _mask_and_plan(q, k, thw, config, L, text_mask):
+    layout = TileLayout(thw, config.tile_thw, L, config.pad_type)
+    layout.indices(q.device)  # index tensors are built once per shape (cached), outside the hot path
+    q_t, k_t = layout.tile(q), layout.tile(k)
+    mask = block_mask_from_tiled(q_t, k_t, layout, config, text_mask)
+    plan = BlockSparsePlan.from_block_mask(mask, layout.block_size, layout.block_size,
+                                           layout.key_valid(text_mask, q.device))
+    return mask, plan
+
+
+def _inputs(device):
+    thw, L = (5, 10, 13), 40
+    q, k = torch.randn(2, 2, 2, math.prod(thw) + L, 16, device=device).unbind(0)
+    tm = torch.zeros(2, L, dtype=torch.bool, device=device)
+    tm[0, :40] = True
+    tm[1, :17] = True
+    return q, k, thw, L, tm
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_cpu_path_never_reads_values_on_the_host(config, monkeypatch):
+    q, k, thw, L, tm = _inputs("cpu")
+    _mask_and_plan(q, k, thw, config, L, tm)  # warm the per-shape caches
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read of a tensor value on the mask/plan path")
+
+    for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    mask, plan = _mask_and_plan(q, k, thw, config, L, tm)
+    monkeypatch.undo()
+    assert torch.equal(plan.to_dense().expand_as(mask), mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", CONFIGS)
+def test_cuda_path_makes_no_sync(config):
+    q, k, thw, L, tm = _inputs("cuda")
+    _mask_and_plan(q, k, thw, config, L, tm)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _mask_and_plan(q, k, thw, config, L, tm)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
