@@ -82,3 +82,21 @@ def test_tile_accepts_strided_views():
     x = torch.randn(2, 40, 3, 8)  # diffusers layout [B, S, H, D]
     lay = TileLayout((2, 4, 4), (2, 4, 4), 8, "zero")
     torch.testing.assert_close(lay.tile(x.transpose(1, 2)), lay.tile(x.transpose(1, 2).contiguous()))
+
+
+@pytest.mark.parametrize("pad", ["zero", "repeat", "mask"])
+def test_tile_and_untile_gradients(pad):
+    grid, tile, L = (3, 3, 5), (2, 2, 4), 7
+    x = torch.randn(1, 2, 45 + L, 2, dtype=torch.float64, requires_grad=True)
+    lay = TileLayout(grid, tile, L, pad)
+    assert torch.autograd.gradcheck(lambda a: lay.tile(a), (x,), fast_mode=True)
+    y = torch.randn(1, 2, lay.padded_len, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: lay.untile(a), (y,), fast_mode=True)
+
+
+def test_tile_of_bf16_rows_uses_the_same_values():
+    x = torch.randn(1, 3, 4 * 8 * 8 + 3, 16, dtype=torch.bfloat16)
+    lay = TileLayout((4, 8, 8), (2, 4, 4), 3)
+    ref = _reference_tile(x.double(), (4, 8, 8), (2, 4, 4), 3, "zero").bfloat16()
+    assert torch.equal(lay.tile(x), ref)
+    assert torch.equal(lay.tile(x.transpose(1, 2).contiguous().transpose(1, 2)), ref)

@@ -69,6 +69,44 @@ def _device_indices(grid, tile, text_len, pad_type, device: str) -> Dict[str, to
     return {k: v.to(device) for k, v in _cpu_indices(grid, tile, text_len, pad_type).items()}
 
 
+def _row_view(x: torch.Tensor) -> torch.Tensor:
+    """Reinterpret rows as 8-byte words when the strides allow (4x fewer elements to index for bf16)."""
+    es = x.element_size()
+    if es < 8 and x.dim() > 1 and x.stride(-1) == 1 and (x.shape[-1] * es) % 8 == 0 and all(
+        (st * es) % 8 == 0 for st in x.stride()[:-1]
+    ) and (x.storage_offset() * es) % 8 == 0:
+        return x.view(torch.int64)
+    return x
+
+
+def _gather_rows(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    return _row_view(x).index_select(dim, index).view(x.dtype)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``y = x.index_select(dim, index)`` with rows ``zero_pos`` of y set to 0.
+
+    Backward scatters with ``index_add`` so duplicated sources (repeat padding, text padding) sum.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dim, index, zero_pos):
+        y = _gather_rows(x, dim, index)
+        if zero_pos.numel():
+            y.index_fill_(dim, zero_pos, 0)
+        ctx.save_for_backward(index, zero_pos)
+        ctx.dim, ctx.shape = dim, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        index, zero_pos = ctx.saved_tensors
+        if zero_pos.numel():
+            gy = gy.index_fill(ctx.dim, zero_pos, 0)
+        gx = gy.new_zeros(ctx.shape).index_add_(ctx.dim, index, gy)
+        return gx, None, None, None
+
+
 @dataclass(frozen=True)
 class TileLayout:
     """How a ``[video (t*h*w) | text (text_len)]`` sequence maps onto attention blocks.
@@ -150,16 +188,14 @@ class TileLayout:
                 f"{'*'.join(map(str, self.grid_thw))} + {self.text_len} = {self.seq_len}"
             )
         idx = self.indices(x.device)
-        out = x.index_select(seq_dim, idx["src"])
-        if idx["zero_pos"].numel():
-            out = out.index_fill(seq_dim, idx["zero_pos"], 0)
-        return out
+        return _GatherRows.apply(x, seq_dim % x.dim(), idx["src"], idx["zero_pos"])
 
     def untile(self, y: torch.Tensor, seq_dim: int = 2) -> torch.Tensor:
         """Inverse of `tile`: block order ``[..., N*bs, ...]`` → ``[..., S, ...]`` (padding dropped)."""
         if y.shape[seq_dim] != self.padded_len:
             raise ValueError(f"expected {self.padded_len} block-ordered tokens, got {y.shape[seq_dim]}")
-        return y.index_select(seq_dim, self.indices(y.device)["inverse"])
+        empty = self.indices(y.device)["zero_pos"][:0]
+        return _GatherRows.apply(y, seq_dim % y.dim(), self.indices(y.device)["inverse"], empty)
 
     # ------------------------------------------------------------------ key validity
     def key_valid(self, text_mask: Optional[torch.Tensor], device: torch.device | str) -> torch.Tensor:

@@ -35,16 +35,17 @@ def _compress(mask: torch.Tensor):
 
     Kept column ids come first in ascending order; the tail repeats the last kept id (or 0 for an
     empty row) so that a kernel that over-reads a padded slot still loads a valid block.
+    A cumulative sum gives each kept id its slot; one scatter writes them (no sort).
     """
     C = mask.shape[-1]
-    ar = torch.arange(C, device=mask.device, dtype=torch.int32)
-    key = torch.where(mask, ar, ar + C)  # kept first, each group ascending
-    index = key.sort(dim=-1).values
     count = mask.sum(dim=-1, dtype=torch.int32)
-    last = (count - 1).clamp(min=0).unsqueeze(-1)
-    last_id = torch.gather(index, -1, last.long()).masked_fill(count.unsqueeze(-1) == 0, 0)
-    index = torch.where(ar < count.unsqueeze(-1), index, last_id)
-    return count, index.to(torch.int32)
+    slot = torch.where(mask, mask.cumsum(-1, dtype=torch.int32) - 1, C)        # dropped ids → spare column C
+    ids = torch.arange(C, device=mask.device, dtype=torch.int32).expand_as(mask)
+    index = torch.zeros(*mask.shape[:-1], C + 1, dtype=torch.int32, device=mask.device)
+    index = index.scatter(-1, slot.long(), ids)[..., :C]
+    last = torch.gather(index, -1, (count.long() - 1).clamp(min=0).unsqueeze(-1))
+    in_row = torch.arange(C, device=mask.device, dtype=torch.int32) < count.unsqueeze(-1)
+    return count, torch.where(in_row, index, last)
 
 
 def _heavy_first(count: torch.Tensor) -> torch.Tensor:

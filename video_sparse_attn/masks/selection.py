@@ -30,6 +30,11 @@ def _pool_matrix(tile: Tuple[int, int, int], pool: Tuple[int, int, int]) -> torc
     return torch.einsum("at,bh,cw->abcthw", wt, wh, ww).reshape(math.prod(pool), math.prod(tile)).float()
 
 
+@functools.lru_cache(maxsize=64)
+def _pool_matrix_on(tile, pool, device: str) -> torch.Tensor:
+    return _pool_matrix(tile, pool).to(device)
+
+
 def tile_representatives(x_video: torch.Tensor, layout, pool: Optional[Tuple[int, int, int]] = None,
                          share_heads: bool = False) -> torch.Tensor:
     """Pooled representatives of each video tile, float32.
@@ -48,7 +53,7 @@ def tile_representatives(x_video: torch.Tensor, layout, pool: Optional[Tuple[int
     if pool is None:
         reps = xb.mean(dim=3, dtype=torch.float32)
     else:
-        w = _pool_matrix(layout.tile_thw, tuple(pool)).to(x_video.device)          # [P, bs]
+        w = _pool_matrix_on(layout.tile_thw, tuple(pool), str(x_video.device))     # [P, bs]
         if layout.pad_type == "mask":  # slots are permuted inside each tile: permute the weights
             w = w[:, layout.indices(x_video.device)["slot_raster"]].transpose(0, 1)  # [Nv, P, bs]
             reps = torch.einsum("npk,bhnkd->bhnpd", w, xb.float())
