@@ -1,0 +1,179 @@
+"""Pre-encoded latent video datasets: one ``.safetensors`` file per sample.
+
+Dataset format (a folder)::
+
+    <root>/
+      metadata.json             {"format": "video_sparse_attn.latents", "version": 1,
+                                 "family": "hunyuan_video15" | "hunyuan_video" | "wan",
+                                 "num_samples": N, "latent_shape": [C, T, H, W],
+                                 "text_keys": [...], "scaling": "latents are VAE latents
+                                 times the VAE's scaling factor", ...free-form extras}
+      samples/000000.safetensors
+      samples/000001.safetensors
+      ...
+
+Each sample file holds these tensors (shapes without a batch dimension):
+
+    latents          float [C, T, H, W]   VAE latents already multiplied by the VAE scaling factor
+                                          (what the transformer denoises)
+    prompt_embeds    float [L, D]         main text encoder states (HunyuanVideo-1.5: Qwen2.5-VL,
+                                          HunyuanVideo: Llama, Wan: umT5)
+    prompt_mask      int64 [L]            1 = valid token, 0 = padding (valid tokens first)
+    prompt_embeds_2  float [L2, D2]       optional second encoder (HunyuanVideo-1.5: ByT5)
+    prompt_mask_2    int64 [L2]           optional, with prompt_embeds_2
+    pooled_prompt_embeds float [P]        optional pooled text vector (HunyuanVideo: CLIP)
+
+and string metadata (``caption``, ``source``: free text). Samples of one batch must share the
+latent shape; text lengths may differ (they are right-padded with mask 0 when batched).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = [
+    "FORMAT_NAME", "REQUIRED_KEYS", "OPTIONAL_KEYS", "LatentVideoDataset", "collate_samples",
+    "write_sample", "write_metadata", "make_synthetic_dataset",
+]
+
+FORMAT_NAME = "video_sparse_attn.latents"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("latents", "prompt_embeds", "prompt_mask")
+OPTIONAL_KEYS = ("prompt_embeds_2", "prompt_mask_2", "pooled_prompt_embeds")
+_MASK_KEYS = ("prompt_mask", "prompt_mask_2")
+_TEXT_PAIRS = (("prompt_embeds", "prompt_mask"), ("prompt_embeds_2", "prompt_mask_2"))
+
+
+def _sample_path(root: str, index: int) -> str:
+    return os.path.join(root, "samples", f"{index:06d}.safetensors")
+
+
+def write_sample(root: str, index: int, tensors: Mapping[str, torch.Tensor],
+                 metadata: Optional[Mapping[str, str]] = None) -> str:
+    """Validate and write sample ``index`` under ``root``; returns the file path."""
+    missing = [k for k in REQUIRED_KEYS if k not in tensors]
+    unknown = sorted(set(tensors) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    if missing or unknown:
+        raise ValueError(f"sample {index}: missing keys {missing}, unknown keys {unknown}; "
+                         f"required {REQUIRED_KEYS}, optional {OPTIONAL_KEYS}")
+    if tensors["latents"].dim() != 4:
+        raise ValueError(f"latents must be [C, T, H, W], got shape {tuple(tensors['latents'].shape)}")
+    for emb, mask in _TEXT_PAIRS:
+        if (emb in tensors) != (mask in tensors):
+            raise ValueError(f"sample {index}: {emb} and {mask} come together")
+        if emb in tensors and (tensors[emb].dim() != 2 or tensors[mask].shape != tensors[emb].shape[:1]):
+            raise ValueError(f"sample {index}: {emb} must be [L, D] and {mask} [L]; got "
+                             f"{tuple(tensors[emb].shape)} and {tuple(tensors[mask].shape)}")
+    path = _sample_path(root, index)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    out = {k: (v.to(torch.int64) if k in _MASK_KEYS else v).detach().cpu().contiguous()
+           for k, v in tensors.items()}
+    save_file(out, path, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+    return path
+
+
+def write_metadata(root: str, family: str, num_samples: int, latent_shape: Sequence[int],
+                   text_keys: Sequence[str], **extra) -> None:
+    """Write ``metadata.json`` (see the module docstring)."""
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "family": family,
+            "num_samples": int(num_samples), "latent_shape": [int(x) for x in latent_shape],
+            "text_keys": list(text_keys),
+            "scaling": "latents are VAE latents times the VAE's scaling factor", **extra}
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "metadata.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+
+
+class LatentVideoDataset(torch.utils.data.Dataset):
+    """Reads a folder written by `write_sample` / `write_metadata`; items are dicts of tensors."""
+
+    def __init__(self, root: str):
+        meta_path = os.path.join(root, "metadata.json")
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"{root!r} is not a latent dataset: {meta_path} is missing "
+                                    "(write one with scripts/make_latent_dataset.py)")
+        with open(meta_path) as f:
+            self.metadata: Dict = json.load(f)
+        if self.metadata.get("format") != FORMAT_NAME:
+            raise ValueError(f"{meta_path}: format {self.metadata.get('format')!r}, expected {FORMAT_NAME!r}")
+        self.root = root
+        self.files: List[str] = sorted(
+            os.path.join(root, "samples", n) for n in os.listdir(os.path.join(root, "samples"))
+            if n.endswith(".safetensors"))
+        if not self.files:
+            raise ValueError(f"{root!r} holds no samples/*.safetensors files")
+
+    @property
+    def family(self) -> str:
+        return self.metadata["family"]
+
+    @property
+    def latent_shape(self) -> tuple:
+        """[C, T, H, W] of the samples (the first sample's, if they differ)."""
+        return tuple(self.metadata["latent_shape"])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        with safe_open(self.files[index], framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def collate_samples(samples: Sequence[Mapping[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Stack samples into a batch; text is right-padded (mask 0) to the longest in the batch."""
+    keys = set(samples[0])
+    if any(set(s) != keys for s in samples):
+        raise ValueError(f"samples of one batch hold different keys: {[sorted(s) for s in samples]}")
+    shapes = {tuple(s["latents"].shape) for s in samples}
+    if len(shapes) != 1:
+        raise ValueError(f"samples of one batch must share the latent shape; got {sorted(shapes)} "
+                         "(use batch size 1 or bucket the dataset by shape)")
+    batch = {"latents": torch.stack([s["latents"] for s in samples])}
+    for emb, mask in _TEXT_PAIRS:
+        if emb not in keys:
+            continue
+        length = max(s[emb].shape[0] for s in samples)
+        pad = lambda t: torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, length - t.shape[0]))  # noqa: E731
+        batch[emb] = torch.stack([pad(s[emb]) for s in samples])
+        batch[mask] = torch.stack([pad(s[mask]) for s in samples])
+    if "pooled_prompt_embeds" in keys:
+        batch["pooled_prompt_embeds"] = torch.stack([s["pooled_prompt_embeds"] for s in samples])
+    return batch
+
+
+def make_synthetic_dataset(root: str, num_samples: int, latent_shape: Sequence[int],
+                           text_dim: int, text_len: int = 12, text_dim_2: Optional[int] = None,
+                           text_len_2: int = 6, pooled_dim: Optional[int] = None,
+                           family: str = "hunyuan_video15", seed: int = 0) -> str:
+    """Write ``num_samples`` random samples (smooth latents, random text with ragged masks).
+
+    ``latent_shape`` is [C, T, H, W]; ``text_dim``/``text_dim_2``/``pooled_dim`` must match the
+    transformer's text inputs. Returns ``root``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    c, t, h, w = (int(x) for x in latent_shape)
+    for i in range(num_samples):
+        # low-frequency latents: a learnable signal, unlike white noise
+        coarse = torch.randn(c, t, max(1, h // 2), max(1, w // 2), generator=g)
+        latents = torch.nn.functional.interpolate(coarse[None], size=(t, h, w), mode="trilinear")[0]
+        n_valid = int(torch.randint(max(1, text_len // 2), text_len + 1, (1,), generator=g))
+        sample = {"latents": latents, "prompt_embeds": torch.randn(text_len, text_dim, generator=g),
+                  "prompt_mask": (torch.arange(text_len) < n_valid).long()}
+        if text_dim_2 is not None:
+            n2 = int(torch.randint(1, text_len_2 + 1, (1,), generator=g))
+            sample["prompt_embeds_2"] = torch.randn(text_len_2, text_dim_2, generator=g)
+            sample["prompt_mask_2"] = (torch.arange(text_len_2) < n2).long()
+        if pooled_dim is not None:
+            sample["pooled_prompt_embeds"] = torch.randn(pooled_dim, generator=g)
+        write_sample(root, i, sample, {"caption": f"synthetic sample {i}", "source": "synthetic"})
+    text_keys = [k for k in ("prompt_embeds", "prompt_embeds_2", "pooled_prompt_embeds") if k in sample]
+    write_metadata(root, family, num_samples, latent_shape, text_keys, synthetic=True, seed=seed)
+    return root

@@ -1,0 +1,281 @@
+"""The fine-tuning loop behind ``scripts/finetune.py`` (accelerate; one or many processes).
+
+Outputs under ``--output-dir``:
+    checkpoint-<step>/          accelerate ``save_state`` (model or LoRA adapter, optimizer, scheduler,
+                                RNG, sampler); ``--resume-from-checkpoint`` continues at <step>
+    transformer/                full fine-tune: ``save_pretrained`` folder (config.json +
+                                diffusion_pytorch_model.safetensors) and ``ssta_config.json``
+    transformer_lora/           LoRA: ``pytorch_lora_weights.safetensors`` (load with
+                                ``transformer.load_lora_adapter(folder)``) and ``ssta_config.json``
+    train_log.jsonl             one JSON line per optimizer step: step, loss, lr, SSTA topk/window
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+from typing import Dict, List, Optional
+
+import torch
+
+from .args import ssta_config_from_args
+from .data import LatentVideoDataset, collate_samples, make_synthetic_dataset
+from .flow_matching import NUM_TRAIN_TIMESTEPS, add_noise, flow_matching_loss, sample_sigmas
+from .models import (family_of, latent_channels, latent_grid, load_transformer, text_dims,
+                     tiny_transformer, transformer_inputs)
+from .sparsity import SparsityRamp, set_sparse_attention
+
+__all__ = ["train", "FINAL_FULL_DIR", "FINAL_LORA_DIR", "SSTA_CONFIG_NAME", "latest_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+FINAL_FULL_DIR = "transformer"
+FINAL_LORA_DIR = "transformer_lora"
+SSTA_CONFIG_NAME = "ssta_config.json"
+ADAPTER_FILE = "lora_adapter.safetensors"
+TINY_IMAGE_TOKENS = 8
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """Path of the ``checkpoint-<step>`` folder with the highest step, or None."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = [int(n.split("-")[1]) for n in os.listdir(output_dir)
+             if n.startswith("checkpoint-") and n.split("-")[1].isdigit()]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def _step_of(checkpoint: str) -> int:
+    name = os.path.basename(os.path.normpath(checkpoint))
+    if not (name.startswith("checkpoint-") and name.split("-")[1].isdigit()):
+        raise ValueError(f"checkpoint folder must be named checkpoint-<step>, got {checkpoint!r}")
+    return int(name.split("-")[1])
+
+
+def _noise_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    """A CPU generator per micro-batch: the same draws after a resume, independent across ranks."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step * 7_919 + rank * 104_729) % (2**63))
+
+
+def _prune_checkpoints(output_dir: str, keep: Optional[int]) -> None:
+    if keep is None:
+        return
+    ckpts = sorted((n for n in os.listdir(output_dir) if n.startswith("checkpoint-")),
+                   key=lambda n: int(n.split("-")[1]))
+    for name in ckpts[: max(0, len(ckpts) - keep + 1)]:  # room for the one about to be written
+        shutil.rmtree(os.path.join(output_dir, name))
+
+
+def _prepare_dataset(args: argparse.Namespace, transformer, accelerator) -> LatentVideoDataset:
+    root = args.data
+    if root is None:
+        root = os.path.join(args.output_dir, "synthetic_data")
+        with accelerator.main_process_first():
+            if accelerator.is_main_process and not os.path.isfile(os.path.join(root, "metadata.json")):
+                dims = text_dims(transformer)
+                make_synthetic_dataset(root, args.synthetic_samples,
+                                       (latent_channels(transformer), *args.synthetic_latent_thw),
+                                       dims["text_dim"], text_dim_2=dims["text_dim_2"],
+                                       pooled_dim=dims["pooled_dim"], family=family_of(transformer),
+                                       seed=args.seed)
+    return LatentVideoDataset(root)
+
+
+def _add_lora(transformer, args: argparse.Namespace) -> None:
+    from peft import LoraConfig
+
+    targets = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
+    present = {name.rsplit(".", 1)[-1] for name, _ in transformer.named_modules()} | {
+        ".".join(name.split(".")[-2:]) for name, _ in transformer.named_modules()}
+    targets = [t for t in targets if t in present]
+    if not targets:
+        raise ValueError(f"none of --lora-target-modules {args.lora_target_modules!r} exist in "
+                         f"{type(transformer).__name__}")
+    transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank,
+                                       init_lora_weights="gaussian", target_modules=targets))
+
+
+def _register_lora_state_hooks(accelerator, args) -> None:
+    """Checkpoints of a LoRA run hold the adapter only (not the frozen base weights)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                state = get_peft_model_state_dict(accelerator.unwrap_model(model))
+                save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                          os.path.join(output_dir, ADAPTER_FILE))
+        while weights:
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            result = set_peft_model_state_dict(model, load_file(os.path.join(input_dir, ADAPTER_FILE)))
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"checkpoint adapter has unexpected keys {result.unexpected_keys[:5]}")
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def train(args: argparse.Namespace) -> Dict:
+    """Run fine-tuning as ``args`` (see `args.build_parser`) says.
+
+    Returns ``{"global_step", "losses" (this run's per-step losses), "final_dir", "ssta_config"}``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from tqdm.auto import tqdm
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    set_seed(args.seed)
+
+    # -- model
+    tiny = args.model is None
+    transformer = tiny_transformer(args.tiny_family, seed=args.seed) if tiny else load_transformer(args.model)
+    family = family_of(transformer)
+    image_tokens = args.image_tokens or (TINY_IMAGE_TOKENS if tiny else None)
+    lora = args.lora_rank > 0
+    transformer.requires_grad_(not lora)
+    if lora:
+        weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
+        transformer.to(accelerator.device, dtype=weight_dtype)
+        _add_lora(transformer, args)
+        cast_training_params(transformer, dtype=torch.float32)  # trainable LoRA weights stay fp32
+    else:
+        transformer.to(accelerator.device)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+
+    # -- data and sparsity
+    dataset = _prepare_dataset(args, transformer, accelerator)
+    if dataset.family != family:
+        raise ValueError(f"dataset {dataset.root!r} was written for {dataset.family!r}, model is {family!r}")
+    target = ssta_config_from_args(args, tiny)
+    grid = latent_grid(transformer, dataset.latent_shape[1:])
+    ramp = SparsityRamp(target, grid, args.dense_warmup_steps, args.sparsity_ramp_steps) if target else None
+
+    # -- optimisation
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
+                                         collate_fn=collate_samples, num_workers=args.dataloader_num_workers,
+                                         drop_last=len(dataset) >= args.train_batch_size)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    transformer, optimizer, loader, lr_scheduler = accelerator.prepare(transformer, optimizer, loader, lr_scheduler)
+    if lora:
+        _register_lora_state_hooks(accelerator, args)
+    model = accelerator.unwrap_model(transformer)
+    if accelerator.is_main_process and args.report_to:
+        accelerator.init_trackers("video_sparse_attn-finetune",
+                                  config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    # -- resume
+    global_step = 0
+    if args.resume_from_checkpoint:
+        path = (latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest"
+                else args.resume_from_checkpoint)
+        if path is None:
+            accelerator.print("no checkpoint found under --output-dir; starting a new run")
+        else:
+            accelerator.load_state(path)
+            global_step = _step_of(path)
+            accelerator.print(f"resumed from {path} at step {global_step}")
+
+    steps_per_epoch = max(1, math.ceil(len(loader) / args.gradient_accumulation_steps))
+    first_epoch = global_step // steps_per_epoch
+    skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+
+    current = ramp.config_at(global_step) if ramp else None
+    set_sparse_attention(model, current)
+    log_path = os.path.join(args.output_dir, "train_log.jsonl")
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
+                    disable=args.no_progress_bar or not accelerator.is_local_main_process)
+    losses: List[float] = []
+    micro_step = global_step * args.gradient_accumulation_steps
+    accum_loss = 0.0
+    transformer.train()
+
+    for epoch in range(first_epoch, num_epochs):
+        if global_step >= args.max_train_steps:
+            break
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip_batches) if epoch == first_epoch and skip_batches else loader
+        for batch in batches:
+            with accelerator.accumulate(transformer):
+                gen = _noise_generator(args.seed, micro_step, accelerator.process_index)
+                latents = batch["latents"]
+                sigmas = sample_sigmas(latents.shape[0], gen, args.weighting_scheme, args.timestep_shift)
+                noisy, target_v = add_noise(latents, sigmas, gen)
+                kwargs = transformer_inputs(model, batch, noisy, sigmas.to(noisy.device) * NUM_TRAIN_TIMESTEPS,
+                                            args.guidance_scale, **({"image_tokens": image_tokens} if image_tokens else {}))
+                with accelerator.autocast():
+                    pred = transformer(**kwargs)[0]
+                loss = flow_matching_loss(pred, target_v)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {global_step}")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_step += 1
+            accum_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            record = {"step": global_step, "loss": accum_loss, "lr": lr_scheduler.get_last_lr()[0]}
+            if current is not None:
+                record.update(sparse_type=current.sparse_type, topk=current.topk, window=list(current.kernel_thw))
+            losses.append(accum_loss)
+            accum_loss = 0.0
+            progress.set_postfix(loss=f"{record['loss']:.4f}")
+            accelerator.log(record, step=global_step)
+            if accelerator.is_main_process:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if ramp is not None and ramp.config_at(global_step) != current:
+                current = ramp.config_at(global_step)
+                set_sparse_attention(model, current)
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                if accelerator.is_main_process:
+                    _prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
+                accelerator.wait_for_everyone()
+                accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+            if global_step >= args.max_train_steps:
+                break
+    progress.close()
+
+    # -- final weights + SSTA config beside them
+    accelerator.wait_for_everyone()
+    final_dir = os.path.join(args.output_dir, FINAL_LORA_DIR if lora else FINAL_FULL_DIR)
+    if accelerator.is_main_process:
+        if lora:
+            model.save_lora_adapter(final_dir)
+        else:
+            model.save_pretrained(final_dir, safe_serialization=True)
+        if target is not None:
+            target.save(os.path.join(final_dir, SSTA_CONFIG_NAME))
+    accelerator.end_training()
+    return {"global_step": global_step, "losses": losses, "final_dir": final_dir, "ssta_config": target}
