@@ -73,6 +73,12 @@ def run(device: str, args) -> dict:
         return BlockSparsePlan.from_block_mask(m, bs, bs, layout.key_valid(tm, device))
 
     reps = args.reps if device.startswith("cuda") else max(1, min(args.reps, 5))
+    if args.profile and device.startswith("cuda"):
+        mask_and_plan()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            mask_and_plan()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
     row = {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "thw": "x".join(map(str, thw)), "heads": H, "dim": D, "text": L, "blocks": layout.num_blocks,
@@ -82,6 +88,20 @@ def run(device: str, args) -> dict:
         "mask_plan_ms": _time(mask_and_plan, device, reps),
         "density": float(mask.float().mean()),
     }
+    if device.startswith("cuda"):
+        # The path has no host sync, so it can be captured in a CUDA graph; replaying it measures
+        # the GPU work alone (what it costs inside a pipeline, where launches overlap the attention).
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            mask_and_plan()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            mask_and_plan()
+        row["mask_plan_graph_ms"] = _time(graph.replay, device, reps)
+    else:
+        row["mask_plan_graph_ms"] = float("nan")
     row["tile_means_floor_ms"] = 2 * q_t.numel() * q_t.element_size() / 3.0e12 * 1e3  # read q_t, k_t at ~3 TB/s
     return row
 
@@ -99,10 +119,12 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when present")
     p.add_argument("--csv", default=None)
+    p.add_argument("--profile", action="store_true", help="print the CUDA kernels of mask + plan")
     args = p.parse_args()
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     rows = [run(d, args) for d in devices]
-    cols = ["device", "blocks", "density", "tile_qk_ms", "mask_ms", "plan_ms", "mask_plan_ms", "tile_means_floor_ms"]
+    cols = ["device", "blocks", "density", "tile_qk_ms", "mask_ms", "plan_ms", "mask_plan_ms", "mask_plan_graph_ms",
+            "tile_means_floor_ms"]
     print(" | ".join(f"{c:>14}" for c in cols))
     for r in rows:
         print(" | ".join(f"{r[c]:>14.3f}" if isinstance(r[c], float) else f"{str(r[c])[:14]:>14}" for c in cols))

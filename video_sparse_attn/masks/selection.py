@@ -64,7 +64,7 @@ def tile_representatives(x_video: torch.Tensor, layout, pool: Optional[Tuple[int
 
 
 def _keep_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    idx = scores.topk(min(k, scores.shape[-1]), dim=-1).indices
+    idx = scores.topk(min(k, scores.shape[-1]), dim=-1, sorted=False).indices
     return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, idx, True)
 
 
@@ -76,9 +76,10 @@ def importance_scores(q_rep: torch.Tensor, k_rep: torch.Tensor, lam: float) -> t
     qn = q_rep / q_rep.norm(dim=-1, keepdim=True)
     kn = k_rep / k_rep.norm(dim=-1, keepdim=True)
     sim = (qn @ kn.transpose(-1, -2) + 1) / 2
-    gram = (kn @ kn.transpose(-1, -2) + 1) / 2
-    nv = gram.shape[-1]
-    red = (gram.sum(-2) - gram.diagonal(dim1=-2, dim2=-1)) / max(nv - 1, 1)
+    # Σ_{i≠j} (k̂_i·k̂_j + 1)/2 = ((Σ_i k̂_i)·k̂_j − k̂_j·k̂_j + Nv − 1)/2: one pass, no Nv×Nv gram matrix
+    nv = kn.shape[-2]
+    col = (kn * kn.sum(dim=-2, keepdim=True)).sum(-1) - (kn * kn).sum(-1)
+    red = (col + (nv - 1)) / 2 / max(nv - 1, 1)
     return lam * sim - (1 - lam) * red.unsqueeze(-2)
 
 
