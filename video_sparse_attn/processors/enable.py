@@ -1,0 +1,122 @@
+"""`enable_ssta` / `disable_ssta`: one call to switch a diffusers video transformer (or pipeline) to SSTA."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Union
+
+import torch
+
+from ..config import SSTAConfig
+from .base import SSTAAttnProcessor
+from .families import family_of
+from .grid_hook import SSTARuntime, install_grid_hook, remove_grid_hook, runtime_of
+from .schedule import SSTASchedule
+from .stats import SSTAStats
+
+__all__ = ["enable_ssta", "disable_ssta"]
+
+logger = logging.getLogger(__name__)
+
+
+def _transformers_of(target: Any) -> list:
+    """A transformer, or the transformer(s) of a pipeline (Wan 2.2 has ``transformer_2``)."""
+    if isinstance(target, torch.nn.Module):
+        return [target]
+    found = [getattr(target, n, None) for n in ("transformer", "transformer_2")]
+    found = [t for t in found if t is not None]
+    if not found:
+        raise TypeError(
+            f"enable_ssta takes a diffusers video transformer or a pipeline holding one, got {type(target).__name__}"
+        )
+    return found
+
+
+def enable_ssta(
+    target: Any,
+    config: SSTAConfig = SSTAConfig(),
+    schedule: Optional[SSTASchedule] = None,
+    *,
+    backend: str = "auto",
+    stats: Union[bool, SSTAStats, None] = None,
+    scheduler: Any = None,
+    strict_tiles: bool = True,
+) -> SSTARuntime:
+    """Replace a transformer's video attention with SSTA processors and install the grid hook.
+
+    Args:
+        target: a ``HunyuanVideo15Transformer3DModel``, ``HunyuanVideoTransformer3DModel`` or
+            ``WanTransformer3DModel``, or a pipeline holding one (its ``scheduler`` then gives the
+            denoising step for ``schedule``; Wan 2.2's ``transformer_2`` is enabled too).
+        config: base `SSTAConfig` (the released HunyuanVideo-1.5 values by default).
+        schedule: optional `SSTASchedule` (dense first steps, dense layers, per step-layer-head overrides).
+        backend: ``"auto"`` | ``"torch"`` | ``"triton"``.
+        stats: True or an `SSTAStats` to record per-call density and time (``runtime.stats``).
+        scheduler: the scheduler whose ``step_index`` is the denoising step (default: the pipeline's);
+            without one, the step follows the timesteps the transformer receives.
+        strict_tiles: see `SSTAAttnProcessor`.
+
+    Returns:
+        The `SSTARuntime` of the (first) transformer: ``.thw``, ``.step``, ``.set_step``, ``.stats``.
+
+    Only the video attention layers change (HunyuanVideo-1.5: the double-stream blocks; HunyuanVideo:
+    double- and single-stream blocks; Wan: ``attn1``); the text token refiner and Wan's
+    cross-attention keep their processors. Calling it again replaces the previous SSTA settings.
+
+    Example::
+
+        pipe = HunyuanVideo15Pipeline.from_pretrained(path, torch_dtype=torch.bfloat16).to("cuda")
+        runtime = enable_ssta(pipe, SSTAConfig(), SSTASchedule(dense_steps=10), stats=True)
+        video = pipe(prompt, num_frames=121, num_inference_steps=50).frames[0]
+        print(runtime.stats.format())
+    """
+    if not isinstance(config, SSTAConfig):
+        raise TypeError(f"config must be an SSTAConfig, got {type(config).__name__}")
+    if schedule is not None and not isinstance(schedule, SSTASchedule):
+        raise TypeError(f"schedule must be an SSTASchedule or None, got {type(schedule).__name__}")
+    if scheduler is None and not isinstance(target, torch.nn.Module):
+        scheduler = getattr(target, "scheduler", None)
+    if stats is True:
+        stats = SSTAStats()
+    elif stats is False:
+        stats = None
+    runtimes = []
+    for transformer in _transformers_of(target):
+        family = family_of(transformer)
+        if runtime_of(transformer) is not None:
+            disable_ssta(transformer)
+        originals = dict(transformer.attn_processors)
+        runtime = SSTARuntime(
+            family, family.patch_thw(transformer), scheduler=scheduler,
+            track_timesteps=bool(schedule and schedule.uses_step) and scheduler is None, stats=stats,
+        )
+        runtime.original_processors = originals
+        processor = SSTAAttnProcessor(config, schedule, backend=backend, strict_tiles=strict_tiles)
+        mapping = {}
+        for name, proc in originals.items():
+            if family.is_sparse_layer(name):
+                mapping[name] = processor
+                logger.debug("SSTA on %s", name)
+            else:
+                mapping[name] = proc
+        transformer.set_attn_processor(mapping)
+        install_grid_hook(transformer, runtime)
+        runtimes.append(runtime)
+    return runtimes[0]
+
+
+def disable_ssta(target: Any) -> None:
+    """Restore the processors `enable_ssta` replaced (or, after a bare ``set_attn_processor``, the
+    model's stock ones) and remove the grid hook. A no-op on a transformer without SSTA."""
+    for transformer in _transformers_of(target):
+        family = family_of(transformer)
+        runtime = runtime_of(transformer)
+        current = transformer.attn_processors
+        if runtime is not None and runtime.original_processors is not None:
+            transformer.set_attn_processor(dict(runtime.original_processors))
+        elif any(isinstance(p, SSTAAttnProcessor) for p in current.values()):
+            transformer.set_attn_processor(
+                {n: (family.stock_processor(n) if isinstance(p, SSTAAttnProcessor) else p)
+                 for n, p in current.items()}
+            )
+        remove_grid_hook(transformer)
