@@ -6,16 +6,17 @@ Dataset format (a folder)::
       metadata.json             {"format": "video_sparse_attn.latents", "version": 1,
                                  "family": "hunyuan_video15" | "hunyuan_video" | "wan",
                                  "num_samples": N, "latent_shape": [C, T, H, W],
-                                 "text_keys": [...], "scaling": "latents are VAE latents
-                                 times the VAE's scaling factor", ...free-form extras}
+                                 "text_keys": [...], "scaling": "<how z was scaled>",
+                                 ...free-form extras}
       samples/000000.safetensors
       samples/000001.safetensors
       ...
 
 Each sample file holds these tensors (shapes without a batch dimension):
 
-    latents          float [C, T, H, W]   VAE latents already multiplied by the VAE scaling factor
-                                          (what the transformer denoises)
+    latents          float [C, T, H, W]   VAE latents scaled as the family's pipeline expects
+                                          (HunyuanVideo/-1.5: z·scaling_factor; Wan: (z−mean)/std),
+                                          i.e. what the transformer denoises
     prompt_embeds    float [L, D]         main text encoder states (HunyuanVideo-1.5: Qwen2.5-VL,
                                           HunyuanVideo: Llama, Wan: umT5)
     prompt_mask      int64 [L]            1 = valid token, 0 = padding (valid tokens first)
@@ -47,6 +48,11 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = ("latents", "prompt_embeds", "prompt_mask")
 OPTIONAL_KEYS = ("prompt_embeds_2", "prompt_mask_2", "pooled_prompt_embeds")
 _MASK_KEYS = ("prompt_mask", "prompt_mask_2")
+LATENT_SCALING = {
+    "hunyuan_video15": "z * vae.config.scaling_factor",
+    "hunyuan_video": "z * vae.config.scaling_factor",
+    "wan": "(z - vae.config.latents_mean) / vae.config.latents_std",
+}
 _TEXT_PAIRS = (("prompt_embeds", "prompt_mask"), ("prompt_embeds_2", "prompt_mask_2"))
 
 
@@ -83,8 +89,8 @@ def write_metadata(root: str, family: str, num_samples: int, latent_shape: Seque
     """Write ``metadata.json`` (see the module docstring)."""
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "family": family,
             "num_samples": int(num_samples), "latent_shape": [int(x) for x in latent_shape],
-            "text_keys": list(text_keys),
-            "scaling": "latents are VAE latents times the VAE's scaling factor", **extra}
+            "text_keys": list(text_keys), "scaling": LATENT_SCALING.get(family, "see the family's pipeline"),
+            **extra}
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "metadata.json"), "w") as f:
         json.dump(meta, f, indent=2)

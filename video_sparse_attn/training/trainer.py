@@ -151,6 +151,7 @@ def train(args: argparse.Namespace) -> Dict:
     image_tokens = args.image_tokens or (TINY_IMAGE_TOKENS if tiny else None)
     lora = args.lora_rank > 0
     transformer.requires_grad_(not lora)
+    weight_dtype = torch.float32  # full fine-tune keeps fp32 master weights; autocast does the rest
     if lora:
         weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
         transformer.to(accelerator.device, dtype=weight_dtype)
@@ -225,7 +226,7 @@ def train(args: argparse.Namespace) -> Dict:
                 latents = batch["latents"]
                 sigmas = sample_sigmas(latents.shape[0], gen, args.weighting_scheme, args.timestep_shift)
                 noisy, target_v = add_noise(latents, sigmas, gen)
-                kwargs = transformer_inputs(model, batch, noisy, sigmas.to(noisy.device) * NUM_TRAIN_TIMESTEPS,
+                kwargs = transformer_inputs(model, batch, noisy.to(weight_dtype), sigmas.to(noisy.device) * NUM_TRAIN_TIMESTEPS,
                                             args.guidance_scale, **({"image_tokens": image_tokens} if image_tokens else {}))
                 with accelerator.autocast():
                     pred = transformer(**kwargs)[0]
