@@ -2,8 +2,9 @@
 
 Default: HunyuanVideo-1.5 720p / 121 frames — latent (31, 45, 80), 16 heads × 128, topk 32 (the
 caller rule halves the released 64 at t <= 31), 1,985 text tokens of which 1,200 valid, bf16.
-Reports, per device: tiling q and k into block order (needed by the attention anyway), the block
-mask from tiled q/k, the plan from the mask, and mask + plan together (the number with a target:
+Reports, per device: tiling q and k into block order (needed by the attention anyway), the same
+pass also producing the tile means (`TileLayout.tile_with_means`, what `ssta_attention` runs), the
+block mask from those means, the plan from the mask, and mask + plan together (the number with a target:
 <= 1 ms on an H100). GPU timings use `triton.testing.do_bench` (median) when Triton is present.
 
     python scripts/benchmark_masks.py                  # CPU, and CUDA when present
@@ -57,11 +58,11 @@ def run(device: str, args) -> dict:
     tm = torch.zeros(1, L, dtype=torch.bool, device=device)
     tm[:, : args.valid] = True
     layout = TileLayout(thw, config.tile_thw, L, config.pad_type)
-    q_t, k_t = layout.tile(q), layout.tile(k)
+    (q_t, qm), (k_t, km) = layout.tile_with_means(q), layout.tile_with_means(k)
     bs = layout.block_size
 
     def mask_only():
-        return block_mask_from_tiled(q_t, k_t, layout, config, tm)
+        return block_mask_from_tiled(q_t, k_t, layout, config, tm, qm, km)
 
     mask = mask_only()
 
@@ -69,7 +70,7 @@ def run(device: str, args) -> dict:
         return BlockSparsePlan.from_block_mask(mask, bs, bs, layout.key_valid(tm, device))
 
     def mask_and_plan():
-        m = block_mask_from_tiled(q_t, k_t, layout, config, tm)
+        m = block_mask_from_tiled(q_t, k_t, layout, config, tm, qm, km)
         return BlockSparsePlan.from_block_mask(m, bs, bs, layout.key_valid(tm, device))
 
     reps = args.reps if device.startswith("cuda") else max(1, min(args.reps, 5))
@@ -83,6 +84,9 @@ def run(device: str, args) -> dict:
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "thw": "x".join(map(str, thw)), "heads": H, "dim": D, "text": L, "blocks": layout.num_blocks,
         "tile_qk_ms": _time(lambda: (layout.tile(q), layout.tile(k)), device, reps),
+        "tile_qk_means_ms": _time(lambda: (layout.tile_with_means(q), layout.tile_with_means(k)), device, reps),
+        "mask_plan_unfused_ms": _time(lambda: BlockSparsePlan.from_block_mask(
+            block_mask_from_tiled(q_t, k_t, layout, config, tm), bs, bs, layout.key_valid(tm, device)), device, reps),
         "mask_ms": _time(mask_only, device, reps),
         "plan_ms": _time(plan_only, device, reps),
         "mask_plan_ms": _time(mask_and_plan, device, reps),
@@ -123,11 +127,10 @@ def main() -> None:
     args = p.parse_args()
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     rows = [run(d, args) for d in devices]
-    cols = ["device", "blocks", "density", "tile_qk_ms", "mask_ms", "plan_ms", "mask_plan_ms", "mask_plan_graph_ms",
-            "tile_means_floor_ms"]
-    print(" | ".join(f"{c:>14}" for c in cols))
+    cols = ["device", "blocks", "density", "tile_qk_ms", "tile_qk_means_ms", "mask_ms", "plan_ms", "mask_plan_ms",
+            "mask_plan_graph_ms", "mask_plan_unfused_ms", "tile_means_floor_ms"]
     for r in rows:
-        print(" | ".join(f"{r[c]:>14.3f}" if isinstance(r[c], float) else f"{str(r[c])[:14]:>14}" for c in cols))
+        print("\n".join(f"{c:>22}: {r[c]:.3f}" if isinstance(r[c], float) else f"{c:>22}: {r[c]}" for c in cols))
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -157,8 +157,12 @@ def ssta_attention(
     _validate(q, k, v, thw, config, text_len, text_mask)
     backend = resolve_backend(backend, q)
     layout = TileLayout(tuple(thw), config.tile_thw, text_len, config.pad_type)
-    q_t, k_t, v_t = layout.tile(q), layout.tile(k), layout.tile(v)
-    block_mask = block_mask_from_tiled(q_t, k_t, layout, config, text_mask)
+    # one pass over q and k both reorders them and yields the tile means the selection needs
+    needs_means = config.sparse_type in ("ssta", "block_attn") and config.pool_thw is None
+    (q_t, q_means), (k_t, k_means) = (layout.tile_with_means(x) if needs_means else (layout.tile(x), None)
+                                      for x in (q, k))
+    v_t = layout.tile(v)
+    block_mask = block_mask_from_tiled(q_t, k_t, layout, config, text_mask, q_means, k_means)
     bs = layout.block_size
     plan = BlockSparsePlan.from_block_mask(block_mask, bs, bs, layout.key_valid(text_mask, q.device))
     out_t, _ = block_sparse_attention(q_t, k_t, v_t, plan, scale, backend)

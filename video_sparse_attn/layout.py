@@ -58,8 +58,10 @@ def _cpu_indices(grid: Triple, tile: Triple, text_len: int, pad_type: str) -> Di
     flat_valid = valid.flatten()
     inverse[src.flatten()[flat_valid]] = torch.nonzero(flat_valid).flatten()
     inverse[t * h * w:] = Nv * bs + torch.arange(text_len)
+    kernel_src = src_all.clone()
+    kernel_src[zero_pos] = -1
     return {
-        "src": src_all, "zero_pos": zero_pos, "inverse": inverse,
+        "src": src_all, "zero_pos": zero_pos, "inverse": inverse, "kernel_src": kernel_src,
         "video_valid": valid.sum(1).to(torch.int32), "slot_raster": slot_raster,
     }
 
@@ -83,28 +85,52 @@ def _gather_rows(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor
     return _row_view(x).index_select(dim, index).view(x.dtype)
 
 
-class _GatherRows(torch.autograd.Function):
-    """``y = x.index_select(dim, index)`` with rows ``zero_pos`` of y set to 0.
+def _triton_gather_usable(x: torch.Tensor, dim: int) -> bool:
+    if not (x.is_cuda and x.dim() == 4 and dim == 2):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
+
+class _GatherRows(torch.autograd.Function):
+    """``y = x.index_select(dim, index)`` with rows ``zero_pos`` of y set to 0, plus (optionally)
+    the float32 means of the first ``n_means`` groups of ``group`` rows of y (not differentiable).
+
+    On CUDA one Triton pass copies the rows and sums the groups; elsewhere PyTorch ops do.
     Backward scatters with ``index_add`` so duplicated sources (repeat padding, text padding) sum.
     """
 
     @staticmethod
-    def forward(ctx, x, dim, index, zero_pos):
-        y = _gather_rows(x, dim, index)
-        if zero_pos.numel():
-            y.index_fill_(dim, zero_pos, 0)
+    def forward(ctx, x, dim, index, zero_pos, kernel_src, group, n_means):
+        if kernel_src is not None and _triton_gather_usable(x, dim):
+            from .kernels.triton_gather import gather_rows_with_means
+
+            y, means = gather_rows_with_means(x, kernel_src, group, n_means)
+        else:
+            y = _gather_rows(x, dim, index)
+            if zero_pos.numel():
+                y.index_fill_(dim, zero_pos, 0)
+            means = None
+            if n_means:
+                head = y.narrow(dim, 0, n_means * group)
+                means = head.unflatten(dim, (n_means, group)).mean(dim=dim + 1, dtype=torch.float32)
         ctx.save_for_backward(index, zero_pos)
         ctx.dim, ctx.shape = dim, x.shape
-        return y
+        if means is None:
+            return y, x.new_empty(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(means)
+        return y, means
 
     @staticmethod
-    def backward(ctx, gy):
+    def backward(ctx, gy, _gmeans):
         index, zero_pos = ctx.saved_tensors
         if zero_pos.numel():
             gy = gy.index_fill(ctx.dim, zero_pos, 0)
         gx = gy.new_zeros(ctx.shape).index_add_(ctx.dim, index, gy)
-        return gx, None, None, None
+        return gx, None, None, None, None, None, None
 
 
 @dataclass(frozen=True)
@@ -174,28 +200,42 @@ class TileLayout:
     def indices(self, device: torch.device | str) -> Dict[str, torch.Tensor]:
         """Cached index tensors on ``device``:
         ``src [padded_len]`` source token of every block-ordered slot; ``zero_pos`` slots filled with
-        zeros; ``inverse [seq_len]`` slot of every original token; ``video_valid [Nv]`` real tokens
+        zeros; ``kernel_src`` = src with -1 at the zero slots; ``inverse [seq_len]`` slot of every original token; ``video_valid [Nv]`` real tokens
         per video tile; ``slot_raster [Nv, bs]`` raster position inside its tile of each slot.
         """
         return _device_indices(self.grid_thw, self.tile_thw, self.text_len, self.pad_type, str(torch.device(device)))
 
     # ------------------------------------------------------------------ reorder
-    def tile(self, x: torch.Tensor, seq_dim: int = 2) -> torch.Tensor:
-        """``[..., S, ...]`` (sequence along ``seq_dim``) → block order ``[..., N*bs, ...]`` (new tensor)."""
-        if x.shape[seq_dim] != self.seq_len:
+    def _check_seq_len(self, n: int) -> None:
+        if n != self.seq_len:
             raise ValueError(
-                f"sequence length {x.shape[seq_dim]} != t*h*w + text_len = "
+                f"sequence length {n} != t*h*w + text_len = "
                 f"{'*'.join(map(str, self.grid_thw))} + {self.text_len} = {self.seq_len}"
             )
+
+    def tile(self, x: torch.Tensor, seq_dim: int = 2) -> torch.Tensor:
+        """``[..., S, ...]`` (sequence along ``seq_dim``) → block order ``[..., N*bs, ...]`` (new tensor)."""
+        self._check_seq_len(x.shape[seq_dim])
         idx = self.indices(x.device)
-        return _GatherRows.apply(x, seq_dim % x.dim(), idx["src"], idx["zero_pos"])
+        return _GatherRows.apply(x, seq_dim % x.dim(), idx["src"], idx["zero_pos"], idx["kernel_src"],
+                                 self.block_size, 0)[0]
+
+    def tile_with_means(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`tile` of ``x [B, H, S, D]`` plus the float32 mean of every video tile ``[B, H, Nv, D]``
+        (padding included, as the block selection defines it), from the same pass over x."""
+        if x.dim() != 4:
+            raise ValueError(f"expected [B, H, S, D], got shape {tuple(x.shape)}")
+        self._check_seq_len(x.shape[2])
+        idx = self.indices(x.device)
+        return _GatherRows.apply(x, 2, idx["src"], idx["zero_pos"], idx["kernel_src"], self.block_size,
+                                 self.num_video_blocks)
 
     def untile(self, y: torch.Tensor, seq_dim: int = 2) -> torch.Tensor:
         """Inverse of `tile`: block order ``[..., N*bs, ...]`` → ``[..., S, ...]`` (padding dropped)."""
         if y.shape[seq_dim] != self.padded_len:
             raise ValueError(f"expected {self.padded_len} block-ordered tokens, got {y.shape[seq_dim]}")
-        empty = self.indices(y.device)["zero_pos"][:0]
-        return _GatherRows.apply(y, seq_dim % y.dim(), self.indices(y.device)["inverse"], empty)
+        idx = self.indices(y.device)
+        return _GatherRows.apply(y, seq_dim % y.dim(), idx["inverse"], idx["zero_pos"][:0], None, 1, 0)[0]
 
     # ------------------------------------------------------------------ key validity
     def key_valid(self, text_mask: Optional[torch.Tensor], device: torch.device | str) -> torch.Tensor:

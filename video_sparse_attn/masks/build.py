@@ -15,11 +15,14 @@ from .text import apply_text_validity, assemble_with_text
 __all__ = ["build_block_mask", "block_mask_from_tiled"]
 
 
-def _selection(q_video, k_video, layout: TileLayout, config: SSTAConfig) -> torch.Tensor:
+def _selection(q_video, k_video, layout: TileLayout, config: SSTAConfig, q_means=None, k_means=None) -> torch.Tensor:
     share = config.mask_share_within_head
     pool = config.pool_thw
-    q_rep = tile_representatives(q_video, layout, pool, share)
-    k_rep = tile_representatives(k_video, layout, pool, share)
+    if pool is None and q_means is not None and k_means is not None:
+        q_rep, k_rep = (m.mean(dim=1, keepdim=True) if share else m for m in (q_means, k_means))
+    else:
+        q_rep = tile_representatives(q_video, layout, pool, share)
+        k_rep = tile_representatives(k_video, layout, pool, share)
     if config.sampling_type == "importance":
         return importance_topk(q_rep, k_rep, config.topk, config.lambda_)
     if config.threshold > 0:
@@ -29,8 +32,13 @@ def _selection(q_video, k_video, layout: TileLayout, config: SSTAConfig) -> torc
 
 @torch.no_grad()
 def block_mask_from_tiled(q_t: torch.Tensor, k_t: torch.Tensor, layout: TileLayout, config: SSTAConfig,
-                          text_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Block mask from block-ordered ``q_t, k_t [B, H, N*bs, D]`` (see `build_block_mask`)."""
+                          text_mask: Optional[torch.Tensor] = None, q_means: Optional[torch.Tensor] = None,
+                          k_means: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Block mask from block-ordered ``q_t, k_t [B, H, N*bs, D]`` (see `build_block_mask`).
+
+    ``q_means, k_means [B, H, Nv, D]`` float32 tile means (from `TileLayout.tile_with_means`) are used
+    when given and the selection needs plain means, so q and k are not read a second time.
+    """
     B, H = q_t.shape[:2]
     Nv, Nt = layout.num_video_blocks, layout.num_text_blocks
     dev = q_t.device
@@ -43,7 +51,7 @@ def block_mask_from_tiled(q_t: torch.Tensor, k_t: torch.Tensor, layout: TileLayo
             video = sta_window_mask(layout.tiles_thw, config.kernel_thw, dev)[None, None]
         if kind in ("ssta", "block_attn"):
             nvt = Nv * layout.block_size
-            sel = _selection(q_t[:, :, :nvt], k_t[:, :, :nvt], layout, config)
+            sel = _selection(q_t[:, :, :nvt], k_t[:, :, :nvt], layout, config, q_means, k_means)
             video = sel if video is None else (video | sel)
     mask = assemble_with_text(video, Nt)
     if config.use_text_mask and text_mask is not None and Nt > 0:
