@@ -1,0 +1,214 @@
+"""Triton backward kernels of block-sparse attention over a `BlockSparsePlan` (deterministic, no atomics).
+
+Three launches:
+- ``_delta_kernel``: delta[b,h,i] = Σ_d out·dout (float32), the softmax-gradient row term.
+- ``_dkdv_kernel``: one program per ``BLOCK_N`` keys of one key block (``col_order``, heaviest
+  first); walks the query blocks of ``q_index`` as ``Q_BLOCK // BLOCK_M`` sub-tiles in one flat loop.
+- ``_dq_kernel``: one program per ``BLOCK_M`` query rows (``row_order``); walks ``kv_index`` like
+  the forward.
+Probabilities are recomputed from the forward's lse (base 2 inside). Rows with lse = -inf (no key)
+get probability 0 everywhere, hence zero gradients; key rows past ``k_valid`` get zero dK/dV.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_fwd import LOG2E, dot_precision, kernel_configs, plan_strides
+
+__all__ = ["attention_backward"]
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages)
+_DKDV_CONFIGS = {
+    "small_d": [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 4, 3), (128, 128, 8, 2)],
+    "large_d": [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+}
+_DQ_CONFIGS = {
+    "small_d": [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3)],
+    "large_d": [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+}
+_DELTA_ROWS = 64
+
+
+@triton.jit
+def _delta_kernel(
+    O, DO, DELTA, sob, soh, sos, sod, sdb, sdh, sds, sdd, H, Sq,
+    D: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, D_PAD)
+    ok = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod, mask=ok, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :] * sdd, mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * Sq + offs_m, delta, mask=offs_m < Sq)
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q_COUNT, Q_INDEX, COL_ORDER, K_VALID,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
+    s_dkb, s_dkh, s_dks, s_dkd, s_dvb, s_dvh, s_dvs, s_dvd,
+    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_n, s_ord_b, s_ord_h, s_val_b,
+    H, Sq, sm_scale, qk_scale,
+    D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    tile = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    SUB_M: tl.constexpr = Q_BLOCK // BLOCK_M
+    SUB_N: tl.constexpr = K_BLOCK // BLOCK_N
+
+    k_blk = tl.load(COL_ORDER + b * s_ord_b + h * s_ord_h + tile // SUB_N)
+    rem = tl.load(K_VALID + b * s_val_b + k_blk) - (tile % SUB_N) * BLOCK_N   # valid keys in this tile
+    count = tl.load(Q_COUNT + b * s_cnt_b + h * s_cnt_h + k_blk)
+    count = tl.where(rem > 0, count, 0)                                       # all-padding tile: zeros
+    idx_ptr = Q_INDEX + b * s_idx_b + h * s_idx_h + k_blk * s_idx_n
+
+    offs_n = k_blk * K_BLOCK + (tile % SUB_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = tl.arange(0, BLOCK_N) < rem
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < D
+
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=d_ok[None, :], other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdb + h * sdh
+    row_base = bh.to(tl.int64) * Sq
+
+    dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    for it in range(0, count * SUB_M):
+        q_blk = tl.load(idx_ptr + it // SUB_M)
+        rows = q_blk * Q_BLOCK + (it % SUB_M) * BLOCK_M + offs_m
+        qt = tl.load(q_base + rows[None, :] * sqs + offs_d[:, None] * sqd, mask=d_ok[:, None], other=0.0)
+        do = tl.load(do_base + rows[:, None] * sds + offs_d[None, :] * sdd, mask=d_ok[None, :], other=0.0)
+        lse2 = tl.load(LSE + row_base + rows) * 1.4426950408889634
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)          # keyless rows → p = 0
+        delta = tl.load(DELTA + row_base + rows)
+        pt = tl.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse2[None, :])   # [N, M]
+        if rem < BLOCK_N:
+            pt = tl.where(key_ok[:, None], pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PREC)
+
+    dk = dk * sm_scale
+    tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dks + offs_d[None, :] * s_dkd,
+             dk.to(DK.dtype.element_ty), mask=d_ok[None, :])
+    tl.store(DV + b * s_dvb + h * s_dvh + offs_n[:, None] * s_dvs + offs_d[None, :] * s_dvd,
+             dv.to(DV.dtype.element_ty), mask=d_ok[None, :])
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
+    s_dqb, s_dqh, s_dqs, s_dqd,
+    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b,
+    H, Sq, sm_scale, qk_scale,
+    D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    tile = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    SUB_M: tl.constexpr = Q_BLOCK // BLOCK_M
+    SUB_N: tl.constexpr = K_BLOCK // BLOCK_N
+
+    q_blk = tl.load(ROW_ORDER + b * s_ord_b + h * s_ord_h + tile // SUB_M)
+    count = tl.load(KV_COUNT + b * s_cnt_b + h * s_cnt_h + q_blk)
+    idx_ptr = KV_INDEX + b * s_idx_b + h * s_idx_h + q_blk * s_idx_m
+    valid_ptr = K_VALID + b * s_val_b
+
+    offs_m = q_blk * Q_BLOCK + (tile % SUB_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < D
+
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=d_ok[None, :], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :] * sdd, mask=d_ok[None, :], other=0.0)
+    row_base = bh.to(tl.int64) * Sq
+    lse2 = tl.load(LSE + row_base + offs_m) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    delta = tl.load(DELTA + row_base + offs_m)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    for it in range(0, count * SUB_N):
+        k_blk = tl.load(idx_ptr + it // SUB_N)
+        rem = tl.load(valid_ptr + k_blk) - (it % SUB_N) * BLOCK_N
+        rows = k_blk * K_BLOCK + (it % SUB_N) * BLOCK_N + offs_n
+        kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
+        vt = tl.load(v_base + rows[None, :] * svs + offs_d[:, None] * svd, mask=d_ok[:, None], other=0.0)
+        p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse2[:, None])
+        if rem < BLOCK_N:
+            p = tl.where((offs_n < rem)[None, :], p, 0.0)
+        dp = tl.dot(do, vt, input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqs + offs_d[None, :] * s_dqd,
+             dq.to(DQ.dtype.element_ty), mask=d_ok[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(which: str, q_block: int, k_block: int, large_d: bool):
+    kernel, table = (_dkdv_kernel, _DKDV_CONFIGS) if which == "dkdv" else (_dq_kernel, _DQ_CONFIGS)
+    configs = kernel_configs(table["large_d" if large_d else "small_d"], q_block, k_block)
+    return triton.autotune(configs=configs, key=["D_PAD"])(kernel)
+
+
+def attention_backward(q, k, v, out, lse, dout, plan, scale: float):
+    """dq, dk, dv (each like its input) of `attention_forward`'s ``out`` given ``dout`` (any strides)."""
+    B, H, Sq, D = q.shape
+    d_pad = max(16, triton.next_power_of_2(D))
+    large = d_pad > 128
+    prec = dot_precision(q.dtype)
+    delta = torch.empty(B, H, Sq, device=q.device, dtype=torch.float32)
+    _delta_kernel[(B * H, triton.cdiv(Sq, _DELTA_ROWS))](
+        out, dout, delta, *out.stride(), *dout.stride(), H, Sq, D=D, D_PAD=d_pad, ROWS=_DELTA_ROWS,
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    val_b = plan.k_valid.expand(B, -1).stride(0)
+    common = dict(D=D, D_PAD=d_pad, Q_BLOCK=plan.q_block, K_BLOCK=plan.k_block, DOT_PREC=prec)
+    io_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+
+    cs, ix, co = plan_strides(plan.q_count, B, H), plan_strides(plan.q_index, B, H), plan_strides(plan.col_order, B, H)
+    _tuned("dkdv", plan.q_block, plan.k_block, large)[
+        lambda meta: (B * H, plan.num_k_blocks * (plan.k_block // meta["BLOCK_N"]))
+    ](
+        q, k, v, dout, lse, delta, dk, dv,
+        plan.q_count, plan.q_index, plan.col_order, plan.k_valid,
+        *io_strides, *dk.stride(), *dv.stride(),
+        cs[0], cs[1], ix[0], ix[1], ix[2], co[0], co[1], val_b,
+        H, Sq, scale, scale * LOG2E, **common,
+    )
+
+    cs, ix, ro = plan_strides(plan.kv_count, B, H), plan_strides(plan.kv_index, B, H), plan_strides(plan.row_order, B, H)
+    _tuned("dq", plan.q_block, plan.k_block, large)[
+        lambda meta: (B * H, plan.num_q_blocks * (plan.q_block // meta["BLOCK_M"]))
+    ](
+        q, k, v, dout, lse, delta, dq,
+        plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid,
+        *io_strides, *dq.stride(),
+        cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b,
+        H, Sq, scale, scale * LOG2E, **common,
+    )
+    return dq, dk, dv

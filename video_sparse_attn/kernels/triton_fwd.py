@@ -1,0 +1,153 @@
+"""Triton forward kernel of block-sparse attention over a `BlockSparsePlan`.
+
+One program owns ``BLOCK_M`` query rows (a sub-tile of one query block) of one (batch, head). It
+walks only the kept key blocks listed in ``kv_index`` and treats each as ``K_BLOCK // BLOCK_N``
+contiguous sub-tiles in one flat loop (so the software pipeline runs across blocks). Softmax is
+online in base 2 with the scale folded into one multiply; only the ragged tail of a key block
+(``k_valid < K_BLOCK``) is masked, behind a per-sub-tile branch. Rows that see no key write 0 and
+lse = -inf.
+
+Launch grid: ``(B*H, Mq * Q_BLOCK // BLOCK_M)``; the slow axis is the rank in ``row_order``
+(heaviest query blocks first), so every head's heavy rows start before any light row.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["attention_forward", "kernel_configs", "INTERPRET"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); block sizes are reduced to divisors of the plan's blocks.
+_FWD_CONFIGS = {
+    "small_d": [(128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4)],
+    "large_d": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2)],
+}
+
+
+def kernel_configs(table, q_tile: int, k_tile: int, names=("BLOCK_M", "BLOCK_N")):
+    """`triton.Config`s from ``(bm, bn, warps, stages)`` rows, tiles cut to divide the plan's blocks.
+
+    ``gcd(b, tile)`` is a power of two ≥ 16 dividing the plan block (blocks are multiples of 16).
+    Under the interpreter only the first row is used (autotuning there only costs time).
+    """
+    seen, out = set(), []
+    for bm, bn, warps, stages in table[:1] if INTERPRET else table:
+        row = (math.gcd(bm, q_tile), math.gcd(bn, k_tile), warps, stages)
+        if row not in seen:
+            seen.add(row)
+            out.append(triton.Config({names[0]: row[0], names[1]: row[1]}, num_warps=warps, num_stages=stages))
+    return out
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE,
+    KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID,
+    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
+    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b,
+    H, Sq, qk_scale,
+    D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    tile = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    SUB_M: tl.constexpr = Q_BLOCK // BLOCK_M
+    SUB_N: tl.constexpr = K_BLOCK // BLOCK_N
+
+    q_blk = tl.load(ROW_ORDER + b * s_ord_b + h * s_ord_h + tile // SUB_M)
+    count = tl.load(KV_COUNT + b * s_cnt_b + h * s_cnt_h + q_blk)
+    idx_ptr = KV_INDEX + b * s_idx_b + h * s_idx_h + q_blk * s_idx_m
+    valid_ptr = K_VALID + b * s_val_b
+
+    offs_m = q_blk * Q_BLOCK + (tile % SUB_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < D
+
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+
+    for it in range(0, count * SUB_N):
+        k_blk = tl.load(idx_ptr + it // SUB_N)
+        rem = tl.load(valid_ptr + k_blk) - (it % SUB_N) * BLOCK_N      # valid keys left in this sub-tile
+        rows = k_blk * K_BLOCK + (it % SUB_N) * BLOCK_N + offs_n
+        kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        if rem < BLOCK_N:                                               # ragged tail only
+            s = tl.where((offs_n < rem)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)           # rows with no key yet
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    o_base = O + b * sob + h * soh
+    tl.store(o_base + offs_m[:, None] * sos + offs_d[None, :] * sod, out.to(O.dtype.element_ty), mask=d_ok[None, :])
+    tl.store(LSE + bh.to(tl.int64) * Sq + offs_m, lse)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_fwd(q_block: int, k_block: int, large_d: bool):
+    table = _FWD_CONFIGS["large_d" if large_d else "small_d"]
+    return triton.autotune(configs=kernel_configs(table, q_block, k_block), key=["D_PAD"])(_fwd_kernel)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 operands use exact products (tests); half types use the tensor cores' native path."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def plan_strides(t: torch.Tensor, B: int, H: int):
+    """Strides of a plan tensor ``[B' , H', ...]`` expanded to ``[B, H, ...]`` (0 on broadcast dims)."""
+    return t.expand(B, H, *t.shape[2:]).stride()
+
+
+def attention_forward(q, k, v, plan, scale: float):
+    """Run the forward kernel. q ``[B,H,Sq,D]``, k/v ``[B,H,Sk,D]`` (any strides, checked by the caller).
+
+    Returns ``out`` (q's dtype and strides where dense, else contiguous) and ``lse [B,H,Sq]`` float32.
+    """
+    B, H, Sq, D = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, Sq, device=q.device, dtype=torch.float32)
+    d_pad = max(16, triton.next_power_of_2(D))
+    cs, ix, ro = plan_strides(plan.kv_count, B, H), plan_strides(plan.kv_index, B, H), plan_strides(plan.row_order, B, H)
+    val_b = plan.k_valid.expand(B, -1).stride(0)
+    kernel = _tuned_fwd(plan.q_block, plan.k_block, d_pad > 128)
+
+    def grid(meta):
+        return (B * H, plan.num_q_blocks * (plan.q_block // meta["BLOCK_M"]))
+
+    kernel[grid](
+        q, k, v, out, lse,
+        plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b,
+        H, Sq, scale * LOG2E,
+        D=D, D_PAD=d_pad, Q_BLOCK=plan.q_block, K_BLOCK=plan.k_block, DOT_PREC=dot_precision(q.dtype),
+    )
+    return out, lse

@@ -1,0 +1,96 @@
+"""`block_sparse_attention_triton`: the Triton kernels behind one autograd function.
+
+Input checks live here; the kernels (`triton_fwd`, `triton_bwd`) trust what they are given.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from .triton_bwd import attention_backward
+from .triton_fwd import attention_forward
+
+__all__ = ["block_sparse_attention_triton", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, H, S, D], got {getattr(x, 'shape', type(x))}")
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"{name}: the Triton kernels take float16/bfloat16/float32, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device == plan.device):
+        raise ValueError(f"q, k, v and the plan must share a device: {q.device}, {k.device}, {v.device}, {plan.device}")
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
+    B, H, Sq, D = q.shape
+    if k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D:
+        raise ValueError(f"k and v must be [B={B}, H={H}, Sk, D={D}], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {D} is larger than the kernels support ({MAX_HEAD_DIM})")
+    Mq, Nk = plan.num_q_blocks, plan.num_k_blocks
+    if Sq != Mq * plan.q_block or k.shape[2] != Nk * plan.k_block:
+        raise ValueError(
+            f"plan covers Sq={Mq}*{plan.q_block}, Sk={Nk}*{plan.k_block} but q has {Sq} rows and k has {k.shape[2]}"
+        )
+    Bp, Hp = plan.kv_count.shape[:2]
+    if Bp not in (1, B) or Hp not in (1, H) or plan.k_valid.shape[0] not in (1, B):
+        raise ValueError(
+            f"plan batch/head dims ({Bp}, {Hp}) and k_valid batch {plan.k_valid.shape[0]} must be 1 or match "
+            f"q's ({B}, {H})"
+        )
+    for name in ("kv_count", "kv_index", "q_count", "q_index", "row_order", "col_order", "k_valid"):
+        t = getattr(plan, name)
+        if t.dtype != torch.int32 or t.stride(-1) != 1:
+            raise ValueError(f"plan.{name} must be int32 with a unit last stride, got {t.dtype}, strides {t.stride()}")
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale):
+        out, lse = attention_forward(q, k, v, plan, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale = plan, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            return None, None, None, None, None
+        dq, dk, dv = attention_backward(q, k, v, out, lse, dout, ctx.plan, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def block_sparse_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan,
+    scale: Optional[float] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention of block-ordered tensors over ``plan`` with the Triton kernels.
+
+    Args:
+        q: ``[B, H, Mq*q_block, D]``; k, v: ``[B, H, Nk*k_block, D]``; any strides (e.g. transposed
+            ``[B, S, H, D]`` views), float16/bfloat16/float32, ``D <= 256``.
+        plan: `BlockSparsePlan` on the same device, batch/head dims B or 1.
+        scale: softmax scale, default ``1/sqrt(D)``.
+
+    Returns:
+        ``out [B, H, Sq, D]`` in q's dtype and ``lse [B, H, Sq]`` float32 (natural log; -inf and
+        out 0 for rows that see no key). Differentiable in q, k, v (lse is not).
+    """
+    _check(q, k, v, plan)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _BlockSparseAttention.apply(q, k, v, plan, scale)
