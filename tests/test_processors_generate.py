@@ -23,10 +23,11 @@ def _load():
 
 def test_offline_default_writes_video_and_report(tmp_path, capsys):
     out = tmp_path / "demo.mp4"
-    report = _load().main(["--output", str(out), "--steps", "3", "--dense-steps", "1", "--device", "cpu"])
+    report = _load().main(["--output", str(out), "--steps", "3", "--dense-steps", "1", "--device", "cpu",
+                           "--frames", "5", "--height", "32", "--width", "32"])
     assert out.is_file() and out.stat().st_size > 0
     saved = json.loads((tmp_path / "demo.json").read_text())
-    assert saved["steps"] == 3 and saved["latent_thw"] == [5, 16, 16]
+    assert saved["steps"] == 3 and saved["latent_thw"] == [3, 8, 8]
     per_step = saved["attention"]["per_step"]
     assert per_step["0"]["sparse_types"] == ["dense"] and per_step["2"]["sparse_types"] == ["ssta"]
     assert 0 < per_step["2"]["density"] < per_step["0"]["density"] <= 1
