@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--window", type=_triple, default=(3, 3, 3), help="STA window in tiles t,h,w")
     g.add_argument("--topk", type=int, default=64)
     g.add_argument("--pad-type", default="zero", choices=["zero", "repeat", "mask"])
+    g.add_argument("--ssta-backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="auto: Triton kernels on CUDA, PyTorch reference on CPU")
     g.add_argument("--no-caller-rules", action="store_true",
                    help="use topk/tiles exactly as given (no HunyuanVideo-1.5 halving for short videos)")
     g.add_argument("--dense-warmup-steps", type=int, default=0, help="first steps run dense")

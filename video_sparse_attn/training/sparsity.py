@@ -57,21 +57,22 @@ class SparsityRamp:
         return self.target.replace(topk=int(topk), kernel_thw=window)
 
 
-def set_sparse_attention(transformer: torch.nn.Module, config: Optional[SSTAConfig]) -> None:
-    """Install SSTA processors with ``config`` on ``transformer`` (None → stock processors).
+def set_sparse_attention(transformer: torch.nn.Module, config: Optional[SSTAConfig],
+                         backend: str = "auto") -> None:
+    """Install SSTA processors with ``config`` on ``transformer`` (None → the stock processors).
 
-    Calling it again with another config replaces the installed one (used by the ramp).
+    Calling it again with another config replaces the installed one (``enable_ssta`` called again
+    replaces its previous settings); the ramp does this between optimizer steps.
     """
     if getattr(transformer, "_vsa_training_config", None) is None and config is None:
         return  # stock processors in place and wanted
     from ..processors import disable_ssta, enable_ssta
 
-    if getattr(transformer, "_vsa_training_config", None) is not None:
+    if config is None:
         disable_ssta(transformer)
-        transformer._vsa_training_config = None
-    if config is not None:
-        enable_ssta(transformer, config)
-        transformer._vsa_training_config = config
+    else:
+        enable_ssta(transformer, config, backend=backend)
+    transformer._vsa_training_config = config
 
 
 def remove_sparse_attention(transformer: torch.nn.Module) -> None:

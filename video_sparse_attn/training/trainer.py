@@ -127,7 +127,8 @@ def _register_lora_state_hooks(accelerator, args) -> None:
 def train(args: argparse.Namespace) -> Dict:
     """Run fine-tuning as ``args`` (see `args.build_parser`) says.
 
-    Returns ``{"global_step", "losses" (this run's per-step losses), "final_dir", "ssta_config"}``.
+    Returns ``{"global_step", "losses" (this run's per-step losses), "final_dir", "ssta_config",
+    "transformer" (the trained, unwrapped model, SSTA still installed)}``.
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
@@ -154,7 +155,7 @@ def train(args: argparse.Namespace) -> Dict:
     weight_dtype = torch.float32  # full fine-tune keeps fp32 master weights; autocast does the rest
     if lora:
         weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
-        transformer.to(accelerator.device, dtype=weight_dtype)
+        transformer.to(accelerator.device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
         _add_lora(transformer, args)
         cast_training_params(transformer, dtype=torch.float32)  # trainable LoRA weights stay fp32
     else:
@@ -206,7 +207,7 @@ def train(args: argparse.Namespace) -> Dict:
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
 
     current = ramp.config_at(global_step) if ramp else None
-    set_sparse_attention(model, current)
+    set_sparse_attention(model, current, args.ssta_backend)
     log_path = os.path.join(args.output_dir, "train_log.jsonl")
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=args.no_progress_bar or not accelerator.is_local_main_process)
@@ -258,7 +259,7 @@ def train(args: argparse.Namespace) -> Dict:
                     f.write(json.dumps(record) + "\n")
             if ramp is not None and ramp.config_at(global_step) != current:
                 current = ramp.config_at(global_step)
-                set_sparse_attention(model, current)
+                set_sparse_attention(model, current, args.ssta_backend)
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
                 if accelerator.is_main_process:
                     _prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
@@ -279,4 +280,5 @@ def train(args: argparse.Namespace) -> Dict:
         if target is not None:
             target.save(os.path.join(final_dir, SSTA_CONFIG_NAME))
     accelerator.end_training()
-    return {"global_step": global_step, "losses": losses, "final_dir": final_dir, "ssta_config": target}
+    return {"global_step": global_step, "losses": losses, "final_dir": final_dir, "ssta_config": target,
+            "transformer": model}
