@@ -38,10 +38,11 @@ def kernel_configs(table, q_tile: int, k_tile: int, names=("BLOCK_M", "BLOCK_N")
     """`triton.Config`s from ``(bm, bn, warps, stages)`` rows, tiles cut to divide the plan's blocks.
 
     ``gcd(b, tile)`` is a power of two ≥ 16 dividing the plan block (blocks are multiples of 16).
-    Under the interpreter only the first row is used (autotuning there only costs time).
+    Under the interpreter, or with ``VSA_TRITON_AUTOTUNE=0``, only the first row is used.
     """
+    first_only = INTERPRET or os.environ.get("VSA_TRITON_AUTOTUNE") == "0"
     seen, out = set(), []
-    for bm, bn, warps, stages in table[:1] if INTERPRET else table:
+    for bm, bn, warps, stages in table[:1] if first_only else table:
         row = (math.gcd(bm, q_tile), math.gcd(bn, k_tile), warps, stages)
         if row not in seen:
             seen.add(row)

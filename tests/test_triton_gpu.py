@@ -1,0 +1,103 @@
+"""Triton kernels on a CUDA GPU: bf16/fp16 × D 64/128 × blocks 64/128/384 × density, fwd and bwd.
+
+Reference: the torch reference run in float64. Outputs are poisoned (the allocator's free memory is
+filled with NaN) before every run, so an element the kernels fail to write shows up as NaN.
+Set ``VSA_TRITON_AUTOTUNE=0`` to skip autotuning (faster; correctness does not depend on it).
+"""
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+from video_sparse_attn import BlockSparsePlan  # noqa: E402
+from video_sparse_attn.kernels.torch_ref import block_sparse_attention_torch  # noqa: E402
+
+TOL = {torch.bfloat16: 1e-2, torch.float16: 3e-3}
+
+
+def rel_l2(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _poison(*shapes_dtypes):
+    """Fill fresh allocations of these sizes with NaN and free them, so the next ones reuse them."""
+    held = [torch.full(s, float("nan"), dtype=d, device="cuda") for s, d in shapes_dtypes]
+    del held
+
+
+def _case(B, H, Mq, Nk, qb, kb, D, dtype, density, bshd=False, ragged=True):
+    g = torch.Generator(device="cuda").manual_seed(torch.seed() % (1 << 31))
+    mask = torch.rand(B, 1 if H > 1 else H, Mq, Nk, device="cuda", generator=g) < density
+    mask[..., -1, :] = True                                   # a text-like row with every block
+    if density < 1.0:
+        mask[..., 0, :] = False                               # an empty row
+    k_valid = torch.full((B, Nk), kb, dtype=torch.int32, device="cuda")
+    if ragged:
+        k_valid[:, -1] = kb // 3 + 1                          # ragged last block
+    plan = BlockSparsePlan.from_block_mask(mask, qb, kb, k_valid)
+
+    def t(S):
+        if bshd:
+            return torch.randn(B, S, H, D, device="cuda", dtype=dtype, generator=g).transpose(1, 2).requires_grad_()
+        return torch.randn(B, H, S, D, device="cuda", dtype=dtype, generator=g).requires_grad_()
+    return plan, t(Mq * qb), t(Nk * kb), t(Nk * kb)
+
+
+def _check(plan, q, k, v, dtype):
+    from video_sparse_attn.kernels.triton_op import block_sparse_attention_triton
+
+    _poison((q.shape, q.dtype), (q.shape[:3], torch.float32))
+    out, lse = block_sparse_attention_triton(q, k, v, plan)
+    dout = torch.randn_like(out)
+    _poison((q.shape, q.dtype), (k.shape, k.dtype), (v.shape, v.dtype), (q.shape[:3], torch.float32))
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref, ref_lse = block_sparse_attention_torch(q64, k64, v64, plan)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+
+    for name, x in (("out", out), ("lse", lse), ("dq", grads[0]), ("dk", grads[1]), ("dv", grads[2])):
+        assert not x.isnan().any(), f"NaN in {name}"
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    assert torch.allclose(lse[fin].double(), ref_lse[fin].double(), atol=2e-2, rtol=1e-3)
+    errs = {"out": rel_l2(out, ref)}
+    errs.update({f"d{n}": rel_l2(g, r) for n, g, r in zip("qkv", grads, ref_grads)})
+    assert all(e < TOL[dtype] for e in errs.values()), errs
+    return errs
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("block", [64, 128, 384])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fwd_bwd_vs_float64(dtype, D, block, density):
+    n = max(6, 3072 // block)
+    plan, q, k, v = _case(2, 2, n, n, block, block, D, dtype, density)
+    _check(plan, q, k, v, dtype)
+
+
+@pytest.mark.parametrize("qb,kb", [(384, 128), (128, 384), (64, 384), (48, 80)])
+def test_heterogeneous_blocks_bshd_views(qb, kb):
+    plan, q, k, v = _case(1, 3, 3072 // qb // 2 + 1, 3072 // kb // 2 + 1, qb, kb, 128, torch.bfloat16, 0.4, bshd=True)
+    assert not q.is_contiguous()
+    _check(plan, q, k, v, torch.bfloat16)
+
+
+@pytest.mark.parametrize("D", [32, 80, 96, 256])
+def test_other_head_dims(D):
+    plan, q, k, v = _case(1, 2, 6, 6, 128, 128, D, torch.float16, 0.5)
+    _check(plan, q, k, v, torch.float16)
+
+
+def test_matches_sdpa_in_dense_mode():
+    B, H, S, D = 1, 4, 2048, 128
+    from video_sparse_attn.kernels.triton_op import block_sparse_attention_triton
+
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    plan = BlockSparsePlan.dense(1, 1, S // 128, S // 128, 128, device="cuda")
+    out, _ = block_sparse_attention_triton(q, k, v, plan)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert rel_l2(out, ref) < 1e-2
