@@ -247,3 +247,16 @@ def test_tile_larger_than_grid():
     run(model, inputs)
     enable_ssta(model, SSTAConfig(tile_thw=(4, 4, 4), topk=1, caller_rules=False), strict_tiles=False)
     run(model, inputs)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("family", list(MODELS))
+def test_triton_backend_equals_stock(family):
+    """The processors on the Triton kernels (interpreter on CPU, CUDA when present) match stock."""
+    model, inputs = MODELS[family]()
+    if torch.cuda.is_available():
+        model = model.cuda()
+        inputs = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    ref = run(model, inputs)
+    enable_ssta(model, DENSE, backend="triton")
+    assert_close(run(model, inputs), ref, tol=1e-4 if torch.cuda.is_available() else 1e-5)

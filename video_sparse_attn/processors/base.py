@@ -9,7 +9,6 @@ stock processors unchanged, so installing one instance everywhere is safe.
 
 from __future__ import annotations
 
-import os
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -37,14 +36,12 @@ _NO_GRID = (
 def check_backend_support(q: torch.Tensor, backend: str) -> str:
     """Resolve ``backend`` for ``q [B, H, S, D]`` and refuse what it cannot run, naming the values.
 
-    The ``triton`` backend runs float16 / bfloat16 (float32 too in Triton's CPU interpreter) and head
-    dims up to 256; the ``torch`` backend runs any float dtype and head dim.
+    The ``triton`` backend runs float16 / bfloat16 / float32 and head dims up to 256; the ``torch``
+    backend runs any float dtype and head dim.
     """
     resolved = resolve_backend(backend, q)
     if resolved == "triton":
-        allowed = (torch.float16, torch.bfloat16)
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            allowed = allowed + (torch.float32,)
+        allowed = (torch.float16, torch.bfloat16, torch.float32)
         if q.dtype not in allowed:
             raise TypeError(
                 f"SSTA backend 'triton' (chosen by backend={backend!r}) runs {[str(d) for d in allowed]}, "
