@@ -196,6 +196,9 @@ class SSTAAttnProcessor:
                 f"{thw[0] * thw[1] * thw[2]}; the grid hook belongs to another transformer or call"
             )
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)   # [B, H, S, D] views
+        if torch.is_autocast_enabled(q.device.type):  # as SDPA under autocast: one low-precision dtype
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         check_backend_support(q, self.backend)
         groups = self._head_groups(runtime, layer, thw, q.shape[1])
         for _, _, cfg in groups:
