@@ -187,3 +187,10 @@ def test_dataset_errors(tmp_path):
     from video_sparse_attn.training.data import write_sample
     with pytest.raises(ValueError, match="missing keys"):
         write_sample(str(tmp_path), 0, {"latents": torch.zeros(4, 2, 8, 8)})
+
+
+def test_bf16_autocast_full_finetune_with_ssta(tmp_path):
+    """fp32 master weights + bf16 autocast: RMSNorm'd q/k stay fp32 while v is bf16 until SSTA casts."""
+    result = _run(tmp_path, "--max-train-steps", "2", "--mixed-precision", "bf16", "--gradient-checkpointing")
+    assert result["global_step"] == 2 and all(math.isfinite(x) for x in result["losses"])
+    assert next(result["transformer"].parameters()).dtype == torch.float32
