@@ -152,6 +152,11 @@ def main() -> None:
             w.writeheader()
             w.writerows(rows)
     plot(rows, args.plot)
+    from video_sparse_attn.kernels import triton_bwd, triton_fwd
+
+    for name, tuner in (("fwd", triton_fwd._tuned_fwd(384, 384, False)), ("dkdv", triton_bwd._tuned("dkdv", 384, 384, False)),
+                        ("dq", triton_bwd._tuned("dq", 384, 384, False))):
+        print(f"autotuned {name}: {getattr(tuner, 'best_config', None)}")
 
 
 if __name__ == "__main__":
