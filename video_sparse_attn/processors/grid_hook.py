@@ -22,7 +22,7 @@ import torch
 
 from .families import ModelFamily, family_of
 
-__all__ = ["SSTARuntime", "install_grid_hook", "remove_grid_hook", "runtime_of", "HOOK_NAME"]
+__all__ = ["SSTARuntime", "install_grid_hook", "remove_grid_hook", "runtime_of", "bind_runtime", "HOOK_NAME"]
 
 HOOK_NAME = "video_sparse_attn.grid"
 RUNTIME_ATTR = "_ssta_runtime"
@@ -138,6 +138,13 @@ def install_grid_hook(transformer: torch.nn.Module, runtime: SSTARuntime) -> Non
         setattr(module, RUNTIME_ATTR, runtime)
         setattr(module, LAYER_ATTR, index)
     setattr(transformer, RUNTIME_ATTR, runtime)
+
+
+def bind_runtime(attn: torch.nn.Module, runtime: SSTARuntime, layer_index: int = 0) -> None:
+    """Link one attention module to ``runtime`` by hand: for a transformer block run on its own
+    (benchmarks, unit tests), where no transformer forward captures the grid; set ``runtime.thw``."""
+    setattr(attn, RUNTIME_ATTR, runtime)
+    setattr(attn, LAYER_ATTR, int(layer_index))
 
 
 def remove_grid_hook(transformer: torch.nn.Module) -> None:

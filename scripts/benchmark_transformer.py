@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""One HunyuanVideo-1.5-sized double-stream block: stock processor vs SSTA, forward and forward+backward.
+
+Default shape: hidden 2048 = 16 heads x 128, MLP ratio 4, random weights, bf16, latent grid
+thw = (31, 45, 80) (720p, 121 frames: 111,600 video tokens) + 1,985 text tokens of which 1,200
+are valid. Modes (``--modes``):
+
+- ``stock``: diffusers' `HunyuanVideo15AttnProcessor2_0` (builds a dense S x S boolean mask);
+- ``sdpa_nomask``: same projections, ``F.scaled_dot_product_attention`` with no mask (a dense speed
+  reference: ignores text padding, so it is not the stock result);
+- ``ssta_dense``: `SSTAAttnProcessor` keeping every block (exact dense attention, our kernels);
+- ``ssta``: `SSTAAttnProcessor` with the released HunyuanVideo-1.5 settings (``SSTAConfig()``;
+  caller rules give topk 32 at t = 31).
+
+Prints ms per block call, speed-ups over ``stock``, peak memory, SSTA density and the relative L2
+error of the block's video output vs ``stock``; ``--csv`` appends the rows to a file. Out-of-memory
+is reported as such.
+
+    python scripts/benchmark_transformer.py                     # H100, ~1-2 min
+    python scripts/benchmark_transformer.py --device cpu --thw 2 8 8 --text-len 40 --valid 20 \\
+        --hidden 128 --heads 2 --tile 1 4 4 --dtype float32    # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from video_sparse_attn import SSTAConfig  # noqa: E402
+from video_sparse_attn.processors import (SUPPORTED_MODELS, SSTAAttnProcessor, SSTARuntime,  # noqa: E402
+                                          SSTAStats, bind_runtime)
+
+MODES = ("stock", "sdpa_nomask", "ssta_dense", "ssta")
+
+
+class SDPANoMaskProcessor(SSTAAttnProcessor):
+    """HunyuanVideo-1.5 projections with plain dense SDPA and no mask (speed reference only)."""
+
+    def attend(self, attn, query, key, value, text_len=0, text_mask=None):
+        out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+        return out.transpose(1, 2)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--thw", type=int, nargs=3, default=(31, 45, 80))
+    p.add_argument("--text-len", type=int, default=1985)
+    p.add_argument("--valid", type=int, default=1200, help="valid text tokens (a prefix)")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--config", help="SSTAConfig JSON for the 'ssta' mode (default: released values)")
+    p.add_argument("--topk", type=int)
+    p.add_argument("--tile", type=int, nargs=3)
+    p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
+    p.add_argument("--csv", help="append result rows to this CSV")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, warmup, iters) -> float:
+    """Mean milliseconds per call."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from diffusers.models.transformers.transformer_hunyuan_video15 import (HunyuanVideo15AttnProcessor2_0,
+                                                                           HunyuanVideo15RotaryPosEmbed,
+                                                                           HunyuanVideo15TransformerBlock)
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    head_dim = args.hidden // args.heads
+    t, h, w = args.thw
+    n_video, L = t * h * w, args.text_len
+    block = HunyuanVideo15TransformerBlock(args.heads, head_dim, mlp_ratio=4.0).to(device, dtype)
+    rope_dims = (head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16)  # (16, 56, 56) at head dim 128
+    rope = HunyuanVideo15RotaryPosEmbed(1, 1, list(rope_dims))
+    freqs = rope(torch.empty(1, 1, t, h, w, device=device))
+    hs = torch.randn(1, n_video, args.hidden, device=device, dtype=dtype)
+    ehs = torch.randn(1, L, args.hidden, device=device, dtype=dtype)
+    temb = torch.randn(1, args.hidden, device=device, dtype=dtype)
+    mask = torch.zeros(1, L, dtype=torch.bool, device=device)
+    mask[:, : args.valid] = True
+
+    config = SSTAConfig.load(args.config) if args.config else SSTAConfig()
+    if args.topk:
+        config = config.replace(topk=args.topk)
+    if args.tile:
+        config = config.replace(tile_thw=tuple(args.tile))
+    family = SUPPORTED_MODELS["HunyuanVideo15Transformer3DModel"]
+    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {dtype}, "
+          f"thw {tuple(args.thw)} ({n_video} video + {L} text tokens, {args.valid} valid), "
+          f"hidden {args.hidden} = {args.heads} x {head_dim}")
+    print(f"ssta config at this grid: {config.for_thw(tuple(args.thw))}")
+
+    def processor_for(mode):
+        if mode == "stock":
+            return HunyuanVideo15AttnProcessor2_0(), None
+        stats = SSTAStats(time=False)
+        runtime = SSTARuntime(family, (1, 1, 1), stats=stats)
+        runtime.thw = tuple(args.thw)
+        bind_runtime(block.attn, runtime)
+        if mode == "sdpa_nomask":
+            return SDPANoMaskProcessor(config, backend=args.backend), stats
+        if mode == "ssta_dense":
+            return SSTAAttnProcessor(config.replace(sparse_type="dense", pad_type="mask"), backend=args.backend), stats
+        return SSTAAttnProcessor(config, backend=args.backend), stats
+
+    grads = (torch.randn_like(hs), torch.randn_like(ehs))
+    rows, ref = [], None
+    for mode in args.modes:
+        proc, stats = processor_for(mode)
+        block.attn.set_processor(proc)
+        row = {"mode": mode, "thw": "x".join(map(str, args.thw)), "text": L, "valid": args.valid,
+               "dtype": args.dtype, "device": str(device)}
+
+        def fwd():
+            with torch.no_grad():
+                return block(hs, ehs, temb, mask, freqs)
+
+        def fwd_bwd():
+            block.zero_grad(set_to_none=True)
+            x, e = hs.detach().requires_grad_(True), ehs.detach().requires_grad_(True)
+            torch.autograd.backward(block(x, e, temb, mask, freqs), grads)
+
+        for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+            if name == "fwd_bwd" and args.no_backward:
+                continue
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                row[f"{name}_ms"] = round(timed(fn, device, args.warmup, args.iters), 3)
+                if device.type == "cuda":
+                    row[f"{name}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            except torch.OutOfMemoryError as e:
+                row[f"{name}_ms"] = "OOM"
+                print(f"  {mode} {name}: out of memory ({str(e).splitlines()[0]})")
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        try:
+            out = fwd()[0].float()
+            if mode == "stock":
+                ref = out
+            elif ref is not None:
+                row["rel_l2_vs_stock"] = f"{float((out - ref).norm() / ref.norm()):.2e}"
+            del out
+        except torch.OutOfMemoryError:
+            pass
+        if stats is not None and stats.records:
+            row["density"] = round(float(stats.records[-1].density), 4)
+        rows.append(row)
+        print("  " + ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("thw", "text", "valid", "dtype", "device")))
+
+    base = next((r for r in rows if r["mode"] == "stock"), None)
+    print(f"\n{'mode':<12} {'fwd ms':>10} {'fwd+bwd ms':>11} {'fwd x':>7} {'fwd+bwd x':>10} {'density':>8} {'peak GiB':>9}")
+    for r in rows:
+        def ratio(key):
+            a, b = (base or {}).get(key), r.get(key)
+            return f"{a / b:.2f}" if isinstance(a, float) and isinstance(b, float) else "-"
+        r["fwd_speedup_vs_stock"], r["fwd_bwd_speedup_vs_stock"] = ratio("fwd_ms"), ratio("fwd_bwd_ms")
+        print(f"{r['mode']:<12} {str(r.get('fwd_ms', '-')):>10} {str(r.get('fwd_bwd_ms', '-')):>11} "
+              f"{r['fwd_speedup_vs_stock']:>7} {r['fwd_bwd_speedup_vs_stock']:>10} {str(r.get('density', '-')):>8} "
+              f"{str(r.get('fwd_bwd_peak_gib', r.get('fwd_peak_gib', '-'))):>9}")
+    if args.csv:
+        keys = sorted({k for r in rows for k in r})
+        new = not os.path.exists(args.csv)
+        with open(args.csv, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
