@@ -194,3 +194,40 @@ def test_bf16_autocast_full_finetune_with_ssta(tmp_path):
     result = _run(tmp_path, "--max-train-steps", "2", "--mixed-precision", "bf16", "--gradient-checkpointing")
     assert result["global_step"] == 2 and all(math.isfinite(x) for x in result["losses"])
     assert next(result["transformer"].parameters()).dtype == torch.float32
+
+
+def test_encoded_frames_make_a_trainable_dataset(tmp_path):
+    """make_latent_dataset's pieces: frame folder → tiny VAE latents (scaled) → sample files → 1 step."""
+    import numpy as np
+    from diffusers import AutoencoderKLHunyuanVideo15
+    from PIL import Image
+
+    from video_sparse_attn.training.data import write_metadata, write_sample
+    from video_sparse_attn.training.encode import encode_latents, load_frames, preprocess_frames
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo15(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16), layers_per_block=1,
+        spatial_compression_ratio=4, temporal_compression_ratio=2, downsample_match_channel=False,
+        upsample_match_channel=False).eval()
+    clip = tmp_path / "clip0"
+    clip.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 70, 3), dtype=np.uint8)).save(clip / f"{i:03d}.png")
+    pixels = preprocess_frames(load_frames(str(clip)), 3, 32, 32)
+    assert pixels.shape == (1, 3, 3, 32, 32) and -1 <= pixels.min() and pixels.max() <= 1
+    latents = encode_latents(vae, pixels, "hunyuan_video15")
+    with torch.no_grad():
+        raw = vae.encode(pixels).latent_dist.mode()[0]
+    torch.testing.assert_close(latents, raw * vae.config.scaling_factor)
+    assert latents.shape == (4, 2, 8, 8)
+    root = tmp_path / "data"
+    for i in range(2):
+        write_sample(str(root), i, {"latents": latents, "prompt_embeds": torch.randn(10, 16),
+                                    "prompt_mask": (torch.arange(10) < 6), "prompt_embeds_2": torch.randn(5, 8),
+                                    "prompt_mask_2": torch.ones(5)}, {"caption": "noise", "source": "clip0"})
+    write_metadata(str(root), "hunyuan_video15", 2, latents.shape, ["prompt_embeds", "prompt_embeds_2"])
+    assert LatentVideoDataset(str(root))[0]["prompt_mask"].dtype == torch.int64
+    result = _run(tmp_path / "out", "--data", str(root), "--max-train-steps", "1")
+    assert result["global_step"] == 1 and math.isfinite(result["losses"][0])
