@@ -8,9 +8,10 @@ from .plan import BlockSparsePlan
 from .layout import TileLayout
 from .masks import build_block_mask
 from .attention import SSTAInfo, block_sparse_attention, ssta_attention
+from .processors import SSTAAttnProcessor, SSTASchedule, disable_ssta, enable_ssta
 
 __all__ = [
     "SSTAConfig", "TileLayout", "build_block_mask", "BlockSparsePlan", "block_sparse_attention",
-    "ssta_attention", "SSTAInfo",
+    "ssta_attention", "SSTAInfo", "SSTAAttnProcessor", "SSTASchedule", "enable_ssta", "disable_ssta",
 ]
 __version__ = "0.1.0"

@@ -195,6 +195,11 @@ class SSTAAttnProcessor:
                 f"attention received {n_video} video tokens but the captured latent grid {thw} holds "
                 f"{thw[0] * thw[1] * thw[2]}; the grid hook belongs to another transformer or call"
             )
+        if self._parallel_config is not None:
+            raise NotImplementedError(
+                "SSTA processors do not support diffusers context parallelism yet (the op needs the whole "
+                "sequence on each rank); disable it or use the stock processors"
+            )
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)   # [B, H, S, D] views
         if torch.is_autocast_enabled(q.device.type):  # as SDPA under autocast: one low-precision dtype
             dtype = torch.get_autocast_dtype(q.device.type)
