@@ -124,6 +124,15 @@ def _register_lora_state_hooks(accelerator, args) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+def _release_accelerate_state() -> None:
+    """Forget accelerate's process-wide singletons (the process group stays) so that `train` can run
+    again in the same process with other settings (e.g. another mixed precision)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
 def train(args: argparse.Namespace) -> Dict:
     """Run fine-tuning as ``args`` (see `args.build_parser`) says.
 
@@ -280,5 +289,6 @@ def train(args: argparse.Namespace) -> Dict:
         if target is not None:
             target.save(os.path.join(final_dir, SSTA_CONFIG_NAME))
     accelerator.end_training()
+    _release_accelerate_state()
     return {"global_step": global_step, "losses": losses, "final_dir": final_dir, "ssta_config": target,
             "transformer": model}
