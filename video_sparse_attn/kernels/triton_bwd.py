@@ -2,6 +2,8 @@
 
 Three launches:
 - ``_delta_kernel``: delta[b,h,i] = Σ_d out·dout (float32), the softmax-gradient row term.
+Grids put the tile axis fastest (one head at a time, heavy tiles first); tensor descriptors (TMA)
+replace pointer loads of the walked operands on sm90+ when strides allow (see `tma_usable`).
 - ``_dkdv_kernel``: one program per ``BLOCK_N`` keys of one key block (``col_order``, heaviest
   first); walks the query blocks of ``q_index`` as ``Q_BLOCK // BLOCK_M`` sub-tiles in one flat loop.
 - ``_dq_kernel``: one program per ``BLOCK_M`` query rows (``row_order``); walks ``kv_index`` like
@@ -18,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import LOG2E, dot_precision, kernel_configs, plan_strides
+from .triton_fwd import LOG2E, dot_precision, kernel_configs, plan_strides, tma_usable
 
 __all__ = ["attention_backward"]
 
@@ -58,12 +60,12 @@ def _dkdv_kernel(
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     s_dkb, s_dkh, s_dks, s_dkd, s_dvb, s_dvh, s_dvs, s_dvd,
     s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_n, s_ord_b, s_ord_h, s_val_b,
-    H, Sq, sm_scale, qk_scale,
+    H, Sq, Sk, sm_scale, qk_scale,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    tile = tl.program_id(1)
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     SUB_M: tl.constexpr = Q_BLOCK // BLOCK_M
@@ -86,14 +88,22 @@ def _dkdv_kernel(
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdb + h * sdh
     row_base = bh.to(tl.int64) * Sq
+    if USE_TMA:
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[Sq, D], strides=[sqs, 1], block_shape=[BLOCK_M, D])
+        do_desc = tl.make_tensor_descriptor(do_base, shape=[Sq, D], strides=[sds, 1], block_shape=[BLOCK_M, D])
 
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     for it in range(0, count * SUB_M):
         q_blk = tl.load(idx_ptr + it // SUB_M)
-        rows = q_blk * Q_BLOCK + (it % SUB_M) * BLOCK_M + offs_m
-        qt = tl.load(q_base + rows[None, :] * sqs + offs_d[:, None] * sqd, mask=d_ok[:, None], other=0.0)
-        do = tl.load(do_base + rows[:, None] * sds + offs_d[None, :] * sdd, mask=d_ok[None, :], other=0.0)
+        row0 = q_blk * Q_BLOCK + (it % SUB_M) * BLOCK_M
+        rows = row0 + offs_m
+        if USE_TMA:
+            qt = tl.trans(q_desc.load([row0, 0]))
+            do = do_desc.load([row0, 0])
+        else:
+            qt = tl.load(q_base + rows[None, :] * sqs + offs_d[:, None] * sqd, mask=d_ok[:, None], other=0.0)
+            do = tl.load(do_base + rows[:, None] * sds + offs_d[None, :] * sdd, mask=d_ok[None, :], other=0.0)
         lse2 = tl.load(LSE + row_base + rows) * 1.4426950408889634
         lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)          # keyless rows → p = 0
         delta = tl.load(DELTA + row_base + rows)
@@ -119,12 +129,12 @@ def _dq_kernel(
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     s_dqb, s_dqh, s_dqs, s_dqd,
     s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b,
-    H, Sq, sm_scale, qk_scale,
+    H, Sq, Sk, sm_scale, qk_scale,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    tile = tl.program_id(1)
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     SUB_M: tl.constexpr = Q_BLOCK // BLOCK_M
@@ -148,14 +158,22 @@ def _dq_kernel(
     delta = tl.load(DELTA + row_base + offs_m)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, D], strides=[sks, 1], block_shape=[BLOCK_N, D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, D], strides=[svs, 1], block_shape=[BLOCK_N, D])
 
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for it in range(0, count * SUB_N):
         k_blk = tl.load(idx_ptr + it // SUB_N)
         rem = tl.load(valid_ptr + k_blk) - (it % SUB_N) * BLOCK_N
-        rows = k_blk * K_BLOCK + (it % SUB_N) * BLOCK_N + offs_n
-        kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
-        vt = tl.load(v_base + rows[None, :] * svs + offs_d[:, None] * svd, mask=d_ok[:, None], other=0.0)
+        row0 = k_blk * K_BLOCK + (it % SUB_N) * BLOCK_N
+        if USE_TMA:
+            kt = tl.trans(k_desc.load([row0, 0]))
+            vt = tl.trans(v_desc.load([row0, 0]))
+        else:
+            rows = row0 + offs_n
+            kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
+            vt = tl.load(v_base + rows[None, :] * svs + offs_d[:, None] * svd, mask=d_ok[:, None], other=0.0)
         p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse2[:, None])
         if rem < BLOCK_N:
             p = tl.where((offs_n < rem)[None, :], p, 0.0)
@@ -172,7 +190,7 @@ def _dq_kernel(
 def _tuned(which: str, q_block: int, k_block: int, large_d: bool):
     kernel, table = (_dkdv_kernel, _DKDV_CONFIGS) if which == "dkdv" else (_dq_kernel, _DQ_CONFIGS)
     configs = kernel_configs(table["large_d" if large_d else "small_d"], q_block, k_block)
-    return triton.autotune(configs=configs, key=["D_PAD"])(kernel)
+    return triton.autotune(configs=configs, key=["D_PAD", "USE_TMA"])(kernel)
 
 
 def attention_backward(q, k, v, out, lse, dout, plan, scale: float):
@@ -188,27 +206,28 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     val_b = plan.k_valid.expand(B, -1).stride(0)
     common = dict(D=D, D_PAD=d_pad, Q_BLOCK=plan.q_block, K_BLOCK=plan.k_block, DOT_PREC=prec)
+    Sk = k.shape[2]
     io_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
 
     cs, ix, co = plan_strides(plan.q_count, B, H), plan_strides(plan.q_index, B, H), plan_strides(plan.col_order, B, H)
     _tuned("dkdv", plan.q_block, plan.k_block, large)[
-        lambda meta: (B * H, plan.num_k_blocks * (plan.k_block // meta["BLOCK_N"]))
+        lambda meta: (plan.num_k_blocks * (plan.k_block // meta["BLOCK_N"]), B * H)
     ](
         q, k, v, dout, lse, delta, dk, dv,
         plan.q_count, plan.q_index, plan.col_order, plan.k_valid,
         *io_strides, *dk.stride(), *dv.stride(),
         cs[0], cs[1], ix[0], ix[1], ix[2], co[0], co[1], val_b,
-        H, Sq, scale, scale * LOG2E, **common,
+        H, Sq, Sk, scale, scale * LOG2E, USE_TMA=tma_usable(D, q, dout), **common,
     )
 
     cs, ix, ro = plan_strides(plan.kv_count, B, H), plan_strides(plan.kv_index, B, H), plan_strides(plan.row_order, B, H)
     _tuned("dq", plan.q_block, plan.k_block, large)[
-        lambda meta: (B * H, plan.num_q_blocks * (plan.q_block // meta["BLOCK_M"]))
+        lambda meta: (plan.num_q_blocks * (plan.q_block // meta["BLOCK_M"]), B * H)
     ](
         q, k, v, dout, lse, delta, dq,
         plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid,
         *io_strides, *dq.stride(),
         cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b,
-        H, Sq, scale, scale * LOG2E, **common,
+        H, Sq, Sk, scale, scale * LOG2E, USE_TMA=tma_usable(D, k, v), **common,
     )
     return dq, dk, dv

@@ -7,8 +7,11 @@ online in base 2 with the scale folded into one multiply; only the ragged tail o
 (``k_valid < K_BLOCK``) is masked, behind a per-sub-tile branch. Rows that see no key write 0 and
 lse = -inf.
 
-Launch grid: ``(B*H, Mq * Q_BLOCK // BLOCK_M)``; the slow axis is the rank in ``row_order``
-(heaviest query blocks first), so every head's heavy rows start before any light row.
+Launch grid: ``(Mq * Q_BLOCK // BLOCK_M, B*H)``: query tiles fastest, in ``row_order`` rank
+(heaviest query blocks first), one head after another, so the programs running together share one
+head's K/V in L2. On Hopper (sm90+), K and V are read through tensor descriptors (TMA) when the
+strides allow; elsewhere (Ampere/Ada, odd strides, padded head dims, the interpreter) through
+pointers.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention_forward", "kernel_configs", "INTERPRET"]
+__all__ = ["attention_forward", "kernel_configs", "tma_usable", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
@@ -56,12 +59,12 @@ def _fwd_kernel(
     KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
     s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b,
-    H, Sq, qk_scale,
+    H, Sq, Sk, qk_scale,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    tile = tl.program_id(1)
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     SUB_M: tl.constexpr = Q_BLOCK // BLOCK_M
@@ -81,6 +84,9 @@ def _fwd_kernel(
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=d_ok[None, :], other=0.0)
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, D], strides=[sks, 1], block_shape=[BLOCK_N, D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, D], strides=[svs, 1], block_shape=[BLOCK_N, D])
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -89,9 +95,14 @@ def _fwd_kernel(
     for it in range(0, count * SUB_N):
         k_blk = tl.load(idx_ptr + it // SUB_N)
         rem = tl.load(valid_ptr + k_blk) - (it % SUB_N) * BLOCK_N      # valid keys left in this sub-tile
-        rows = k_blk * K_BLOCK + (it % SUB_N) * BLOCK_N + offs_n
-        kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
-        v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
+        row0 = k_blk * K_BLOCK + (it % SUB_N) * BLOCK_N
+        if USE_TMA:
+            kt = tl.trans(k_desc.load([row0, 0]))
+            v = v_desc.load([row0, 0])
+        else:
+            rows = row0 + offs_n
+            kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         if rem < BLOCK_N:                                               # ragged tail only
             s = tl.where((offs_n < rem)[None, :], s, float("-inf"))
@@ -114,12 +125,32 @@ def _fwd_kernel(
 @functools.lru_cache(maxsize=None)
 def _tuned_fwd(q_block: int, k_block: int, large_d: bool):
     table = _FWD_CONFIGS["large_d" if large_d else "small_d"]
-    return triton.autotune(configs=kernel_configs(table, q_block, k_block), key=["D_PAD"])(_fwd_kernel)
+    return triton.autotune(configs=kernel_configs(table, q_block, k_block), key=["D_PAD", "USE_TMA"])(_fwd_kernel)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 operands use exact products (tests); half types use the tensor cores' native path."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def tma_usable(D: int, *tensors: torch.Tensor) -> bool:
+    """Tensor descriptors: sm90+, not disabled (VSA_TRITON_TMA=0), unpadded D, unit last stride,
+    16-byte aligned base and strides."""
+    x = tensors[0]
+    if INTERPRET or not x.is_cuda or os.environ.get("VSA_TRITON_TMA") == "0":
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] < 9 or D != triton.next_power_of_2(D) or D < 16:
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st == 0 or (st * size) % 16 for st in t.stride()[:-1]):
+            return False
+    triton.set_allocator(_scratch)
+    return True
 
 
 def plan_strides(t: torch.Tensor, B: int, H: int):
@@ -141,14 +172,15 @@ def attention_forward(q, k, v, plan, scale: float):
     kernel = _tuned_fwd(plan.q_block, plan.k_block, d_pad > 128)
 
     def grid(meta):
-        return (B * H, plan.num_q_blocks * (plan.q_block // meta["BLOCK_M"]))
+        return (plan.num_q_blocks * (plan.q_block // meta["BLOCK_M"]), B * H)
 
     kernel[grid](
         q, k, v, out, lse,
         plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b,
-        H, Sq, scale * LOG2E,
+        H, Sq, k.shape[2], scale * LOG2E,
         D=D, D_PAD=d_pad, Q_BLOCK=plan.q_block, K_BLOCK=plan.k_block, DOT_PREC=dot_precision(q.dtype),
+        USE_TMA=tma_usable(D, k, v),
     )
     return out, lse
