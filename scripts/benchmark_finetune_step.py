@@ -56,7 +56,7 @@ def batch_for(args, device):
 
 
 def step(model, opt, batch, args, i):
-    gen = torch.Generator().manual_seed(i)
+    gen = torch.Generator().manual_seed(1000 + i)  # not 0: the batch latents were drawn with seed 0
     sigmas = torch.tensor([0.6])
     noisy, target = add_noise(batch["latents"], sigmas, gen)
     kwargs = transformer_inputs(model, batch, noisy, sigmas.to(noisy.device) * 1000, image_tokens=args.image_tokens)
