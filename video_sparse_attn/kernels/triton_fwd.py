@@ -11,7 +11,8 @@ Launch grid: ``(Mq * Q_BLOCK // BLOCK_M, B*H)``: query tiles fastest, in ``row_o
 (heaviest query blocks first), one head after another, so the programs running together share one
 head's K/V in L2. On Hopper (sm90+), K and V are read through tensor descriptors (TMA) when the
 strides allow; elsewhere (Ampere/Ada, odd strides, padded head dims, the interpreter) through
-pointers.
+pointers. Warp specialisation of the key loop (``VSA_TRITON_WS=1``, D=128 with TMA) is opt-in until
+verified.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def _fwd_kernel(
     s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b,
     H, Sq, Sk, qk_scale,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
-    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, USE_WS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -92,7 +94,7 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
-    for it in range(0, count * SUB_N):
+    for it in tl.range(0, count * SUB_N, warp_specialize=USE_WS):
         k_blk = tl.load(idx_ptr + it // SUB_N)
         rem = tl.load(valid_ptr + k_blk) - (it % SUB_N) * BLOCK_N      # valid keys left in this sub-tile
         row0 = k_blk * K_BLOCK + (it % SUB_N) * BLOCK_N
@@ -125,7 +127,7 @@ def _fwd_kernel(
 @functools.lru_cache(maxsize=None)
 def _tuned_fwd(q_block: int, k_block: int, large_d: bool):
     table = _FWD_CONFIGS["large_d" if large_d else "small_d"]
-    return triton.autotune(configs=kernel_configs(table, q_block, k_block), key=["D_PAD", "USE_TMA"])(_fwd_kernel)
+    return triton.autotune(configs=kernel_configs(table, q_block, k_block), key=["D_PAD", "USE_TMA", "USE_WS"])(_fwd_kernel)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -170,6 +172,7 @@ def attention_forward(q, k, v, plan, scale: float):
     cs, ix, ro = plan_strides(plan.kv_count, B, H), plan_strides(plan.kv_index, B, H), plan_strides(plan.row_order, B, H)
     val_b = plan.k_valid.expand(B, -1).stride(0)
     kernel = _tuned_fwd(plan.q_block, plan.k_block, d_pad > 128)
+    use_tma = tma_usable(D, k, v)
 
     def grid(meta):
         return (plan.num_q_blocks * (plan.q_block // meta["BLOCK_M"]), B * H)
@@ -181,6 +184,6 @@ def attention_forward(q, k, v, plan, scale: float):
         cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b,
         H, Sq, k.shape[2], scale * LOG2E,
         D=D, D_PAD=d_pad, Q_BLOCK=plan.q_block, K_BLOCK=plan.k_block, DOT_PREC=dot_precision(q.dtype),
-        USE_TMA=tma_usable(D, k, v),
+        USE_TMA=use_tma, USE_WS=use_tma and D == 128 and os.environ.get("VSA_TRITON_WS") == "1",
     )
     return out, lse
