@@ -38,8 +38,8 @@ def build(args, device):
 
     with torch.device(device):
         torch.manual_seed(0)
-        model = HunyuanVideo15Transformer3DModel(num_layers=args.layers, num_refiner_layers=args.refiner_layers,
-                                                 task_type="t2v")
+        model = HunyuanVideo15Transformer3DModel(
+            num_layers=args.layers, num_refiner_layers=args.refiner_layers, task_type="t2v")
     return model.to(device)
 
 
@@ -59,7 +59,8 @@ def step(model, opt, batch, args, i):
     gen = torch.Generator().manual_seed(1000 + i)  # not 0: the batch latents were drawn with seed 0
     sigmas = torch.tensor([0.6])
     noisy, target = add_noise(batch["latents"], sigmas, gen)
-    kwargs = transformer_inputs(model, batch, noisy, sigmas.to(noisy.device) * 1000, image_tokens=args.image_tokens)
+    timesteps = sigmas.to(noisy.device) * 1000
+    kwargs = transformer_inputs(model, batch, noisy, timesteps, image_tokens=args.image_tokens)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         pred = model(**kwargs)[0]
     loss = flow_matching_loss(pred, target)
@@ -88,8 +89,8 @@ def run_mode(model, batch, args, config):
 
         runtime = enable_ssta(model, config, backend="triton", stats=True)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            kw = transformer_inputs(model, batch, batch["latents"], torch.tensor([600.0], device=batch["latents"].device),
-                                    image_tokens=args.image_tokens)
+            t600 = torch.tensor([600.0], device=batch["latents"].device)
+            kw = transformer_inputs(model, batch, batch["latents"], t600, image_tokens=args.image_tokens)
             model(**kw)
         density = runtime.stats.summary()["mean_density"]
     del opt
@@ -121,7 +122,8 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     t, h, w = args.thw
     print(f"{torch.cuda.get_device_name()}: {args.layers} blocks, {n_params / 1e6:.0f}M params, video tokens "
-          f"{t * h * w} ({t},{h},{w}), text+image tokens {args.text_len + args.text_len_2 + args.image_tokens}")
+          f"{t * h * w} ({t},{h},{w}), text+image tokens "
+          f"{args.text_len + args.text_len_2 + args.image_tokens}")
     results = {}
     for mode in args.modes.split(","):
         config = None if mode == "stock" else SSTAConfig(topk=args.topk)

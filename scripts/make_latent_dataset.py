@@ -32,7 +32,10 @@ PIPELINES = {"HunyuanVideo15Pipeline": "hunyuan_video15", "HunyuanVideoPipeline"
 
 
 def _clips(folder: str, captions_file: str = None):
-    captions = json.load(open(captions_file)) if captions_file else {}
+    captions = {}
+    if captions_file:
+        with open(captions_file) as f:
+            captions = json.load(f)
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         stem, ext = os.path.splitext(name)
@@ -41,7 +44,8 @@ def _clips(folder: str, captions_file: str = None):
         caption = captions.get(name, captions.get(stem))
         txt = os.path.join(folder, stem + ".txt")
         if caption is None and os.path.isfile(txt):
-            caption = open(txt).read().strip()
+            with open(txt) as f:
+                caption = f.read().strip()
         if caption is None:
             raise ValueError(f"no caption for {path!r}: add {txt} or an entry in --captions")
         yield path, caption

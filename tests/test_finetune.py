@@ -30,6 +30,11 @@ def _run(out_dir, *extra):
     return train(parse_args(["--output-dir", str(out_dir), *SPARSE_FLAGS, *extra]))
 
 
+def _log(out_dir):
+    with open(os.path.join(out_dir, "train_log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def _ssta_layers(model):
     return sum(isinstance(p, SSTAAttnProcessor) for p in model.attn_processors.values())
 
@@ -58,7 +63,7 @@ def test_three_steps_with_ssta_give_finite_loss(full_run):
     assert all(math.isfinite(x) for x in result["losses"])
     model = result["transformer"]
     assert _ssta_layers(model) == model.config.num_layers  # the double-stream blocks run SSTA
-    log = [json.loads(line) for line in open(out / "train_log.jsonl")]
+    log = _log(out)
     assert [r["step"] for r in log] == [1, 2, 3] and {r["sparse_type"] for r in log} == {"ssta"}
     assert sorted(os.listdir(out)) >= ["checkpoint-2", "checkpoint-3"]
 
@@ -94,7 +99,7 @@ def test_resume_continues_from_saved_step(full_run, tmp_path):
     assert first["global_step"] == 2
     resumed = _run(tmp_path, "--max-train-steps", "3", "--resume-from-checkpoint", "latest")
     assert resumed["global_step"] == 3 and len(resumed["losses"]) == 1  # only step 3 ran
-    log = [json.loads(line)["step"] for line in open(tmp_path / "train_log.jsonl")]
+    log = [r["step"] for r in _log(tmp_path)]
     assert log == [1, 2, 3]
     assert resumed["losses"][0] == pytest.approx(result_a["losses"][2], rel=1e-6, abs=1e-7)
     a = load_file(os.path.join(result_a["final_dir"], "diffusion_pytorch_model.safetensors"))
@@ -107,8 +112,8 @@ def _loss_and_grads(model, batch, seed=3):
     sigmas = torch.tensor([0.3, 0.8])
     noisy, target = add_noise(batch["latents"], sigmas, g)
     model.zero_grad(set_to_none=True)
-    loss = flow_matching_loss(model(**transformer_inputs(model, batch, noisy, sigmas * 1000, image_tokens=8))[0],
-                              target)
+    pred = model(**transformer_inputs(model, batch, noisy, sigmas * 1000, image_tokens=8))[0]
+    loss = flow_matching_loss(pred, target)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -133,7 +138,8 @@ def test_gradients_match_stock_when_every_block_kept(config, tmp_path):
     assert stock.keys() == ssta.keys() and len(stock) > 20
     torch.testing.assert_close(ssta_loss, stock_loss, rtol=1e-5, atol=1e-5)
     for name in stock:
-        torch.testing.assert_close(ssta[name], stock[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ssta[name], stock[name], rtol=1e-5, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
     # a config that drops blocks changes the gradients: the comparison can fail
     set_sparse_attention(model, SSTAConfig(tile_thw=(1, 4, 4), topk=1, kernel_thw=(1, 1, 1), pad_type="mask"))
     _, sparse = _loss_and_grads(model, batch)
@@ -153,9 +159,10 @@ def test_sparsity_ramp_goes_from_dense_to_target():
 
 
 def test_ramp_reinstalls_processors_during_training(tmp_path):
-    result = _run(tmp_path, "--max-train-steps", "4", "--dense-warmup-steps", "1", "--sparsity-ramp-steps", "2",
-                  "--gradient-checkpointing", "--gradient-accumulation-steps", "2")
-    log = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]
+    result = _run(tmp_path, "--max-train-steps", "4", "--dense-warmup-steps", "1",
+                  "--sparsity-ramp-steps", "2", "--gradient-checkpointing",
+                  "--gradient-accumulation-steps", "2")
+    log = _log(tmp_path)
     assert [r["sparse_type"] for r in log] == ["dense", "ssta", "ssta", "ssta"]
     assert log[1]["topk"] > log[2]["topk"] > log[3]["topk"] == 4
     installed = {type(p).__name__: p for p in result["transformer"].attn_processors.values()}
@@ -180,7 +187,8 @@ def test_lora_run_saves_adapter_that_reloads(tmp_path):
 def test_dataset_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="metadata.json"):
         LatentVideoDataset(str(tmp_path))
-    a = {"latents": torch.zeros(4, 2, 8, 8), "prompt_embeds": torch.zeros(3, 16), "prompt_mask": torch.ones(3)}
+    a = {"latents": torch.zeros(4, 2, 8, 8), "prompt_embeds": torch.zeros(3, 16),
+         "prompt_mask": torch.ones(3)}
     b = dict(a, latents=torch.zeros(4, 2, 8, 4))
     with pytest.raises(ValueError, match="share the latent shape"):
         collate_samples([a, b])
@@ -225,9 +233,21 @@ def test_encoded_frames_make_a_trainable_dataset(tmp_path):
     root = tmp_path / "data"
     for i in range(2):
         write_sample(str(root), i, {"latents": latents, "prompt_embeds": torch.randn(10, 16),
-                                    "prompt_mask": (torch.arange(10) < 6), "prompt_embeds_2": torch.randn(5, 8),
-                                    "prompt_mask_2": torch.ones(5)}, {"caption": "noise", "source": "clip0"})
+                                    "prompt_mask": (torch.arange(10) < 6),
+                                    "prompt_embeds_2": torch.randn(5, 8), "prompt_mask_2": torch.ones(5)},
+                    {"caption": "noise", "source": "clip0"})
     write_metadata(str(root), "hunyuan_video15", 2, latents.shape, ["prompt_embeds", "prompt_embeds_2"])
     assert LatentVideoDataset(str(root))[0]["prompt_mask"].dtype == torch.int64
     result = _run(tmp_path / "out", "--data", str(root), "--max-train-steps", "1")
     assert result["global_step"] == 1 and math.isfinite(result["losses"][0])
+
+
+@pytest.mark.parametrize("family,thw", [("hunyuan_video", "2,8,8"), ("wan", "2,16,16")])
+def test_other_families_train_through_the_same_code(family, thw, tmp_path):
+    result = _run(tmp_path, "--tiny-family", family, "--synthetic-latent-thw", thw, "--max-train-steps", "1",
+                  "--topk", "2")
+    assert result["global_step"] == 1 and math.isfinite(result["losses"][0])
+    model = result["transformer"]
+    assert type(model).__name__ == {"hunyuan_video": "HunyuanVideoTransformer3DModel",
+                                    "wan": "WanTransformer3DModel"}[family]
+    assert _ssta_layers(model) >= 2

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None, help="local diffusers pipeline or transformer folder "
                    "(HunyuanVideo-1.5, HunyuanVideo or Wan); default: a tiny random HunyuanVideo-1.5")
-    g.add_argument("--tiny-family", default="hunyuan_video15", choices=["hunyuan_video15", "hunyuan_video", "wan"],
+    g.add_argument("--tiny-family", default="hunyuan_video15",
+                   choices=["hunyuan_video15", "hunyuan_video", "wan"],
                    help="family of the tiny model built when --model is not given")
     g.add_argument("--data", default=None, help="latent dataset folder (scripts/make_latent_dataset.py); "
                    "default: a small synthetic dataset written under OUTPUT_DIR/synthetic_data")
@@ -51,9 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps over which topk and window shrink from dense to the target")
 
     g = p.add_argument_group("training")
-    g.add_argument("--lora-rank", type=int, default=0, help="> 0: train a LoRA adapter instead of all weights")
+    g.add_argument("--lora-rank", type=int, default=0,
+                   help="> 0: train a LoRA adapter instead of all weights")
     g.add_argument("--lora-alpha", type=float, default=None, help="default: the rank")
-    g.add_argument("--lora-target-modules", default="to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out")
+    g.add_argument("--lora-target-modules",
+                   default="to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out",
+                   help="comma-separated module names; names the model lacks are skipped")
     g.add_argument("--max-train-steps", type=int, default=100, help="optimizer steps")
     g.add_argument("--train-batch-size", type=int, default=1)
     g.add_argument("--gradient-accumulation-steps", type=int, default=1)

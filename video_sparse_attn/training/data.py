@@ -133,6 +133,11 @@ class LatentVideoDataset(torch.utils.data.Dataset):
             return {k: f.get_tensor(k) for k in f.keys()}
 
 
+def _pad_rows(t: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad dim 0 of ``t`` to ``length``."""
+    return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, length - t.shape[0]))
+
+
 def collate_samples(samples: Sequence[Mapping[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     """Stack samples into a batch; text is right-padded (mask 0) to the longest in the batch."""
     keys = set(samples[0])
@@ -147,9 +152,8 @@ def collate_samples(samples: Sequence[Mapping[str, torch.Tensor]]) -> Dict[str, 
         if emb not in keys:
             continue
         length = max(s[emb].shape[0] for s in samples)
-        pad = lambda t: torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, length - t.shape[0]))  # noqa: E731
-        batch[emb] = torch.stack([pad(s[emb]) for s in samples])
-        batch[mask] = torch.stack([pad(s[mask]) for s in samples])
+        batch[emb] = torch.stack([_pad_rows(s[emb], length) for s in samples])
+        batch[mask] = torch.stack([_pad_rows(s[mask], length) for s in samples])
     if "pooled_prompt_embeds" in keys:
         batch["pooled_prompt_embeds"] = torch.stack([s["pooled_prompt_embeds"] for s in samples])
     return batch

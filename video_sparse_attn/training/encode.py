@@ -51,13 +51,14 @@ def preprocess_frames(frames: Sequence, num_frames: int, height: int, width: int
         raise ValueError(f"clip has {len(frames)} frames, fewer than num_frames={num_frames}")
     out = []
     for frame in list(frames)[:num_frames]:
-        x = torch.as_tensor(np.asarray(frame)) if not isinstance(frame, torch.Tensor) else frame
+        x = torch.from_numpy(np.array(frame)) if not isinstance(frame, torch.Tensor) else frame
         if x.dim() != 3 or x.shape[-1] != 3:
             raise ValueError(f"frames must be H×W×3, got shape {tuple(x.shape)}")
         x = x.permute(2, 0, 1)[None].float() / 127.5 - 1.0
         scale = max(height / x.shape[-2], width / x.shape[-1])
         size = (max(height, round(x.shape[-2] * scale)), max(width, round(x.shape[-1] * scale)))
-        x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True,
+                                            align_corners=False)
         top, left = (size[0] - height) // 2, (size[1] - width) // 2
         out.append(x[0, :, top:top + height, left:left + width])
     return torch.stack(out, dim=1)[None].clamp(-1, 1)
@@ -85,12 +86,14 @@ def encode_prompt(pipe, family: str, prompt: str, device: torch.device) -> Dict[
     """Text tensors of one prompt (keys of the dataset format), through the pipeline's own encoder."""
     if family == "hunyuan_video15":
         emb, mask, emb2, mask2 = pipe.encode_prompt(prompt, device=device, dtype=torch.float32)
-        out = {"prompt_embeds": emb[0], "prompt_mask": mask[0], "prompt_embeds_2": emb2[0], "prompt_mask_2": mask2[0]}
+        out = {"prompt_embeds": emb[0], "prompt_mask": mask[0],
+               "prompt_embeds_2": emb2[0], "prompt_mask_2": mask2[0]}
     elif family == "hunyuan_video":
         emb, pooled, mask = pipe.encode_prompt(prompt, device=device, dtype=torch.float32)
         out = {"prompt_embeds": emb[0], "prompt_mask": mask[0], "pooled_prompt_embeds": pooled[0]}
     elif family == "wan":
-        emb, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, device=device, dtype=torch.float32)
+        emb, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, device=device,
+                                    dtype=torch.float32)
         out = {"prompt_embeds": emb[0], "prompt_mask": (emb[0].abs().sum(-1) > 0)}  # padding rows are zeros
     else:
         raise ValueError(f"unknown family {family!r}")

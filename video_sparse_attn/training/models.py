@@ -121,7 +121,8 @@ def transformer_inputs(transformer: torch.nn.Module, batch: Dict[str, torch.Tens
         hidden = noisy_latents
         extra = transformer.config.in_channels - noisy_latents.shape[1]
         if extra:  # text-to-video: zero cond latents and a zero mask channel
-            hidden = torch.cat([noisy_latents, noisy_latents.new_zeros(b, extra, *noisy_latents.shape[2:])], 1)
+            zeros = noisy_latents.new_zeros(b, extra, *noisy_latents.shape[2:])
+            hidden = torch.cat([noisy_latents, zeros], dim=1)
         if "prompt_embeds_2" not in batch:
             raise ValueError("HunyuanVideo-1.5 needs prompt_embeds_2 / prompt_mask_2 (ByT5) in the dataset")
         kwargs.update(

@@ -18,7 +18,7 @@ __all__ = ["SparsityRamp", "set_sparse_attention", "remove_sparse_attention"]
 
 
 def _tiles(grid: Tuple[int, int, int], tile: Tuple[int, int, int]) -> Tuple[int, int, int]:
-    return tuple(math.ceil(g / t) for g, t in zip(grid, tile))  # type: ignore[return-value]
+    return tuple(math.ceil(g / t) for g, t in zip(grid, tile, strict=True))  # type: ignore[return-value]
 
 
 class SparsityRamp:
@@ -53,7 +53,7 @@ class SparsityRamp:
         topk = max(self.target.topk, round(full_topk + f * (self.target.topk - full_topk)))
         window = tuple(
             max(k, round(2 * n + 1 + f * (k - (2 * n + 1))))  # 2n+1 covers an axis of n tiles
-            for k, n in zip(self.target.kernel_thw, self._tiles))
+            for k, n in zip(self.target.kernel_thw, self._tiles, strict=True))
         return self.target.replace(topk=int(topk), kernel_thw=window)
 
 

@@ -159,12 +159,14 @@ def train(args: argparse.Namespace) -> Dict:
     transformer = tiny_transformer(args.tiny_family, seed=args.seed) if tiny else load_transformer(args.model)
     family = family_of(transformer)
     image_tokens = args.image_tokens or (TINY_IMAGE_TOKENS if tiny else None)
+    image_kw = {"image_tokens": image_tokens} if image_tokens else {}  # HunyuanVideo-1.5 only
     lora = args.lora_rank > 0
     transformer.requires_grad_(not lora)
     weight_dtype = torch.float32  # full fine-tune keeps fp32 master weights; autocast does the rest
     if lora:
-        weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
-        transformer.to(accelerator.device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
+        weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, weight_dtype)
+        cast = {"dtype": weight_dtype} if weight_dtype != torch.float32 else {}
+        transformer.to(accelerator.device, **cast)
         _add_lora(transformer, args)
         cast_training_params(transformer, dtype=torch.float32)  # trainable LoRA weights stay fp32
     else:
@@ -190,13 +192,14 @@ def train(args: argparse.Namespace) -> Dict:
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
-    transformer, optimizer, loader, lr_scheduler = accelerator.prepare(transformer, optimizer, loader, lr_scheduler)
+    transformer, optimizer, loader, lr_scheduler = accelerator.prepare(
+        transformer, optimizer, loader, lr_scheduler)
     if lora:
         _register_lora_state_hooks(accelerator, args)
     model = accelerator.unwrap_model(transformer)
     if accelerator.is_main_process and args.report_to:
-        accelerator.init_trackers("video_sparse_attn-finetune",
-                                  config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        scalars = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("video_sparse_attn-finetune", config=scalars)
 
     # -- resume
     global_step = 0
@@ -229,15 +232,18 @@ def train(args: argparse.Namespace) -> Dict:
         if global_step >= args.max_train_steps:
             break
         loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip_batches) if epoch == first_epoch and skip_batches else loader
+        batches = loader
+        if epoch == first_epoch and skip_batches:  # resume mid-epoch: same order, seen batches skipped
+            batches = accelerator.skip_first_batches(loader, skip_batches)
         for batch in batches:
             with accelerator.accumulate(transformer):
                 gen = _noise_generator(args.seed, micro_step, accelerator.process_index)
                 latents = batch["latents"]
                 sigmas = sample_sigmas(latents.shape[0], gen, args.weighting_scheme, args.timestep_shift)
                 noisy, target_v = add_noise(latents, sigmas, gen)
-                kwargs = transformer_inputs(model, batch, noisy.to(weight_dtype), sigmas.to(noisy.device) * NUM_TRAIN_TIMESTEPS,
-                                            args.guidance_scale, **({"image_tokens": image_tokens} if image_tokens else {}))
+                timesteps = sigmas.to(noisy.device) * NUM_TRAIN_TIMESTEPS
+                kwargs = transformer_inputs(model, batch, noisy.to(weight_dtype), timesteps,
+                                            args.guidance_scale, **image_kw)
                 with accelerator.autocast():
                     pred = transformer(**kwargs)[0]
                 loss = flow_matching_loss(pred, target_v)
@@ -258,7 +264,8 @@ def train(args: argparse.Namespace) -> Dict:
             progress.update(1)
             record = {"step": global_step, "loss": accum_loss, "lr": lr_scheduler.get_last_lr()[0]}
             if current is not None:
-                record.update(sparse_type=current.sparse_type, topk=current.topk, window=list(current.kernel_thw))
+                record.update(sparse_type=current.sparse_type, topk=current.topk,
+                              window=list(current.kernel_thw))
             losses.append(accum_loss)
             accum_loss = 0.0
             progress.set_postfix(loss=f"{record['loss']:.4f}")
