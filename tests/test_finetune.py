@@ -165,6 +165,7 @@ def test_ramp_reinstalls_processors_during_training(tmp_path):
     log = _log(tmp_path)
     assert [r["sparse_type"] for r in log] == ["dense", "ssta", "ssta", "ssta"]
     assert log[1]["topk"] > log[2]["topk"] > log[3]["topk"] == 4
+    assert 0 < log[3]["density"] < log[0]["density"] <= 1  # measured block density fell
     installed = {type(p).__name__: p for p in result["transformer"].attn_processors.values()}
     assert installed["SSTAAttnProcessor"].config == result["ssta_config"]
     assert all(math.isfinite(r["loss"]) for r in log)

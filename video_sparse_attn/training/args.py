@@ -40,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ssta-config", default=None, help="SSTAConfig JSON file (overrides the flags below)")
     g.add_argument("--sparse-type", default="ssta", choices=["ssta", "sta", "block_attn", "dense"])
     g.add_argument("--tile", type=_triple, default=None, help="tile t,h,w (default 6,8,8; tiny model 1,4,4)")
-    g.add_argument("--window", type=_triple, default=(3, 3, 3), help="STA window in tiles t,h,w")
-    g.add_argument("--topk", type=int, default=64)
+    g.add_argument("--window", type=_triple, default=None,
+                   help="STA window in tiles t,h,w (default 3,3,3; tiny model 1,1,1)")
+    g.add_argument("--topk", type=int, default=None,
+                   help="key tiles per query tile (default 64, halved for t <= 31 by the caller rules; tiny 4)")
     g.add_argument("--pad-type", default="zero", choices=["zero", "repeat", "mask"])
     g.add_argument("--ssta-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="auto: Triton kernels on CUDA, PyTorch reference on CPU")
@@ -98,5 +100,7 @@ def ssta_config_from_args(args: argparse.Namespace, tiny: bool) -> Optional[SSTA
     if args.ssta_config:
         return SSTAConfig.load(args.ssta_config)
     tile = args.tile or ((1, 4, 4) if tiny else (6, 8, 8))
-    return SSTAConfig(tile_thw=tile, kernel_thw=args.window, topk=args.topk, sparse_type=args.sparse_type,
+    window = args.window or ((1, 1, 1) if tiny else (3, 3, 3))
+    topk = args.topk if args.topk is not None else (4 if tiny else 64)
+    return SSTAConfig(tile_thw=tile, kernel_thw=window, topk=topk, sparse_type=args.sparse_type,
                       pad_type=args.pad_type, caller_rules=not args.no_caller_rules)

@@ -8,7 +8,7 @@ A ramp starts dense and narrows toward the target config (VSA-style sparsity ann
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -58,11 +58,12 @@ class SparsityRamp:
 
 
 def set_sparse_attention(transformer: torch.nn.Module, config: Optional[SSTAConfig],
-                         backend: str = "auto") -> None:
+                         backend: str = "auto", stats: Any = None) -> None:
     """Install SSTA processors with ``config`` on ``transformer`` (None → the stock processors).
 
     Calling it again with another config replaces the installed one (``enable_ssta`` called again
-    replaces its previous settings); the ramp does this between optimizer steps.
+    replaces its previous settings); the ramp does this between optimizer steps. ``stats``: an
+    optional `video_sparse_attn.processors.SSTAStats` that records each call's block density.
     """
     if getattr(transformer, "_vsa_training_config", None) is None and config is None:
         return  # stock processors in place and wanted
@@ -71,7 +72,7 @@ def set_sparse_attention(transformer: torch.nn.Module, config: Optional[SSTAConf
     if config is None:
         disable_ssta(transformer)
     else:
-        enable_ssta(transformer, config, backend=backend)
+        enable_ssta(transformer, config, backend=backend, stats=stats)
     transformer._vsa_training_config = config
 
 

@@ -7,7 +7,8 @@ Outputs under ``--output-dir``:
                                 diffusion_pytorch_model.safetensors) and ``ssta_config.json``
     transformer_lora/           LoRA: ``pytorch_lora_weights.safetensors`` (load with
                                 ``transformer.load_lora_adapter(folder)``) and ``ssta_config.json``
-    train_log.jsonl             one JSON line per optimizer step: step, loss, lr, SSTA topk/window
+    train_log.jsonl             one JSON line per optimizer step: step, loss, lr, SSTA sparse_type,
+                                topk, window and mean block density
 """
 
 from __future__ import annotations
@@ -219,7 +220,12 @@ def train(args: argparse.Namespace) -> Dict:
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
 
     current = ramp.config_at(global_step) if ramp else None
-    set_sparse_attention(model, current, args.ssta_backend)
+    stats = None
+    if target is not None:
+        from ..processors import SSTAStats
+
+        stats = SSTAStats(time=False)  # block density of every SSTA call, read once per step
+    set_sparse_attention(model, current, args.ssta_backend, stats)
     log_path = os.path.join(args.output_dir, "train_log.jsonl")
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=args.no_progress_bar or not accelerator.is_local_main_process)
@@ -266,16 +272,20 @@ def train(args: argparse.Namespace) -> Dict:
             if current is not None:
                 record.update(sparse_type=current.sparse_type, topk=current.topk,
                               window=list(current.kernel_thw))
+                if stats.records:
+                    record["density"] = stats.summary()["mean_density"]
+                    stats.reset()
             losses.append(accum_loss)
             accum_loss = 0.0
-            progress.set_postfix(loss=f"{record['loss']:.4f}")
+            progress.set_postfix(loss=f"{record['loss']:.4f}",
+                                 **({"density": f"{record['density']:.2f}"} if "density" in record else {}))
             accelerator.log(record, step=global_step)
             if accelerator.is_main_process:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             if ramp is not None and ramp.config_at(global_step) != current:
                 current = ramp.config_at(global_step)
-                set_sparse_attention(model, current, args.ssta_backend)
+                set_sparse_attention(model, current, args.ssta_backend, stats)
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
                 if accelerator.is_main_process:
                     _prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
