@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--window", type=_triple, default=None,
                    help="STA window in tiles t,h,w (default 3,3,3; tiny model 1,1,1)")
     g.add_argument("--topk", type=int, default=None,
-                   help="key tiles per query tile (default 64, halved for t <= 31 by the caller rules; tiny 4)")
+                   help="key tiles per query tile (default 64, halved for t <= 31 by the caller "
+                        "rules; tiny model 4)")
     g.add_argument("--pad-type", default="zero", choices=["zero", "repeat", "mask"])
     g.add_argument("--ssta-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="auto: Triton kernels on CUDA, PyTorch reference on CPU")
