@@ -39,5 +39,6 @@ assert torch.allclose(out, ref, atol=1e-5)
 config = SSTAConfig(tile_thw=(2, 4, 4), kernel_thw=(1, 3, 3), topk=4, caller_rules=False)
 out, info = ssta_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), thw, config, text_len,
                            text_mask, return_info=True)
-print(f"SSTA: out {tuple(out.shape)}, block mask {tuple(info.block_mask.shape)}, density {float(info.density):.3f}, "
+print(f"SSTA: out {tuple(out.shape)}, block mask {tuple(info.block_mask.shape)}, "
+      f"density {float(info.density):.3f}, "
       f"relative L2 vs dense {float((out - ref).norm() / ref.norm()):.3f}")

@@ -46,7 +46,8 @@ class SDPANoMaskProcessor(SSTAAttnProcessor):
     """HunyuanVideo-1.5 projections with plain dense SDPA and no mask (speed reference only)."""
 
     def attend(self, attn, query, key, value, text_len=0, text_mask=None):
-        out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
         return out.transpose(1, 2)
 
 
@@ -131,7 +132,8 @@ def main(argv=None):
         if mode == "sdpa_nomask":
             return SDPANoMaskProcessor(config, backend=args.backend), stats
         if mode == "ssta_dense":
-            return SSTAAttnProcessor(config.replace(sparse_type="dense", pad_type="mask"), backend=args.backend), stats
+            dense = config.replace(sparse_type="dense", pad_type="mask")
+            return SSTAAttnProcessor(dense, backend=args.backend), stats
         return SSTAAttnProcessor(config, backend=args.backend), stats
 
     grads = (torch.randn_like(hs), torch.randn_like(ehs))
@@ -180,18 +182,23 @@ def main(argv=None):
         if stats is not None and stats.records:
             row["density"] = round(float(stats.records[-1].density), 4)
         rows.append(row)
-        print("  " + ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("thw", "text", "valid", "dtype", "device")))
+        shown = {k: v for k, v in row.items() if k not in ("thw", "text", "valid", "dtype", "device")}
+        print("  " + ", ".join(f"{k}={v}" for k, v in shown.items()))
 
     base = next((r for r in rows if r["mode"] == "stock"), None)
-    print(f"\n{'mode':<12} {'fwd ms':>10} {'fwd+bwd ms':>11} {'fwd x':>7} {'fwd+bwd x':>10} {'density':>8} {'peak GiB':>9}")
+    print(f"\n{'mode':<12} {'fwd ms':>10} {'fwd+bwd ms':>11} {'fwd x':>7} {'fwd+bwd x':>10} "
+          f"{'density':>8} {'peak GiB':>9}")
+
+    def ratio(row, key):
+        a, b = (base or {}).get(key), row.get(key)
+        return f"{a / b:.2f}" if isinstance(a, float) and isinstance(b, float) else "-"
+
     for r in rows:
-        def ratio(key):
-            a, b = (base or {}).get(key), r.get(key)
-            return f"{a / b:.2f}" if isinstance(a, float) and isinstance(b, float) else "-"
-        r["fwd_speedup_vs_stock"], r["fwd_bwd_speedup_vs_stock"] = ratio("fwd_ms"), ratio("fwd_bwd_ms")
-        print(f"{r['mode']:<12} {str(r.get('fwd_ms', '-')):>10} {str(r.get('fwd_bwd_ms', '-')):>11} "
-              f"{r['fwd_speedup_vs_stock']:>7} {r['fwd_bwd_speedup_vs_stock']:>10} {str(r.get('density', '-')):>8} "
-              f"{str(r.get('fwd_bwd_peak_gib', r.get('fwd_peak_gib', '-'))):>9}")
+        r["fwd_speedup_vs_stock"], r["fwd_bwd_speedup_vs_stock"] = ratio(r, "fwd_ms"), ratio(r, "fwd_bwd_ms")
+        peak = r.get("fwd_bwd_peak_gib", r.get("fwd_peak_gib", "-"))
+        print(f"{r['mode']:<12} {r.get('fwd_ms', '-')!s:>10} {r.get('fwd_bwd_ms', '-')!s:>11} "
+              f"{r['fwd_speedup_vs_stock']:>7} {r['fwd_bwd_speedup_vs_stock']:>10} "
+              f"{r.get('density', '-')!s:>8} {peak!s:>9}")
     if args.csv:
         keys = sorted({k for r in rows for k in r})
         new = not os.path.exists(args.csv)

@@ -74,10 +74,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_config(args, tiny: bool) -> SSTAConfig:
     config = SSTAConfig.load(args.config) if args.config else (TINY_CONFIG if tiny else SSTAConfig())
-    changes = {k: v for k, v in dict(
-        sparse_type=args.sparse_type, topk=args.topk, pad_type=args.pad_type, sampling_type=args.sampling_type,
-        tile_thw=tuple(args.tile) if args.tile else None, kernel_thw=tuple(args.kernel) if args.kernel else None,
-    ).items() if v is not None}
+    given = {
+        "sparse_type": args.sparse_type, "topk": args.topk, "pad_type": args.pad_type,
+        "sampling_type": args.sampling_type, "tile_thw": tuple(args.tile) if args.tile else None,
+        "kernel_thw": tuple(args.kernel) if args.kernel else None,
+    }
+    changes = {k: v for k, v in given.items() if v is not None}
     if args.no_caller_rules:
         changes["caller_rules"] = False
     return config.replace(**changes) if changes else config
@@ -112,7 +114,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     tiny = args.model is None
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    default_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype
     frames = args.frames or (9 if tiny else 121)
     height = args.height or (64 if tiny else 480)
     width = args.width or (64 if tiny else 848)
@@ -120,12 +123,14 @@ def main(argv=None) -> dict:
 
     t0 = time.perf_counter()
     if tiny:
-        from video_sparse_attn.processors.demo_pipeline import random_prompt_embeds, tiny_hunyuan_video15_pipeline
+        from video_sparse_attn.processors.demo_pipeline import (random_prompt_embeds,
+                                                                tiny_hunyuan_video15_pipeline)
 
         print("No --model: building a tiny HunyuanVideo-1.5 pipeline with RANDOM weights (offline).\n"
               "The video it writes is noise from random weights; it shows the SSTA path runs end to end.")
         pipe = tiny_hunyuan_video15_pipeline(seed=args.seed, dtype=dtype)
-        call = random_prompt_embeds(pipe, text_len=24, text_len_2=8, seed=args.seed, device=torch.device("cpu"))
+        call = random_prompt_embeds(pipe, text_len=24, text_len_2=8, seed=args.seed,
+                                    device=torch.device("cpu"))
     else:
         print(f"Loading {args.model} ...")
         pipe = load_pipeline(args.model, dtype)

@@ -117,7 +117,7 @@ def test_all_blocks_equals_stock(family, config):
 
 @pytest.mark.parametrize("family", list(MODELS))
 def test_bare_set_attn_processor(family):
-    """One instance everywhere: the refiner / cross-attention stay stock, the grid hook is installed lazily."""
+    """One instance everywhere: refiner / cross-attention stay stock, the grid hook installs lazily."""
     model, inputs = MODELS[family]()
     ref = run(model, inputs)
     model.set_attn_processor(SSTAAttnProcessor(DENSE))
@@ -185,7 +185,8 @@ def test_enable_disable_processors_and_hooks(family):
     restored = model.attn_processors
     assert all(restored[n] is before[n] for n in before)
     assert model._diffusers_hook.get_hook(HOOK_NAME) is None
-    assert not any("_ssta_runtime" in m.__dict__ or "_ssta_layer_index" in m.__dict__ for m in model.modules())
+    leftover = [m for m in model.modules() if {"_ssta_runtime", "_ssta_layer_index"} & set(m.__dict__)]
+    assert not leftover
     disable_ssta(model)  # no-op
 
 
@@ -225,7 +226,8 @@ def test_grid_not_captured():
 def test_backend_dtype_and_head_dim_errors():
     model, inputs = hunyuan_video15()
     model = model.double()
-    inputs = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
+    inputs = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
+              for k, v in inputs.items()}
     enable_ssta(model, DENSE, backend="triton")
     import os
 

@@ -57,7 +57,8 @@ def test_bad_strategy_errors():
 def test_round_trips(tmp_path):
     from safetensors.torch import save_file
 
-    s = SSTASchedule(dense_steps=4, dense_layers=(0, 5), mask_strategy={"3_*_1": [1, 2, 2], "*_4_*": {"topk": 8}})
+    s = SSTASchedule(dense_steps=4, dense_layers=(0, 5),
+                     mask_strategy={"3_*_1": [1, 2, 2], "*_4_*": {"topk": 8}})
     assert SSTASchedule.from_json(s.to_json()) == s
     path = tmp_path / "schedule.json"
     s.save(str(path))

@@ -95,7 +95,8 @@ class SSTAAttnProcessor:
         self._stock_processors: dict = {}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(config={self.config}, schedule={self.schedule}, backend={self.backend!r})"
+        return (f"{type(self).__name__}(config={self.config}, schedule={self.schedule}, "
+                f"backend={self.backend!r})")
 
     # ------------------------------------------------------------------ diffusers entry point
     def __call__(
@@ -112,7 +113,8 @@ class SSTAAttnProcessor:
         rotary = rotary_emb if rotary_emb is not None else image_rotary_emb
         if type(attn).__name__ == "WanAttention":
             if encoder_hidden_states is not None:  # cross-attention to text (and image) stays dense
-                return self._stock(attn, "wan")(attn, hidden_states, encoder_hidden_states, attention_mask, rotary)
+                stock = self._stock(attn, "wan")
+                return stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary)
         elif encoder_hidden_states is None and rotary is None:  # text-only token refiner
             return self._stock(attn, "attn")(attn, hidden_states, None, attention_mask)
         runtime, layer = self._runtime_for(attn)
@@ -177,7 +179,8 @@ class SSTAAttnProcessor:
         for axis, tile, size in zip("thw", config.tile_thw, thw):
             if tile > size:
                 raise ValueError(
-                    f"tile_thw={config.tile_thw} is longer than the latent grid thw={tuple(thw)} along {axis} "
+                    f"tile_thw={config.tile_thw} is longer than the latent grid thw={tuple(thw)} "
+                    f"along {axis} "
                     f"({tile} > {size}); with pad_type={config.pad_type!r} the padded tokens stay visible as "
                     "keys and outnumber the real ones. Use a smaller tile, pad_type='mask', or "
                     "strict_tiles=False to run it anyway"

@@ -28,8 +28,9 @@ TINY_VAE = dict(
 def tiny_hunyuan_video15_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32,
                                   transformer_overrides: Optional[dict] = None):
     """`HunyuanVideo15Pipeline` with a tiny transformer and VAE (random weights, built from config)."""
-    from diffusers import (AutoencoderKLHunyuanVideo15, ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler,
-                           HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel)
+    from diffusers import (AutoencoderKLHunyuanVideo15, ClassifierFreeGuidance,
+                           FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline,
+                           HunyuanVideo15Transformer3DModel)
 
     torch.manual_seed(seed)
     transformer = HunyuanVideo15Transformer3DModel(**{**TINY_TRANSFORMER, **(transformer_overrides or {})})

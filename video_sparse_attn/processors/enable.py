@@ -27,7 +27,8 @@ def _transformers_of(target: Any) -> list:
     found = [t for t in found if t is not None]
     if not found:
         raise TypeError(
-            f"enable_ssta takes a diffusers video transformer or a pipeline holding one, got {type(target).__name__}"
+            "enable_ssta takes a diffusers video transformer or a pipeline holding one, "
+            f"got {type(target).__name__}"
         )
     return found
 

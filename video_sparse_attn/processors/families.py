@@ -53,7 +53,8 @@ class ModelFamily:
         if not self.is_sparse_layer(processor_name):
             return AttnProcessor2_0()
         if self.name == "hunyuan_video15":
-            from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
+            from diffusers.models.transformers.transformer_hunyuan_video15 import (
+                HunyuanVideo15AttnProcessor2_0)
 
             return HunyuanVideo15AttnProcessor2_0()
         from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0

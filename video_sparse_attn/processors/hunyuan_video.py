@@ -25,7 +25,8 @@ def _text_mask(attention_mask: Optional[torch.Tensor], text_len: int) -> Optiona
         return None
     if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or attention_mask.shape[2] != 1:
         raise ValueError(
-            f"HunyuanVideo attention expects a [B, 1, 1, S] key-padding mask, got {tuple(attention_mask.shape)}"
+            "HunyuanVideo attention expects a [B, 1, 1, S] key-padding mask, "
+            f"got {tuple(attention_mask.shape)}"
         )
     if attention_mask.dtype != torch.bool:
         raise TypeError(f"HunyuanVideo attention expects a bool key-padding mask, got {attention_mask.dtype}")

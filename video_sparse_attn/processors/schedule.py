@@ -75,7 +75,8 @@ class SSTASchedule:
     mask_strategy: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int) or self.dense_steps < 0:
+        steps = self.dense_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"dense_steps must be an int >= 0, got {self.dense_steps!r}")
         layers = tuple(int(x) for x in self.dense_layers)
         if any(x < 0 for x in layers):
@@ -114,8 +115,8 @@ class SSTASchedule:
         if step < self.dense_steps or layer in self.dense_layers:
             return dense_config(base)
         changes: Dict[str, Any] = {}
-        for (s, l, h), rule in self._rules:
-            if (s is None or s == step) and (l is None or l == layer) and (h is None or h == head):
+        for (s, ly, h), rule in self._rules:
+            if (s is None or s == step) and (ly is None or ly == layer) and (h is None or h == head):
                 changes.update(rule)
         return base.replace(**changes) if changes else base
 
@@ -155,7 +156,8 @@ class SSTASchedule:
         unknown = set(d) - {"dense_steps", "dense_layers", "mask_strategy"}
         if unknown:
             raise ValueError(f"unknown SSTASchedule fields {sorted(unknown)}")
-        return cls(int(d.get("dense_steps", 0)), tuple(d.get("dense_layers", ())), dict(d.get("mask_strategy", {})))
+        return cls(int(d.get("dense_steps", 0)), tuple(d.get("dense_layers", ())),
+                   dict(d.get("mask_strategy", {})))
 
     @classmethod
     def from_mask_strategy(cls, strategy: Mapping[str, Any], dense_steps: int = 0) -> "SSTASchedule":
