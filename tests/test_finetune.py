@@ -46,8 +46,9 @@ def _fixed_inputs(model, seed=1):
              "prompt_mask": (torch.arange(12) < 7).long()[None],
              "prompt_embeds_2": torch.randn(1, 6, dims["text_dim_2"], generator=g),
              "prompt_mask_2": (torch.arange(6) < 4).long()[None]}
-    noisy = torch.randn(1, latent_channels(model), 2, 8, 8, generator=g)
-    return transformer_inputs(model, batch, noisy, torch.tensor([700.0]), image_tokens=8)
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    noisy = torch.randn(1, latent_channels(model), 2, 8, 8, generator=g).to(model.device)
+    return transformer_inputs(model, batch, noisy, torch.tensor([700.0], device=model.device), image_tokens=8)
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +79,9 @@ def test_saved_safetensors_reload_identically(full_run):
     assert config == result["ssta_config"] and config.topk == 4
 
     trained = result["transformer"].eval()
-    fresh = HunyuanVideo15Transformer3DModel.from_pretrained(final).eval()
+    fresh = HunyuanVideo15Transformer3DModel.from_pretrained(final).to(trained.device).eval()
     set_sparse_attention(fresh, config)
-    initial = tiny_transformer(seed=0).eval()
+    initial = tiny_transformer(seed=0).to(trained.device).eval()
     set_sparse_attention(initial, config)
     with torch.no_grad():
         inputs = _fixed_inputs(trained)
@@ -176,7 +177,7 @@ def test_lora_run_saves_adapter_that_reloads(tmp_path):
     final = result["final_dir"]
     assert sorted(os.listdir(final)) == ["pytorch_lora_weights.safetensors", SSTA_CONFIG_NAME]
     assert sum(p.requires_grad for p in result["transformer"].parameters()) > 0
-    fresh = tiny_transformer(seed=0)
+    fresh = tiny_transformer(seed=0).to(result["transformer"].device)
     fresh.load_lora_adapter(final, prefix=None, weight_name="pytorch_lora_weights.safetensors")
     set_sparse_attention(fresh, SSTAConfig.load(os.path.join(final, SSTA_CONFIG_NAME)))
     with torch.no_grad():
@@ -252,3 +253,12 @@ def test_other_families_train_through_the_same_code(family, thw, tmp_path):
     assert type(model).__name__ == {"hunyuan_video": "HunyuanVideoTransformer3DModel",
                                     "wan": "WanTransformer3DModel"}[family]
     assert _ssta_layers(model) >= 2
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_steps_through_triton_kernels(tmp_path):
+    result = _run(tmp_path, "--max-train-steps", "2", "--mixed-precision", "bf16", "--ssta-backend", "triton",
+                  "--gradient-checkpointing")
+    assert result["transformer"].device.type == "cuda"
+    log = _log(tmp_path)
+    assert all(math.isfinite(r["loss"]) for r in log) and 0 < log[-1]["density"] < 1
