@@ -61,6 +61,7 @@ def main(argv=None) -> None:
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=848)
     p.add_argument("--sample-posterior", action="store_true", help="sample the VAE posterior (default: mode)")
+    p.add_argument("--vae-tiling", action="store_true", help="encode in tiles (less memory for long clips)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--synthetic", type=int, default=0, help="write N synthetic samples for the tiny model")
@@ -89,6 +90,8 @@ def main(argv=None) -> None:
     dtype = getattr(torch, args.dtype)
     pipe = getattr(diffusers, cls_name).from_pretrained(args.model, transformer=None, torch_dtype=dtype)
     pipe.to(args.device)
+    if args.vae_tiling:
+        pipe.vae.enable_tiling()
     gen = torch.Generator(args.device).manual_seed(0)
     shape, count = None, 0
     for path, caption in _clips(args.videos, args.captions):
