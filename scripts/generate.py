@@ -209,8 +209,9 @@ def main(argv=None) -> dict:
         print(f"latent grid (t, h, w) = {runtime.thw}")
         print(runtime.stats.format())
     if tiny:
-        print("Reminder: random weights, so the video is noise, and at this toy size attention is a small part "
-              "of the time (SSTA's speed-up shows on a GPU at video sizes). Pass --model PATH for a real model.")
+        print("Reminder: random weights, so the video is noise, and at this toy size attention is a small "
+              "part of the time (SSTA's speed-up shows on a GPU at video sizes). "
+              "Pass --model PATH for a real model.")
     report_path = args.report or os.path.splitext(args.output)[0] + ".json"
     with open(report_path, "w") as f:
         json.dump(report, f, indent=2, default=str)
