@@ -24,7 +24,9 @@ Each sample file holds these tensors (shapes without a batch dimension):
     prompt_mask_2    int64 [L2]           optional, with prompt_embeds_2
     pooled_prompt_embeds float [P]        optional pooled text vector (HunyuanVideo: CLIP)
 
-and string metadata (``caption``, ``source``: free text). Samples of one batch must share the
+HunyuanVideo-1.5 training needs ``prompt_embeds_2``/``prompt_mask_2``; HunyuanVideo needs
+``pooled_prompt_embeds``. Files carry string metadata (``caption``, ``source``: free text).
+Samples of one batch must share the
 latent shape; text lengths may differ (they are right-padded with mask 0 when batched).
 """
 
