@@ -13,11 +13,9 @@ from typing import Optional
 
 import torch
 
+from .joint import append_text_qkv, heads as _heads, split_joint_output
+
 __all__ = ["hunyuan_video_attention"]
-
-
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    return x.unflatten(2, (heads, -1))
 
 
 def _text_mask(attention_mask: Optional[torch.Tensor], text_len: int) -> Optional[torch.Tensor]:
@@ -63,26 +61,9 @@ def hunyuan_video_attention(proc, attn, hidden_states: torch.Tensor,
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
     if attn.add_q_proj is not None and encoder_hidden_states is not None:
-        eq = _heads(attn.add_q_proj(encoder_hidden_states), attn.heads)
-        ek = _heads(attn.add_k_proj(encoder_hidden_states), attn.heads)
-        ev = _heads(attn.add_v_proj(encoder_hidden_states), attn.heads)
-        if attn.norm_added_q is not None:
-            eq = attn.norm_added_q(eq)
-        if attn.norm_added_k is not None:
-            ek = attn.norm_added_k(ek)
-        query = torch.cat([query, eq], dim=1)
-        key = torch.cat([key, ek], dim=1)
-        value = torch.cat([value, ev], dim=1)
+        query, key, value = append_text_qkv(attn, query, key, value, encoder_hidden_states)
 
     out = proc.attend(attn, query, key, value, text_len, _text_mask(attention_mask, text_len))
     out = out.flatten(2, 3).to(query.dtype)
 
-    if encoder_hidden_states is not None:
-        out, text_out = out[:, :-text_len], out[:, -text_len:]
-        if getattr(attn, "to_out", None) is not None:
-            out = attn.to_out[0](out)
-            out = attn.to_out[1](out)
-        if getattr(attn, "to_add_out", None) is not None:
-            text_out = attn.to_add_out(text_out)
-        return out, text_out
-    return out, encoder_hidden_states
+    return split_joint_output(attn, out, encoder_hidden_states, text_len)
