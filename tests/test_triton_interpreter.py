@@ -134,6 +134,8 @@ def test_input_errors():
         attn(q.double(), q.double(), q.double(), plan)
     with pytest.raises(ValueError, match="plan covers"):
         attn(q[:, :, :16], q[:, :, :16], q[:, :, :16], plan)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        attn(q, q, q, plan, scale=-1.0)
     big = torch.randn(1, 1, 32, 272, device=DEV)
     with pytest.raises(ValueError, match="head dim 272"):
         attn(big, big, big, plan)

@@ -93,4 +93,6 @@ def block_sparse_attention_triton(
     """
     _check(q, k, v, plan)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
     return _BlockSparseAttention.apply(q, k, v, plan, scale)
