@@ -65,9 +65,12 @@ def run_case(name: str, args) -> dict:
     kept = int(mask.sum())
     fwd_flop = 4.0 * kept * bs * bs * D
     dense_flop = 4.0 * H * S * S * D
-    q, k, v = (torch.randn(1, H, S, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    if args.bshd:   # diffusers' layout: [B,H,S,D] views of [B,S,H,D] tensors, no copies
+        q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_() for _ in range(3))
+    else:
+        q, k, v = (torch.randn(1, H, S, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     dout = torch.randn_like(q)
-    row = {"case": name, "S": S, "blocks": N, "density": kept / (H * N * N)}
+    row = {"case": name + ("_bshd" if args.bshd else ""), "S": S, "blocks": N, "density": kept / (H * N * N)}
 
     def fwd_bwd_times(fwd):
         t_f = bench(lambda: fwd())
@@ -148,6 +151,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--variants", nargs="+", default=["tma"], choices=["tma", "ptr", "ws"],
                    help="kernel variants to time (ours = the fastest)")
+    p.add_argument("--bshd", action="store_true", help="q, k, v as transposed [B, S, H, D] tensors")
     p.add_argument("--skip-cudnn", action="store_true", help="skip the dense cuDNN reference")
     p.add_argument("--csv", default="benchmark_kernels.csv")
     p.add_argument("--plot", default="benchmark_kernels.png")

@@ -101,3 +101,23 @@ def test_matches_sdpa_in_dense_mode():
     out, _ = block_sparse_attention_triton(q, k, v, plan)
     ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
     assert rel_l2(out, ref) < 1e-2
+
+
+def test_golden_cases_through_ssta_attention_auto():
+    """`ssta_attention(backend="auto")` on CUDA runs the Triton kernels and reproduces the golden outputs."""
+    import os
+
+    from helpers import golden_cases, load_golden
+    from video_sparse_attn import ssta_attention
+    from video_sparse_attn.attention import resolve_backend
+
+    cases = golden_cases()
+    assert cases
+    for path in cases:
+        t, params, config = load_golden(path)
+        q, k, v = (t[n].cuda() for n in "qkv")
+        assert resolve_backend("auto", q) == "triton"
+        mask = t.get("text_mask")
+        out = ssta_attention(q, k, v, tuple(params["thw"]), config, params["text_len"],
+                             None if mask is None else mask.cuda(), backend="auto")
+        assert rel_l2(out, t["out"].cuda()) < 1e-5, os.path.basename(path)
