@@ -24,7 +24,9 @@ def _selection_scores(t, config, layout):
     k_rep = tile_representatives(layout.tile(t["k"])[:, :, :nvt], layout, config.pool_thw, config.mask_share_within_head)
     if config.sampling_type == "importance":
         return importance_scores(q_rep, k_rep, config.lambda_)
-    return q_rep @ k_rep.transpose(-1, -2)
+    gate = q_rep @ k_rep.transpose(-1, -2)
+    # with a threshold the selection sorts p = softmax(gate / 0.01): ties are ties of p
+    return torch.softmax(gate / 0.01, dim=-1) if config.threshold > 0 else gate
 
 
 def _assert_masks_equal_modulo_ties(ours, expected, t, config, layout):

@@ -103,6 +103,9 @@ def similarity_threshold(q_rep: torch.Tensor, k_rep: torch.Tensor, topk: int, th
     """
     gate = q_rep @ k_rep.transpose(-1, -2)
     nv = gate.shape[-1]
+    # With a small temperature many p underflow to exactly 0; when k is clamped up to min_k the
+    # choice among those ties follows torch.sort on the device, as in the reference (the golden
+    # cases, made on CPU, reproduce exactly there; on CUDA such ties may resolve differently).
     p_sorted, order = torch.softmax(gate / temperature, dim=-1).sort(dim=-1, descending=True)
     reached = p_sorted.cumsum(-1) >= threshold
     first = reached.to(torch.int8).argmax(-1)
