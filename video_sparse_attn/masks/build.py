@@ -64,12 +64,13 @@ def build_block_mask(q: torch.Tensor, k: torch.Tensor, thw: Tuple[int, int, int]
                      text_len: int = 0, text_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The SSTA block mask of ``q, k [B, H, S, D]`` (S = t*h*w + text_len, video first).
 
-    Returns bool ``[B or 1, H or 1, N, N]`` in tile order, ``N = Nv + Nt`` (video tiles in raster
-    order, then text blocks). H is 1 for ``mask_share_within_head`` (and for masks that do not depend
-    on the data, like ``sta`` without a text mask); B is 1 when nothing depends on the batch.
+    Returns bool ``[B, H or 1, N, N]`` in tile order, ``N = Nv + Nt`` (video tiles in raster
+    order, then text blocks). H is 1 for ``mask_share_within_head`` and for masks that do not depend
+    on q/k (``sta``, ``dense``); a batch dim that does not depend on the data is an expanded view.
     """
     from ..attention import _validate
 
     _validate(q, k, k, thw, config, text_len, text_mask)
     layout = TileLayout(tuple(thw), config.tile_thw, text_len, config.pad_type)
-    return block_mask_from_tiled(layout.tile(q), layout.tile(k), layout, config, text_mask)
+    mask = block_mask_from_tiled(layout.tile(q), layout.tile(k), layout, config, text_mask)
+    return mask.expand(q.shape[0], *mask.shape[1:])
