@@ -34,6 +34,19 @@ CASES = {
 }
 
 
+# Kernel variants: environment switches of the forward kernel (the backward only follows TMA on/off).
+_BASE = {"VSA_TRITON_TMA": "1", "VSA_TRITON_WS": "0", "VSA_TRITON_FWD_PEEL": "0", "VSA_TRITON_FWD_LAZY": "0"}
+VARIANTS = {
+    "tma": _BASE,                                               # descriptors where usable (default)
+    "ptr": {**_BASE, "VSA_TRITON_TMA": "0"},                    # pointer loads
+    "ws": {**_BASE, "VSA_TRITON_WS": "1"},                      # warp-specialised forward key loop
+    "peel": {**_BASE, "VSA_TRITON_FWD_PEEL": "1"},              # branch-free key loop, ragged tiles peeled
+    "peelws": {**_BASE, "VSA_TRITON_FWD_PEEL": "1", "VSA_TRITON_WS": "1"},
+    "lazy": {**_BASE, "VSA_TRITON_FWD_LAZY": "1"},              # thresholded rescaling
+    "peellazy": {**_BASE, "VSA_TRITON_FWD_PEEL": "1", "VSA_TRITON_FWD_LAZY": "1"},
+}
+
+
 def block_mask_for(name: str, heads: int, dim: int, dtype) -> tuple:
     """(bool block mask [1, H or 1, N, N], block size) of a named case, from random q, k."""
     case = CASES[name]
@@ -74,14 +87,15 @@ def run_case(name: str, args) -> dict:
 
     def fwd_bwd_times(fwd):
         t_f = bench(lambda: fwd())
+        if args.fwd_only:
+            return t_f, float("nan")
         out = fwd()
         t_b = bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
         return t_f, t_b
 
     refs = {}
-    for variant in args.variants:                      # tma: descriptors where usable; ptr: pointers; ws: tma + warp-specialised fwd
-        os.environ["VSA_TRITON_TMA"] = "0" if variant == "ptr" else "1"
-        os.environ["VSA_TRITON_WS"] = "1" if variant == "ws" else "0"
+    for variant in args.variants:                      # see VARIANTS
+        os.environ.update(VARIANTS[variant])
         try:
             with torch.no_grad():
                 refs[variant] = block_sparse_attention_triton(q, k, v, plan)[0]
@@ -149,9 +163,10 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--variants", nargs="+", default=["tma"], choices=["tma", "ptr", "ws"],
+    p.add_argument("--variants", nargs="+", default=["tma"], choices=list(VARIANTS),
                    help="kernel variants to time (ours = the fastest)")
     p.add_argument("--bshd", action="store_true", help="q, k, v as transposed [B, S, H, D] tensors")
+    p.add_argument("--fwd-only", action="store_true", help="time the forward only (backward reported as nan)")
     p.add_argument("--skip-cudnn", action="store_true", help="skip the dense cuDNN reference")
     p.add_argument("--csv", default="benchmark_kernels.csv")
     p.add_argument("--plot", default="benchmark_kernels.png")

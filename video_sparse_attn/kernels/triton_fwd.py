@@ -55,6 +55,35 @@ def kernel_configs(table, q_tile: int, k_tile: int, names=("BLOCK_M", "BLOCK_N")
 
 
 @triton.jit
+def _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, LAZY: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One online-softmax step (base 2) over unscaled scores ``s [BM, BN]`` and values ``v [BN, D]``.
+
+    ``skip`` is 0 or +inf (a scalar): +inf makes the whole tile contribute nothing. With ``LAZY`` the
+    reference max ``m_i`` only moves (and ``acc``/``l_i`` are only rescaled) when some row's max grows
+    by more than 8 (a factor 256), so probabilities stay ≤ 256; the result is exact because the final
+    normalisation uses the same reference max.
+    """
+    if LAZY:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale - skip)
+        if tl.max(m_new - m_i, 0) > 8.0:
+            alpha = tl.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        p = tl.exp2(s * qk_scale - (m_i + skip)[:, None])
+        l_i = l_i + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        return m_i, l_i, acc
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale - skip)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)               # rows with no key yet
+    p = tl.exp2(s * qk_scale - (m_use + skip)[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
     KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID,
@@ -62,7 +91,7 @@ def _fwd_kernel(
     s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b,
     H, Sq, Sk, qk_scale,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
-    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, USE_WS: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, USE_WS: tl.constexpr, PEEL: tl.constexpr, LAZY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -90,7 +119,10 @@ def _fwd_kernel(
         k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, D], strides=[sks, 1], block_shape=[BLOCK_N, D])
         v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, D], strides=[svs, 1], block_shape=[BLOCK_N, D])
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if LAZY:   # a finite floor, so that "the max grew by more than the threshold" is defined from the start
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
@@ -106,15 +138,33 @@ def _fwd_kernel(
             kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PREC)                    # unscaled: scale folds into one FMA
-        if rem < BLOCK_N:                                               # ragged tail only
-            s = tl.where((offs_n < rem)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)           # rows with no key yet
-        p = tl.exp2(s * qk_scale - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        if PEEL:                                                        # ragged sub-tiles: whole tile off here
+            skip = tl.where(rem < BLOCK_N, float("inf"), 0.0)
+        else:
+            skip = 0.0
+            if rem < BLOCK_N:                                           # ragged tail only
+                s = tl.where((offs_n < rem)[None, :], s, float("-inf"))
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, LAZY, DOT_PREC)
+
+    if PEEL:   # the ragged sub-tiles skipped above, masked, found 64 kept blocks at a time
+        offs_c = tl.arange(0, 64)
+        for c in range(0, count, 64):
+            in_row = c + offs_c < count
+            blk = tl.load(idx_ptr + c + offs_c, mask=in_row, other=0)
+            kv = tl.load(valid_ptr + blk, mask=in_row, other=K_BLOCK)
+            ragged = in_row & (kv < K_BLOCK) & (kv % BLOCK_N != 0)
+            for r in range(0, tl.sum(ragged.to(tl.int32))):
+                pos = tl.min(tl.where(ragged, offs_c, 64))
+                ragged = ragged & (offs_c != pos)
+                k_blk = tl.load(idx_ptr + c + pos)
+                kv1 = tl.load(valid_ptr + k_blk)
+                row0 = k_blk * K_BLOCK + (kv1 // BLOCK_N) * BLOCK_N
+                rows = row0 + offs_n
+                kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
+                v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
+                s = tl.dot(q, kt, input_precision=DOT_PREC)
+                s = tl.where((offs_n < kv1 % BLOCK_N)[None, :], s, float("-inf"))
+                m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, LAZY, DOT_PREC)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -127,7 +177,7 @@ def _fwd_kernel(
 @functools.lru_cache(maxsize=None)
 def _tuned_fwd(q_block: int, k_block: int, large_d: bool):
     table = _FWD_CONFIGS["large_d" if large_d else "small_d"]
-    return triton.autotune(configs=kernel_configs(table, q_block, k_block), key=["D_PAD", "USE_TMA", "USE_WS"])(_fwd_kernel)
+    return triton.autotune(configs=kernel_configs(table, q_block, k_block), key=["D_PAD", "USE_TMA", "USE_WS", "PEEL", "LAZY"])(_fwd_kernel)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -185,5 +235,6 @@ def attention_forward(q, k, v, plan, scale: float):
         H, Sq, k.shape[2], scale * LOG2E,
         D=D, D_PAD=d_pad, Q_BLOCK=plan.q_block, K_BLOCK=plan.k_block, DOT_PREC=dot_precision(q.dtype),
         USE_TMA=use_tma, USE_WS=use_tma and D == 128 and os.environ.get("VSA_TRITON_WS") == "1",
+        PEEL=os.environ.get("VSA_TRITON_FWD_PEEL") == "1", LAZY=os.environ.get("VSA_TRITON_FWD_LAZY") == "1",
     )
     return out, lse
