@@ -35,15 +35,14 @@ CASES = {
 
 
 # Kernel variants: environment switches of the forward kernel (the backward only follows TMA on/off).
-_BASE = {"VSA_TRITON_TMA": "1", "VSA_TRITON_WS": "0", "VSA_TRITON_FWD_PEEL": "0", "VSA_TRITON_FWD_LAZY": "0"}
+_BASE = {"VSA_TRITON_TMA": "1", "VSA_TRITON_WS": "0", "VSA_TRITON_FWD_PEEL": "1", "VSA_TRITON_FWD_LAZY": "1"}
 VARIANTS = {
-    "tma": _BASE,                                               # descriptors where usable (default)
+    "tma": _BASE,                                               # defaults: descriptors where usable, peeled, lazy
     "ptr": {**_BASE, "VSA_TRITON_TMA": "0"},                    # pointer loads
     "ws": {**_BASE, "VSA_TRITON_WS": "1"},                      # warp-specialised forward key loop
-    "peel": {**_BASE, "VSA_TRITON_FWD_PEEL": "1"},              # branch-free key loop, ragged tiles peeled
-    "peelws": {**_BASE, "VSA_TRITON_FWD_PEEL": "1", "VSA_TRITON_WS": "1"},
-    "lazy": {**_BASE, "VSA_TRITON_FWD_LAZY": "1"},              # thresholded rescaling
-    "peellazy": {**_BASE, "VSA_TRITON_FWD_PEEL": "1", "VSA_TRITON_FWD_LAZY": "1"},
+    "v3": {**_BASE, "VSA_TRITON_FWD_PEEL": "0", "VSA_TRITON_FWD_LAZY": "0"},   # branch in the loop, eager rescale
+    "peel": {**_BASE, "VSA_TRITON_FWD_LAZY": "0"},              # peeled ragged tiles only
+    "lazy": {**_BASE, "VSA_TRITON_FWD_PEEL": "0"},              # lazy rescaling only
 }
 
 
@@ -190,7 +189,8 @@ def main() -> None:
     plot(rows, args.plot)
     from video_sparse_attn.kernels import triton_bwd, triton_fwd
 
-    for name, tuner in (("fwd", triton_fwd._tuned_fwd(384, 384, False)), ("dkdv", triton_bwd._tuned("dkdv", 384, 384, False)),
+    for name, tuner in (("fwd", triton_fwd._tuned_fwd(384, 384, False)), ("fwd_ws", triton_fwd._tuned_fwd(384, 384, False, True)),
+                        ("dkdv", triton_bwd._tuned("dkdv", 384, 384, False)),
                         ("dq", triton_bwd._tuned("dq", 384, 384, False))):
         for key, config in tuner.cache.items():
             print(f"autotuned {name} {key}: {config}")

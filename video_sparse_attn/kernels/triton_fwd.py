@@ -2,17 +2,20 @@
 
 One program owns ``BLOCK_M`` query rows (a sub-tile of one query block) of one (batch, head). It
 walks only the kept key blocks listed in ``kv_index`` and treats each as ``K_BLOCK // BLOCK_N``
-contiguous sub-tiles in one flat loop (so the software pipeline runs across blocks). Softmax is
-online in base 2 with the scale folded into one multiply; only the ragged tail of a key block
-(``k_valid < K_BLOCK``) is masked, behind a per-sub-tile branch. Rows that see no key write 0 and
-lse = -inf.
+contiguous sub-tiles in one flat, branch-free loop (so the software pipeline runs across blocks). A
+ragged sub-tile (``k_valid`` ends inside it) is switched off there by a per-row +inf offset and run
+masked in a second, short loop. Softmax is online in base 2 with the scale folded into one multiply,
+and lazy: the reference max (and the accumulator rescale) moves only when a row's max grows by more
+than 8. ``VSA_TRITON_FWD_PEEL=0`` / ``VSA_TRITON_FWD_LAZY=0`` give back the v3 loop (ragged tail
+masked behind a per-sub-tile branch) / eager rescaling. Rows that see no key write 0 and lse = -inf.
 
 Launch grid: ``(Mq * Q_BLOCK // BLOCK_M, B*H)``: query tiles fastest, in ``row_order`` rank
 (heaviest query blocks first), one head after another, so the programs running together share one
 head's K/V in L2. On Hopper (sm90+), K and V are read through tensor descriptors (TMA) when the
 strides allow; elsewhere (Ampere/Ada, odd strides, padded head dims, the interpreter) through
-pointers. Warp specialisation of the key loop (``VSA_TRITON_WS=1``, D=128 with TMA) is opt-in until
-verified.
+pointers. Warp specialisation of the key loop (``VSA_TRITON_WS=1``, D=128 with TMA) is opt-in: it
+gained nothing on the v3 loop, and Triton 3.6 compiles it on the peeled loop only with 8 warps
+(its own config list).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ LN2 = 0.6931471805599453
 _FWD_CONFIGS = {
     "small_d": [(128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4)],
     "large_d": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2)],
+    "ws": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2)],   # warp specialisation: 8 warps only
 }
 
 
@@ -175,8 +179,8 @@ def _fwd_kernel(
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_fwd(q_block: int, k_block: int, large_d: bool):
-    table = _FWD_CONFIGS["large_d" if large_d else "small_d"]
+def _tuned_fwd(q_block: int, k_block: int, large_d: bool, ws: bool = False):
+    table = _FWD_CONFIGS["ws" if ws else "large_d" if large_d else "small_d"]
     return triton.autotune(configs=kernel_configs(table, q_block, k_block), key=["D_PAD", "USE_TMA", "USE_WS", "PEEL", "LAZY"])(_fwd_kernel)
 
 
@@ -221,8 +225,9 @@ def attention_forward(q, k, v, plan, scale: float):
     d_pad = max(16, triton.next_power_of_2(D))
     cs, ix, ro = plan_strides(plan.kv_count, B, H), plan_strides(plan.kv_index, B, H), plan_strides(plan.row_order, B, H)
     val_b = plan.k_valid.expand(B, -1).stride(0)
-    kernel = _tuned_fwd(plan.q_block, plan.k_block, d_pad > 128)
     use_tma = tma_usable(D, k, v)
+    use_ws = use_tma and D == 128 and os.environ.get("VSA_TRITON_WS") == "1"
+    kernel = _tuned_fwd(plan.q_block, plan.k_block, d_pad > 128, use_ws)
 
     def grid(meta):
         return (plan.num_q_blocks * (plan.q_block // meta["BLOCK_M"]), B * H)
@@ -234,7 +239,7 @@ def attention_forward(q, k, v, plan, scale: float):
         cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b,
         H, Sq, k.shape[2], scale * LOG2E,
         D=D, D_PAD=d_pad, Q_BLOCK=plan.q_block, K_BLOCK=plan.k_block, DOT_PREC=dot_precision(q.dtype),
-        USE_TMA=use_tma, USE_WS=use_tma and D == 128 and os.environ.get("VSA_TRITON_WS") == "1",
-        PEEL=os.environ.get("VSA_TRITON_FWD_PEEL") == "1", LAZY=os.environ.get("VSA_TRITON_FWD_LAZY") == "1",
+        USE_TMA=use_tma, USE_WS=use_ws,
+        PEEL=os.environ.get("VSA_TRITON_FWD_PEEL") != "0", LAZY=os.environ.get("VSA_TRITON_FWD_LAZY") != "0",
     )
     return out, lse
