@@ -189,7 +189,7 @@ def main() -> None:
     plot(rows, args.plot)
     from video_sparse_attn.kernels import triton_bwd, triton_fwd
 
-    for name, tuner in (("fwd", triton_fwd._tuned_fwd(384, 384, False)), ("fwd_ws", triton_fwd._tuned_fwd(384, 384, False, True)),
+    for name, tuner in (("fwd", triton_fwd._tuned_fwd(384, 384, False, False)), ("fwd_ws", triton_fwd._tuned_fwd(384, 384, False, True)),
                         ("dkdv", triton_bwd._tuned("dkdv", 384, 384, False)),
                         ("dq", triton_bwd._tuned("dq", 384, 384, False))):
         for key, config in tuner.cache.items():
