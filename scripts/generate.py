@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance-scale", type=float, default=None, help="pipelines that take one")
     p.add_argument("--fps", type=int, default=24)
-    p.add_argument("--output", default="ssta_video.mp4")
+    p.add_argument("--output", default="outputs/ssta_video.mp4")
     p.add_argument("--report", default=None, help="JSON report path (default: OUTPUT with .json)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
