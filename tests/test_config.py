@@ -77,3 +77,8 @@ def test_json_and_metadata_round_trip(tmp_path):
     assert SSTAConfig.load(str(st)) == c
     with pytest.raises(ValueError, match="unknown SSTAConfig fields"):
         SSTAConfig.from_dict({"topk": 3, "bogus": 1})
+
+
+def test_as_dense_is_exact_dense():
+    d = SSTAConfig(topk=3, pad_type="zero").as_dense()
+    assert d.sparse_type == "dense" and d.pad_type == "mask" and d.topk == 3

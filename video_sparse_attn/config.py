@@ -130,6 +130,11 @@ class SSTAConfig:
             return self.adaptive_pool
         return (2, 2, 2) if self.threshold > 0 else None
 
+    def as_dense(self) -> "SSTAConfig":
+        """Every block kept and padding masked token by token: exact attention over the real tokens
+        (what "dense" means in schedules and in a training warm-up)."""
+        return self.replace(sparse_type="dense", pad_type="mask")
+
     def replace(self, **changes: Any) -> "SSTAConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)

@@ -55,11 +55,6 @@ def _parse_value(key: str, value: Any) -> Dict[str, Any]:
     )
 
 
-def dense_config(config: SSTAConfig) -> SSTAConfig:
-    """Every block kept, padding masked token by token: exact full attention over real tokens."""
-    return config.replace(sparse_type="dense", pad_type="mask")
-
-
 @dataclass(frozen=True)
 class SSTASchedule:
     """Per step / layer / head refinements of a base `SSTAConfig` (see the module docstring).
@@ -113,7 +108,7 @@ class SSTASchedule:
     def config_for(self, base: SSTAConfig, step: int, layer: int, head: Optional[int] = None) -> SSTAConfig:
         """The config one head (or, with ``head=None``, rules without a head part) runs with."""
         if step < self.dense_steps or layer in self.dense_layers:
-            return dense_config(base)
+            return base.as_dense()
         changes: Dict[str, Any] = {}
         for (s, ly, h), rule in self._rules:
             if (s is None or s == step) and (ly is None or ly == layer) and (h is None or h == head):

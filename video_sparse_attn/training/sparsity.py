@@ -1,7 +1,7 @@
 """Sparse attention during training: the one seam that installs SSTA, and the sparsity ramp.
 
 A ramp starts dense and narrows toward the target config (VSA-style sparsity annealing):
-``warmup_steps`` dense steps, then over ``ramp_steps`` the top-k shrinks from every tile to
+``warmup_steps`` dense steps (`SSTAConfig.as_dense`: every block, padding masked), then over ``ramp_steps`` the top-k shrinks from every tile to
 ``target.topk`` and the STA window from the whole tile grid to ``target.kernel_thw``.
 """
 
@@ -13,12 +13,9 @@ from typing import Any, Optional, Tuple
 import torch
 
 from ..config import SSTAConfig
+from ..layout import TileLayout
 
 __all__ = ["SparsityRamp", "set_sparse_attention", "remove_sparse_attention"]
-
-
-def _tiles(grid: Tuple[int, int, int], tile: Tuple[int, int, int]) -> Tuple[int, int, int]:
-    return tuple(math.ceil(g / t) for g, t in zip(grid, tile, strict=True))  # type: ignore[return-value]
 
 
 class SparsityRamp:
@@ -38,7 +35,7 @@ class SparsityRamp:
         self.target, self.grid_thw = target, tuple(grid_thw)
         self.warmup_steps, self.ramp_steps = warmup_steps, ramp_steps
         resolved = target.for_thw(self.grid_thw)  # topk / tile actually used at this grid
-        self._tiles = _tiles(self.grid_thw, resolved.tile_thw)
+        self._tiles = TileLayout(self.grid_thw, resolved.tile_thw).tiles_thw
         self._topk_scale = max(1, target.topk) / max(1, resolved.topk)  # undo the caller rules' halving
 
     def config_at(self, step: int) -> SSTAConfig:
@@ -46,7 +43,7 @@ class SparsityRamp:
         if self.target.sparse_type == "dense" or step >= self.warmup_steps + self.ramp_steps:
             return self.target
         if step < self.warmup_steps:
-            return self.target.replace(sparse_type="dense")
+            return self.target.as_dense()
         f = (step - self.warmup_steps + 1) / (self.ramp_steps + 1)  # in (0, 1): never fully dense
         n_tiles = math.prod(self._tiles)
         full_topk = math.ceil(n_tiles * self._topk_scale)
