@@ -3,28 +3,20 @@
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from .config import SSTAConfig
+from .kernels import triton_runs_on
 from .layout import TileLayout
 from .masks.build import block_mask_from_tiled
 from .plan import BlockSparsePlan
+from .validation import validate_inputs
 
 __all__ = ["block_sparse_attention", "ssta_attention", "SSTAInfo"]
 
 BACKENDS = ("auto", "torch", "triton")
-
-
-def _triton_usable(t: torch.Tensor) -> bool:
-    if not t.is_cuda:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
@@ -32,7 +24,7 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if _triton_usable(q) else "torch"
+        return "triton" if triton_runs_on(q) else "torch"
     if backend == "triton" and not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before Triton is imported, "
@@ -73,54 +65,6 @@ class SSTAInfo(NamedTuple):
     layout: TileLayout
 
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _validate(q, k, v, thw, config, text_len, text_mask) -> None:
-    """Caller mistakes → ValueError / TypeError naming the problem."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be [B, H, S, D] (4-D), got shape {tuple(x.shape)}")
-        if x.dtype not in _FLOATS:
-            raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {x.dtype}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if min(q.shape) < 1:
-        raise ValueError(f"q has an empty dimension: {tuple(q.shape)}")
-    if not isinstance(config, SSTAConfig):
-        raise TypeError(f"config must be an SSTAConfig, got {type(config).__name__}")
-    if not isinstance(thw, Sequence) or len(thw) != 3 or any(
-        isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in thw
-    ):
-        raise ValueError(f"thw must be three positive ints (t, h, w), got {thw!r}")
-    if isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 0:
-        raise ValueError(f"text_len must be an int >= 0, got {text_len!r}")
-    S = q.shape[2]
-    t, h, w = thw
-    if S != t * h * w + text_len:
-        raise ValueError(
-            f"sequence length S={S} does not match the grid: t*h*w + text_len = {t}*{h}*{w} + {text_len} "
-            f"= {t * h * w + text_len}"
-        )
-    if text_mask is not None:
-        if not isinstance(text_mask, torch.Tensor):
-            raise TypeError(f"text_mask must be a tensor, got {type(text_mask).__name__}")
-        if text_len == 0:
-            raise ValueError("text_mask given but text_len == 0")
-        if tuple(text_mask.shape) != (q.shape[0], text_len):
-            raise ValueError(f"text_mask must be [B, text_len] = [{q.shape[0]}, {text_len}], got {tuple(text_mask.shape)}")
-        if text_mask.dtype.is_floating_point or text_mask.dtype.is_complex:
-            raise TypeError(f"text_mask must be bool or integer (True/1 = valid), got {text_mask.dtype}")
-        if text_mask.device != q.device:
-            raise ValueError(f"text_mask is on {text_mask.device} but q is on {q.device}")
-
-
 def ssta_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -154,7 +98,7 @@ def ssta_attention(
         out = ssta_attention(q, k, v, thw=(31, 45, 80), config=SSTAConfig(topk=32), text_len=1985,
                              text_mask=mask)
     """
-    _validate(q, k, v, thw, config, text_len, text_mask)
+    validate_inputs(q, k, v, thw, config, text_len, text_mask)
     backend = resolve_backend(backend, q)
     layout = TileLayout(tuple(thw), config.tile_thw, text_len, config.pad_type)
     # one pass over q and k both reorders them and yields the tile means the selection needs

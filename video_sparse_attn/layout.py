@@ -21,6 +21,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from einops import rearrange
 
+from .kernels import triton_runs_on
+
 __all__ = ["TileLayout"]
 
 Triple = Tuple[int, int, int]
@@ -85,16 +87,6 @@ def _gather_rows(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor
     return _row_view(x).index_select(dim, index).view(x.dtype)
 
 
-def _triton_gather_usable(x: torch.Tensor, dim: int) -> bool:
-    if not (x.is_cuda and x.dim() == 4 and dim == 2):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 class _GatherRows(torch.autograd.Function):
     """``y = x.index_select(dim, index)`` with rows ``zero_pos`` of y set to 0, plus (optionally)
     the float32 means of the first ``n_means`` groups of ``group`` rows of y (not differentiable).
@@ -105,7 +97,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dim, index, zero_pos, kernel_src, group, n_means):
-        if kernel_src is not None and _triton_gather_usable(x, dim):
+        if kernel_src is not None and x.dim() == 4 and dim == 2 and triton_runs_on(x):
             from .kernels.triton_gather import gather_rows_with_means
 
             y, means = gather_rows_with_means(x, kernel_src, group, n_means)
