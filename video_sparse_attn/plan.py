@@ -11,12 +11,16 @@ Column format (dK / dV), the transpose:
     q_count[b, h, j], q_index[b, h, j, :count]
 Key validity:
     k_valid[b, j]                key tokens ``j*k_block + r`` with ``r >= k_valid[b, j]`` are excluded
+Query validity (padding-free compute):
+    q_valid[b, i]                query rows ``i*q_block + r`` with ``r >= q_valid[b, i]`` are padding:
+                                 backends need not compute them; they return out 0, lse -inf and
+                                 dq 0 there, and such rows add nothing to dk / dv
 Schedules (heavy rows first, so long dense text rows do not form a tail):
     row_order[b, h, :]           query blocks sorted by descending kv_count
     col_order[b, h, :]           key blocks sorted by descending q_count
 
-The batch and head dims of the index tensors are ``B`` or 1, and the batch dim of ``k_valid`` is
-``B`` or 1: size-1 dims broadcast. Everything is int32 and built on the mask's device without a host
+The batch and head dims of the index tensors are ``B`` or 1, and the batch dim of ``k_valid`` and
+``q_valid`` is ``B`` or 1: size-1 dims broadcast. Everything is int32 and built on the mask's device without a host
 synchronisation (widths are the static block counts, not data-dependent maxima).
 """
 
@@ -62,6 +66,7 @@ class BlockSparsePlan:
         q_count  [B', H', Nk]       q_index  [B', H', Nk, Mq]
         row_order [B', H', Mq]      col_order [B', H', Nk]
         k_valid  [Bv, Nk]           density  [] float32 (mean of the block mask)
+        q_valid  [Bq, Mq]           (Bv, Bq in {1, B})
     """
 
     kv_count: torch.Tensor
@@ -74,6 +79,7 @@ class BlockSparsePlan:
     density: torch.Tensor
     q_block: int
     k_block: int
+    q_valid: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         for name in ("q_block", "k_block"):
@@ -89,6 +95,11 @@ class BlockSparsePlan:
             )
         if self.k_valid.dim() != 2 or self.k_valid.shape[1] != Nk:
             raise ValueError(f"k_valid must be [B or 1, {Nk}], got {tuple(self.k_valid.shape)}")
+        if self.q_valid is None:
+            object.__setattr__(self, "q_valid", torch.full((1, Mq), self.q_block, dtype=torch.int32,
+                                                           device=self.kv_count.device))
+        if self.q_valid.dim() != 2 or self.q_valid.shape[1] != Mq:
+            raise ValueError(f"q_valid must be [B or 1, {Mq}], got {tuple(self.q_valid.shape)}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -98,10 +109,12 @@ class BlockSparsePlan:
         q_block: int,
         k_block: Optional[int] = None,
         k_valid: Optional[torch.Tensor] = None,
+        q_valid: Optional[torch.Tensor] = None,
     ) -> "BlockSparsePlan":
         """Build a plan from a bool block mask ``[B or 1, H or 1, Mq, Nk]`` (or ``[Mq, Nk]``).
 
-        ``k_valid`` (int ``[B or 1, Nk]``) defaults to full blocks. No host synchronisation.
+        ``k_valid`` (int ``[B or 1, Nk]``) and ``q_valid`` (int ``[B or 1, Mq]``) default to full
+        blocks. No host synchronisation.
         """
         k_block = q_block if k_block is None else k_block
         if block_mask.dtype != torch.bool:
@@ -118,11 +131,14 @@ class BlockSparsePlan:
         k_valid = k_valid.to(device=block_mask.device, dtype=torch.int32)
         if k_valid.dim() == 1:
             k_valid = k_valid[None]
+        if q_valid is not None:
+            q_valid = q_valid.to(device=block_mask.device)
+            q_valid = (q_valid[None] if q_valid.dim() == 1 else q_valid).clamp(0, q_block).to(torch.int32).contiguous()
         return cls(
             kv_count=kv_count, kv_index=kv_index, q_count=q_count, q_index=q_index,
             row_order=_heavy_first(kv_count), col_order=_heavy_first(q_count),
             k_valid=k_valid.clamp(0, k_block).contiguous(),
-            density=block_mask.float().mean(), q_block=int(q_block), k_block=int(k_block),
+            density=block_mask.float().mean(), q_block=int(q_block), k_block=int(k_block), q_valid=q_valid,
         )
 
     @classmethod
@@ -164,6 +180,11 @@ class BlockSparsePlan:
         """bool ``[Bv, Nk * k_block]``: which key tokens take part at all."""
         r = torch.arange(self.k_block, device=self.device, dtype=torch.int32)
         return (r < self.k_valid.unsqueeze(-1)).flatten(1)
+
+    def query_valid(self) -> torch.Tensor:
+        """bool ``[Bq, Mq * q_block]``: which query rows are computed."""
+        r = torch.arange(self.q_block, device=self.device, dtype=torch.int32)
+        return (r < self.q_valid.unsqueeze(-1)).flatten(1)
 
     def to(self, device: torch.device | str) -> "BlockSparsePlan":
         """A copy on ``device`` (the plan itself is left alone)."""

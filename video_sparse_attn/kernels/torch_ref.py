@@ -31,7 +31,7 @@ def block_sparse_attention_torch(
 
     Returns:
         out ``[B, H, Sq, D]`` (q's dtype) and lse ``[B, H, Sq]`` float32 (natural log). Rows that
-        see no key give out 0 and lse -inf. Computed in float32 (float64 stays float64).
+        see no key, and rows past ``plan.q_valid``, give out 0 and lse -inf. Computed in float32 (float64 stays float64).
     """
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
@@ -73,4 +73,8 @@ def block_sparse_attention_torch(
     for w in range(width):
         vw = gather_blocks(vb_, idx[..., w])
         out = out + torch.einsum("bhmqk,bhmkd->bhmqd", p[..., w * kb:(w + 1) * kb], vw)
-    return out.reshape(B, H, Sq, D).to(q.dtype), lse.reshape(B, H, Sq).float()
+    out, lse = out.reshape(B, H, Sq, D), lse.reshape(B, H, Sq)
+    q_ok = plan.query_valid().reshape(-1, 1, Sq)                                      # padded query rows
+    out = out.masked_fill(~q_ok[..., None], 0.0)
+    lse = lse.masked_fill(~q_ok, float("-inf"))
+    return out.to(q.dtype), lse.float()
