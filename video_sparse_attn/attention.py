@@ -12,7 +12,7 @@ from .kernels import triton_runs_on
 from .layout import TileLayout
 from .masks.build import block_mask_from_tiled
 from .plan import BlockSparsePlan
-from .validation import validate_inputs
+from .validation import validate_block_inputs, validate_inputs
 
 __all__ = ["block_sparse_attention", "ssta_attention", "SSTAInfo"]
 
@@ -44,7 +44,9 @@ def block_sparse_attention(
     """Attention of block-ordered ``q [B,H,Sq,D]``, ``k, v [B,H,Sk,D]`` over ``plan``.
 
     Returns ``(out [B,H,Sq,D], lse [B,H,Sq] float32, natural log)``; gradients flow to q, k, v.
+    Inputs and ``scale`` (finite, > 0) are checked here, the same way for every backend.
     """
+    scale = validate_block_inputs(q, k, v, plan, scale)
     match resolve_backend(backend, q):
         case "torch":
             from .kernels.torch_ref import block_sparse_attention_torch
@@ -76,6 +78,8 @@ def ssta_attention(
     scale: Optional[float] = None,
     backend: str = "auto",
     return_info: bool = False,
+    strict_tiles: bool = True,
+    validate: Optional[bool] = None,
 ):
     """Selective and Sliding Tile Attention over a ``[video | text]`` sequence.
 
@@ -89,6 +93,10 @@ def ssta_attention(
         scale: softmax scale, default ``1/sqrt(D)``.
         backend: ``"auto"`` (Triton on CUDA when available, else torch), ``"torch"`` or ``"triton"``.
         return_info: also return an `SSTAInfo` (block mask, plan, density, layout).
+        strict_tiles: refuse a tile longer than the grid while padding stays visible (``pad_type``
+            ``zero`` / ``repeat``; see `validation.check_tiles`).
+        validate: check that ``text_mask`` is a prefix mask (reads its values). None (default): only
+            when it is on the CPU; True: also on a GPU (one host synchronisation); False: never.
 
     Returns:
         ``out [B, H, S, D]`` in q's dtype (and `SSTAInfo` when ``return_info``).
@@ -98,7 +106,7 @@ def ssta_attention(
         out = ssta_attention(q, k, v, thw=(31, 45, 80), config=SSTAConfig(topk=32), text_len=1985,
                              text_mask=mask)
     """
-    validate_inputs(q, k, v, thw, config, text_len, text_mask)
+    validate_inputs(q, k, v, thw, config, text_len, text_mask, strict_tiles, validate)
     backend = resolve_backend(backend, q)
     layout = TileLayout(tuple(thw), config.tile_thw, text_len, config.pad_type)
     # one pass over q and k both reorders them and yields the tile means the selection needs

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
 from einops import rearrange
 
+from .config import PAD_TYPES
 from .kernels import triton_runs_on
 
 __all__ = ["TileLayout"]
@@ -125,6 +127,16 @@ class _GatherRows(torch.autograd.Function):
         return gx, None, None, None, None, None, None
 
 
+def _is_int_triple(value) -> bool:
+    """Whether ``value`` is a tuple / list of three positive integers (bools and strings refused)."""
+    if not isinstance(value, (tuple, list)) or len(value) != 3:
+        return False
+    try:
+        return all(not isinstance(x, bool) and operator.index(x) >= 1 for x in value)
+    except TypeError:
+        return False
+
+
 @dataclass(frozen=True)
 class TileLayout:
     """How a ``[video (t*h*w) | text (text_len)]`` sequence maps onto attention blocks.
@@ -144,12 +156,15 @@ class TileLayout:
     pad_type: str = "zero"
 
     def __post_init__(self) -> None:
-        if len(self.grid_thw) != 3 or any(int(g) < 1 for g in self.grid_thw):
-            raise ValueError(f"grid_thw must be three positive ints, got {self.grid_thw}")
-        if self.text_len < 0:
-            raise ValueError(f"text_len must be >= 0, got {self.text_len}")
-        object.__setattr__(self, "grid_thw", tuple(int(g) for g in self.grid_thw))
-        object.__setattr__(self, "tile_thw", tuple(int(g) for g in self.tile_thw))
+        for name in ("grid_thw", "tile_thw"):
+            value = getattr(self, name)
+            if not _is_int_triple(value):
+                raise ValueError(f"{name} must be three positive ints (t, h, w), got {value!r}")
+            object.__setattr__(self, name, tuple(operator.index(x) for x in value))
+        if isinstance(self.text_len, bool) or not isinstance(self.text_len, int) or self.text_len < 0:
+            raise ValueError(f"text_len must be an int >= 0, got {self.text_len!r}")
+        if self.pad_type not in PAD_TYPES:
+            raise ValueError(f"pad_type must be one of {PAD_TYPES}, got {self.pad_type!r}")
         object.__setattr__(self, "text_len", int(self.text_len))
 
     # ------------------------------------------------------------------ sizes

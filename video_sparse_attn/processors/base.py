@@ -15,6 +15,7 @@ import torch
 
 from ..attention import resolve_backend, ssta_attention
 from ..config import SSTAConfig
+from ..validation import check_tiles
 from .families import family_of
 from .grid_hook import (LAYER_ATTR, RUNTIME_ATTR, SSTARuntime, find_calling_transformer, install_grid_hook,
                         runtime_of)
@@ -67,7 +68,7 @@ class SSTAAttnProcessor:
         stats: optional `SSTAStats` recording density and time per call (else the one given to
             `enable_ssta`, if any).
         strict_tiles: refuse a tile longer than the latent grid along an axis when padded tokens would
-            stay visible as keys (``pad_type`` ``zero`` / ``repeat``, sparse attention); such padding
+            stay visible as keys (``pad_type`` ``zero`` / ``repeat``; `validation.check_tiles`); such padding
             outnumbers real tokens along that axis. ``pad_type="mask"`` is always accepted.
 
     Usage::
@@ -174,17 +175,8 @@ class SSTAAttnProcessor:
         return self.schedule.head_groups(base, step, layer, num_heads)
 
     def _check_tiles(self, config: SSTAConfig, thw) -> None:
-        if not self.strict_tiles or config.pad_type == "mask" or config.sparse_type == "dense":
-            return
-        for axis, tile, size in zip("thw", config.tile_thw, thw):
-            if tile > size:
-                raise ValueError(
-                    f"tile_thw={config.tile_thw} is longer than the latent grid thw={tuple(thw)} "
-                    f"along {axis} "
-                    f"({tile} > {size}); with pad_type={config.pad_type!r} the padded tokens stay visible as "
-                    "keys and outnumber the real ones. Use a smaller tile, pad_type='mask', or "
-                    "strict_tiles=False to run it anyway"
-                )
+        if self.strict_tiles:
+            check_tiles(config, thw)
 
     def attend(self, attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                text_len: int = 0, text_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -218,7 +210,8 @@ class SSTAAttnProcessor:
         for h0, h1, cfg in groups:
             sl = slice(h0, h1) if len(groups) > 1 else slice(None)
             res = ssta_attention(q[:, sl], k[:, sl], v[:, sl], tuple(thw), cfg, text_len, text_mask,
-                                 backend=self.backend, return_info=want_info)
+                                 backend=self.backend, return_info=want_info,
+                                 strict_tiles=self.strict_tiles)
             out, info = res if want_info else (res, None)
             outs.append(out)
             if info is not None:
