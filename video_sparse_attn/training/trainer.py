@@ -2,13 +2,18 @@
 
 Outputs under ``--output-dir``:
     checkpoint-<step>/          accelerate ``save_state`` (model or LoRA adapter, optimizer, scheduler,
-                                RNG, sampler); ``--resume-from-checkpoint`` continues at <step>
+                                RNG, sampler) + ``checkpoint_manifest.json``, written atomically (see
+                                `checkpoints`); ``--resume-from-checkpoint`` continues at <step>
     transformer/                full fine-tune: ``save_pretrained`` folder (config.json +
                                 diffusion_pytorch_model.safetensors) and ``ssta_config.json``
     transformer_lora/           LoRA: ``pytorch_lora_weights.safetensors`` (load with
                                 ``transformer.load_lora_adapter(folder)``) and ``ssta_config.json``
     train_log.jsonl             one JSON line per optimizer step: step, loss, lr, SSTA sparse_type,
                                 topk, window and mean block density
+    train_log.png               loss and density over the steps (when matplotlib is installed)
+
+A second run into an ``--output-dir`` that holds a run is refused unless it resumes
+(``--resume-from-checkpoint``) or replaces it (``--overwrite``).
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..cli import UsageError
 from .args import ssta_config_from_args
+from .checkpoints import check_output_dir, latest_checkpoint, save_checkpoint, step_of, verify_checkpoint
 from .data import LatentVideoDataset, collate_samples, make_synthetic_dataset
+from .plot import plot_train_log
 from .flow_matching import NUM_TRAIN_TIMESTEPS, add_noise, flow_matching_loss, sample_sigmas
 from .models import (family_of, latent_channels, latent_grid, load_transformer, text_dims,
                      tiny_transformer, transformer_inputs)
@@ -41,34 +49,16 @@ ADAPTER_FILE = "lora_adapter.safetensors"
 TINY_IMAGE_TOKENS = 8
 
 
-def latest_checkpoint(output_dir: str) -> Optional[str]:
-    """Path of the ``checkpoint-<step>`` folder with the highest step, or None."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = [int(n.split("-")[1]) for n in os.listdir(output_dir)
-             if n.startswith("checkpoint-") and n.split("-")[1].isdigit()]
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
-
-
-def _step_of(checkpoint: str) -> int:
-    name = os.path.basename(os.path.normpath(checkpoint))
-    if not (name.startswith("checkpoint-") and name.split("-")[1].isdigit()):
-        raise ValueError(f"checkpoint folder must be named checkpoint-<step>, got {checkpoint!r}")
-    return int(name.split("-")[1])
-
-
 def _noise_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
     """A CPU generator per micro-batch: the same draws after a resume, independent across ranks."""
     return torch.Generator().manual_seed((seed * 1_000_003 + micro_step * 7_919 + rank * 104_729) % (2**63))
 
 
-def _prune_checkpoints(output_dir: str, keep: Optional[int]) -> None:
-    if keep is None:
-        return
-    ckpts = sorted((n for n in os.listdir(output_dir) if n.startswith("checkpoint-")),
-                   key=lambda n: int(n.split("-")[1]))
-    for name in ckpts[: max(0, len(ckpts) - keep + 1)]:  # room for the one about to be written
-        shutil.rmtree(os.path.join(output_dir, name))
+def _open_dataset(root: str) -> LatentVideoDataset:
+    try:
+        return LatentVideoDataset(root)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--data {root!r}: {e}") from None
 
 
 def _prepare_dataset(args: argparse.Namespace, transformer, accelerator) -> LatentVideoDataset:
@@ -83,7 +73,32 @@ def _prepare_dataset(args: argparse.Namespace, transformer, accelerator) -> Late
                                        dims["text_dim"], text_dim_2=dims["text_dim_2"],
                                        pooled_dim=dims["pooled_dim"], family=family_of(transformer),
                                        seed=args.seed)
-    return LatentVideoDataset(root)
+    return _open_dataset(root)
+
+
+def _resume_path(args: argparse.Namespace) -> Optional[str]:
+    """The checkpoint to resume from (None: a new run); a bad one → UsageError naming it."""
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        return latest_checkpoint(args.output_dir)
+    path = args.resume_from_checkpoint
+    try:
+        step_of(path)
+        verify_checkpoint(path)
+    except ValueError as e:
+        raise UsageError(f"--resume-from-checkpoint: {e}") from None
+    return path
+
+
+def _truncate_log(log_path: str, step: int) -> None:
+    """Keep the log lines of steps <= ``step`` (a resumed run rewrites the steps after it)."""
+    if not os.path.isfile(log_path):
+        return
+    with open(log_path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(log_path, "w") as f:
+        f.writelines(lines)
 
 
 def _add_lora(transformer, args: argparse.Namespace) -> None:
@@ -146,6 +161,20 @@ def train(args: argparse.Namespace) -> Dict:
     from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
 
+    # -- every user-facing check before the model is loaded
+    try:
+        previous = check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    tiny = args.model is None
+    target = ssta_config_from_args(args, tiny)
+    if args.data is not None:
+        _open_dataset(args.data)
+    resume_path = _resume_path(args)
+    if resume_path is None and args.resume_from_checkpoint and previous and not args.overwrite:
+        raise UsageError(f"--resume-from-checkpoint latest: no complete checkpoint in {args.output_dir!r}, "
+                         "which holds a run; pass --overwrite to start again there")
+
     os.makedirs(args.output_dir, exist_ok=True)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -154,9 +183,13 @@ def train(args: argparse.Namespace) -> Dict:
                                             logging_dir=os.path.join(args.output_dir, "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     set_seed(args.seed)
+    if args.overwrite and previous and not args.resume_from_checkpoint:
+        if accelerator.is_main_process:
+            for path in previous:
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        accelerator.wait_for_everyone()
 
     # -- model
-    tiny = args.model is None
     transformer = tiny_transformer(args.tiny_family, seed=args.seed) if tiny else load_transformer(args.model)
     family = family_of(transformer)
     image_tokens = args.image_tokens or (TINY_IMAGE_TOKENS if tiny else None)
@@ -179,8 +212,7 @@ def train(args: argparse.Namespace) -> Dict:
     # -- data and sparsity
     dataset = _prepare_dataset(args, transformer, accelerator)
     if dataset.family != family:
-        raise ValueError(f"dataset {dataset.root!r} was written for {dataset.family!r}, model is {family!r}")
-    target = ssta_config_from_args(args, tiny)
+        raise UsageError(f"dataset {dataset.root!r} was written for {dataset.family!r}, model is {family!r}")
     grid = latent_grid(transformer, dataset.latent_shape[1:])
     ramp = SparsityRamp(target, grid, args.dense_warmup_steps, args.sparsity_ramp_steps) if target else None
 
@@ -204,15 +236,20 @@ def train(args: argparse.Namespace) -> Dict:
 
     # -- resume
     global_step = 0
+    log_path = os.path.join(args.output_dir, "train_log.jsonl")
     if args.resume_from_checkpoint:
-        path = (latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest"
-                else args.resume_from_checkpoint)
-        if path is None:
+        if resume_path is None:
             accelerator.print("no checkpoint found under --output-dir; starting a new run")
         else:
-            accelerator.load_state(path)
-            global_step = _step_of(path)
-            accelerator.print(f"resumed from {path} at step {global_step}")
+            try:
+                verify_checkpoint(resume_path)
+                accelerator.load_state(resume_path)
+            except Exception as e:  # a corrupt file surfaces as any of several library errors
+                raise UsageError(f"checkpoint {resume_path} cannot be loaded ({type(e).__name__}: {e})") from e
+            global_step = step_of(resume_path)
+            accelerator.print(f"resumed from {resume_path} at step {global_step}")
+        if accelerator.is_main_process:
+            _truncate_log(log_path, global_step)
 
     steps_per_epoch = max(1, math.ceil(len(loader) / args.gradient_accumulation_steps))
     first_epoch = global_step // steps_per_epoch
@@ -225,8 +262,7 @@ def train(args: argparse.Namespace) -> Dict:
         from ..processors import SSTAStats
 
         stats = SSTAStats(time=False)  # block density of every SSTA call, read once per step
-    set_sparse_attention(model, current, args.ssta_backend, stats)
-    log_path = os.path.join(args.output_dir, "train_log.jsonl")
+    set_sparse_attention(model, current, args.backend, stats)
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=args.no_progress_bar or not accelerator.is_local_main_process)
     losses: List[float] = []
@@ -285,12 +321,9 @@ def train(args: argparse.Namespace) -> Dict:
                     f.write(json.dumps(record) + "\n")
             if ramp is not None and ramp.config_at(global_step) != current:
                 current = ramp.config_at(global_step)
-                set_sparse_attention(model, current, args.ssta_backend, stats)
+                set_sparse_attention(model, current, args.backend, stats)
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                if accelerator.is_main_process:
-                    _prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
-                accelerator.wait_for_everyone()
-                accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             if global_step >= args.max_train_steps:
                 break
     progress.close()
@@ -305,6 +338,7 @@ def train(args: argparse.Namespace) -> Dict:
             model.save_pretrained(final_dir, safe_serialization=True)
         if target is not None:
             target.save(os.path.join(final_dir, SSTA_CONFIG_NAME))
+        plot_train_log(log_path)
     accelerator.end_training()
     _release_accelerate_state()
     return {"global_step": global_step, "losses": losses, "final_dir": final_dir, "ssta_config": target,
