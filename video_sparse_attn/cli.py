@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Callable, Optional, Sequence, Tuple
 
-__all__ = ["UsageError", "run_main", "triple", "positive_int", "non_negative_int", "positive_float",
+__all__ = ["UsageError", "OneLineParser", "run_main", "read_json", "triple", "positive_int", "non_negative_int", "positive_float",
            "existing_file", "existing_dir", "add_ssta_arguments", "ssta_overrides", "load_ssta_config",
            "SPARSE_TYPES", "PAD_TYPES", "BACKENDS", "SAMPLING_TYPES"]
 
@@ -25,6 +25,24 @@ SAMPLING_TYPES = ("importance", "similarity")
 
 class UsageError(ValueError):
     """A mistake of the person running the command: reported as one line, no traceback."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` whose errors are one line (``prog: error: ...``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _TripleAction(argparse.Action):
+    """``--tile 1,4,4`` (documented) or ``--tile 1 4 4`` (older spelling) → (1, 4, 4)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        text = ",".join(values) if isinstance(values, list) else values
+        try:
+            setattr(namespace, self.dest, triple(text))
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"argument {option_string}: {e}")
 
 
 def run_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None,
@@ -89,15 +107,15 @@ def existing_dir(text: str) -> str:
 def add_ssta_arguments(parser: argparse.ArgumentParser, backend_default: str = "auto") -> argparse._ArgumentGroup:
     """The SSTA knobs, spelled the same in every command (old spellings kept as hidden aliases)."""
     g = parser.add_argument_group("SSTA (sparse attention)")
-    g.add_argument("--ssta-config", "--config", dest="ssta_config", type=existing_file, default=None,
+    g.add_argument("--ssta-config", dest="ssta_config", type=existing_file, default=None,
                    metavar="FILE", help="SSTAConfig JSON (or .safetensors with SSTA metadata); the flags "
                    "below override its fields")
     g.add_argument("--sparse-type", choices=SPARSE_TYPES, default=None,
                    help="ssta = window + top-k + text; sta = window + text; block_attn = top-k + text; dense")
-    g.add_argument("--tile", type=triple, default=None, metavar="T,H,W",
+    g.add_argument("--tile", action=_TripleAction, nargs="+", default=None, metavar="T,H,W",
                    help="tile (= attention block) in latent tokens; its volume must be a multiple of 16")
-    g.add_argument("--window", "--kernel", dest="window", type=triple, default=None, metavar="T,H,W",
-                   help="STA window (kernel_thw) in tiles")
+    g.add_argument("--window", dest="window", action=_TripleAction, nargs="+", default=None,
+                   metavar="T,H,W", help="STA window (kernel_thw) in tiles")
     g.add_argument("--topk", type=positive_int, default=None, help="key tiles selected per query tile")
     g.add_argument("--pad-type", choices=PAD_TYPES, default=None,
                    help="padded video tokens: zero / repeat stay visible as keys; mask excludes them (exact)")
@@ -105,8 +123,13 @@ def add_ssta_arguments(parser: argparse.ArgumentParser, backend_default: str = "
                    help="how top-k tiles are scored")
     g.add_argument("--no-caller-rules", action="store_true",
                    help="use topk / tiles exactly as given (no HunyuanVideo-1.5 halving for short videos)")
-    g.add_argument("--backend", "--ssta-backend", dest="backend", choices=BACKENDS, default=backend_default,
+    g.add_argument("--backend", dest="backend", choices=BACKENDS, default=backend_default,
                    help="auto: Triton kernels on CUDA, PyTorch on CPU")
+    # older spellings, accepted but not advertised
+    g.add_argument("--config", dest="ssta_config", type=existing_file, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--kernel", dest="window", action=_TripleAction, nargs="+", default=None, help=argparse.SUPPRESS)
+    g.add_argument("--ssta-backend", dest="backend", choices=BACKENDS, default=backend_default,
+                   help=argparse.SUPPRESS)
     return g
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from ..cli import (add_ssta_arguments, existing_dir, load_ssta_config, non_negative_int, positive_float,
+from ..cli import (OneLineParser, add_ssta_arguments, existing_dir, load_ssta_config, non_negative_int, positive_float,
                    positive_int, ssta_overrides, triple)
 from ..config import SSTAConfig
 
-__all__ = ["build_parser", "parse_args", "ssta_config_from_args", "LR_SCHEDULERS"]
+__all__ = ["build_parser", "add_arguments", "parse_args", "ssta_config_from_args", "LR_SCHEDULERS"]
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "piecewise_constant")
@@ -31,9 +31,15 @@ def _unit_float(text: str) -> float:
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog=prog, description="Flow-matching fine-tuning of a diffusers video transformer with SSTA sparse attention.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The fine-tuning options, added to ``p``."""
     g = p.add_argument_group("model and data")
     g.add_argument("--model", type=existing_dir, default=None, help="local diffusers pipeline or transformer "
                    "folder (HunyuanVideo-1.5, HunyuanVideo or Wan); default: a tiny random HunyuanVideo-1.5")
@@ -97,7 +103,6 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="a checkpoint-<step> folder, or 'latest' (the newest complete one in --output-dir)")
     g.add_argument("--report-to", default=None, help="accelerate tracker (tensorboard, wandb, ...)")
     g.add_argument("--no-progress-bar", action="store_true", help="no tqdm bar")
-    return p
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
