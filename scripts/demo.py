@@ -58,10 +58,17 @@ def plot_block_mask(mask: torch.Tensor, num_video_blocks: int, path: str, title:
     except ImportError:
         print("matplotlib is not installed: skipping the block-mask picture (pip install matplotlib)")
         return False
-    fig, ax = plt.subplots(figsize=(6, 6))
-    ax.imshow(mask.cpu().numpy(), cmap="Greys", interpolation="nearest")
+    fig, ax = plt.subplots(figsize=(6, 6.6))
+    ax.imshow(mask.cpu().numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
     ax.axhline(num_video_blocks - 0.5, color="tab:red", lw=0.8)
     ax.axvline(num_video_blocks - 0.5, color="tab:red", lw=0.8)
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(facecolor="black", edgecolor="grey", label="kept block (attended)"),
+                       Patch(facecolor="white", edgecolor="grey", label="skipped block"),
+                       Line2D([], [], color="tab:red", lw=0.8, label="video | text boundary")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize=8, frameon=False)
     ax.set_xlabel("key block (video tiles, then text)")
     ax.set_ylabel("query block")
     ax.set_title(title, fontsize=9)
