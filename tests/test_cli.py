@@ -188,7 +188,7 @@ def test_readme_op_snippet_runs_on_a_cpu_only_machine(monkeypatch, capsys):
     snippet = section[section.index("```python\n") + 10: section.index("```\n", section.index("```python\n") + 10)]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     exec(compile(snippet, "README.md", "exec"), {})
-    assert "torch.Size([1, 16, 1408, 128])" in capsys.readouterr().out
+    assert "torch.Size([1, 2, 1408, 64])" in capsys.readouterr().out
 
 
 def test_demo_mask_picture_has_a_legend(tmp_path, monkeypatch):
