@@ -2,8 +2,9 @@
 
 The CPU path of `ssta_attention` and the oracle the Triton kernels are tested against. Readable
 rather than fast; autograd flows through it. It never forms an S×S tensor and costs O(kept blocks):
-query blocks are bucketed by their kept-block count (widths rounded up to a power of two), and each
-bucket gathers only its own kept key blocks, so a few dense text rows do not make every row dense.
+query blocks are bucketed by their kept-block count (at most twice the kept blocks in slots, see
+`row_buckets`), and each bucket gathers only its own kept key blocks, so a few dense text rows do
+not make every row dense.
 """
 
 from __future__ import annotations
@@ -19,17 +20,24 @@ __all__ = ["block_sparse_attention_torch"]
 def row_buckets(counts: torch.Tensor) -> List[Tuple[torch.Tensor, int]]:
     """Group rows by kept-block count: ``counts`` int CPU ``[R]`` → ``[(row ids int64, width)]``.
 
-    Every row with ``count > 0`` lies in exactly one bucket whose ``width`` (the largest count in it)
-    is less than twice the row's count, so the buckets hold fewer than ``2 * counts.sum()`` slots.
+    Rows are first grouped by ``ceil(log2(count))``; neighbouring groups are merged while a group's
+    slots (rows × width, its largest count) stay within twice its kept blocks. So the buckets hold
+    at most ``2 * counts.sum()`` slots, in as few buckets (kernel launches) as that allows.
     Rows with count 0 are in no bucket.
     """
     counts = counts.long()
     live = counts > 0
     level = torch.zeros_like(counts)
     level[live] = torch.ceil(torch.log2(counts[live].double())).long()     # 2**(level-1) < count <= 2**level
-    buckets = []
-    for lv in torch.unique(level[live]).tolist():
-        rows = torch.nonzero(live & (level == lv)).flatten()
+    groups = [torch.nonzero(live & (level == lv)).flatten() for lv in torch.unique(level[live]).tolist()]
+    buckets: List[Tuple[torch.Tensor, int]] = []
+    for rows in reversed(groups):                                          # widest first
+        if buckets:
+            prev, width = buckets[-1]
+            merged = torch.cat([prev, rows])
+            if len(merged) * width <= 2 * int(counts[merged].sum()):
+                buckets[-1] = (merged, width)
+                continue
         buckets.append((rows, int(counts[rows].max())))
     return buckets
 
