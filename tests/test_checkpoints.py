@@ -129,6 +129,8 @@ def test_a_run_keeps_its_outputs_safe(tmp_path):
     assert result["global_step"] == 3
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-3"]
     assert os.path.isfile(out / "checkpoint-3" / MANIFEST)
+    used = json.loads((out / "run_args.json").read_text())
+    assert used["ssta_config"]["tile_thw"] == [1, 4, 4] and used["latent_grid"] == [2, 8, 8]
     if importlib.util.find_spec("matplotlib"):
         assert (out / "train_log.png").stat().st_size > 0
     # a second run into the same folder is refused before any model is built

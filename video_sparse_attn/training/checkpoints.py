@@ -19,7 +19,7 @@ __all__ = ["MANIFEST", "complete_checkpoints", "latest_checkpoint", "step_of", "
 
 MANIFEST = "checkpoint_manifest.json"
 PREFIX = "checkpoint-"
-RUN_OUTPUTS = ("transformer", "transformer_lora", "train_log.jsonl")
+RUN_OUTPUTS = ("transformer", "transformer_lora", "train_log.jsonl", "train_log.png", "run_args.json")
 
 
 def step_of(checkpoint: str) -> int:

@@ -11,6 +11,7 @@ Outputs under ``--output-dir``:
     train_log.jsonl             one JSON line per optimizer step: step, loss, lr, SSTA sparse_type,
                                 topk, window and mean block density
     train_log.png               loss and density over the steps (when matplotlib is installed)
+    run_args.json               the arguments and SSTA config this run actually used
 
 A second run into an ``--output-dir`` that holds a run is refused unless it resumes
 (``--resume-from-checkpoint``) or replaces it (``--overwrite``).
@@ -47,6 +48,7 @@ FINAL_LORA_DIR = "transformer_lora"
 SSTA_CONFIG_NAME = "ssta_config.json"
 ADAPTER_FILE = "lora_adapter.safetensors"
 TINY_IMAGE_TOKENS = 8
+RUN_ARGS_NAME = "run_args.json"
 
 
 def _noise_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
@@ -233,6 +235,12 @@ def train(args: argparse.Namespace) -> Dict:
     if accelerator.is_main_process and args.report_to:
         scalars = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("video_sparse_attn-finetune", config=scalars)
+    if accelerator.is_main_process:  # the values this run actually uses (defaults and tiny choices resolved)
+        used = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+        used.update(ssta_config=target.to_dict() if target else None, latent_grid=list(grid),
+                    image_tokens=image_tokens, family=family, num_processes=accelerator.num_processes)
+        with open(os.path.join(args.output_dir, RUN_ARGS_NAME), "w") as f:
+            json.dump(used, f, indent=2, default=str)
 
     # -- resume
     global_step = 0
