@@ -73,8 +73,9 @@ class BackendSpec:
     capabilities: Optional[Tuple[int, ...]]
     importable: Callable[[], Optional[str]]
 
-    def unsupported(self, call: AttentionCall) -> Optional[str]:
-        """Why this backend cannot run ``call`` (one phrase), or None when it can."""
+    def unsupported(self, call: AttentionCall, named: bool = True) -> Optional[str]:
+        """Why this backend cannot run ``call`` (one phrase), or None when it can. Triton's CPU
+        interpreter (``TRITON_INTERPRET=1``) counts only for a backend named explicitly."""
         reason = self.importable()
         if reason:
             return reason
@@ -86,7 +87,7 @@ class BackendSpec:
             if major not in self.capabilities:
                 return (f"it runs on compute capability {'/'.join(f'{c}.x' for c in self.capabilities)}, "
                         f"this GPU is {major}.x")
-        elif not (self.name == "triton" and _interpreting()):
+        elif not (self.name == "triton" and named and _interpreting()):
             hint = " (or TRITON_INTERPRET=1 set before Triton is imported)" if self.name == "triton" else ""
             return f"it needs CUDA tensors{hint}, got tensors on {dev}"
         if call.dtype not in self.dtypes:
@@ -171,7 +172,7 @@ def select_backend(backend: str, call: AttentionCall) -> BackendSpec:
     if backend == "auto":
         reasons = []
         for spec in BACKENDS.values():
-            why = spec.unsupported(call)
+            why = spec.unsupported(call, named=False)
             if why is None:
                 return spec
             reasons.append(f"{spec.name}: {why}")
