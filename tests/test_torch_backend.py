@@ -37,7 +37,7 @@ def test_matches_dense_reference_on_random_plans(seed, Bp, Hp):
                for n in (M, N, N))
     out, lse = block_sparse_attention_torch(q, k, v, plan, 0.3)
     ref_out, ref_lse = _dense_reference(q, k, v, plan, 0.3)
-    assert out.dtype == torch.float64 and lse.dtype == torch.float32
+    assert out.dtype == torch.float64 and lse.dtype == torch.float64
     assert rel_l2(out, ref_out) < 1e-12
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     finite = torch.isfinite(ref_lse)

@@ -2,35 +2,28 @@
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from .config import SSTAConfig
-from .kernels import triton_runs_on
+from .kernels.registry import AttentionCall, BackendSpec, select_backend
 from .layout import TileLayout
 from .masks.build import block_mask_from_tiled
+from .padding_free import add_zero_keys, zero_keys_per_row_block
 from .plan import BlockSparsePlan
-from .validation import validate_block_inputs, validate_inputs
+from .validation import check_scale, validate_block_inputs, validate_inputs
 
-__all__ = ["block_sparse_attention", "ssta_attention", "SSTAInfo"]
-
-BACKENDS = ("auto", "torch", "triton")
+__all__ = ["block_sparse_attention", "ssta_attention", "SSTAInfo", "resolve_backend"]
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """'auto' → 'triton' on CUDA when Triton imports, else 'torch'. Explicit choices never fall back."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if triton_runs_on(q) else "torch"
-    if backend == "triton" and not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before Triton is imported, "
-            f"to run the kernels in Triton's CPU interpreter); got tensors on {q.device}"
-        )
-    return backend
+def resolve_backend(backend: str, q: torch.Tensor, plan: Optional[BlockSparsePlan] = None) -> str:
+    """The name of the backend that runs ``q`` (and ``plan``) for ``backend`` (see `kernels.registry`)."""
+    return select_backend(backend, AttentionCall.of(q, plan)).name
+
+
+def _run(spec: BackendSpec, q, k, v, plan, scale) -> Tuple[torch.Tensor, torch.Tensor]:
+    return spec.load()(q, k, v, plan, scale)
 
 
 def block_sparse_attention(
@@ -43,19 +36,16 @@ def block_sparse_attention(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention of block-ordered ``q [B,H,Sq,D]``, ``k, v [B,H,Sk,D]`` over ``plan``.
 
-    Returns ``(out [B,H,Sq,D], lse [B,H,Sq] float32, natural log)``; gradients flow to q, k, v.
-    Inputs and ``scale`` (finite, > 0) are checked here, the same way for every backend.
+    ``backend``: ``"auto"`` (the fastest backend that supports the call: ``fa4`` → ``triton`` →
+    ``torch``), or one of `kernels.registry.BACKENDS` by name (never falls back; raises one line
+    naming what it lacks).
+
+    Returns ``(out [B,H,Sq,D], lse [B,H,Sq] float32, natural log)``; gradients flow to q, k, v through
+    both (lse is differentiable, so chunks can be merged by their LSE).
     """
-    scale = validate_block_inputs(q, k, v, plan, scale)
-    match resolve_backend(backend, q):
-        case "torch":
-            from .kernels.torch_ref import block_sparse_attention_torch
-
-            return block_sparse_attention_torch(q, k, v, plan, scale)
-        case "triton":
-            from .kernels.triton_op import block_sparse_attention_triton
-
-            return block_sparse_attention_triton(q, k, v, plan, scale)
+    scale = validate_block_inputs(q, k, v, plan, scale)   # the same checks for every backend
+    spec = select_backend(backend, AttentionCall.of(q, plan))
+    return _run(spec, q, k, v, plan, scale)
 
 
 class SSTAInfo(NamedTuple):
@@ -78,6 +68,7 @@ def ssta_attention(
     scale: Optional[float] = None,
     backend: str = "auto",
     return_info: bool = False,
+    padding_free: bool = True,
     strict_tiles: bool = True,
     validate: Optional[bool] = None,
 ):
@@ -91,8 +82,12 @@ def ssta_attention(
         text_len: L, number of text tokens at the end of the sequence.
         text_mask: optional ``[B, L]`` bool, True = valid text token (valid tokens form a prefix).
         scale: softmax scale, default ``1/sqrt(D)``.
-        backend: ``"auto"`` (Triton on CUDA when available, else torch), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (the fastest backend that supports the call) or a backend name
+            (``"fa4"``, ``"triton"``, ``"torch"``; see `kernels.registry`).
         return_info: also return an `SSTAInfo` (block mask, plan, density, layout).
+        padding_free: compute no padded query row and load no zero-padded key (their exact effect on
+            the softmax is added back, see `padding_free`); the result equals the padded computation
+            to rounding. ``False`` runs the padded blocks as they are (for comparison).
         strict_tiles: refuse a tile longer than the grid while padding stays visible (``pad_type``
             ``zero`` / ``repeat``; see `validation.check_tiles`).
         validate: check that ``text_mask`` is a prefix mask (reads its values). None (default): only
@@ -107,17 +102,24 @@ def ssta_attention(
                              text_mask=mask)
     """
     validate_inputs(q, k, v, thw, config, text_len, text_mask, strict_tiles, validate)
-    backend = resolve_backend(backend, q)
+    scale = check_scale(scale, q.shape[-1])
     layout = TileLayout(tuple(thw), config.tile_thw, text_len, config.pad_type)
+    bs = layout.block_size
+    spec = select_backend(backend, AttentionCall(q.device, q.dtype, int(q.shape[-1]), bs, bs))
     # one pass over q and k both reorders them and yields the tile means the selection needs
     needs_means = config.sparse_type in ("ssta", "block_attn") and config.pool_thw is None
     (q_t, q_means), (k_t, k_means) = (layout.tile_with_means(x) if needs_means else (layout.tile(x), None)
                                       for x in (q, k))
     v_t = layout.tile(v)
     block_mask = block_mask_from_tiled(q_t, k_t, layout, config, text_mask, q_means, k_means)
-    bs = layout.block_size
-    plan = BlockSparsePlan.from_block_mask(block_mask, bs, bs, layout.key_valid(text_mask, q.device))
-    out_t, _ = block_sparse_attention(q_t, k_t, v_t, plan, scale, backend)
+    dev = q.device
+    plan = BlockSparsePlan.from_block_mask(
+        block_mask, bs, bs, layout.key_valid(text_mask, dev, padding_free),
+        layout.query_valid(dev) if padding_free else None,
+    )
+    out_t, lse = _run(spec, q_t, k_t, v_t, plan, scale)
+    if padding_free and config.pad_type == "zero":
+        out_t, lse = add_zero_keys(out_t, lse, zero_keys_per_row_block(block_mask, layout.zero_keys(dev)), bs)
     out = layout.untile(out_t)
     if return_info:
         return out, SSTAInfo(block_mask, plan, plan.density, layout)

@@ -20,7 +20,7 @@ import torch
 
 from .config import SSTAConfig
 
-__all__ = ["validate_inputs", "validate_block_inputs", "check_tiles", "check_text_mask_prefix"]
+__all__ = ["validate_inputs", "validate_block_inputs", "check_tiles", "check_text_mask_prefix", "check_scale"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -137,8 +137,13 @@ def validate_block_inputs(q, k, v, plan, scale: Optional[float]) -> float:
             f"plan batch/head dims ({Bp}, {Hp}), k_valid batch {plan.k_valid.shape[0]} and q_valid batch "
             f"{plan.q_valid.shape[0]} must be 1 or match q's ({B}, {H})"
         )
+    return check_scale(scale, D)
+
+
+def check_scale(scale: Optional[float], head_dim: int) -> float:
+    """The softmax scale to use: ``1/sqrt(head_dim)`` for None, else a finite positive number."""
     if scale is None:
-        return 1.0 / math.sqrt(D)
+        return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     scale = float(scale)

@@ -57,9 +57,9 @@ def block_sparse_attention_torch(
         scale: softmax scale, default ``1/sqrt(D)``.
 
     Returns:
-        out ``[B, H, Sq, D]`` (q's dtype) and lse ``[B, H, Sq]`` float32 (natural log). Rows that
-        see no key, and rows past ``plan.q_valid``, give out 0 and lse -inf. Computed in float32
-        (float64 stays float64).
+        out ``[B, H, Sq, D]`` (q's dtype) and lse ``[B, H, Sq]`` float32 (float64 for float64 inputs;
+        natural log). Rows that see no key, and rows past ``plan.q_valid``, give out 0 and lse -inf.
+        Computed in float32 (float64 stays float64).
 
     Host synchronisation: one copy of ``plan.kv_count`` to the host, to size the buckets.
     """
@@ -115,4 +115,4 @@ def block_sparse_attention_torch(
     q_ok = plan.query_valid().reshape(-1, 1, Sq)                                              # padded query rows
     out = out.masked_fill(~q_ok[..., None], 0.0)
     lse = lse.masked_fill(~q_ok, float("-inf"))
-    return out.to(q.dtype), lse.float()
+    return out.to(q.dtype), lse.to(cdt)

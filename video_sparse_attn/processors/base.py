@@ -13,7 +13,8 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-from ..attention import resolve_backend, ssta_attention
+from ..attention import ssta_attention
+from ..kernels.registry import AttentionCall, backend_names, select_backend
 from ..config import SSTAConfig
 from ..validation import check_tiles
 from .families import family_of
@@ -24,8 +25,6 @@ from .stats import AttentionRecord, SSTAStats
 
 __all__ = ["SSTAAttnProcessor", "check_backend_support"]
 
-MAX_HEAD_DIM = 256
-
 _NO_GRID = (
     "SSTA needs the latent grid (t, h, w) of the current forward, and none was captured for this "
     "attention layer. Enable SSTA with `video_sparse_attn.enable_ssta(transformer, config)` (or "
@@ -35,26 +34,13 @@ _NO_GRID = (
 
 
 def check_backend_support(q: torch.Tensor, backend: str) -> str:
-    """Resolve ``backend`` for ``q [B, H, S, D]`` and refuse what it cannot run, naming the values.
-
-    The ``triton`` backend runs float16 / bfloat16 / float32 and head dims up to 256; the ``torch``
-    backend runs any float dtype and head dim.
-    """
-    resolved = resolve_backend(backend, q)
-    if resolved == "triton":
-        allowed = (torch.float16, torch.bfloat16, torch.float32)
-        if q.dtype not in allowed:
-            raise TypeError(
-                f"SSTA backend 'triton' (chosen by backend={backend!r}) runs {[str(d) for d in allowed]}, "
-                f"but the attention inputs are {q.dtype}: cast the transformer (e.g. "
-                "`transformer.to(torch.bfloat16)`) or pass backend='torch'"
-            )
-        if q.shape[-1] > MAX_HEAD_DIM:
-            raise ValueError(
-                f"SSTA backend 'triton' runs head dims up to {MAX_HEAD_DIM}, got head dim {q.shape[-1]}; "
-                "pass backend='torch'"
-            )
-    return resolved
+    """Resolve ``backend`` for ``q [B, H, S, D]`` through the backend registry (the one home of every
+    backend's limits); an unsupported call raises one line naming what the backend lacks."""
+    try:
+        return select_backend(backend, AttentionCall.of(q)).name
+    except ValueError as e:
+        raise ValueError(f"SSTA: {e}. Cast the transformer (e.g. `transformer.to(torch.bfloat16)`) or pass "
+                         "backend='torch' (any dtype, head dim and device)") from None
 
 
 class SSTAAttnProcessor:
@@ -86,8 +72,8 @@ class SSTAAttnProcessor:
             raise TypeError(f"config must be an SSTAConfig, got {type(config).__name__}")
         if schedule is not None and not isinstance(schedule, SSTASchedule):
             raise TypeError(f"schedule must be an SSTASchedule or None, got {type(schedule).__name__}")
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        if backend not in backend_names():
+            raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
         self.config = config
         self.schedule = schedule
         self.backend = backend
