@@ -28,7 +28,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ..cli import (OneLineParser, UsageError, add_ssta_arguments, load_ssta_config, non_negative_int,
-                   positive_float, positive_int, read_json, run_main, ssta_overrides)
+                   positive_int, read_json, run_main, ssta_overrides)
 from ..config import SSTAConfig
 
 __all__ = ["add_arguments", "run", "main", "cli", "video_multiples"]

@@ -158,10 +158,7 @@ def train(args: argparse.Namespace) -> Dict:
     "transformer" (the trained, unwrapped model, SSTA still installed)}``.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
-    from tqdm.auto import tqdm
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     # -- every user-facing check before the model is loaded
     try:
@@ -184,6 +181,21 @@ def train(args: argparse.Namespace) -> Dict:
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    try:
+        return _train(args, accelerator, tiny, target, previous, resume_path)
+    except BaseException:
+        _release_accelerate_state()  # a later `train` in this process starts clean
+        raise
+
+
+def _train(args: argparse.Namespace, accelerator, tiny: bool, target, previous: List[str],
+           resume_path: Optional[str]) -> Dict:
+    """The run itself, once every argument is checked and the accelerator exists (see `train`)."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from tqdm.auto import tqdm
+
     set_seed(args.seed)
     if args.overwrite and previous and not args.resume_from_checkpoint:
         if accelerator.is_main_process:
