@@ -89,13 +89,13 @@ def main() -> None:
     if "fa4" in backends:
         from flash_attn.cute.interface import _flash_attn_fwd
 
-        from video_sparse_attn.kernels.fa4 import _key_mask_mod, fa4_block_lists
+        from video_sparse_attn.kernels.fa4 import _fa4_tensors, _key_mask_mod, fa4_block_lists
 
         lists = fa4_block_lists(padded, 1)
         with torch.no_grad():
             add("kernel/fa4-raw/padded/fwd", bench(lambda: _flash_attn_fwd(
                 tq.transpose(1, 2), tk.transpose(1, 2), tv.transpose(1, 2), mask_mod=_key_mask_mod(),
-                block_sparse_tensors=lists.fwd, return_lse=True, aux_tensors=[lists.key_ok])), flop)
+                block_sparse_tensors=_fa4_tensors(lists.fwd), return_lse=True, aux_tensors=[lists.key_ok])), flop)
     if not args.no_flex:
         from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
