@@ -89,13 +89,13 @@ def main() -> None:
     if "fa4" in backends:
         from flash_attn.cute.interface import _flash_attn_fwd
 
-        from video_sparse_attn.kernels.fa4 import _key_mask_mod, fa4_block_lists
+        from video_sparse_attn.kernels.fa4 import _fa4_tensors, _key_mask_mod, fa4_block_lists
 
         lists = fa4_block_lists(padded, 1)
         with torch.no_grad():
             add("kernel/fa4-raw/padded/fwd", bench(lambda: _flash_attn_fwd(
                 tq.transpose(1, 2), tk.transpose(1, 2), tv.transpose(1, 2), mask_mod=_key_mask_mod(),
-                block_sparse_tensors=lists.fwd, return_lse=True, aux_tensors=[lists.key_ok])), flop)
+                block_sparse_tensors=_fa4_tensors(lists.fwd), return_lse=True, aux_tensors=[lists.key_ok])), flop)
     if not args.no_flex:
         from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -108,6 +108,28 @@ def main() -> None:
         with torch.no_grad():
             add("kernel/flex/padded/fwd", bench(f), flop)
         add("kernel/flex/padded/fwd+bwd", bench(fwd_bwd(f, (tq, tk, tv), g_t)), 3.5 * flop)
+
+    # ---- the parts of ssta_attention around the kernel (forward)
+    import dataclasses
+
+    from video_sparse_attn.padding_free import add_zero_keys, zero_keys_per_row_block
+
+    with torch.no_grad():
+        qd, kd, vd = q.detach(), k.detach(), v.detach()
+        add("part/tile q,k with means + tile v", bench(lambda: (layout.tile_with_means(qd), layout.tile_with_means(kd),
+                                                                layout.tile(vd))))
+        q_m, k_m = layout.tile_with_means(qd)[1], layout.tile_with_means(kd)[1]
+        add("part/block mask", bench(lambda: block_mask_from_tiled(q_t, k_t, layout, cfg, tm, q_m, k_m)))
+        add("part/plan", bench(lambda: BlockSparsePlan.from_block_mask(
+            mask, bs, bs, layout.key_valid(tm, dev, True), layout.query_valid(dev))))
+        if "fa4" in backends:
+            from video_sparse_attn.kernels.fa4 import fa4_block_lists
+
+            add("part/fa4 block lists", bench(lambda: fa4_block_lists(dataclasses.replace(free), 1)))
+        o_t, l_t = block_sparse_attention(q_t, k_t, v_t, free, backend=backends[0])
+        n = zero_keys_per_row_block(mask, layout.zero_keys(dev))
+        add("part/zero-key correction", bench(lambda: add_zero_keys(o_t, l_t, n, bs)))
+        add("part/untile", bench(lambda: layout.untile(o_t)))
 
     # ---- end to end
     g = torch.randn_like(q)

@@ -24,9 +24,10 @@ def zero_keys_per_row_block(block_mask: torch.Tensor, zero_keys: torch.Tensor) -
     return (block_mask.to(torch.float32) @ zero_keys.to(block_mask.device)[:, None]).squeeze(-1)
 
 
-def _acc(x: torch.Tensor) -> torch.Tensor:
-    """x in at least float32."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+def _scaled(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``x [..., D] * s [...]`` computed in ``s``'s precision, stored in x's dtype (one pass, no
+    wide temporary)."""
+    return torch.mul(x, s[..., None], out=torch.empty_like(x))
 
 
 def _scale(lse: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -47,7 +48,7 @@ class _AddZeroKeys(torch.autograd.Function):
         s = _scale(lse, n)
         ctx.save_for_backward(out, lse, n)
         new_lse = torch.where(n > 0, torch.logaddexp(lse, torch.log(n.clamp(min=1.0))), lse)
-        return (_acc(out) * s[..., None]).to(out.dtype), new_lse
+        return _scaled(out, s), new_lse
 
     @staticmethod
     def backward(ctx, g_out, g_lse):
@@ -55,8 +56,8 @@ class _AddZeroKeys(torch.autograd.Function):
         s = _scale(lse, n)
         d_out = d_lse = None
         if g_out is not None:
-            d_out = (_acc(g_out) * s[..., None]).to(out.dtype)
-            d_lse = s * (1 - s) * (_acc(g_out) * _acc(out)).sum(-1)
+            d_out = _scaled(g_out, s)
+            d_lse = s * (1 - s) * (g_out * out).sum(-1, dtype=s.dtype)
         if g_lse is not None:
             d_lse = s * g_lse if d_lse is None else d_lse + s * g_lse
         return d_out, d_lse, None

@@ -20,12 +20,14 @@ import torch
 
 from .config import SSTAConfig
 
-__all__ = ["validate_inputs", "validate_block_inputs", "check_tiles", "check_text_mask_prefix", "check_scale"]
+__all__ = ["validate_inputs", "validate_block_inputs", "check_tiles", "check_text_mask_prefix", "check_scale",
+           "check_qkv"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_qkv(q, k, v) -> None:
+def check_qkv(q, k, v) -> None:
+    """q, k, v are 4-D float tensors of one dtype, on one device, with no empty dimension."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -78,7 +80,7 @@ def validate_inputs(q, k, v, thw, config, text_len, text_mask, strict_tiles: boo
     ``strict_tiles``: apply `check_tiles`. ``check_values``: check that ``text_mask`` is a prefix
     mask; None = only when it is on the CPU (no host synchronisation on a GPU).
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     if not (q.shape == k.shape == v.shape):
         raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not isinstance(config, SSTAConfig):
@@ -117,7 +119,7 @@ def validate_inputs(q, k, v, thw, config, text_len, text_mask, strict_tiles: boo
 def validate_block_inputs(q, k, v, plan, scale: Optional[float]) -> float:
     """Check block-ordered ``q [B,H,Sq,D]``, ``k, v [B,H,Sk,D]`` against ``plan`` and the softmax
     scale, the same way for every backend; returns the scale to use (default ``1/sqrt(D)``)."""
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     B, H, Sq, D = q.shape
     if k.shape != v.shape or tuple(k.shape[:2]) != (B, H) or k.shape[3] != D:
         raise ValueError(f"k and v must be [B={B}, H={H}, Sk, D={D}], got {tuple(k.shape)} and {tuple(v.shape)}")

@@ -25,7 +25,6 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from ..plan import _compress
 
 __all__ = ["block_sparse_attention_fa4", "fa4_block_lists", "FA4_BLOCK"]
 
@@ -38,8 +37,8 @@ _CACHE_ATTR = "_fa4_block_lists"
 class FA4BlockLists(NamedTuple):
     """FA4's block-sparse tensors for one plan (counts int32 ``[B', H', R]``, ids ``[B', H', R, C]``)."""
 
-    fwd: object             # BlockSparseTensorsTorch, Q rows → KV sub-blocks
-    bwd: object             # BlockSparseTensorsTorch, KV sub-blocks → Q rows
+    fwd: tuple              # (mask_cnt, mask_idx, full_cnt, full_idx): Q sub-block rows → KV sub-blocks
+    bwd: tuple              # the same, KV sub-block columns → Q sub-blocks
     key_ok: torch.Tensor    # int32 [B, Sk]: 1 where a key token takes part (read by the mask_mod)
 
 
@@ -49,39 +48,78 @@ def _sub_valid(valid: torch.Tensor, ratio: int) -> torch.Tensor:
     return (valid[..., None] - starts).clamp(0, FA4_BLOCK).flatten(-2)
 
 
+def _compact(values: torch.Tensor, keep: torch.Tensor):
+    """Stable left-compaction along the last dim: (count int32 ``[...]``, kept values first ``[..., W]``).
+    Slots past the count are undefined (FA4 reads ``0 .. count-1`` only)."""
+    W = values.shape[-1]
+    count = keep.sum(-1, dtype=torch.int32)
+    slot = torch.where(keep, keep.cumsum(-1, dtype=torch.int32) - 1, W).long()       # dropped → spare slot W
+    out = torch.zeros(*values.shape[:-1], W + 1, dtype=torch.int32, device=values.device)
+    return count, out.scatter_(-1, slot, values.to(torch.int32))[..., :W]
+
+
+def _sub_lists(count, index, valid_self, valid_other, r_self, r_other):
+    """Expand block lists to 128-token sub-blocks.
+
+    ``count [B', H', R]`` / ``index [B', H', R, C]`` list, for each of R blocks, the kept blocks of the
+    other side; ``valid_other [Bo, C * r_other]`` are the valid tokens of the other side's sub-blocks.
+    Returns the candidate sub-block ids ``[Bx, H', R, C * r_other]`` (ascending), which of them exist
+    (kept block, sub-block not empty) and their valid counts.
+    """
+    C = index.shape[-1]
+    sub = torch.arange(r_other, device=index.device, dtype=torch.int32)
+    cand = (index[..., None] * r_other + sub).flatten(-2)                                # [B', H', R, C*r]
+    in_row = (torch.arange(C, device=index.device) < count[..., None].long())
+    in_row = in_row[..., None].expand(*in_row.shape, r_other).flatten(-2)
+    Bx = max(cand.shape[0], valid_other.shape[0], valid_self.shape[0])
+    cand = cand.expand(Bx, *cand.shape[1:])
+    v = torch.gather(valid_other[:, None, None, :].expand(Bx, cand.shape[1], cand.shape[2], -1), -1, cand.long())
+    return cand, in_row & (v > 0), v
+
+
 def fa4_block_lists(plan, batch: int) -> FA4BlockLists:
-    """Convert ``plan`` to FA4's forward / backward block lists (cached on the plan)."""
+    """Convert ``plan`` to FA4's forward / backward block lists (cached on the plan; no host sync)."""
     cached = getattr(plan, _CACHE_ATTR, None)
     if cached is not None and cached[0] == batch:
         return cached[1]
-    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-
     rq, rk = plan.q_block // FA4_BLOCK, plan.k_block // FA4_BLOCK
-    mask = plan.to_dense()                                                       # [B', H', Mq, Nk]
-    Bp, Hp, Mq, Nk = mask.shape
-    kv = _sub_valid(plan.k_valid, rk)                                            # [Bv, Nk*rk]
-    qv = _sub_valid(plan.q_valid, rq)                                            # [Bq, Mq*rq]
-    sub = mask[:, :, :, None, :, None].expand(Bp, Hp, Mq, rq, Nk, rk).reshape(Bp, Hp, Mq * rq, Nk * rk)
-    sub = sub & (qv > 0)[:, None, :, None] & (kv > 0)[:, None, None, :]
-    full_cols = (kv == FA4_BLOCK)[:, None, None, :]
-    full, part = sub & full_cols, sub & ~full_cols
+    kv = _sub_valid(plan.k_valid, rk)                                                    # [Bv, Nk*rk]
+    qv = _sub_valid(plan.q_valid, rq)                                                    # [Bq, Mq*rq]
 
-    def lists(m):
-        cnt, idx = _compress(m)
-        return cnt.contiguous(), idx.contiguous()
+    # forward: per query block, its KV sub-blocks split into full / masked, then one row per Q sub-block
+    cand, exists, v = _sub_lists(plan.kv_count, plan.kv_index, plan.q_valid, kv, rq, rk)
+    f_cnt, f_idx = _compact(cand, exists & (v == FA4_BLOCK))
+    m_cnt, m_idx = _compact(cand, exists & (v < FA4_BLOCK))
+    q_live = (qv > 0).view(qv.shape[0], 1, -1, rq)                                     # [Bq, 1, Mq, rq]
 
-    f_cnt, f_idx = lists(full)
-    m_cnt, m_idx = lists(part)
-    fb_cnt, fb_idx = lists(full.transpose(-1, -2))
-    mb_cnt, mb_idx = lists(part.transpose(-1, -2))
-    size = (FA4_BLOCK, FA4_BLOCK)
+    def rows(cnt, idx):   # [Bx, H', Mq] / [Bx, H', Mq, W] → one row per Q sub-block, empty where no real row
+        cnt = (cnt[..., None] * q_live).flatten(-2).to(torch.int32).contiguous()
+        idx = idx[..., None, :].expand(*idx.shape[:-1], rq, idx.shape[-1]).flatten(-3, -2).contiguous()
+        return cnt, idx
+
+    (f_cnt, f_idx), (m_cnt, m_idx) = rows(f_cnt, f_idx), rows(m_cnt, m_idx)
+
+    # backward: per key block, its live Q sub-blocks; a KV sub-block is wholly full or wholly masked
+    cand, exists, _ = _sub_lists(plan.q_count, plan.q_index, plan.k_valid, qv, rk, rq)
+    b_cnt, b_idx = _compact(cand, exists)                                                # [Bx, H', Nk, ...]
+    b_cnt = b_cnt[..., None].expand(*b_cnt.shape, rk).flatten(-2)                       # [Bx, H', Nk*rk]
+    b_idx = b_idx[..., None, :].expand(*b_idx.shape[:-1], rk, b_idx.shape[-1]).flatten(-3, -2).contiguous()
+    kv_b = kv[:, None, :]
+    fb_cnt = (b_cnt * (kv_b == FA4_BLOCK)).to(torch.int32).contiguous()
+    mb_cnt = (b_cnt * ((kv_b > 0) & (kv_b < FA4_BLOCK))).to(torch.int32).contiguous()
     out = FA4BlockLists(
-        fwd=BlockSparseTensorsTorch(m_cnt, m_idx, f_cnt, f_idx, block_size=size),
-        bwd=BlockSparseTensorsTorch(mb_cnt, mb_idx, fb_cnt, fb_idx, block_size=size),
+        fwd=(m_cnt, m_idx, f_cnt, f_idx),
+        bwd=(mb_cnt, b_idx, fb_cnt, b_idx),
         key_ok=plan.token_valid().to(torch.int32).expand(batch, -1).contiguous(),
     )
     object.__setattr__(plan, _CACHE_ATTR, (batch, out))
     return out
+
+
+def _fa4_tensors(lists: tuple):
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    return BlockSparseTensorsTorch(*lists, block_size=(FA4_BLOCK, FA4_BLOCK))
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,7 +148,7 @@ class _FA4BlockSparse(torch.autograd.Function):
         lists = fa4_block_lists(plan, q.shape[0])
         q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))
         out_raw, lse_raw, *_ = _flash_attn_fwd(
-            q_, k_, v_, softmax_scale=scale, mask_mod=_key_mask_mod(), block_sparse_tensors=lists.fwd,
+            q_, k_, v_, softmax_scale=scale, mask_mod=_key_mask_mod(), block_sparse_tensors=_fa4_tensors(lists.fwd),
             return_lse=True, aux_tensors=[lists.key_ok],
         )
         ctx.save_for_backward(q, k, v, out_raw, lse_raw)
@@ -135,7 +173,7 @@ class _FA4BlockSparse(torch.autograd.Function):
         q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))
         dq, dk, dv = _flash_attn_bwd(
             q_, k_, v_, out_raw, dout.transpose(1, 2), lse_raw, softmax_scale=ctx.scale,
-            mask_mod=_key_mask_mod(), aux_tensors=[ctx.lists.key_ok], block_sparse_tensors=ctx.lists.bwd,
+            mask_mod=_key_mask_mod(), aux_tensors=[ctx.lists.key_ok], block_sparse_tensors=_fa4_tensors(ctx.lists.bwd),
             dlse=dlse,
         )[:3]
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None
