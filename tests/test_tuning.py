@@ -100,3 +100,20 @@ def test_without_autotuning_only_the_first_row_is_used():
     (config,) = launcher.tuner.configs
     assert config.kwargs == {"BLOCK_M": 64, "BLOCK_N": 32} and config.num_warps == rows[0][2]
     assert launcher.key is None                                # nothing would be recorded
+
+
+@pytest.mark.interpreter
+def test_warmup_runs_forward_and_backward_for_each_shape():
+    from video_sparse_attn.warmup import _plan, warmup
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    times = warmup((1, 1, (2, 3, 5), 16, "float32", (32, 16)),
+                   {"batch": 1, "heads": 2, "seq": 40, "head_dim": 16, "dtype": torch.float16, "block": 16},
+                   device=dev)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    plan = _plan(100, 32, 16, "cpu")                      # ragged last blocks: the peeled paths compile too
+    assert plan.q_valid[0, -1] == 4 and plan.k_valid[0, -1] == 4
+    with pytest.raises(ValueError, match="warm-up shape"):
+        warmup((1, 16, 1024, 128), device=dev)
+    with pytest.raises(ValueError, match="unknown warm-up shape keys"):
+        warmup({"batch": 1, "len": 5}, device=dev)
