@@ -17,9 +17,9 @@ atomics for dQ), ``ptr`` (pointer loads forced, the Ampere/Ada path), ``det`` / 
 variants ``ws`` / ``v3`` / ``peel`` / ``lazy``. A variant's forward is timed once per distinct set of
 forward options. Every variant's output and gradients are compared with FlexAttention's.
 
-Tuning: by default the shipped table of tuned configs is bypassed and every kernel family is
-autotuned (picks recorded in ``--tuning-cache``, printed at the end in the shipped table's format);
-``--shipped`` uses the table (as users do).
+Tuning: the shipped table of tuned configs is used as users get it, and families it lacks are
+autotuned into a fresh ``--tuning-cache`` (picks printed at the end in the shipped table's format);
+``--retune`` bypasses the table and autotunes every family.
 
     python scripts/benchmark_kernels.py --csv bench.csv --plot bench.png
 """
@@ -206,7 +206,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["tma", "det"], choices=list(VARIANTS),
                    help="kernel variants to time (ours = the fastest)")
     p.add_argument("--no-autotune", action="store_true", help="first config of each list (kernel_options autotune=False)")
-    p.add_argument("--shipped", action="store_true", help="use the shipped table of tuned configs (default: retune)")
+    p.add_argument("--retune", action="store_true", help="bypass the shipped table of tuned configs: tune everything")
     p.add_argument("--tuning-cache", default=None, help="tuning cache file (default: next to --csv)")
     p.add_argument("--bshd", action="store_true", help="q, k, v as transposed [B, S, H, D] tensors")
     p.add_argument("--fwd-only", action="store_true", help="time the forward only (backward reported as nan)")
@@ -219,9 +219,9 @@ def main() -> None:
     from video_sparse_attn.kernels import tuning
 
     cache = args.tuning_cache or os.path.join(os.path.dirname(os.path.abspath(args.csv)), "tuning_cache.json")
-    if not args.shipped and os.path.exists(cache):
-        os.remove(cache)                                  # retune from scratch: every family measured now
-    tuning.configure(cache_path=cache, use_shipped_table=args.shipped)
+    if os.path.exists(cache):
+        os.remove(cache)                                  # families not in the shipped table are measured now
+    tuning.configure(cache_path=cache, use_shipped_table=not args.retune)
     rows = []
     for name in args.cases:
         row = run_case(name, args)
