@@ -120,3 +120,32 @@ def test_warmup_runs_forward_and_backward_for_each_shape():
         warmup((1, 16, 1024, 128), device=dev)
     with pytest.raises(ValueError, match="unknown warm-up shape keys"):
         warmup({"batch": 1, "len": 5}, device=dev)
+
+
+def test_first_tuned_launch_is_recorded_once(tmp_path):
+    import triton
+
+    from video_sparse_attn.kernels import triton_fwd
+
+    cache = tmp_path / "tuning.json"
+    tuning.configure(cache_path=str(cache), use_shipped_table=False)
+    try:
+        launcher = tuning._TunedKernel(triton_fwd._fwd_kernel, [(128, 64, 4, 3), (64, 64, 4, 2)], 384, 384,
+                                       ("D_PAD",), None, key())
+        assert len(launcher.tuner.configs) == 2 and launcher.key == key()
+        calls = []
+
+        class Tuned:                                   # stands in for the autotuner after its benchmark
+            best_config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: calls.append(grid)
+
+        launcher.tuner = Tuned()
+        launcher[(3, 1)]()
+        assert tuning.lookup(key(), 384, 384) == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+        cache.write_text("{}")                         # a second launch must not write again
+        launcher[(3, 1)]()
+        assert calls == [(3, 1), (3, 1)] and cache.read_text() == "{}"
+    finally:
+        tuning.configure()
