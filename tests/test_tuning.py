@@ -105,6 +105,23 @@ def test_without_autotuning_only_the_first_row_is_used():
     assert launcher.key is None                                # nothing would be recorded
 
 
+def test_configure_autotune_off_takes_the_first_row(monkeypatch):
+    from video_sparse_attn.kernels import triton_bwd, triton_common
+
+    monkeypatch.setattr(triton_common, "INTERPRET", False)     # as on a GPU: only the switch stops tuning
+    rows = triton_bwd.ONE_PASS_CONFIGS["small_d"]
+    tuning.configure(autotune=False)
+    try:
+        assert tuning._state["autotune"] is False
+        launcher = tuning.tuned_kernel("bwd1", triton_bwd._dkdv_kernel, rows, q_block=384, k_block=384,
+                                       dtype=torch.bfloat16, head_dim=128, device=torch.device("cuda", 0),
+                                       variant="tma1.dqatomic", autotune=True, tune_key=("D_PAD",))
+        assert len(launcher.tuner.configs) == 1 and launcher.key is None
+    finally:
+        tuning.configure()
+    assert tuning._state["autotune"] is True
+
+
 @pytest.mark.interpreter
 def test_warmup_runs_forward_and_backward_for_each_shape():
     from video_sparse_attn.warmup import _plan, warmup
@@ -112,7 +129,7 @@ def test_warmup_runs_forward_and_backward_for_each_shape():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     times = warmup((1, 1, (2, 3, 5), 16, "float32", (32, 16)),
                    {"batch": 1, "heads": 2, "seq": 40, "head_dim": 16, "dtype": torch.float16, "block": 16},
-                   device=dev)
+                   device=dev, kernel_options={"autotune": False})
     assert len(times) == 2 and all(t > 0 for t in times)
     plan = _plan(100, 32, 16, "cpu")                      # ragged last blocks: the peeled paths compile too
     assert plan.q_valid[0, -1] == 4 and plan.k_valid[0, -1] == 4

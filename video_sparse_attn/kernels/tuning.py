@@ -39,18 +39,22 @@ SHIPPED_TABLE = Path(__file__).with_name("tuned_configs.json")
 _FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 # Module state (set by `configure`, read on the first launch of each kernel family).
-_state = {"cache_path": None, "use_shipped_table": True, "use_cache": True}
+_state = {"cache_path": None, "use_shipped_table": True, "use_cache": True, "autotune": True}
 _kernels: dict = {}          # (name, key or rows) -> _TunedKernel, per process
 
 
-def configure(cache_path: Optional[str] = None, use_shipped_table: bool = True, use_cache: bool = True) -> None:
-    """Where tuning results are cached and which sources a launch consults.
+def configure(cache_path: Optional[str] = None, use_shipped_table: bool = True, use_cache: bool = True,
+              autotune: bool = True) -> None:
+    """Where tuning results are cached and which sources a launch consults (process-wide; defaults restore).
 
     ``use_shipped_table=False`` makes every family tune (or read the on-disk cache) — what a benchmark
-    that refreshes the shipped table wants; ``use_cache=False`` neither reads nor writes the disk cache.
-    Kernel families already launched in this process keep their config.
+    that refreshes the shipped table wants; ``use_cache=False`` neither reads nor writes the disk cache;
+    ``autotune=False`` acts as ``kernel_options={"autotune": False}`` on every call (first config of
+    each list; for callers that cannot pass kernel options, e.g. tests through `ssta_attention`).
+    Kernel families already launched in this process are forgotten.
     """
-    _state.update(cache_path=cache_path, use_shipped_table=use_shipped_table, use_cache=use_cache)
+    _state.update(cache_path=cache_path, use_shipped_table=use_shipped_table, use_cache=use_cache,
+                  autotune=autotune)
     _kernels.clear()
 
 
@@ -175,7 +179,7 @@ def tuned_kernel(name: str, kernel, rows, *, q_block: int, k_block: int, dtype, 
     """
     from .triton_common import INTERPRET
 
-    tune = autotune and not INTERPRET and device.type == "cuda"
+    tune = autotune and _state["autotune"] and not INTERPRET and device.type == "cuda"
     key = None
     if tune:
         key = cache_key(gpu_name(device.index if device.index is not None else torch.cuda.current_device()),
