@@ -191,7 +191,7 @@ def plot(rows, path: str) -> None:
                    width, label={"ours": "Triton block-sparse", "flex": "FlexAttention", "cudnn": "cuDNN dense"}[w])
         ax.set_xticks(range(len(rows)), [f"{r['case']}\nd={r['density']:.3f}" for r in rows])
         ax.set_ylabel("effective TFLOP/s")
-        ax.set_title(f"{phase}, H100 bf16 D=128")
+        ax.set_title(f"{phase}, {torch.cuda.get_device_name()} D=128")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
