@@ -164,7 +164,7 @@ def test_golden_through_ssta_attention(path):
 
 
 # ---------------------------------------------------------------- padding-free queries (q_valid)
-def _padded_query_case(dtype, per_batch=True):
+def _padded_query_case(dtype, per_batch=True, nan=True):
     """q_block 256 splits into several kernel sub-tiles (forward 128 rows, single-pass backward 64 rows),
     so q_valid cuts sub-tiles partly (100, 200), leaves whole sub-tiles padded (rows 128-255 of block
     0) and pads whole blocks (0). Padded rows of q hold NaN where a whole block is padded and large
@@ -180,7 +180,7 @@ def _padded_query_case(dtype, per_batch=True):
     with torch.no_grad():
         q.masked_fill_(pad[:, None, :, None], 1e3)
         whole = (plan.q_valid.expand(B, -1) == 0).repeat_interleave(qb, 1)    # rows of fully padded blocks
-        q.masked_fill_(whole[:, None, :, None], float("nan"))
+        q.masked_fill_(whole[:, None, :, None], float("nan") if nan else -1e3)
     return plan, q, k, v, pad
 
 
@@ -195,6 +195,18 @@ def test_padded_queries(dtype, deterministic):
     assert (dq[rows] == 0).all()
     assert torch.isfinite(lse[~rows]).all()                    # every valid row sees block 0
     assert not dk.isnan().any() and not dv.isnan().any()
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["onepass", "det"])
+def test_padded_queries_flat_dkdv_loop(deterministic):
+    """``skip_padded_queries=False``: the dK/dV loop visits padded sub-tiles too (finite padding),
+    with the same results; with NaN in a fully padded block only the skipping loop stays clean."""
+    plan, q, k, v, pad = _padded_query_case(torch.float32, nan=False)
+    flat = {"skip_padded_queries": False}
+    _compare(q, k, v, plan, torch.float32, deterministic=deterministic, options=flat)
+    plan, q, k, v, pad = _padded_query_case(torch.float32, nan=True)
+    out, _ = attn(q, k, v, plan, kernel_options=flat, deterministic=deterministic)
+    assert torch.autograd.grad(out, k, torch.randn_like(out))[0].isnan().any()
 
 
 def test_padded_queries_broadcast_q_valid():
@@ -238,7 +250,7 @@ def test_kernel_options_rejects_unknown_keys_and_bad_values():
 
     assert resolve_kernel_options(None) == resolve_kernel_options({}) == {
         "tma": True, "warp_specialize": False, "fwd_peel": True, "fwd_lazy": True, "autotune": True,
-        "dq_reduce": "atomic"}
+        "dq_reduce": "atomic", "skip_padded_queries": True}
     assert resolve_kernel_options({"tma": False})["tma"] is False
 
 

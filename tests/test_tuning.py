@@ -71,12 +71,12 @@ def test_shipped_table_covers_h100_and_h200(tmp_path):
     assert table
     empty_cache = tmp_path / "none.json"
     for gpu in (H100, "NVIDIA H200"):
-        for kernel, variant in (("fwd", BASE["variant"]), ("fwd", "tma0.ws0.peel1.lazy1"), ("dkdv", "tma1"), ("dq", "tma1")):
+        for kernel, variant in (("fwd", BASE["variant"]), ("fwd", "tma0.ws0.peel1.lazy1"), ("dkdv", "tma1.skip0"), ("dq", "tma1")):
             k = key(gpu=gpu, kernel=kernel, variant=variant)
             assert tuning.lookup(k, 384, 384, cache_path=empty_cache, shipped=True) is not None, k
     assert tuning.lookup(key(gpu="NVIDIA A100-SXM4-80GB"), 384, 384, cache_path=empty_cache, shipped=True) is None
     # the single-pass backward is not measured yet: it must tune, not run an unmeasured config
-    assert tuning.lookup(key(kernel="bwd1", variant="tma1.dqatomic"), 384, 384, cache_path=empty_cache,
+    assert tuning.lookup(key(kernel="bwd1", variant="tma1.dqatomic.skip1"), 384, 384, cache_path=empty_cache,
                          shipped=True) is None
     assert tuning.lookup(key(), 384, 384, cache_path=empty_cache, shipped=False) is None
     for k, cfg in table.items():
@@ -115,7 +115,7 @@ def test_configure_autotune_off_takes_the_first_row(monkeypatch):
         assert tuning._state["autotune"] is False
         launcher = tuning.tuned_kernel("bwd1", triton_bwd._dkdv_kernel, rows, q_block=384, k_block=384,
                                        dtype=torch.bfloat16, head_dim=128, device=torch.device("cuda", 0),
-                                       variant="tma1.dqatomic", autotune=True, tune_key=("D_PAD",))
+                                       variant="tma1.dqatomic.skip1", autotune=True, tune_key=("D_PAD",))
         assert len(launcher.tuner.configs) == 1 and launcher.key is None
     finally:
         tuning.configure()

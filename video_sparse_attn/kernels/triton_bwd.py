@@ -4,9 +4,11 @@ Probabilities are recomputed from the forward's lse (base 2 inside): P = exp2(S�
 dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ∘ (dP − delta) with delta = rowsum(out ∘ dout), dK = scale·dSᵀ·Q,
 dQ = scale·dS·K. Rows with lse = -inf (no key, or padded query rows) get probability 0 everywhere,
 hence zero gradients; key rows past ``k_valid`` get zero dK/dV; query sub-tiles whose rows all lie
-past ``q_valid`` are skipped (their loads are issued so the software pipeline stays intact, their
-GEMMs are not). Padded rows of q / dout must hold finite values (the layout pads with zeros or
-repeats): they are read, then multiplied by a probability of 0.
+past ``q_valid`` are skipped (dK/dV: an inner loop per kept query block runs only up to q_valid —
+a branch around the GEMMs of a flat loop would stop Triton from pipelining it; the flat v5 loop
+stays selectable, ``skip_padded_queries=False``). Padded rows inside a partly valid sub-tile are
+read and multiplied by a probability of 0, so q / dout must hold finite values there (the layout
+pads with zeros or repeats).
 
 Launches:
 - ``_delta_kernel``: delta[b,h,i] = Σ_d out·dout (float32), the softmax-gradient row term.
@@ -71,6 +73,44 @@ def _delta_kernel(
 
 
 @triton.jit
+def _dkdv_step(
+    k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, row0, rem, key_ok, offs_m, offs_d, d_ok,
+    sqs, sqd, sds, sdd, qk_scale,
+    D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, DQ_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One (query sub-tile, key sub-tile) pair: dV += Pᵀ·dO, dK += dSᵀ·Q and (DQ_MODE ≠ 0) dQ += dS·K.
+
+    ``q_src`` / ``do_src``: tensor descriptors (USE_TMA) or the per-head base pointers; ``dq_dst``: the
+    dQ buffer's descriptor (DQ_MODE 2) or base pointer. Rows of the sub-tile start at ``row0``.
+    """
+    rows = row0 + offs_m
+    if USE_TMA:
+        qt = tl.trans(q_src.load([row0, 0]))
+        do = do_src.load([row0, 0])
+    else:
+        qt = tl.load(q_src + rows[None, :] * sqs + offs_d[:, None] * sqd, mask=d_ok[:, None], other=0.0)
+        do = tl.load(do_src + rows[:, None] * sds + offs_d[None, :] * sdd, mask=d_ok[None, :], other=0.0)
+    lse2 = tl.load(LSE + row_base + rows) * C_LOG2E
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)          # keyless / padded rows → p = 0
+    delta = tl.load(DELTA + row_base + rows)
+    pt = tl.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse2[None, :])   # Pᵀ [N, M]
+    if rem < BLOCK_N:
+        pt = tl.where(key_ok[:, None], pt, 0.0)
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)             # dPᵀ [N, M]
+    dst = pt * (dpt - delta[None, :])                                   # dSᵀ [N, M]
+    dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PREC)
+    if DQ_MODE != 0:                                                    # this pair's dS·K, unscaled
+        dq = tl.dot(tl.trans(dst).to(k.dtype), k, input_precision=DOT_PREC)   # [M, D_PAD]
+        if DQ_MODE == 2:
+            dq_dst.atomic_add([row0, 0], dq)
+        else:
+            tl.atomic_add(dq_dst + rows[:, None] * D_PAD + offs_d[None, :], dq, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
     Q_COUNT, Q_INDEX, COL_ORDER, K_VALID, Q_VALID,
@@ -79,11 +119,14 @@ def _dkdv_kernel(
     s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_n, s_ord_b, s_ord_h, s_val_b, s_qv_b,
     H, Sq, Sk, sm_scale, qk_scale,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
-    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, DQ_MODE: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, DQ_MODE: tl.constexpr, SKIP_PAD_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Grid: (key sub-tiles of all key blocks in col_order rank, B*H); one program = BLOCK_N keys.
     # DQ_MODE: 0 no dQ (deterministic path), 1 dQ by pointer atomics, 2 dQ by TMA reduce-add.
+    # SKIP_PAD_Q: walk each kept query block's sub-tiles only up to q_valid (an inner loop per block,
+    # pipelined within the block); else one flat loop over every sub-tile (pipelined across blocks;
+    # padded rows then cost GEMMs but contribute 0 since their lse is -inf).
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -106,48 +149,34 @@ def _dkdv_kernel(
 
     k = tl.load(K + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=d_ok[None, :], other=0.0)
     v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
-    q_base = Q + b * sqb + h * sqh
-    do_base = DO + b * sdb + h * sdh
     row_base = bh.to(tl.int64) * Sq
-    dq_base = DQ_ACC + row_base * D_PAD          # dQ buffer: float32 [B*H, Sq, D_PAD], contiguous
+    q_src = Q + b * sqb + h * sqh
+    do_src = DO + b * sdb + h * sdh
+    dq_dst = DQ_ACC + row_base * D_PAD           # dQ buffer: float32 [B*H, Sq, D_PAD], contiguous
     if USE_TMA:
-        q_desc = tl.make_tensor_descriptor(q_base, shape=[Sq, D], strides=[sqs, 1], block_shape=[BLOCK_M, D])
-        do_desc = tl.make_tensor_descriptor(do_base, shape=[Sq, D], strides=[sds, 1], block_shape=[BLOCK_M, D])
+        q_src = tl.make_tensor_descriptor(q_src, shape=[Sq, D], strides=[sqs, 1], block_shape=[BLOCK_M, D])
+        do_src = tl.make_tensor_descriptor(do_src, shape=[Sq, D], strides=[sds, 1], block_shape=[BLOCK_M, D])
     if DQ_MODE == 2:
-        dq_desc = tl.make_tensor_descriptor(dq_base, shape=[Sq, D_PAD], strides=[D_PAD, 1], block_shape=[BLOCK_M, D_PAD])
+        dq_dst = tl.make_tensor_descriptor(dq_dst, shape=[Sq, D_PAD], strides=[D_PAD, 1], block_shape=[BLOCK_M, D_PAD])
 
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-    for it in range(0, count * SUB_M):
-        q_blk = tl.load(idx_ptr + it // SUB_M)
-        n_rows = tl.load(qv_ptr + q_blk) - (it % SUB_M) * BLOCK_M        # valid query rows of the sub-tile
-        row0 = q_blk * Q_BLOCK + (it % SUB_M) * BLOCK_M
-        rows = row0 + offs_m
-        if USE_TMA:
-            qt = tl.trans(q_desc.load([row0, 0]))
-            do = do_desc.load([row0, 0])
-        else:
-            qt = tl.load(q_base + rows[None, :] * sqs + offs_d[:, None] * sqd, mask=d_ok[:, None], other=0.0)
-            do = tl.load(do_base + rows[:, None] * sds + offs_d[None, :] * sdd, mask=d_ok[None, :], other=0.0)
-        lse2 = tl.load(LSE + row_base + rows) * C_LOG2E
-        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)          # keyless rows → p = 0
-        delta = tl.load(DELTA + row_base + rows)
-        if n_rows > 0:                                                      # padded sub-tile: no GEMMs
-            pt = tl.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse2[None, :])   # Pᵀ [N, M]
-            if rem < BLOCK_N:
-                pt = tl.where(key_ok[:, None], pt, 0.0)
-            if n_rows < BLOCK_M:
-                pt = tl.where((offs_m < n_rows)[None, :], pt, 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)         # dPᵀ [N, M]
-            dst = pt * (dpt - delta[None, :])                               # dSᵀ [N, M]
-            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PREC)
-            if DQ_MODE != 0:                                                # this pair's dS·K, unscaled
-                dq = tl.dot(tl.trans(dst).to(k.dtype), k, input_precision=DOT_PREC)   # [M, D_PAD]
-                if DQ_MODE == 2:
-                    dq_desc.atomic_add([row0, 0], dq)
-                else:
-                    tl.atomic_add(dq_base + rows[:, None] * D_PAD + offs_d[None, :], dq, sem="relaxed")
+    if SKIP_PAD_Q:
+        for j in range(0, count):
+            q_blk = tl.load(idx_ptr + j)
+            n_sub = tl.cdiv(tl.load(qv_ptr + q_blk), BLOCK_M)               # sub-tiles with a valid row
+            for sub in range(0, n_sub):
+                dk, dv = _dkdv_step(
+                    k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, q_blk * Q_BLOCK + sub * BLOCK_M,
+                    rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale,
+                    D_PAD, DOT_PREC, USE_TMA, DQ_MODE, BLOCK_M, BLOCK_N)
+    else:
+        for it in range(0, count * SUB_M):
+            q_blk = tl.load(idx_ptr + it // SUB_M)
+            dk, dv = _dkdv_step(
+                k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, q_blk * Q_BLOCK + (it % SUB_M) * BLOCK_M,
+                rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale,
+                D_PAD, DOT_PREC, USE_TMA, DQ_MODE, BLOCK_M, BLOCK_N)
 
     dk = dk * sm_scale
     tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dks + offs_d[None, :] * s_dkd,
@@ -260,17 +289,18 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
     Sk = k.shape[2]
     io_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     use_tma_q = tma_usable(D, q, dout, enabled=options["tma"])
+    skip = options["skip_padded_queries"]
 
     if deterministic:
         dq_mode, dq_acc = 0, dk                          # DQ_ACC unused
-        kernel = tuned_kernel("dkdv", _dkdv_kernel, DKDV_CONFIGS[table], variant=f"tma{use_tma_q:d}",
-                              tune_key=("D_PAD", "USE_TMA", "DQ_MODE"), **tune)
+        kernel = tuned_kernel("dkdv", _dkdv_kernel, DKDV_CONFIGS[table], variant=f"tma{use_tma_q:d}.skip{skip:d}",
+                              tune_key=("D_PAD", "USE_TMA", "DQ_MODE", "SKIP_PAD_Q"), **tune)
     else:
         dq_mode = 2 if (options["dq_reduce"] == "tma" and use_tma_q) else 1
         dq_acc = torch.zeros(B * H, Sq, d_pad, device=q.device, dtype=torch.float32)
         kernel = tuned_kernel("bwd1", _dkdv_kernel, ONE_PASS_CONFIGS[table],
-                              variant=f"tma{use_tma_q:d}.dq{'tma' if dq_mode == 2 else 'atomic'}",
-                              tune_key=("D_PAD", "USE_TMA", "DQ_MODE"), reset_to_zero=["DQ_ACC"], **tune)
+                              variant=f"tma{use_tma_q:d}.dq{'tma' if dq_mode == 2 else 'atomic'}.skip{skip:d}",
+                              tune_key=("D_PAD", "USE_TMA", "DQ_MODE", "SKIP_PAD_Q"), reset_to_zero=["DQ_ACC"], **tune)
 
     cs, ix, co = plan_strides(plan.q_count, B, H), plan_strides(plan.q_index, B, H), plan_strides(plan.col_order, B, H)
     kernel[lambda meta: (plan.num_k_blocks * (plan.k_block // meta["BLOCK_N"]), B * H)](
@@ -278,7 +308,7 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
         plan.q_count, plan.q_index, plan.col_order, plan.k_valid, plan.q_valid,
         *io_strides, *dk.stride(), *dv.stride(),
         cs[0], cs[1], ix[0], ix[1], ix[2], co[0], co[1], val_b, qv_b,
-        H, Sq, Sk, scale, scale * LOG2E, USE_TMA=use_tma_q, DQ_MODE=dq_mode, **common,
+        H, Sq, Sk, scale, scale * LOG2E, USE_TMA=use_tma_q, DQ_MODE=dq_mode, SKIP_PAD_Q=skip, **common,
     )
 
     if not deterministic:

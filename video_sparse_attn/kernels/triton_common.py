@@ -61,10 +61,16 @@ class KernelOptions(TypedDict, total=False):
     reduce on sm90+; falls back to ``"atomic"`` where descriptors are unusable). Default ``"atomic"``.
     Ignored with ``deterministic=True``."""
 
+    skip_padded_queries: bool
+    """dK/dV loops (both backward modes): walk each kept query block's sub-tiles only up to its
+    ``q_valid`` (an inner loop per block, software-pipelined within the block). ``False``: one flat
+    loop over every sub-tile (pipelined across blocks, the v5 loop); padded rows then cost GEMMs but
+    add nothing (their lse is -inf). Results are identical. Default ``True``."""
+
 
 _DEFAULTS: KernelOptions = {
     "tma": True, "warp_specialize": False, "fwd_peel": True, "fwd_lazy": True, "autotune": True,
-    "dq_reduce": "atomic",
+    "dq_reduce": "atomic", "skip_padded_queries": True,
 }
 _CHOICES = {"dq_reduce": ("atomic", "tma")}
 
