@@ -13,8 +13,10 @@ only kept blocks; cuDNN is dense over the same padded length.
 Variants (``--variants``) are kernel options + backward mode of `block_sparse_attention_triton`, all
 timed in one process: ``tma`` (defaults: descriptors where usable, single-pass backward with pointer
 atomics for dQ), ``ptr`` (pointer loads forced, the Ampere/Ada path), ``det`` / ``ptrdet``
-(deterministic two-pass backward), ``tmared`` (single pass, dQ by TMA reduce-add), and forward
-variants ``ws`` / ``v3`` / ``peel`` / ``lazy``. A variant's forward is timed once per distinct set of
+(deterministic two-pass backward), ``tmared`` (single pass, dQ by TMA reduce-add), ``flat`` /
+``flatdet`` (dK/dV in one flat loop over every query sub-tile instead of an inner loop per kept
+query block up to q_valid; the benchmark masks have no padded queries, so this is the cost of the
+inner loop), and forward variants ``ws`` / ``v3`` / ``peel`` / ``lazy``. A variant's forward is timed once per distinct set of
 forward options. Every variant's output and gradients are compared with FlexAttention's.
 
 Tuning: the shipped table of tuned configs is used as users get it, and families it lacks are
@@ -52,6 +54,8 @@ VARIANTS = {
     "det": ({}, True),                                           # deterministic two-pass backward
     "ptrdet": ({"tma": False}, True),
     "tmared": ({"dq_reduce": "tma"}, False),                     # single pass, dQ by TMA reduce-add
+    "flat": ({"skip_padded_queries": False}, False),             # single pass, flat dK/dV loop (no q_valid skip)
+    "flatdet": ({"skip_padded_queries": False}, True),           # deterministic with the v5 flat dK/dV loop
     "ws": ({"warp_specialize": True}, False),                    # warp-specialised forward key loop
     "v3": ({"fwd_peel": False, "fwd_lazy": False}, False),       # branch in the loop, eager rescale
     "peel": ({"fwd_lazy": False}, False),                        # peeled ragged tiles only
