@@ -48,7 +48,7 @@ DQ_CONFIGS = {
 }
 # single pass: dK, dV and a [BLOCK_M, D] dQ tile live at once, so lists lean to fewer stages
 ONE_PASS_CONFIGS = {
-    "small_d": [(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 8, 3), (128, 128, 8, 2)],
+    "small_d": [(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 8, 3), (32, 64, 4, 3)],
     "large_d": [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
 }
 _ROWS = 64          # rows per program of the delta and dQ-convert kernels
