@@ -197,6 +197,9 @@ def test_every_single_pass_config(index, reduce, tmp_path):
     key = tuning.cache_key(torch.cuda.get_device_name(), "bwd1", torch.bfloat16, 128, 384, 384, f"tma{tma:d}.dq{mode}.skip1")
     cache = tmp_path / "tuning.json"
     tuning.record(key, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}, cache_path=cache)
+    fwd_key = tuning.cache_key(torch.cuda.get_device_name(), "fwd", torch.bfloat16, 128, 384, 384,
+                               f"tma{tma:d}.ws0.peel1.lazy1")      # the forward must not tune here either
+    tuning.record(fwd_key, {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, cache_path=cache)
     tuning.configure(cache_path=str(cache), use_shipped_table=True)
     try:
         _check(plan, q, k, v, torch.bfloat16, options={"dq_reduce": reduce})
