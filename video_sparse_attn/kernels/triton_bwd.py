@@ -266,11 +266,16 @@ def _dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=d_ok[None, :])
 
 
-def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dict, deterministic: bool = False):
-    """dq, dk, dv (each like its input) of `attention_forward`'s ``out`` given ``dout`` (any strides).
+def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dict, deterministic: bool = False,
+                       dlse=None):
+    """dq, dk, dv (each like its input) of `attention_forward`'s ``out`` given ``dout`` (any strides)
+    and, optionally, the gradient ``dlse [B, H, Sq]`` of its lse.
 
     ``options``: resolved kernel options. ``deterministic``: two passes without atomics
     (bit-reproducible) instead of the single pass with a float32 dQ buffer.
+
+    With ``L = <dout, out> + <dlse, lse>``: ``dL/ds_ij = p_ij (dp_ij − delta_i) + p_ij dlse_i``, so the
+    lse gradient only shifts the row term: ``delta_i ← delta_i − dlse_i``.
     """
     B, H, Sq, D = q.shape
     d_pad = max(16, triton.next_power_of_2(D))
@@ -280,6 +285,8 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
     _delta_kernel[(B * H, triton.cdiv(Sq, _ROWS))](
         out, dout, delta, *out.stride(), *dout.stride(), H, Sq, D=D, D_PAD=d_pad, ROWS=_ROWS,
     )
+    if dlse is not None:
+        delta.sub_(dlse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     val_b = plan.k_valid.expand(B, -1).stride(0)
     qv_b = plan.q_valid.expand(B, -1).stride(0)

@@ -66,16 +66,18 @@ class _BlockSparseAttention(torch.autograd.Function):
         out, lse = attention_forward(q, k, v, plan, scale, options)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale, ctx.options, ctx.deterministic = plan, scale, options, deterministic
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
+        if dout is None and dlse is None:
             return None, None, None, None, None, None, None
+        if dout is None:
+            dout = torch.zeros_like(out)
         dq, dk, dv = attention_backward(q, k, v, out, lse, dout, ctx.plan, ctx.scale, ctx.options,
-                                        deterministic=ctx.deterministic)
+                                        deterministic=ctx.deterministic, dlse=dlse)
         return dq, dk, dv, None, None, None, None
 
 
@@ -103,7 +105,7 @@ def block_sparse_attention_triton(
 
     Returns:
         ``out [B, H, Sq, D]`` in q's dtype and ``lse [B, H, Sq]`` float32 (natural log; -inf and
-        out 0 for rows that see no key). Differentiable in q, k, v (lse is not).
+        out 0 for rows that see no key). Both differentiable in q, k, v.
     """
     options = resolve_kernel_options(kernel_options)
     _check(q, k, v, plan)
