@@ -1,4 +1,4 @@
-"""Compile (and tune) the Triton attention kernels ahead of time, so the first real call does not stall.
+"""Compile (and tune) the attention kernels ahead of time, so the first real call does not stall.
 
     from video_sparse_attn.warmup import warmup
     warmup((1, 16, (31, 45, 80), 128, torch.bfloat16, 384))        # HunyuanVideo-1.5 720p/121f, 16 heads
@@ -8,7 +8,13 @@ int or ``(q_block, k_block)``). For every shape the forward and (unless ``backwa
 backward run once on random data over a banded block mask at the given length: Triton compiles each
 kernel variant, and kernel families that neither the on-disk tuning cache nor the shipped table know
 are autotuned and recorded (see `video_sparse_attn.kernels.tuning`), so later processes skip tuning
-too. Compilation results land in Triton's own cache (``~/.triton/cache``).
+too. Compilation results land in Triton's own cache (``~/.triton/cache``). With the FlashAttention-4
+backend, its CuTe kernels are compiled for the shape's dtype and head dim and kept in FA4's disk
+cache (``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1``, set by the backend unless you chose otherwise;
+``FLASH_ATTENTION_CUTE_DSL_CACHE_DIR`` moves it). Tuning keys never include the sequence length, so
+any length warms every length.
+
+The command line: ``python -m video_sparse_attn warmup --heads 16 --head-dim 128 --tile 6,8,8``.
 """
 
 from __future__ import annotations
@@ -57,14 +63,16 @@ def _plan(S: int, qb: int, kb: int, device, width: int = 32) -> BlockSparsePlan:
 
 
 def warmup(*shapes: Shape, kernel_options: Optional[dict] = None, deterministic: bool = False,
-           backward: bool = True, bshd: bool = False, device: Union[str, torch.device, None] = None) -> list:
-    """Compile/tune the Triton forward (and backward) for each shape; returns the seconds each took.
+           backward: bool = True, bshd: bool = False, device: Union[str, torch.device, None] = None,
+           backend: str = "auto") -> list:
+    """Compile/tune the forward (and backward) of ``backend`` for each shape (``"auto"``: the backend
+    `block_sparse_attention` would pick for it); returns the seconds each took.
 
     ``kernel_options`` / ``deterministic``: as passed to `block_sparse_attention_triton` later (each
     combination is its own kernel variant). ``bshd``: q, k, v as ``[B, S, H, D]`` views (diffusers'
     layout), whose strides may select a different compiled variant.
     """
-    from .kernels.triton_op import block_sparse_attention_triton
+    from .attention import block_sparse_attention, resolve_backend
 
     device = torch.device(device or "cuda")
     seconds = []
@@ -80,8 +88,13 @@ def warmup(*shapes: Shape, kernel_options: Optional[dict] = None, deterministic:
 
         q, k, v = make(Sq), make(Sk), make(Sk)
         start = time.perf_counter()
-        out, _ = block_sparse_attention_triton(q, k, v, plan, kernel_options=kernel_options,
-                                               deterministic=deterministic)
+        if resolve_backend(backend, q, plan) == "triton":
+            from .kernels.triton_op import block_sparse_attention_triton
+
+            out, _ = block_sparse_attention_triton(q, k, v, plan, kernel_options=kernel_options,
+                                                   deterministic=deterministic)
+        else:
+            out, _ = block_sparse_attention(q, k, v, plan, backend=backend)
         if backward:
             torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
         if device.type == "cuda":

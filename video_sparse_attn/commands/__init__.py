@@ -14,6 +14,7 @@ COMMANDS = {
     "generate": ("video_sparse_attn.commands.generate", "text-to-video with a diffusers pipeline under SSTA"),
     "finetune": ("video_sparse_attn.commands.finetune", "flow-matching fine-tuning under SSTA"),
     "benchmark": ("video_sparse_attn.commands.benchmark", "time ssta_attention against dense attention"),
+    "warmup": ("video_sparse_attn.commands.warmup", "compile and tune the attention kernels ahead of time"),
 }
 
 
