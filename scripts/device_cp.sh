@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SSTA under Ulysses context parallelism on one host: the 720p / 121-frame HunyuanVideo-1.5 block at
-# degree N (default 2) vs 1, then the CPU context-parallel tests. Log under $OUT (or ./out).
+# degree N (default 2) vs 1. Log under $OUT (or ./out).
 # Usage: bash scripts/device_cp.sh [benchmark_context_parallel.py args...]
 set -o pipefail
 OUT=${OUT:-out}

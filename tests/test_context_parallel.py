@@ -1,8 +1,7 @@
 """SSTA under Ulysses context parallelism on CPU: 2 gloo processes vs one process.
 
 Each child runs tiny HunyuanVideo-1.5 and Wan transformers through diffusers' own
-``enable_parallelism`` (with our HunyuanVideo-1.5 plan; ``torch.accelerator.device_count`` patched to
-1 and a gloo device mesh passed in, since diffusers 0.42.1 assumes an accelerator), forward and
+``enable_parallelism`` (via `enable_ulysses`: our HunyuanVideo-1.5 plan, a gloo CPU mesh), forward and
 backward, and sends back the output, the input gradient and the parameter gradients summed over
 ranks. The parent compares them with a single-process run of the same models.
 """
@@ -13,7 +12,6 @@ import os
 import socket
 import time
 import traceback
-from unittest import mock
 
 import pytest
 import torch
@@ -99,16 +97,16 @@ def _child(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         results = {}
-        for i, case in enumerate(CASES):
-            model, inputs = run_case(case)
-            mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("ring", "ulysses"))
-            with mock.patch.object(torch.accelerator, "device_count", return_value=1):
-                if i % 2:   # both orders: parallelism before and after enable_ssta
-                    model, inputs = tiny_model(CASES[case][0])
-                    enable_ulysses(model, WORLD, mesh=mesh)
-                    enable_ssta(model, CASES[case][1], CASES[case][2], backend="torch")
-                else:
-                    enable_ulysses(model, WORLD, mesh=mesh)
+        for i, (case, (family, config, schedule)) in enumerate(CASES.items()):
+            # our own gloo mesh for half the cases; enable_ulysses builds a CPU one for the others
+            mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("ring", "ulysses")) if i < 2 else None
+            model, inputs = tiny_model(family)
+            if i % 2:   # both orders: parallelism before and after enable_ssta
+                enable_ulysses(model, WORLD, mesh=mesh)
+                enable_ssta(model, config, schedule, backend="torch")
+            else:
+                enable_ssta(model, config, schedule, backend="torch")
+                enable_ulysses(model, WORLD, mesh=mesh)
             out, hidden_grad, grads = forward_backward(model, inputs)
             for g in [hidden_grad, *grads.values()]:
                 dist.all_reduce(g)   # each rank's copy holds its part of the gradient

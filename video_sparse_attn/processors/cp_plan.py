@@ -11,12 +11,13 @@ its heads of the text q/k/v without communication (`parallel.ulysses_attention`)
 from __future__ import annotations
 
 from typing import Any, Optional
+from unittest import mock
 
 import torch
 
 from .families import family_of
 
-__all__ = ["hunyuan_video15_cp_plan", "cp_plan_for", "enable_ulysses"]
+__all__ = ["hunyuan_video15_cp_plan", "cp_plan_for", "enable_ulysses", "start_process_group"]
 
 
 def hunyuan_video15_cp_plan() -> dict:
@@ -41,11 +42,26 @@ def cp_plan_for(transformer: torch.nn.Module) -> Optional[dict]:
     raise NotImplementedError("SSTA context parallelism supports HunyuanVideo-1.5 and Wan transformers")
 
 
+def start_process_group() -> int:
+    """Join the process group of a ``torchrun`` / ``accelerate launch`` run (NCCL with CUDA, else gloo)
+    and pin this rank's GPU; returns the rank. A no-op when the group exists already."""
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
+    return dist.get_rank()
+
+
 def enable_ulysses(target: Any, degree: int, mesh: Any = None) -> None:
     """``transformer.enable_parallelism`` with ``ContextParallelConfig(ulysses_degree=degree)`` and the
     plan of `cp_plan_for`, on a transformer or a pipeline's transformer(s). Call it after
     ``torch.distributed`` is initialised, before or after `enable_ssta`. ``mesh``: an optional
-    ``DeviceMesh`` with dims ``("ring", "ulysses")`` of shape ``(1, degree)``.
+    ``DeviceMesh`` with dims ``("ring", "ulysses")`` of shape ``(1, degree)``. Without an accelerator
+    (gloo on CPU) it builds a CPU mesh itself, as diffusers 0.42.1 assumes an accelerator there.
 
     Example (``torchrun --nproc_per_node 2``)::
 
@@ -56,6 +72,17 @@ def enable_ulysses(target: Any, degree: int, mesh: Any = None) -> None:
 
     from .enable import _transformers_of
 
+    on_cpu = torch.accelerator.device_count() == 0
     for transformer in _transformers_of(target):
-        transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree, mesh=mesh),
-                                       cp_plan=cp_plan_for(transformer))
+        config = ContextParallelConfig(ulysses_degree=degree, mesh=mesh or (_cpu_mesh(degree) if on_cpu else None))
+        if on_cpu:   # diffusers computes rank % torch.accelerator.device_count()
+            with mock.patch.object(torch.accelerator, "device_count", return_value=1):
+                transformer.enable_parallelism(config=config, cp_plan=cp_plan_for(transformer))
+        else:
+            transformer.enable_parallelism(config=config, cp_plan=cp_plan_for(transformer))
+
+
+def _cpu_mesh(degree: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (1, degree), mesh_dim_names=("ring", "ulysses"))
