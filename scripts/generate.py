@@ -72,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--sampling-type", choices=("importance", "similarity"))
     g.add_argument("--no-caller-rules", action="store_true", help="no HunyuanVideo-1.5 topk/tile rules")
     g.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
+    # ---- context parallelism (--cp) ----
+    p.add_argument("--cp", type=int, default=1, metavar="N",
+                   help="Ulysses context-parallel degree: launch with torchrun --nproc_per_node N (rank 0 writes)")
     return p.parse_args(argv)
 
 
@@ -113,8 +116,34 @@ def load_pipeline(path: str, dtype: torch.dtype):
     return pipe
 
 
+# ---- context parallelism (--cp): one process per GPU; every rank runs the pipeline, rank 0 writes ----
+def cp_start(args) -> int:
+    """Join the launched process group when ``--cp N`` > 1; returns this process's rank (0 without)."""
+    if args.cp <= 1:
+        return 0
+    from video_sparse_attn.processors import start_process_group
+
+    if args.no_ssta or args.compare_stock:
+        raise SystemExit("--cp runs SSTA only (the stock HunyuanVideo-1.5 processor has no context-parallel path "
+                         "in diffusers 0.42.1); drop --no-ssta / --compare-stock")
+    if args.cpu_offload:
+        raise SystemExit("--cp keeps the pipeline on each rank's GPU; drop --cpu-offload")
+    return start_process_group()
+
+
+def cp_enable(args, pipe) -> None:
+    """Split the transformer's sequence over the ranks (Ulysses) when ``--cp N`` > 1."""
+    if args.cp > 1:
+        from video_sparse_attn.processors import enable_ulysses
+
+        enable_ulysses(pipe, args.cp)
+        print(f"context parallelism: Ulysses degree {args.cp}")
+# ---- end of context parallelism ----
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    cp_rank = cp_start(args)
     tiny = args.model is None
     device = torch.device(args.device)
     default_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -149,6 +178,7 @@ def main(argv=None) -> dict:
     if args.vae_tiling and hasattr(pipe.vae, "enable_tiling"):
         pipe.vae.enable_tiling()
     load_s = time.perf_counter() - t0
+    cp_enable(args, pipe)
 
     params = inspect.signature(pipe.__call__).parameters
     if args.guidance_scale is not None and "guidance_scale" in params:
@@ -178,6 +208,8 @@ def main(argv=None) -> dict:
     else:
         print("SSTA off: stock attention processors")
     video, gen_s = generate()
+    if cp_rank:   # --cp: rank 0 writes the video and the report
+        return {}
 
     from diffusers.utils import export_to_video
 
