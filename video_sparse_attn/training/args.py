@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale", type=float, default=6.0, help="HunyuanVideo: embedded guidance")
     g.add_argument("--dataloader-num-workers", type=int, default=0)
 
+    g = p.add_argument_group("context parallelism")
+    g.add_argument("--cp", type=int, default=1, metavar="N",
+                   help="Ulysses context-parallel degree over all N launched processes (SSTA only)")
+
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--checkpointing-steps", type=int, default=500, help="save_state every N steps")
     g.add_argument("--checkpoints-total-limit", type=int, default=None)
