@@ -29,12 +29,13 @@ SHARED = SSTAConfig(tile_thw=(1, 2, 8), kernel_thw=(1, 1, 1), topk=2, mask_share
                     caller_rules=False)
 # heads 0-2 shared (a group spanning both ranks), head 3 per-head with another top-k
 SPLIT_GROUPS = SSTASchedule(mask_strategy={"*_*_3": {"topk": 3, "mask_share_within_head": False}})
-CASES = {
+CASES = {   # name: (model, config, schedule)
     "hv15_per_head": ("hunyuan_video15", PER_HEAD, None),
     "hv15_shared": ("hunyuan_video15", SHARED, SPLIT_GROUPS),
     "wan_per_head": ("wan", PER_HEAD, None),
     "wan_shared": ("wan", SHARED, None),
 }
+CHECKPOINTED = ("hv15_shared", "wan_per_head")   # backward recomputes the blocks (and their exchanges)
 
 
 # ---------------------------------------------------------------------------- tiny models
@@ -70,6 +71,13 @@ def tiny_model(name: str):
     return model.eval(), inputs
 
 
+def tiny_case(case: str):
+    model, inputs = tiny_model(CASES[case][0])
+    if case in CHECKPOINTED:
+        model.enable_gradient_checkpointing()
+    return model, inputs
+
+
 def forward_backward(model, inputs):
     """Output, input gradient and parameter gradients of a fixed linear loss on the output."""
     hidden = inputs["hidden_states"].clone().requires_grad_(True)
@@ -81,8 +89,8 @@ def forward_backward(model, inputs):
 
 
 def run_case(case: str):
-    family, config, schedule = CASES[case]
-    model, inputs = tiny_model(family)
+    _, config, schedule = CASES[case]
+    model, inputs = tiny_case(case)
     runtime = enable_ssta(model, config, schedule, backend="torch", stats=True)
     return model, inputs, runtime
 
@@ -97,10 +105,10 @@ def _child(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         results = {}
-        for i, (case, (family, config, schedule)) in enumerate(CASES.items()):
+        for i, (case, (_, config, schedule)) in enumerate(CASES.items()):
             # our own gloo mesh for half the cases; enable_ulysses builds a CPU one for the others
             mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("ring", "ulysses")) if i < 2 else None
-            model, inputs = tiny_model(family)
+            model, inputs = tiny_case(case)
             if i % 2:   # both orders: parallelism before and after enable_ssta
                 enable_ulysses(model, WORLD, mesh=mesh)
                 enable_ssta(model, config, schedule, backend="torch")
@@ -176,6 +184,10 @@ class _Config:
 
 
 def test_ring_and_uneven_shards_are_refused():
+    model, _ = tiny_model("wan")
+    model._parallel_config = type("Parallel", (), {"context_parallel_config": _Config(ring=2, ulysses=1)})()
+    with pytest.raises(NotImplementedError, match="Ulysses"):
+        enable_ssta(model, PER_HEAD)
     with pytest.raises(NotImplementedError, match="Ulysses"):
         ulysses_group(_Config(ring=2, ulysses=1))
     with pytest.raises(NotImplementedError, match="ulysses_anything"):

@@ -95,6 +95,9 @@ def enable_ssta(
         processor = SSTAAttnProcessor(config, schedule, backend=backend, strict_tiles=strict_tiles)
         parallel = getattr(transformer, "_parallel_config", None)   # enable_parallelism ran first
         if getattr(parallel, "context_parallel_config", None) is not None:
+            from .parallel import ulysses_group
+
+            ulysses_group(parallel)   # refuses ring attention here rather than at the first call
             processor._parallel_config = parallel
         mapping = {}
         for name, proc in originals.items():
