@@ -138,8 +138,9 @@ def main():
 
     rows = {}
     if rank == 0:
-        print(f"{world} x {torch.cuda.get_device_name() if cuda else 'cpu'}, {dtype}, thw {tuple(args.thw)} ({n} video + {L} text "
-              f"tokens), hidden {args.hidden} = {args.heads} x {head_dim}, {config.for_thw(tuple(args.thw))}")
+        name = torch.cuda.get_device_name() if cuda else "cpu"
+        print(f"{world} x {name}, {dtype}, thw {tuple(args.thw)} ({n} video + {L} text tokens), hidden "
+              f"{args.hidden} = {args.heads} x {head_dim}\n{config.for_thw(tuple(args.thw))}")
         block.attn.set_processor(SSTAAttnProcessor(config, backend=args.backend))
         rows[1], ref = measure(hs, ehs, freqs, grads)
     dist.barrier()
@@ -157,14 +158,17 @@ def main():
             return float((a.float() - b.float()).norm() / b.float().norm())
 
         err_video, err_text = rel(torch.cat(video, dim=1), ref[0]), rel(out[1], ref[1])
-        print(f"\n{'degree':>6} {'fwd ms':>9} {'a2a ms':>8} {'a2a %':>6} {'fwd+bwd ms':>11} {'a2a ms':>8} "
-              f"{'a2a %':>6} {'speed-up':>9}")
+        print(f"\n{'degree':>6} | {'fwd ms':>9} {'a2a ms':>8} {'a2a %':>6} | {'f+b ms':>9} {'a2a ms':>8} "
+              f"{'a2a %':>6} | {'speed-up':>8}")
         for d, r in rows.items():
             def cell(k):
-                return (f"{r[k]:9.1f} {r[k + '_a2a']:8.1f} {100 * r[k + '_a2a'] / r[k]:6.1f}" if r.get(k)
-                        else f"{'-':>9} {'-':>8} {'-':>6}")
+                if not r.get(k):
+                    return f"{'-':>9} {'-':>8} {'-':>6}"
+                return f"{r[k]:9.1f} {r[k + '_a2a']:8.1f} {100 * r[k + '_a2a'] / r[k]:6.1f}"
             key = "fwd_bwd" if r.get("fwd_bwd") else "fwd"
-            print(f"{d:>6} {cell('fwd')} {cell('fwd_bwd'):>27} {rows[1][key] / r[key]:9.2f}")
+            print(f"{d:>6} | {cell('fwd')} | {cell('fwd_bwd')} | {rows[1][key] / r[key]:8.2f}")
+        print(f"speed-up on {'forward+backward' if rows[1].get('fwd_bwd') else 'forward'}; a2a = the video "
+              f"all-to-alls (CUDA events), the text all-gather is not counted")
         print(f"degree {world} vs 1: rel L2 video {err_video:.2e}, text {err_text:.2e}")
     dist.destroy_process_group()
 
