@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One HunyuanVideo-1.5 double-stream block with SSTA at Ulysses degree 1 vs N (``torchrun --nproc_per_node N``).
+"""One HunyuanVideo-1.5 double-stream block with SSTA at Ulysses degree 1 vs N (under torchrun).
 
 Same block, shapes and SSTA settings as `benchmark_transformer.py` (720p / 121 frames by default).
 Degree 1 runs on rank 0 alone; degree N splits the video tokens (and rotary tables) into N equal
@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_transformer import parse_args, timed  # noqa: E402
 
 from video_sparse_attn import SSTAConfig  # noqa: E402
-from video_sparse_attn.processors import SUPPORTED_MODELS, SSTAAttnProcessor, SSTARuntime, bind_runtime  # noqa: E402
+from video_sparse_attn.processors import (SUPPORTED_MODELS, SSTAAttnProcessor, SSTARuntime,  # noqa: E402
+                                          bind_runtime)
 from video_sparse_attn.processors import collectives  # noqa: E402
 
 

@@ -74,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
     # ---- context parallelism (--cp) ----
     p.add_argument("--cp", type=int, default=1, metavar="N",
-                   help="Ulysses context-parallel degree: launch with torchrun --nproc_per_node N (rank 0 writes)")
+                   help="Ulysses context-parallel degree: launch with torchrun --nproc_per_node N "
+                        "(rank 0 writes)")
     return p.parse_args(argv)
 
 
@@ -124,8 +125,8 @@ def cp_start(args) -> int:
     from video_sparse_attn.processors import start_process_group
 
     if args.no_ssta or args.compare_stock:
-        raise SystemExit("--cp runs SSTA only (the stock HunyuanVideo-1.5 processor has no context-parallel path "
-                         "in diffusers 0.42.1); drop --no-ssta / --compare-stock")
+        raise SystemExit("--cp runs SSTA only (the stock HunyuanVideo-1.5 processor has no context-parallel "
+                         "path in diffusers 0.42.1); drop --no-ssta / --compare-stock")
     if args.cpu_offload:
         raise SystemExit("--cp keeps the pipeline on each rank's GPU; drop --cpu-offload")
     return start_process_group()

@@ -55,10 +55,11 @@ def tiny_model(name: str):
         mask[1, 3:] = 0
         mask_2 = torch.ones(2, 5, dtype=torch.long)
         mask_2[1, 2:] = 0
-        inputs = dict(hidden_states=torch.randn(2, 4, 3, 6, 8, generator=g), timestep=torch.tensor([500.0, 500.0]),
+        inputs = dict(hidden_states=torch.randn(2, 4, 3, 6, 8, generator=g),
+                      timestep=torch.tensor([500.0, 500.0]),
                       encoder_hidden_states=torch.randn(2, 11, 16, generator=g), encoder_attention_mask=mask,
-                      encoder_hidden_states_2=torch.randn(2, 5, 8, generator=g), encoder_attention_mask_2=mask_2,
-                      image_embeds=torch.zeros(2, 3, 12))
+                      encoder_hidden_states_2=torch.randn(2, 5, 8, generator=g),
+                      encoder_attention_mask_2=mask_2, image_embeds=torch.zeros(2, 3, 12))
     else:
         from diffusers import WanTransformer3DModel
 
@@ -66,7 +67,8 @@ def tiny_model(name: str):
             patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=4, out_channels=4,
             text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
-        inputs = dict(hidden_states=torch.randn(2, 4, 3, 12, 16, generator=g), timestep=torch.tensor([500, 500]),
+        inputs = dict(hidden_states=torch.randn(2, 4, 3, 12, 16, generator=g),
+                      timestep=torch.tensor([500, 500]),
                       encoder_hidden_states=torch.randn(2, 12, 16, generator=g))
     return model.eval(), inputs
 
@@ -138,7 +140,8 @@ def _free_port() -> int:
 def _spawn(out_dir: str) -> None:
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(_child, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn")
+    ctx = mp.start_processes(_child, args=(_free_port(), out_dir), nprocs=WORLD, join=False,
+                             start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=1):

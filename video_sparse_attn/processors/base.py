@@ -220,8 +220,8 @@ class SSTAAttnProcessor:
         for h0, h1, cfg in groups:
             a, b = max(h0, head_start) - head_start, min(h1, head_start + local) - head_start
             sl = slice(a, max(a, b)) if (a, b) != (0, local) else slice(None)
-            out, density = op(q[:, sl], k[:, sl], v[:, sl], tuple(thw), cfg, text_len, text_mask, self.backend,
-                              h1 - h0, want_info)
+            out, density = op(q[:, sl], k[:, sl], v[:, sl], tuple(thw), cfg, text_len, text_mask,
+                              self.backend, h1 - h0, want_info)
             if out is None:
                 continue
             outs.append(out)

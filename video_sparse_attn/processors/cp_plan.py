@@ -74,7 +74,8 @@ def enable_ulysses(target: Any, degree: int, mesh: Any = None) -> None:
 
     on_cpu = torch.accelerator.device_count() == 0
     for transformer in _transformers_of(target):
-        config = ContextParallelConfig(ulysses_degree=degree, mesh=mesh or (_cpu_mesh(degree) if on_cpu else None))
+        cp_mesh = mesh or (_cpu_mesh(degree) if on_cpu else None)
+        config = ContextParallelConfig(ulysses_degree=degree, mesh=cp_mesh)
         if on_cpu:   # diffusers computes rank % torch.accelerator.device_count()
             with mock.patch.object(torch.accelerator, "device_count", return_value=1):
                 transformer.enable_parallelism(config=config, cp_plan=cp_plan_for(transformer))

@@ -113,9 +113,10 @@ def ulysses_attention(proc, runtime, layer: int, query: torch.Tensor, key: torch
     t, h, w = runtime.thw
     if H % n_ranks or n_local * n_ranks != t * h * w:
         raise ValueError(
-            f"SSTA under Ulysses degree {n_ranks} expects each rank to hold 1/{n_ranks} of the {t * h * w} video "
-            f"tokens of grid {tuple(runtime.thw)} (got {n_local}) and the whole text (L={text_len}), with the heads "
-            f"({H}) divisible by the degree; enable it with video_sparse_attn.processors.enable_ulysses"
+            f"SSTA under Ulysses degree {n_ranks} expects each rank to hold 1/{n_ranks} of the {t * h * w} "
+            f"video tokens of grid {tuple(runtime.thw)} (got {n_local}) and the whole text (L={text_len}), "
+            f"with the heads ({H}) divisible by the degree; enable it with "
+            "video_sparse_attn.processors.enable_ulysses"
         )
     hl = H // n_ranks
     heads = slice(rank * hl, (rank + 1) * hl)

@@ -24,11 +24,12 @@ def setup_context_parallel(args: argparse.Namespace, transformer: torch.nn.Modul
     if degree <= 1:
         return 1
     if args.no_ssta:
-        raise ValueError("--cp trains with SSTA only (the stock HunyuanVideo-1.5 processor has no context-parallel "
-                         "path in diffusers 0.42.1); drop --no-ssta")
+        raise ValueError("--cp trains with SSTA only (the stock HunyuanVideo-1.5 processor has no "
+                         "context-parallel path in diffusers 0.42.1); drop --no-ssta")
     if accelerator.num_processes != degree:
-        raise ValueError(f"--cp {degree} needs exactly {degree} processes (launched: {accelerator.num_processes}); "
-                         "data parallelism on top of context parallelism is not supported")
+        raise ValueError(f"--cp {degree} needs exactly {degree} processes (launched: "
+                         f"{accelerator.num_processes}); data parallelism on top of context parallelism is "
+                         "not supported")
     from accelerate.utils import DistributedDataParallelKwargs
 
     from ..processors import enable_ulysses
