@@ -12,7 +12,7 @@ the model's context-parallel plan; see `cp_plan`) and the whole text. Per attent
 3. the video output goes back through the inverse all-to-all, the text output is gathered over heads.
 
 All exchanges are differentiable (`collectives`), so backward runs the usual kernels on the same
-head slices. Ring attention is refused.
+head slices. Ring attention is refused. `SSTAStats` on a rank record the density of that rank's heads.
 """
 
 from __future__ import annotations
