@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ..attention import block_sparse_attention, resolve_backend
+from ..attention import block_sparse_attention
 from ..config import SSTAConfig
 from ..layout import TileLayout
 from ..masks.build import block_mask_from_tiled
@@ -78,7 +78,6 @@ def _ssta_shared_means(q, k, v, thw, config: SSTAConfig, text_len: int, text_mas
         all_reduce_sum(zeros, group)
         return None, None
     validate_inputs(q, k, v, thw, config, text_len, text_mask)
-    backend = resolve_backend(backend, q)
     (q_t, q_means), (k_t, k_means) = (layout.tile_with_means(x) for x in (q, k))
     sums = torch.stack([q_means.float().sum(1, keepdim=True), k_means.float().sum(1, keepdim=True)])
     q_mean, k_mean = (all_reduce_sum(sums, group) / group_heads).to(q_means.dtype).unbind(0)
