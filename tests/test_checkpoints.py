@@ -5,12 +5,11 @@ import json
 import os
 
 import pytest
-import torch
 
 from video_sparse_attn.cli import UsageError
 from video_sparse_attn.training.checkpoints import (MANIFEST, latest_checkpoint, prune_checkpoints,
                                                     save_checkpoint, verify_checkpoint)
-from video_sparse_attn.training.data import LatentVideoDataset, make_synthetic_dataset, write_metadata
+from video_sparse_attn.training.data import LatentVideoDataset, make_synthetic_dataset
 
 
 class _FakeAccelerator:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -133,6 +133,7 @@ def ssta_attention(
     return_lse: bool = False,
     strict_tiles: bool = True,
     validate: Optional[bool] = None,
+    tile_means_hook: Optional[Callable] = None,
 ):
     """Selective and Sliding Tile Attention over a ``[video | text]`` sequence.
 
@@ -156,6 +157,9 @@ def ssta_attention(
             ``zero`` / ``repeat``; see `validation.check_tiles`).
         validate: check that ``text_mask`` is a prefix mask (reads its values). None (default): only
             when it is on the CPU; True: also on a GPU (one host synchronisation); False: never.
+        tile_means_hook: ``(q_means, k_means) -> (q_means, k_means)`` applied to the float32 tile
+            means ``[B, H, Nv, D]`` before the selection (context parallelism averages them over the
+            heads held by other processes here).
 
     Returns:
         ``out [B, H, S, D]`` in q's dtype, then ``lse`` when ``return_lse``, then `SSTAInfo` when
@@ -176,6 +180,8 @@ def ssta_attention(
     (q_t, q_means), (k_t, k_means) = (layout.tile_with_means(x) if needs_means else (layout.tile(x), None)
                                       for x in (q, k))
     v_t = layout.tile(v)
+    if tile_means_hook is not None and q_means is not None:
+        q_means, k_means = tile_means_hook(q_means, k_means)
     block_mask = block_mask_from_tiled(q_t, k_t, layout, config, text_mask, q_means, k_means)
     dev = q.device
     plan = BlockSparsePlan.from_block_mask(

@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float, default=None, help="pipelines that take one")
     p.add_argument("--fps", type=positive_int, default=24, help="frames per second of the written video")
     p.add_argument("--output", default="outputs/ssta_video.mp4", help="video path (.mp4)")
+    # ---- context parallelism (--cp) ----
+    p.add_argument("--cp", type=positive_int, default=1, metavar="N",
+                   help="Ulysses context-parallel degree: launch with torchrun --nproc_per_node N (rank 0 writes)")
     p.add_argument("--report", default=None, help="JSON report path (default: OUTPUT with .json)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when available, else cpu)")
@@ -186,11 +189,37 @@ def _psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
+# ---- context parallelism (--cp): one process per GPU; every rank runs the pipeline, rank 0 writes ----
+def _cp_start(args) -> int:
+    """Join the launched process group when ``--cp N`` > 1; returns this process's rank (0 without)."""
+    if args.cp <= 1:
+        return 0
+    if args.no_ssta or args.compare_stock:
+        raise UsageError("--cp runs SSTA only (the stock HunyuanVideo-1.5 processor has no context-parallel "
+                         "path in diffusers 0.42.1); drop --no-ssta / --compare-stock")
+    if args.cpu_offload:
+        raise UsageError("--cp keeps the pipeline on each rank's GPU; drop --cpu-offload")
+    from ..processors import start_process_group
+
+    return start_process_group()
+
+
+def _cp_enable(args, pipe) -> None:
+    """Split the transformer's sequence over the ranks (Ulysses) when ``--cp N`` > 1."""
+    if args.cp > 1:
+        from ..processors import enable_ulysses
+
+        enable_ulysses(pipe, args.cp)
+        print(f"context parallelism: Ulysses degree {args.cp}")
+# ---- end of context parallelism ----
+
+
 def run(args: argparse.Namespace) -> dict:
     """Generate as ``args`` say; returns the report (also written as JSON)."""
     from ..processors import SSTAStats, enable_ssta
 
     r = resolve(args)
+    cp_rank = _cp_start(args)
     tiny, device, dtype, config, schedule = r["tiny"], r["device"], r["dtype"], r["config"], r["schedule"]
     frames, height, width, steps = r["frames"], r["height"], r["width"], r["steps"]
 
@@ -217,6 +246,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.vae_tiling and hasattr(pipe.vae, "enable_tiling"):
         pipe.vae.enable_tiling()
     load_s = time.perf_counter() - t0
+    _cp_enable(args, pipe)
 
     params = inspect.signature(pipe.__call__).parameters
     if args.guidance_scale is not None and "guidance_scale" in params:
@@ -251,6 +281,8 @@ def run(args: argparse.Namespace) -> dict:
     else:
         print("SSTA off: stock attention processors")
     video, gen_s = generate()
+    if cp_rank:   # --cp: rank 0 writes the video and the report
+        return {}
     export_to_video(list(video), args.output, fps=args.fps)
 
     report = {

@@ -95,6 +95,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance-scale", type=float, default=6.0, help="HunyuanVideo: embedded guidance")
     g.add_argument("--dataloader-num-workers", type=non_negative_int, default=0, help="data loading processes")
 
+    g = p.add_argument_group("context parallelism")
+    g.add_argument("--cp", type=positive_int, default=1, metavar="N",
+                   help="Ulysses context-parallel degree over all N launched processes (SSTA only)")
+
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--checkpointing-steps", type=positive_int, default=500, help="save_state every N steps")
     g.add_argument("--checkpoints-total-limit", type=positive_int, default=None,

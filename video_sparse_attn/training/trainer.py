@@ -32,6 +32,7 @@ import torch
 from ..cli import UsageError
 from .args import ssta_config_from_args
 from .checkpoints import check_output_dir, latest_checkpoint, save_checkpoint, step_of, verify_checkpoint
+from .context_parallel import group_batch, setup_context_parallel
 from .data import LatentVideoDataset, collate_samples, make_synthetic_dataset
 from .plot import plot_train_log
 from .flow_matching import NUM_TRAIN_TIMESTEPS, add_noise, flow_matching_loss, sample_sigmas
@@ -221,6 +222,7 @@ def _train(args: argparse.Namespace, accelerator, tiny: bool, target, previous: 
         transformer.to(accelerator.device)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    cp = setup_context_parallel(args, transformer, accelerator)   # --cp N: 1 when off
     params = [p for p in transformer.parameters() if p.requires_grad]
 
     # -- data and sparsity
@@ -299,7 +301,8 @@ def _train(args: argparse.Namespace, accelerator, tiny: bool, target, previous: 
             batches = accelerator.skip_first_batches(loader, skip_batches)
         for batch in batches:
             with accelerator.accumulate(transformer):
-                gen = _noise_generator(args.seed, micro_step, accelerator.process_index)
+                batch = group_batch(batch, cp)
+                gen = _noise_generator(args.seed, micro_step, accelerator.process_index // cp)
                 latents = batch["latents"]
                 sigmas = sample_sigmas(latents.shape[0], gen, args.weighting_scheme, args.timestep_shift)
                 noisy, target_v = add_noise(latents, sigmas, gen)
@@ -311,7 +314,7 @@ def _train(args: argparse.Namespace, accelerator, tiny: bool, target, previous: 
                 loss = flow_matching_loss(pred, target_v)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss {loss.item()} at step {global_step}")
-                accelerator.backward(loss)
+                accelerator.backward(loss * cp if cp > 1 else loss)   # see context_parallel
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
