@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from video_sparse_attn.cli import OneLineParser, UsageError, add_ssta_arguments, run_main
+from video_sparse_attn.cli import OneLineParser, UsageError, add_ssta_arguments, run_main, triple
 from video_sparse_attn.commands import COMMANDS, load_command
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -128,7 +128,10 @@ def test_one_ssta_vocabulary_and_help_for_every_option():
         parsers[name] = p
         for action in p._actions:
             assert action.help, f"{name}: {action.option_strings} has no help"
-    ssta = [_option_strings(p, "SSTA (sparse attention)") for p in parsers.values()]
+    # every command that takes an SSTA config shares one option group; warmup takes only kernel facts
+    ssta = [_option_strings(p, "SSTA (sparse attention)") for n, p in parsers.items() if n != "warmup"]
+    warm = {a.dest: a for a in parsers["warmup"]._actions}
+    assert warm["tile"].type is triple and set(warm["backend"].choices) >= {"auto", "torch", "triton", "fa4"}
     shared = {("--ssta-config", "ssta_config"), ("--tile", "tile"), ("--window", "window"), ("--topk", "topk"),
               ("--sparse-type", "sparse_type"), ("--pad-type", "pad_type"), ("--backend", "backend")}
     for options in ssta:
@@ -145,14 +148,14 @@ def test_entry_points_and_subcommands():
     tomllib = pytest.importorskip("tomllib")
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
-    assert set(scripts) == {"vsa-generate", "vsa-finetune", "vsa-benchmark"}
+    assert set(scripts) == {"vsa-generate", "vsa-finetune", "vsa-benchmark", "vsa-warmup"}
     for target in scripts.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func))
     from video_sparse_attn.__main__ import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert list(sub.choices) == list(COMMANDS) == ["generate", "finetune", "benchmark"]
+    assert list(sub.choices) == list(COMMANDS) == ["generate", "finetune", "benchmark", "warmup"]
 
 
 def test_python_dash_m_reports_a_mistake_in_one_line():
