@@ -17,13 +17,9 @@ A real run (latents from scripts/make_latent_dataset.py)::
 Add ``--lora-rank 64`` for LoRA, ``--resume-from-checkpoint latest`` to continue a run.
 """
 
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from video_sparse_attn.training.args import parse_args  # noqa: E402
-from video_sparse_attn.training.trainer import train  # noqa: E402
+from video_sparse_attn.training.args import parse_args
+from video_sparse_attn.training.trainer import train
 
 
 def main(argv=None) -> None:

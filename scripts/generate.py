@@ -26,14 +26,13 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from video_sparse_attn import SSTAConfig  # noqa: E402
-from video_sparse_attn.processors import SSTASchedule, SSTAStats, enable_ssta, family_of  # noqa: E402
+from video_sparse_attn import SSTAConfig
+from video_sparse_attn.families import FAMILIES, family_of
+from video_sparse_attn.processors import SSTASchedule, SSTAStats, enable_ssta
 
 # SSTA settings of the tiny demo: 16-token tiles so that its small latent grid has many tiles.
 TINY_CONFIG = SSTAConfig(tile_thw=(1, 4, 4), kernel_thw=(3, 3, 3), topk=8, caller_rules=False)
-PIPELINES = ("HunyuanVideo15Pipeline", "HunyuanVideoPipeline", "WanPipeline")
+PIPELINES = tuple(f.pipeline_class for f in FAMILIES.values())
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -109,7 +108,7 @@ def load_pipeline(path: str, dtype: torch.dtype):
     if cls_name not in PIPELINES:
         print(f"warning: {cls_name} is not one of {PIPELINES}; trying it anyway", file=sys.stderr)
     pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
-    family_of(pipe.transformer)  # TypeError naming the supported transformers otherwise
+    family_of(pipe.transformer)  # UnsupportedModelError naming the supported families otherwise
     return pipe
 
 
@@ -126,8 +125,7 @@ def main(argv=None) -> dict:
 
     t0 = time.perf_counter()
     if tiny:
-        from video_sparse_attn.processors.demo_pipeline import (random_prompt_embeds,
-                                                                tiny_hunyuan_video15_pipeline)
+        from video_sparse_attn.testing import random_prompt_embeds, tiny_hunyuan_video15_pipeline
 
         print("No --model: building a tiny HunyuanVideo-1.5 pipeline with RANDOM weights (offline).\n"
               "The video it writes is noise from random weights; it shows the SSTA path runs end to end.")

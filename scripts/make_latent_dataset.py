@@ -17,18 +17,13 @@ Without real models, write a synthetic dataset for a tiny transformer instead::
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
 
-import torch  # noqa: E402
-
-from video_sparse_attn.training.data import make_synthetic_dataset, write_metadata, write_sample  # noqa: E402
-from video_sparse_attn.training.encode import (VIDEO_EXTENSIONS, encode_latents, encode_prompt,  # noqa: E402
-                                               load_frames, preprocess_frames)
-
-PIPELINES = {"HunyuanVideo15Pipeline": "hunyuan_video15", "HunyuanVideoPipeline": "hunyuan_video",
-             "WanPipeline": "wan"}
+from video_sparse_attn.families import family_of_pipeline
+from video_sparse_attn.training.data import make_synthetic_dataset, write_metadata, write_sample
+from video_sparse_attn.training.encode import (VIDEO_EXTENSIONS, encode_latents, encode_prompt, load_frames,
+                                               preprocess_frames)
 
 
 def _clips(folder: str, captions_file: str = None):
@@ -84,9 +79,7 @@ def main(argv=None) -> None:
 
     with open(os.path.join(args.model, "model_index.json")) as f:
         cls_name = json.load(f)["_class_name"]
-    if cls_name not in PIPELINES:
-        raise ValueError(f"{args.model} is a {cls_name}; supported pipelines: {sorted(PIPELINES)}")
-    family = PIPELINES[cls_name]
+    family = family_of_pipeline(cls_name).name   # UnsupportedModelError naming the supported families otherwise
     dtype = getattr(torch, args.dtype)
     pipe = getattr(diffusers, cls_name).from_pretrained(args.model, transformer=None, torch_dtype=dtype)
     pipe.to(args.device)

@@ -15,7 +15,7 @@ import torch
 
 from ..attention import resolve_backend, ssta_attention
 from ..config import SSTAConfig
-from .families import family_of
+from ..families import family_of
 from .grid_hook import (LAYER_ATTR, RUNTIME_ATTR, SSTARuntime, find_calling_transformer, install_grid_hook,
                         runtime_of)
 from .schedule import SSTASchedule
@@ -117,13 +117,8 @@ class SSTAAttnProcessor:
                 return stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary)
         elif encoder_hidden_states is None and rotary is None:  # text-only token refiner
             return self._stock(attn, "attn")(attn, hidden_states, None, attention_mask)
-        runtime, layer = self._runtime_for(attn)
-        if runtime.family.name == "hunyuan_video15":
-            from .hunyuan_video15 import hunyuan_video15_attention as fn
-        elif runtime.family.name == "hunyuan_video":
-            from .hunyuan_video import hunyuan_video_attention as fn
-        else:
-            from .wan import wan_self_attention as fn
+        runtime, _ = self._runtime_for(attn)
+        fn = runtime.family.attention_fn()
         return fn(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary)
 
     # ------------------------------------------------------------------ pieces used by the families

@@ -20,7 +20,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from .families import ModelFamily, family_of
+from ..families import ModelFamily, UnsupportedModelError, family_of
 
 __all__ = ["SSTARuntime", "install_grid_hook", "remove_grid_hook", "runtime_of", "bind_runtime", "HOOK_NAME"]
 
@@ -178,7 +178,7 @@ def find_calling_transformer(max_depth: int = 64) -> Tuple[Optional[torch.nn.Mod
         if isinstance(obj, torch.nn.Module):
             try:
                 family_of(obj)
-            except TypeError:
+            except UnsupportedModelError:
                 pass
             else:
                 loc = frame.f_locals

@@ -26,8 +26,8 @@ import torch
 from .args import ssta_config_from_args
 from .data import LatentVideoDataset, collate_samples, make_synthetic_dataset
 from .flow_matching import NUM_TRAIN_TIMESTEPS, add_noise, flow_matching_loss, sample_sigmas
-from .models import (family_of, latent_channels, latent_grid, load_transformer, text_dims,
-                     tiny_transformer, transformer_inputs)
+from ..families import family_of
+from .models import latent_channels, latent_grid, load_transformer, text_dims, tiny_transformer, transformer_inputs
 from .sparsity import SparsityRamp, set_sparse_attention
 
 __all__ = ["train", "FINAL_FULL_DIR", "FINAL_LORA_DIR", "SSTA_CONFIG_NAME", "latest_checkpoint"]
@@ -81,7 +81,7 @@ def _prepare_dataset(args: argparse.Namespace, transformer, accelerator) -> Late
                 make_synthetic_dataset(root, args.synthetic_samples,
                                        (latent_channels(transformer), *args.synthetic_latent_thw),
                                        dims["text_dim"], text_dim_2=dims["text_dim_2"],
-                                       pooled_dim=dims["pooled_dim"], family=family_of(transformer),
+                                       pooled_dim=dims["pooled_dim"], family=family_of(transformer).name,
                                        seed=args.seed)
     return LatentVideoDataset(root)
 
@@ -158,7 +158,7 @@ def train(args: argparse.Namespace) -> Dict:
     # -- model
     tiny = args.model is None
     transformer = tiny_transformer(args.tiny_family, seed=args.seed) if tiny else load_transformer(args.model)
-    family = family_of(transformer)
+    family = family_of(transformer).name
     image_tokens = args.image_tokens or (TINY_IMAGE_TOKENS if tiny else None)
     image_kw = {"image_tokens": image_tokens} if image_tokens else {}  # HunyuanVideo-1.5 only
     lora = args.lora_rank > 0
