@@ -66,7 +66,7 @@ def test_three_steps_with_ssta_give_finite_loss(full_run):
     assert _ssta_layers(model) == model.config.num_layers  # the double-stream blocks run SSTA
     log = _log(out)
     assert [r["step"] for r in log] == [1, 2, 3] and {r["sparse_type"] for r in log} == {"ssta"}
-    assert sorted(os.listdir(out)) >= ["checkpoint-2", "checkpoint-3"]
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-3"]
 
 
 def test_saved_safetensors_reload_identically(full_run):
@@ -252,7 +252,7 @@ def test_other_families_train_through_the_same_code(family, thw, tmp_path):
     model = result["transformer"]
     assert type(model).__name__ == {"hunyuan_video": "HunyuanVideoTransformer3DModel",
                                     "wan": "WanTransformer3DModel"}[family]
-    assert _ssta_layers(model) >= 2
+    assert _ssta_layers(model) == 2   # HunyuanVideo: one double- and one single-stream block; Wan: two attn1
 
 
 @pytest.mark.gpu

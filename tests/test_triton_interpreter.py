@@ -1,6 +1,7 @@
 """Triton kernels (forward, backward, autograd) vs the torch reference and float64 dense attention.
 
-On CPU they run in Triton's interpreter (conftest sets TRITON_INTERPRET=1); shapes are tiny.
+On CPU they run in Triton's interpreter (conftest sets TRITON_INTERPRET=1 before anything imports
+Triton, and skips the `interpreter` tests where that interpreter cannot run them); shapes are tiny.
 bf16 is not tested here: the interpreter's bf16 `tl.dot` is broken.
 """
 
@@ -14,8 +15,7 @@ from helpers import golden_cases, load_golden, rel_l2
 from video_sparse_attn import BlockSparsePlan, ssta_attention
 from video_sparse_attn.kernels.torch_ref import block_sparse_attention_torch
 
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+pytestmark = pytest.mark.interpreter
 triton_op = pytest.importorskip("video_sparse_attn.kernels.triton_op")
 attn = triton_op.block_sparse_attention_triton
 
