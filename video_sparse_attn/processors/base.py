@@ -118,8 +118,7 @@ class SSTAAttnProcessor:
         elif encoder_hidden_states is None and rotary is None:  # text-only token refiner
             return self._stock(attn, "attn")(attn, hidden_states, None, attention_mask)
         runtime, _ = self._runtime_for(attn)
-        fn = runtime.family.attention_fn()
-        return fn(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary)
+        return runtime.attention_fn(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary)
 
     # ------------------------------------------------------------------ pieces used by the families
     def _stock(self, attn: torch.nn.Module, kind: str):

@@ -36,6 +36,8 @@ class SSTARuntime:
 
     Attributes:
         family: the transformer's `ModelFamily`.
+        attention_fn: its processor function (`ModelFamily.attention_fn`, resolved here, outside any
+            compiled region).
         patch_thw: patch size (pt, ph, pw).
         thw: latent grid after patchify of the current forward (None before the first one).
         scheduler: optional diffusers scheduler whose ``step_index`` gives the denoising step.
@@ -47,6 +49,7 @@ class SSTARuntime:
     def __init__(self, family: ModelFamily, patch_thw: Triple, scheduler: Any = None,
                  track_timesteps: bool = False, stats: Any = None) -> None:
         self.family = family
+        self.attention_fn = family.attention_fn()
         self.patch_thw = patch_thw
         self.thw: Optional[Triple] = None
         self.scheduler = scheduler
