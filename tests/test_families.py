@@ -85,3 +85,35 @@ def test_unsupported_models_raise_one_error_naming_the_families():
     fake = type("WanTransformer3DModel", (torch.nn.Module,), {})()   # same name outside diffusers
     with pytest.raises(UnsupportedModelError):
         family_of(fake)
+
+
+def test_a_fourth_family_is_one_entry(monkeypatch):
+    """A family that reuses an existing processor function needs nothing but its entry: Wan-VACE's
+    video self-attention (``attn1`` of the main and the control blocks) is Wan's."""
+    from dataclasses import replace
+
+    from diffusers import WanVACETransformer3DModel
+
+    import video_sparse_attn.families as families
+    from video_sparse_attn import SSTAConfig, enable_ssta
+    from video_sparse_attn.processors import SSTAStats
+
+    wan = FAMILIES["wan"]
+    vace = replace(wan, name="wan_vace", transformer_class="WanVACETransformer3DModel",
+                   pipeline_class="WanVACEPipeline", sparse_prefixes=("vace_blocks.", "blocks."),
+                   tiny_config={**wan.tiny_config, "vace_layers": [0], "vace_in_channels": 4})
+    monkeypatch.setattr(families, "FAMILIES", {**FAMILIES, "wan_vace": vace})
+    model = family_named("wan_vace").tiny_transformer().eval()
+    assert isinstance(model, WanVACETransformer3DModel) and family_of(model) is vace
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 4, 2, 8, 8, generator=g), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, 6, 16, generator=g),
+                  control_hidden_states=torch.randn(1, 4, 2, 8, 8, generator=g), return_dict=False)
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        stats = SSTAStats(time=False)
+        enable_ssta(model, SSTAConfig(tile_thw=(1, 4, 4), sparse_type="dense", pad_type="mask", caller_rules=False),
+                    stats=stats)
+        out = model(**inputs)[0]
+    assert len(stats.records) == 3                        # vace_blocks.0 and blocks.0-1 ran SSTA
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
