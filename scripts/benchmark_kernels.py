@@ -10,6 +10,19 @@ blocks and every key counts as valid, so FlexAttention (`BlockMask.from_kv_block
 the same mask. FLOPs: forward 4·S_q·S_k·D per kept pair, backward 2.5×; effective TFLOP/s count
 only kept blocks; cuDNN is dense over the same padded length.
 
+Variants (``--variants``) are kernel options + backward mode of `block_sparse_attention_triton`, all
+timed in one process: ``tma`` (defaults: descriptors where usable, single-pass backward with pointer
+atomics for dQ), ``ptr`` (pointer loads forced, the Ampere/Ada path), ``det`` / ``ptrdet``
+(deterministic two-pass backward), ``tmared`` (single pass, dQ by TMA reduce-add), ``flat`` /
+``flatdet`` (dK/dV in one flat loop over every query sub-tile instead of an inner loop per kept
+query block up to q_valid; the benchmark masks have no padded queries, so this is the cost of the
+inner loop), and forward variants ``ws`` / ``v3`` / ``peel`` / ``lazy``. A variant's forward is timed once per distinct set of
+forward options. Every variant's output and gradients are compared with FlexAttention's.
+
+Tuning: the shipped table of tuned configs is used as users get it, and families it lacks are
+autotuned into a fresh ``--tuning-cache`` (picks printed at the end in the shipped table's format);
+``--retune`` bypasses the table and autotunes every family.
+
     python scripts/benchmark_kernels.py --csv bench.csv --plot bench.png
 """
 
@@ -34,16 +47,21 @@ CASES = {
 }
 
 
-# Kernel variants: environment switches of the forward kernel (the backward only follows TMA on/off).
-_BASE = {"VSA_TRITON_TMA": "1", "VSA_TRITON_WS": "0", "VSA_TRITON_FWD_PEEL": "1", "VSA_TRITON_FWD_LAZY": "1"}
+# Kernel variants: (kernel_options, deterministic backward).
 VARIANTS = {
-    "tma": _BASE,                                               # defaults: descriptors where usable, peeled, lazy
-    "ptr": {**_BASE, "VSA_TRITON_TMA": "0"},                    # pointer loads
-    "ws": {**_BASE, "VSA_TRITON_WS": "1"},                      # warp-specialised forward key loop
-    "v3": {**_BASE, "VSA_TRITON_FWD_PEEL": "0", "VSA_TRITON_FWD_LAZY": "0"},   # branch in the loop, eager rescale
-    "peel": {**_BASE, "VSA_TRITON_FWD_LAZY": "0"},              # peeled ragged tiles only
-    "lazy": {**_BASE, "VSA_TRITON_FWD_PEEL": "0"},              # lazy rescaling only
+    "tma": ({}, False),                                          # defaults
+    "ptr": ({"tma": False}, False),                              # pointer loads (Ampere/Ada path), forced
+    "det": ({}, True),                                           # deterministic two-pass backward
+    "ptrdet": ({"tma": False}, True),
+    "tmared": ({"dq_reduce": "tma"}, False),                     # single pass, dQ by TMA reduce-add
+    "flat": ({"skip_padded_queries": False}, False),             # single pass, flat dK/dV loop (no q_valid skip)
+    "flatdet": ({"skip_padded_queries": False}, True),           # deterministic with the v5 flat dK/dV loop
+    "ws": ({"warp_specialize": True}, False),                    # warp-specialised forward key loop
+    "v3": ({"fwd_peel": False, "fwd_lazy": False}, False),       # branch in the loop, eager rescale
+    "peel": ({"fwd_lazy": False}, False),                        # peeled ragged tiles only
+    "lazy": ({"fwd_peel": False}, False),                        # lazy rescaling only
 }
+_FWD_KEYS = ("tma", "warp_specialize", "fwd_peel", "fwd_lazy")
 
 
 def block_mask_for(name: str, heads: int, dim: int, dtype) -> tuple:
@@ -92,29 +110,43 @@ def run_case(name: str, args) -> dict:
         t_b = bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
         return t_f, t_b
 
-    refs = {}
-    for variant in args.variants:                      # see VARIANTS
-        os.environ.update(VARIANTS[variant])
-        try:
-            with torch.no_grad():
-                refs[variant] = block_sparse_attention_triton(q, k, v, plan)[0]
-            row[f"{variant}_fwd_ms"], row[f"{variant}_bwd_ms"] = fwd_bwd_times(
-                lambda: block_sparse_attention_triton(q, k, v, plan)[0])
-        except Exception as e:  # a variant that fails to build is reported, not fatal
-            print(f"variant {variant} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            row[f"{variant}_fwd_ms"] = row[f"{variant}_bwd_ms"] = float("inf")
-    row["ours_fwd_ms"] = min(row[f"{x}_fwd_ms"] for x in args.variants)
-    row["ours_bwd_ms"] = min(row[f"{x}_bwd_ms"] for x in args.variants)
-
     counts = plan.kv_count.expand(1, H, N).contiguous()
     index = plan.kv_index.expand(1, H, N, N).contiguous()
     block_mask = BlockMask.from_kv_blocks(torch.zeros_like(counts), index, counts, index, BLOCK_SIZE=bs)
     flex = torch.compile(flex_attention, dynamic=False)
     flex_out = flex(q, k, v, block_mask=block_mask)
-    for variant, ref in refs.items():
-        row[f"{variant}_vs_flex_rel_l2"] = float((ref.float() - flex_out.float()).norm() / flex_out.float().norm())
-    row["flex_vs_ours_rel_l2"] = max(row[f"{x}_vs_flex_rel_l2"] for x in refs)
+    flex_grads = torch.autograd.grad(flex_out, (q, k, v), dout)
     row["flex_fwd_ms"], row["flex_bwd_ms"] = fwd_bwd_times(lambda: flex(q, k, v, block_mask=block_mask))
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    fwd_seen = {}
+    for variant in args.variants:                      # see VARIANTS
+        options, det = VARIANTS[variant]
+        options = {**options, **({"autotune": False} if args.no_autotune else {})}
+        fn = lambda: block_sparse_attention_triton(q, k, v, plan, kernel_options=options, deterministic=det)[0]  # noqa: E731
+        try:
+            out = fn()
+            row[f"{variant}_vs_flex_rel_l2"] = rel(out, flex_out)
+            if not args.fwd_only:
+                grads = torch.autograd.grad(out, (q, k, v), dout)
+                row[f"{variant}_grad_vs_flex_rel_l2"] = max(rel(g, r) for g, r in zip(grads, flex_grads))
+            fkey = tuple(options.get(x) for x in _FWD_KEYS)
+            if fkey not in fwd_seen:
+                fwd_seen[fkey] = bench(fn)
+            row[f"{variant}_fwd_ms"] = fwd_seen[fkey]
+            if args.fwd_only:
+                row[f"{variant}_bwd_ms"] = float("nan")
+            else:
+                out = fn()
+                row[f"{variant}_bwd_ms"] = bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
+        except Exception as e:  # a variant that fails to build is reported, not fatal
+            print(f"variant {variant} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            row[f"{variant}_fwd_ms"] = row[f"{variant}_bwd_ms"] = float("inf")
+    row["ours_fwd_ms"] = min(row[f"{x}_fwd_ms"] for x in args.variants)
+    row["ours_bwd_ms"] = min(row[f"{x}_bwd_ms"] for x in args.variants)
+    row["flex_vs_ours_rel_l2"] = max(row.get(f"{x}_vs_flex_rel_l2", float("inf")) for x in args.variants)
 
     if not args.skip_cudnn:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -123,7 +155,7 @@ def run_case(name: str, args) -> dict:
     else:
         row["cudnn_fwd_ms"] = row["cudnn_bwd_ms"] = float("nan")
 
-    for who in ("ours", "flex"):
+    for who in ("ours", "flex", *args.variants):
         row[f"{who}_fwd_tflops"] = fwd_flop / row[f"{who}_fwd_ms"] * 1e-9
         row[f"{who}_bwd_tflops"] = 2.5 * fwd_flop / row[f"{who}_bwd_ms"] * 1e-9
     row["cudnn_fwd_tflops"] = dense_flop / row["cudnn_fwd_ms"] * 1e-9
@@ -133,6 +165,19 @@ def run_case(name: str, args) -> dict:
     row["fwd_eff_vs_cudnn"] = row["ours_fwd_tflops"] / row["cudnn_fwd_tflops"]
     row["bwd_eff_vs_cudnn"] = row["ours_bwd_tflops"] / row["cudnn_bwd_tflops"]
     return row
+
+
+def print_table(row, variants) -> None:
+    """One case: ms, effective TFLOP/s and FlexAttention time / ours, per variant."""
+    print(f"\n{row['case']}  S={row['S']}  density={row['density']:.3f}")
+    print(f"  {'variant':8s} {'fwd ms':>8s} {'TF':>5s} {'vs flex':>7s} | {'bwd ms':>8s} {'TF':>5s} {'vs flex':>7s} | "
+          f"{'out~flex':>8s} {'grad~flex':>9s}")
+    for who in (*variants, "flex", "cudnn"):
+        f, b = row[f"{who}_fwd_ms"], row[f"{who}_bwd_ms"]
+        ff, bf = row[f"{who}_fwd_tflops"], row[f"{who}_bwd_tflops"]
+        err = f"{row.get(who + '_vs_flex_rel_l2', float('nan')):8.1e} {row.get(who + '_grad_vs_flex_rel_l2', float('nan')):9.1e}"
+        print(f"  {who:8s} {f:8.2f} {ff:5.0f} {row['flex_fwd_ms'] / f:7.2f} | {b:8.2f} {bf:5.0f} "
+              f"{row['flex_bwd_ms'] / b:7.2f} | {err if who in variants else ''}", flush=True)
 
 
 def plot(rows, path: str) -> None:
@@ -150,7 +195,7 @@ def plot(rows, path: str) -> None:
                    width, label={"ours": "Triton block-sparse", "flex": "FlexAttention", "cudnn": "cuDNN dense"}[w])
         ax.set_xticks(range(len(rows)), [f"{r['case']}\nd={r['density']:.3f}" for r in rows])
         ax.set_ylabel("effective TFLOP/s")
-        ax.set_title(f"{phase}, H100 bf16 D=128")
+        ax.set_title(f"{phase}, {torch.cuda.get_device_name()} D=128")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -162,8 +207,11 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--variants", nargs="+", default=["tma"], choices=list(VARIANTS),
+    p.add_argument("--variants", nargs="+", default=["tma", "det"], choices=list(VARIANTS),
                    help="kernel variants to time (ours = the fastest)")
+    p.add_argument("--no-autotune", action="store_true", help="first config of each list (kernel_options autotune=False)")
+    p.add_argument("--retune", action="store_true", help="bypass the shipped table of tuned configs: tune everything")
+    p.add_argument("--tuning-cache", default=None, help="tuning cache file (default: next to --csv)")
     p.add_argument("--bshd", action="store_true", help="q, k, v as transposed [B, S, H, D] tensors")
     p.add_argument("--fwd-only", action="store_true", help="time the forward only (backward reported as nan)")
     p.add_argument("--skip-cudnn", action="store_true", help="skip the dense cuDNN reference")
@@ -172,6 +220,12 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmark_kernels.py needs a CUDA device")
+    from video_sparse_attn.kernels import tuning
+
+    cache = args.tuning_cache or os.path.join(os.path.dirname(os.path.abspath(args.csv)), "tuning_cache.json")
+    if os.path.exists(cache):
+        os.remove(cache)                                  # families not in the shipped table are measured now
+    tuning.configure(cache_path=cache, use_shipped_table=not args.retune)
     rows = []
     for name in args.cases:
         row = run_case(name, args)
@@ -182,19 +236,14 @@ def main() -> None:
               f"({row['ours_bwd_tflops']:4.0f} TF) flex {row['flex_bwd_ms']:7.2f} cudnn ({row['cudnn_bwd_tflops']:4.0f} TF) "
               f"x{row['bwd_vs_flex']:.2f} | flex~ours {row['flex_vs_ours_rel_l2']:.1e} | "
               + " ".join(f"{x} {row[x + '_fwd_ms']:.2f}/{row[x + '_bwd_ms']:.2f}" for x in args.variants), flush=True)
+        print_table(row, args.variants)
         with open(args.csv, "w", newline="") as f:          # rewritten after every case
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
             w.writeheader()
             w.writerows(rows)
     plot(rows, args.plot)
-    from video_sparse_attn.kernels import triton_bwd, triton_fwd
-
-    for name, tuner in (("fwd", triton_fwd._tuned_fwd(384, 384, False, False)), ("fwd_ws", triton_fwd._tuned_fwd(384, 384, False, True)),
-                        ("dkdv", triton_bwd._tuned("dkdv", 384, 384, False)),
-                        ("dq", triton_bwd._tuned("dq", 384, 384, False))):
-        for key, config in tuner.cache.items():
-            print(f"autotuned {name} {key}: {config}")
-
-
-if __name__ == "__main__":
-    main()
+    gpu = torch.cuda.get_device_name()
+    picked = {k: c for k, c in tuning.load_table(cache).items() if k.startswith(gpu + "|")}
+    print(f"\nautotuned configs ({len(picked)}, {cache}; format of kernels/tuned_configs.json):")
+    for k, c in sorted(picked.items()):
+        print(f"  {k}: {c}")

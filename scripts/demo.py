@@ -58,10 +58,17 @@ def plot_block_mask(mask: torch.Tensor, num_video_blocks: int, path: str, title:
     except ImportError:
         print("matplotlib is not installed: skipping the block-mask picture (pip install matplotlib)")
         return False
-    fig, ax = plt.subplots(figsize=(6, 6))
-    ax.imshow(mask.cpu().numpy(), cmap="Greys", interpolation="nearest")
+    fig, ax = plt.subplots(figsize=(6, 6.6))
+    ax.imshow(mask.cpu().numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
     ax.axhline(num_video_blocks - 0.5, color="tab:red", lw=0.8)
     ax.axvline(num_video_blocks - 0.5, color="tab:red", lw=0.8)
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(facecolor="black", edgecolor="grey", label="kept block (attended)"),
+                       Patch(facecolor="white", edgecolor="grey", label="skipped block"),
+                       Line2D([], [], color="tab:red", lw=0.8, label="video | text boundary")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize=8, frameon=False)
     ax.set_xlabel("key block (video tiles, then text)")
     ax.set_ylabel("query block")
     ax.set_title(title, fontsize=9)
@@ -73,16 +80,16 @@ def plot_block_mask(mask: torch.Tensor, num_video_blocks: int, path: str, title:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--thw", type=int, nargs=3, default=(8, 24, 32))
-    p.add_argument("--tile", type=int, nargs=3, default=(2, 4, 8))
-    p.add_argument("--window", type=int, nargs=3, default=(3, 3, 3))
-    p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--text-len", type=int, default=100)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--thw", type=int, nargs=3, default=(8, 24, 32), help="latent grid T H W")
+    p.add_argument("--tile", type=int, nargs=3, default=(2, 4, 8), help="tile T H W in tokens")
+    p.add_argument("--window", type=int, nargs=3, default=(3, 3, 3), help="STA window T H W in tiles")
+    p.add_argument("--topk", type=int, default=8, help="key tiles selected per query tile")
+    p.add_argument("--text-len", type=int, default=100, help="text tokens after the video")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--dim", type=int, default=64, help="head dim")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--out", default="outputs/demo_block_mask.png")
+    p.add_argument("--out", default="outputs/demo_block_mask.png", help="PNG of head 0's block mask")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     config = SSTAConfig(tile_thw=args.tile, kernel_thw=args.window, topk=args.topk, caller_rules=False)

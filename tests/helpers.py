@@ -49,12 +49,12 @@ def eager_attention(q, k, v, token_mask, scale=None):
     return (torch.softmax(s, dim=-1) @ v) * has_key
 
 
-def assert_within_eager_error(name, actual, exact, eager, factor: float = 2.0):
+def assert_within_eager_error(name, actual, exact, eager, factor: float = 2.0) -> float:
     """FlashAttention-style tolerance: ``max|actual - exact| <= factor * max|eager - exact| + floor``.
 
     ``exact`` is the float64 result; ``eager`` the same math in the low-precision dtype (`eager_attention`),
     so the bound is PyTorch's own error in that dtype. ``floor`` is twice the error of rounding
-    ``exact`` to ``actual``'s dtype (what any result in that dtype must be allowed).
+    ``exact`` to ``actual``'s dtype (what any result in that dtype must be allowed). Returns the error.
     """
     exact = exact.detach().double()
     err = float((actual.detach().double() - exact).abs().max())
@@ -62,6 +62,7 @@ def assert_within_eager_error(name, actual, exact, eager, factor: float = 2.0):
     floor = 2 * float((exact.to(actual.dtype).double() - exact).abs().max())
     assert err <= factor * eager_err + floor, (
         f"{name}: max error {err:.3e} > {factor} x PyTorch {actual.dtype} error {eager_err:.3e} + {floor:.3e}")
+    return err
 
 
 def golden_cases():

@@ -37,7 +37,12 @@ def test_tile_matches_pad_and_einops(grid, tile, pad, text_len):
     lay = TileLayout(grid, tile, text_len, pad)
     y = lay.tile(x)
     assert y.shape[2] == lay.padded_len
-    torch.testing.assert_close(y, _reference_tile(x, grid, tile, text_len, pad), rtol=0, atol=0)
+    ref = _reference_tile(x, grid, tile, text_len, pad)
+    # slots inside a tile hold the tile's raster positions permuted (real tokens first)
+    bs, Nv = lay.block_size, lay.num_video_blocks
+    perm = (torch.arange(Nv)[:, None] * bs + lay.indices("cpu")["slot_raster"]).flatten()
+    ref = torch.cat([ref[:, :, perm], ref[:, :, Nv * bs:]], dim=2)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
     torch.testing.assert_close(lay.untile(y), x, rtol=0, atol=0)
 
 
@@ -70,6 +75,31 @@ def test_key_valid_with_text_mask_counts_per_sample():
     kv = lay.key_valid(tm, "cpu")
     assert kv.tolist() == [[32, 32, 8], [32, 32, 1], [32, 0, 0]]
     assert TileLayout((2, 4, 4), (2, 4, 4), 40, "zero").key_valid(tm, "cpu").tolist() == [[32, 32, 32]]
+
+
+@pytest.mark.parametrize("pad", ["zero", "repeat", "mask"])
+def test_query_valid_key_valid_and_zero_keys_per_pad_type(pad):
+    lay = TileLayout((3, 5, 4), (2, 4, 4), 40, pad)              # tiles: 2 x 2 x 1 = 4, 32 tokens each
+    real = [32, 8, 16, 4]                                          # real tokens of each video tile
+    assert lay.query_valid("cpu").tolist() == [real + [32, 8]]     # text: 40 = 32 + 8
+    kv_pf = lay.key_valid(None, "cpu", padding_free=True).tolist()
+    kv = lay.key_valid(None, "cpu").tolist()
+    zk = lay.zero_keys("cpu").tolist()
+    if pad == "zero":
+        assert kv == [[32] * 6] and kv_pf == [real + [32, 32]]
+        assert zk == [0.0, 24.0, 16.0, 28.0, 0.0, 0.0]
+    elif pad == "repeat":
+        assert kv == kv_pf == [[32] * 6] and zk == [0.0] * 6
+    else:
+        assert kv == kv_pf == [real + [32, 8]] and zk == [0.0] * 6
+    # the first `real` slots of every tile are real tokens, the rest padding
+    src = lay.indices("cpu")["src"][: 4 * 32].view(4, 32)
+    zero_pos = set(lay.indices("cpu")["zero_pos"].tolist())
+    for n, c in enumerate(real):
+        if pad != "repeat":
+            assert all(n * 32 + i in zero_pos for i in range(c, 32))
+            assert not any(n * 32 + i in zero_pos for i in range(c))
+        assert len(set(src[n, :c].tolist())) == c
 
 
 def test_sequence_mismatch_is_reported_with_both_numbers():

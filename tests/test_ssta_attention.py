@@ -119,9 +119,9 @@ def _qkv(S=68, B=1, H=2, D=16, dtype=torch.float32):
     (dict(text_len=-1), ValueError, "text_len"),
     (dict(thw=(2, 4)), ValueError, "thw must be three positive ints"),
     (dict(text_mask=torch.ones(1, 5, dtype=torch.bool)), ValueError, r"text_mask must be \[B, text_len\]"),
-    (dict(text_mask=torch.ones(1, 4)), TypeError, "text_mask must be bool or integer"),
+    (dict(text_mask=torch.ones(1, 4)), TypeError, "text_mask must be a bool tensor"),
     (dict(config={"topk": 3}), TypeError, "config must be an SSTAConfig"),
-    (dict(backend="cuda"), ValueError, "backend must be one of"),
+    (dict(backend="cuda", config=SSTAConfig(tile_thw=(2, 4, 4))), ValueError, "backend must be one of"),
 ])
 def test_bad_arguments(change, err, words):
     q, k, v = _qkv()

@@ -1,8 +1,9 @@
-"""Triton kernels (forward, backward, autograd) vs the torch reference and float64 dense attention.
+"""Triton kernels (forward, both backwards, autograd) vs the torch reference and float64 dense attention.
 
 On CPU they run in Triton's interpreter (conftest sets TRITON_INTERPRET=1 before anything imports
 Triton, and skips the `interpreter` tests where that interpreter cannot run them); shapes are tiny.
-bf16 is not tested here: the interpreter's bf16 `tl.dot` is broken.
+bf16 is not tested here: the interpreter's bf16 `tl.dot` is broken. Kernel options are passed
+explicitly; nothing here reads the process environment.
 """
 
 import math
@@ -29,7 +30,7 @@ def _dense_reference(q, k, v, plan, scale=None):
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     mask = plan.to_dense().expand(B, H, -1, -1)
     mask = mask.repeat_interleave(plan.q_block, 2).repeat_interleave(plan.k_block, 3)
-    mask = mask & plan.token_valid()[:, None, None, :]
+    mask = mask & plan.token_valid()[:, None, None, :] & plan.query_valid()[:, None, :, None]
     s = (q.double() @ k.double().transpose(-1, -2)) * scale
     s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)
@@ -47,14 +48,19 @@ def _inputs(B, H, Sq, Sk, D, dtype, bshd=False):
     return one(Sq), one(Sk), one(Sk)
 
 
-def _compare(q, k, v, plan, dtype, scale=None):
-    """Forward and backward against the torch reference; forward against float64 dense."""
-    out, lse = attn(q, k, v, plan, scale)
+def _compare(q, k, v, plan, dtype, scale=None, deterministic=False, options=None):
+    """Forward and backward against the torch reference; forward against float64 dense.
+
+    Padded query rows (past ``plan.q_valid``) of q are zeroed for the references, so whatever they
+    hold in ``q`` must not reach the kernels' results.
+    """
+    out, lse = attn(q, k, v, plan, scale, kernel_options=options, deterministic=deterministic)
     assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
     assert not out.isnan().any() and not lse.isnan().any()
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
 
+    q = q.detach().masked_fill(~plan.query_valid()[:, None, :, None], 0.0)
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
     ref, ref_lse = block_sparse_attention_torch(q32, k32, v32, plan, scale)
     ref_grads = torch.autograd.grad(ref, (q32, k32, v32), dout.float())
@@ -71,12 +77,14 @@ def _compare(q, k, v, plan, dtype, scale=None):
     return out, lse, grads
 
 
-def _plan(mask, qb, kb, k_valid=None):
-    return BlockSparsePlan.from_block_mask(mask.to(DEV), qb, kb, None if k_valid is None else k_valid.to(DEV))
+def _plan(mask, qb, kb, k_valid=None, q_valid=None):
+    return BlockSparsePlan.from_block_mask(mask.to(DEV), qb, kb, None if k_valid is None else k_valid.to(DEV),
+                                           None if q_valid is None else q_valid.to(DEV))
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["onepass", "det"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_ragged_empty_rows_heterogeneous_blocks(dtype):
+def test_ragged_empty_rows_heterogeneous_blocks(dtype, deterministic):
     B, H, D, qb, kb, Mq, Nk = 1, 2, 32, 32, 16, 3, 5
     mask = torch.rand(B, H, Mq, Nk) < 0.5
     mask[0, 0, 1] = False                    # an empty query block
@@ -86,7 +94,7 @@ def test_ragged_empty_rows_heterogeneous_blocks(dtype):
     k_valid = torch.tensor([[16, 16, 7, 0, 16]], dtype=torch.int32)
     plan = _plan(mask, qb, kb, k_valid)
     q, k, v = _inputs(B, H, Mq * qb, Nk * kb, D, dtype)
-    out, lse, grads = _compare(q, k, v, plan, dtype)
+    out, lse, grads = _compare(q, k, v, plan, dtype, deterministic=deterministic)
     assert (out[0, 0, qb:2 * qb] == 0).all() and torch.isneginf(lse[0, 0, qb:2 * qb]).all()
     assert torch.isneginf(lse[0, 1, :qb]).all()
     assert (grads[0][0, 0, qb:2 * qb] == 0).all()
@@ -154,3 +162,109 @@ def test_golden_through_ssta_attention(path):
     out = ssta_attention(q, k, v, tuple(params["thw"]), config, params["text_len"],
                          None if mask is None else mask.to(DEV), backend="triton")
     assert rel_l2(out, t["out"].to(DEV)) < 1e-5
+
+
+# ---------------------------------------------------------------- padding-free queries (q_valid)
+def _padded_query_case(dtype, per_batch=True, nan=True):
+    """q_block 256 splits into several kernel sub-tiles (forward 128 rows, single-pass backward 64 rows),
+    so q_valid cuts sub-tiles partly (100, 200), leaves whole sub-tiles padded (rows 128-255 of block
+    0) and pads whole blocks (0). Padded rows of q hold NaN where a whole block is padded and large
+    values elsewhere: neither may leak into any result."""
+    B, H, D, qb, kb, Mq, Nk = 2, 2, 16, 256, 32, 2, 5
+    mask = torch.rand(1, H, Mq, Nk) < 0.6
+    mask[..., 0] = True
+    k_valid = torch.tensor([[32, 32, 32, 9, 32]], dtype=torch.int32)
+    q_valid = torch.tensor([[100, 256], [0, 200]] if per_batch else [[100, 200]], dtype=torch.int32)
+    plan = _plan(mask, qb, kb, k_valid, q_valid)
+    q, k, v = _inputs(B, H, Mq * qb, Nk * kb, D, dtype)
+    pad = ~plan.query_valid().expand(B, -1)                                   # [B, Sq]
+    with torch.no_grad():
+        q.masked_fill_(pad[:, None, :, None], 1e3)
+        whole = (plan.q_valid.expand(B, -1) == 0).repeat_interleave(qb, 1)    # rows of fully padded blocks
+        q.masked_fill_(whole[:, None, :, None], float("nan") if nan else -1e3)
+    return plan, q, k, v, pad
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["onepass", "det"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_padded_queries(dtype, deterministic):
+    plan, q, k, v, pad = _padded_query_case(dtype)
+    out, lse, (dq, dk, dv) = _compare(q, k, v, plan, dtype, deterministic=deterministic)
+    rows = pad[:, None, :].expand_as(lse)
+    assert pad.sum() == 156 + 256 + 56
+    assert (out[rows] == 0).all() and torch.isneginf(lse[rows]).all()
+    assert (dq[rows] == 0).all()
+    assert torch.isfinite(lse[~rows]).all()                    # every valid row sees block 0
+    assert not dk.isnan().any() and not dv.isnan().any()
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["onepass", "det"])
+def test_padded_queries_flat_dkdv_loop(deterministic):
+    """``skip_padded_queries=False``: the dK/dV loop visits padded sub-tiles too (finite padding),
+    with the same results; with NaN in a fully padded block only the skipping loop stays clean."""
+    plan, q, k, v, pad = _padded_query_case(torch.float32, nan=False)
+    flat = {"skip_padded_queries": False}
+    _compare(q, k, v, plan, torch.float32, deterministic=deterministic, options=flat)
+    plan, q, k, v, pad = _padded_query_case(torch.float32, nan=True)
+    out, _ = attn(q, k, v, plan, kernel_options=flat, deterministic=deterministic)
+    assert torch.autograd.grad(out, k, torch.randn_like(out))[0].isnan().any()
+
+
+def test_padded_queries_broadcast_q_valid():
+    plan, q, k, v, pad = _padded_query_case(torch.float32, per_batch=False)
+    assert plan.q_valid.shape[0] == 1
+    out, lse, (dq, _, _) = _compare(q, k, v, plan, torch.float32)
+    assert (out[pad[:, None, :].expand_as(lse)] == 0).all() and (dq[pad[:, None, :].expand_as(lse)] == 0).all()
+
+
+# ---------------------------------------------------------------- backward modes
+def test_deterministic_backward_bit_identical_and_matches_single_pass():
+    B, H, D, qb, kb, Mq, Nk = 1, 2, 16, 32, 16, 3, 4
+    mask = torch.rand(B, H, Mq, Nk) < 0.7
+    mask[..., 1] = True
+    plan = _plan(mask, qb, kb, torch.tensor([[16, 16, 5, 16]], dtype=torch.int32))
+    q, k, v = _inputs(B, H, Mq * qb, Nk * kb, D, torch.float32)
+    dout = torch.randn(B, H, Mq * qb, D, device=DEV)
+
+    def grads(deterministic):
+        out, _ = attn(q, k, v, plan, deterministic=deterministic)
+        return torch.autograd.grad(out, (q, k, v), dout)
+
+    first, second, single = grads(True), grads(True), grads(False)
+    for a, b, c in zip(first, second, single):
+        assert torch.equal(a, b)
+        assert rel_l2(c, a) < 1e-5
+
+
+# ---------------------------------------------------------------- kernel options
+def test_kernel_options_rejects_unknown_keys_and_bad_values():
+    plan = BlockSparsePlan.dense(1, 1, 2, 2, 16, device=DEV)
+    q = torch.randn(1, 1, 32, 16, device=DEV)
+    with pytest.raises(ValueError, match=r"unknown kernel_options \['BLOCK_M'\]") as e:
+        attn(q, q, q, plan, kernel_options={"BLOCK_M": 64})
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="dq_reduce"):
+        attn(q, q, q, plan, kernel_options={"dq_reduce": "smem"})
+    with pytest.raises(ValueError, match="fwd_peel"):
+        attn(q, q, q, plan, kernel_options={"fwd_peel": 1})
+    from video_sparse_attn.kernels.triton_common import resolve_kernel_options
+
+    assert resolve_kernel_options(None) == resolve_kernel_options({}) == {
+        "tma": True, "warp_specialize": False, "fwd_peel": True, "fwd_lazy": True, "autotune": True,
+        "dq_reduce": "atomic", "skip_padded_queries": True}
+    assert resolve_kernel_options({"tma": False})["tma"] is False
+
+
+@pytest.mark.parametrize("options", [
+    {"fwd_peel": False, "fwd_lazy": False},                       # the v3 loop (ragged branch, eager rescale)
+    {"fwd_peel": True, "fwd_lazy": False, "tma": False, "autotune": False},
+    {"fwd_peel": False, "fwd_lazy": True, "dq_reduce": "tma"},    # tma reduce falls back to atomics here
+], ids=["v3", "peel", "lazy"])
+def test_kernel_option_variants_agree(options):
+    B, H, D, qb, kb, Mq, Nk = 1, 2, 16, 32, 32, 3, 4
+    mask = torch.rand(B, H, Mq, Nk) < 0.6
+    mask[..., 2] = True
+    k_valid = torch.tensor([[32, 32, 19, 32]], dtype=torch.int32)        # ragged sub-tile in the key loop
+    plan = _plan(mask, qb, kb, k_valid, torch.tensor([[32, 20, 32]], dtype=torch.int32))
+    q, k, v = _inputs(B, H, Mq * qb, Nk * kb, D, torch.float32)
+    _compare(q, k, v, plan, torch.float32, options=options)

@@ -9,9 +9,11 @@ from .layout import TileLayout
 from .masks import build_block_mask
 from .attention import SSTAInfo, block_sparse_attention, ssta_attention
 from .processors import SSTAAttnProcessor, SSTASchedule, disable_ssta, enable_ssta
+from .warmup import warmup
 
 __all__ = [
     "SSTAConfig", "TileLayout", "build_block_mask", "BlockSparsePlan", "block_sparse_attention",
     "ssta_attention", "SSTAInfo", "SSTAAttnProcessor", "SSTASchedule", "enable_ssta", "disable_ssta",
+    "warmup",
 ]
 __version__ = "0.1.0"

@@ -2,58 +2,111 @@
 
 from __future__ import annotations
 
-import os
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
 from .config import SSTAConfig
-from .kernels import triton_runs_on
+from .kernels.registry import AttentionCall, BackendSpec, select_backend
 from .layout import TileLayout
 from .masks.build import block_mask_from_tiled
+from .padding_free import add_zero_keys, zero_keys_per_row_block
 from .plan import BlockSparsePlan
-from .validation import validate_inputs
+from .validation import check_qkv, check_scale, validate_block_inputs, validate_inputs
 
-__all__ = ["block_sparse_attention", "ssta_attention", "SSTAInfo"]
-
-BACKENDS = ("auto", "torch", "triton")
+__all__ = ["block_sparse_attention", "ssta_attention", "SSTAInfo", "resolve_backend"]
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """'auto' → 'triton' on CUDA when Triton imports, else 'torch'. Explicit choices never fall back."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if triton_runs_on(q) else "torch"
-    if backend == "triton" and not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before Triton is imported, "
-            f"to run the kernels in Triton's CPU interpreter); got tensors on {q.device}"
-        )
-    return backend
+def resolve_backend(backend: str, q: torch.Tensor, plan: Optional[BlockSparsePlan] = None) -> str:
+    """The name of the backend that runs ``q`` (and ``plan``) for ``backend`` (see `kernels.registry`)."""
+    return select_backend(backend, AttentionCall.of(q, plan)).name
+
+
+def _run(spec: BackendSpec, q, k, v, plan, scale) -> Tuple[torch.Tensor, torch.Tensor]:
+    return spec.load()(q, k, v, plan, scale)
+
+
+def _expand_kv_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Grouped-query attention: k, v ``[B, H_kv, S, D]`` with ``H % H_kv == 0`` → ``[B, H, S, D]``
+    (each k/v head serves ``H // H_kv`` consecutive q heads; autograd sums dk, dv over the group)."""
+    H, Hk = q.shape[1], k.shape[1]
+    if Hk == H:
+        return k, v
+    if k.shape[1] != v.shape[1] or H % Hk:
+        raise ValueError(f"grouped-query attention needs k and v with the same number of heads dividing q's: "
+                         f"q has {H}, k {k.shape[1]}, v {v.shape[1]}")
+    return k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)
+
+
+def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x if x.shape[2] == n else torch.nn.functional.pad(x, (0, 0, 0, n - x.shape[2]))
+
+
+def _plan_for_mask(block_mask: torch.Tensor, Sq: int, Sk: int, q_block: Optional[int],
+                   k_block: Optional[int]) -> BlockSparsePlan:
+    """A plan for a bool block mask ``[Mq, Nk]`` or ``[B or 1, H or 1, Mq, Nk]`` over sequences of any
+    length: the last blocks are ragged (``q_valid`` / ``k_valid``)."""
+    if q_block is None:
+        raise ValueError("a block mask needs q_block (and k_block, default q_block): the tokens per block")
+    k_block = q_block if k_block is None else k_block
+    Mq, Nk = -(-Sq // q_block), -(-Sk // k_block)
+    if tuple(block_mask.shape[-2:]) != (Mq, Nk):
+        raise ValueError(f"block mask is {tuple(block_mask.shape[-2:])} blocks but Sq={Sq}, Sk={Sk} with "
+                         f"q_block={q_block}, k_block={k_block} make ({Mq}, {Nk})")
+    dev = block_mask.device
+
+    def last_ragged(n_blocks, block, length):
+        v = torch.full((1, n_blocks), block, dtype=torch.int32, device=dev)
+        v[0, -1] = length - (n_blocks - 1) * block
+        return v
+
+    return BlockSparsePlan.from_block_mask(block_mask, q_block, k_block, last_ragged(Nk, k_block, Sk),
+                                           last_ragged(Mq, q_block, Sq))
 
 
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    plan: BlockSparsePlan,
+    plan: "BlockSparsePlan | torch.Tensor",
     scale: Optional[float] = None,
     backend: str = "auto",
+    *,
+    q_block: Optional[int] = None,
+    k_block: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Attention of block-ordered ``q [B,H,Sq,D]``, ``k, v [B,H,Sk,D]`` over ``plan``.
+    """Block-sparse attention of ``q [B, H, Sq, D]`` and ``k, v [B, H_kv, Sk, D]``.
 
-    Returns ``(out [B,H,Sq,D], lse [B,H,Sq] float32, natural log)``; gradients flow to q, k, v.
+    Args:
+        plan: a `BlockSparsePlan` (then ``Sq``, ``Sk`` are whole blocks), or a bool block mask
+            ``[Mq, Nk]`` / ``[B or 1, H or 1, Mq, Nk]`` with ``q_block`` / ``k_block`` tokens per block
+            (multiples of 16; ``k_block`` defaults to ``q_block``), over sequences of any length
+            (``Mq = ceil(Sq / q_block)``; the last blocks are ragged and handled exactly).
+        scale: softmax scale, default ``1/sqrt(D)``.
+        backend: ``"auto"`` (the fastest backend that supports the call: ``fa4`` → ``triton`` →
+            ``torch``), or a backend of `kernels.registry.BACKENDS` by name (never falls back; raises
+            one line naming what it lacks).
+        H_kv < H: grouped-query attention (``H % H_kv == 0``).
+
+    Returns ``(out [B,H,Sq,D], lse [B,H,Sq] float32, natural log)``; gradients flow to q, k, v through
+    both (lse is differentiable, so chunks can be merged by their LSE). Rows that see no key: out 0,
+    lse -inf.
     """
-    match resolve_backend(backend, q):
-        case "torch":
-            from .kernels.torch_ref import block_sparse_attention_torch
-
-            return block_sparse_attention_torch(q, k, v, plan, scale)
-        case "triton":
-            from .kernels.triton_op import block_sparse_attention_triton
-
-            return block_sparse_attention_triton(q, k, v, plan, scale)
+    check_qkv(q, k, v)
+    k, v = _expand_kv_heads(q, k, v)
+    Sq, Sk = q.shape[2], k.shape[2]
+    from_mask = isinstance(plan, torch.Tensor)
+    if from_mask:
+        plan = _plan_for_mask(plan, Sq, Sk, q_block, k_block)
+    Mq, Nk = plan.num_q_blocks * plan.q_block, plan.num_k_blocks * plan.k_block
+    if not from_mask and (Sq, Sk) != (Mq, Nk):
+        raise ValueError(f"the plan covers Sq={plan.num_q_blocks}*{plan.q_block}, Sk={plan.num_k_blocks}*"
+                         f"{plan.k_block} but q has {Sq} rows and k {Sk}")
+    q, k, v = _pad_rows(q, Mq), _pad_rows(k, Nk), _pad_rows(v, Nk)
+    scale = validate_block_inputs(q, k, v, plan, scale)   # the same checks for every backend
+    spec = select_backend(backend, AttentionCall.of(q, plan))
+    out, lse = _run(spec, q, k, v, plan, scale)
+    return (out, lse) if Sq == Mq else (out[:, :, :Sq], lse[:, :, :Sq])
 
 
 class SSTAInfo(NamedTuple):
@@ -76,6 +129,11 @@ def ssta_attention(
     scale: Optional[float] = None,
     backend: str = "auto",
     return_info: bool = False,
+    padding_free: bool = True,
+    return_lse: bool = False,
+    strict_tiles: bool = True,
+    validate: Optional[bool] = None,
+    tile_means_hook: Optional[Callable] = None,
 ):
     """Selective and Sliding Tile Attention over a ``[video | text]`` sequence.
 
@@ -87,30 +145,53 @@ def ssta_attention(
         text_len: L, number of text tokens at the end of the sequence.
         text_mask: optional ``[B, L]`` bool, True = valid text token (valid tokens form a prefix).
         scale: softmax scale, default ``1/sqrt(D)``.
-        backend: ``"auto"`` (Triton on CUDA when available, else torch), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (the fastest backend that supports the call) or a backend name
+            (``"fa4"``, ``"triton"``, ``"torch"``; see `kernels.registry`).
         return_info: also return an `SSTAInfo` (block mask, plan, density, layout).
+        padding_free: compute no padded query row and load no zero-padded key (their exact effect on
+            the softmax is added back, see `padding_free`); the result equals the padded computation
+            to rounding. ``False`` runs the padded blocks as they are (for comparison).
+        return_lse: also return ``lse [B, H, S]`` float32 (natural log, differentiable; for merging
+            with attention over other keys).
+        strict_tiles: refuse a tile longer than the grid while padding stays visible (``pad_type``
+            ``zero`` / ``repeat``; see `validation.check_tiles`).
+        validate: check that ``text_mask`` is a prefix mask (reads its values). None (default): only
+            when it is on the CPU; True: also on a GPU (one host synchronisation); False: never.
+        tile_means_hook: ``(q_means, k_means) -> (q_means, k_means)`` applied to the float32 tile
+            means ``[B, H, Nv, D]`` before the selection (context parallelism averages them over the
+            heads held by other processes here).
 
     Returns:
-        ``out [B, H, S, D]`` in q's dtype (and `SSTAInfo` when ``return_info``).
+        ``out [B, H, S, D]`` in q's dtype, then ``lse`` when ``return_lse``, then `SSTAInfo` when
+        ``return_info``.
 
     Example::
 
         out = ssta_attention(q, k, v, thw=(31, 45, 80), config=SSTAConfig(topk=32), text_len=1985,
                              text_mask=mask)
     """
-    validate_inputs(q, k, v, thw, config, text_len, text_mask)
-    backend = resolve_backend(backend, q)
+    validate_inputs(q, k, v, thw, config, text_len, text_mask, strict_tiles, validate)
+    scale = check_scale(scale, q.shape[-1])
     layout = TileLayout(tuple(thw), config.tile_thw, text_len, config.pad_type)
+    bs = layout.block_size
+    spec = select_backend(backend, AttentionCall(q.device, q.dtype, int(q.shape[-1]), bs, bs))
     # one pass over q and k both reorders them and yields the tile means the selection needs
     needs_means = config.sparse_type in ("ssta", "block_attn") and config.pool_thw is None
     (q_t, q_means), (k_t, k_means) = (layout.tile_with_means(x) if needs_means else (layout.tile(x), None)
                                       for x in (q, k))
     v_t = layout.tile(v)
+    if tile_means_hook is not None and q_means is not None:
+        q_means, k_means = tile_means_hook(q_means, k_means)
     block_mask = block_mask_from_tiled(q_t, k_t, layout, config, text_mask, q_means, k_means)
-    bs = layout.block_size
-    plan = BlockSparsePlan.from_block_mask(block_mask, bs, bs, layout.key_valid(text_mask, q.device))
-    out_t, _ = block_sparse_attention(q_t, k_t, v_t, plan, scale, backend)
+    dev = q.device
+    plan = BlockSparsePlan.from_block_mask(
+        block_mask, bs, bs, layout.key_valid(text_mask, dev, padding_free),
+        layout.query_valid(dev) if padding_free else None,
+    )
+    out_t, lse = _run(spec, q_t, k_t, v_t, plan, scale)
+    if padding_free and config.pad_type == "zero":
+        out_t, lse = add_zero_keys(out_t, lse, zero_keys_per_row_block(block_mask, layout.zero_keys(dev)), bs)
     out = layout.untile(out_t)
-    if return_info:
-        return out, SSTAInfo(block_mask, plan, plan.density, layout)
-    return out
+    extra = ((layout.untile(lse),) if return_lse else ()) + ((SSTAInfo(block_mask, plan, plan.density, layout),)
+                                                             if return_info else ())
+    return (out, *extra) if extra else out

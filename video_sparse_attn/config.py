@@ -21,8 +21,25 @@ MIN_BLOCK = 16  # kernels tile in multiples of 16 tokens
 
 Triple = Tuple[int, int, int]
 
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _strict_bool(name: str, value: Any) -> bool:
+    """A bool from True/False, 0/1 or the strings true/false/1/0/yes/no/on/off (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{name} must be a boolean (true/false, 1/0), got {value!r}")
+
 
 def _triple(name: str, value: Any) -> Triple:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of three ints (t, h, w), got {value!r}")
+    if any(isinstance(x, (str, bytes, bool)) for x in value):
+        raise TypeError(f"{name} must hold ints, got {value!r}")
     try:
         out = tuple(int(x) for x in value)
     except TypeError:
@@ -192,7 +209,7 @@ class SSTAConfig:
             if name == "sparse_type" and value in (None, "flash", "flash_attn", "dense"):
                 value = "dense"
             if name in ("use_text_mask", "mask_share_within_head"):
-                value = bool(value)
+                value = _strict_bool(key, value)
             if name == "threshold" and value is None:
                 value = 0.0
             if name == "lambda_" and value is None:

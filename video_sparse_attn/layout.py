@@ -7,21 +7,25 @@ multiple of the block size by repeating its last token. The block-ordered sequen
 ``[Nv video blocks | Nt text blocks]`` of ``bs = prod(tile)`` tokens each.
 
 Padding values: ``zero`` → 0, ``repeat`` → copy of the last slice along each padded axis, ``mask``
-→ 0, and inside each tile the valid tokens come first so that a per-block valid-token count
-(`key_valid`) describes the padding exactly.
+→ 0. Inside each tile the real tokens come first (raster order among them, padding after), so that
+a per-block count describes the padding exactly: `query_valid` for the rows that are discarded
+anyway, `key_valid` for the keys a pad type excludes or that padding-free compute skips. The order
+inside a tile changes neither the tile means nor the block mask.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import operator
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
 from einops import rearrange
 
-from .kernels import triton_runs_on
+from .config import PAD_TYPES
+from .kernels.registry import triton_runs_on
 
 __all__ = ["TileLayout"]
 
@@ -51,10 +55,9 @@ def _build_indices(grid: Triple, tile: Triple, text_len: int, pad_type: str,
     else:
         src = torch.where(valid, T * h * w + Y * w + X, torch.zeros_like(T))
     slot_raster = torch.arange(bs, device=device).expand_as(T)  # raster position inside the tile of each slot
-    if pad_type == "mask":
-        # valid tokens first inside each tile (stable: raster order kept among them)
-        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
-        src, valid, slot_raster = (torch.gather(x, 1, order) for x in (src, valid, slot_raster))
+    # real tokens first inside each tile (stable: raster order kept among them)
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+    src, valid, slot_raster = (torch.gather(x, 1, order) for x in (src, valid, slot_raster))
     Nv = nt * nh * nw
     Nt = -(-text_len // bs)
     text_src = n_real + torch.arange(Nt * bs, device=device).clamp(max=max(text_len - 1, 0))
@@ -137,6 +140,16 @@ class _GatherRows(torch.autograd.Function):
         return gx, None, None, None, None, None, None
 
 
+def _is_int_triple(value) -> bool:
+    """Whether ``value`` is a tuple / list of three positive integers (bools and strings refused)."""
+    if not isinstance(value, (tuple, list)) or len(value) != 3:
+        return False
+    try:
+        return all(not isinstance(x, bool) and operator.index(x) >= 1 for x in value)
+    except TypeError:
+        return False
+
+
 @dataclass(frozen=True)
 class TileLayout:
     """How a ``[video (t*h*w) | text (text_len)]`` sequence maps onto attention blocks.
@@ -156,12 +169,15 @@ class TileLayout:
     pad_type: str = "zero"
 
     def __post_init__(self) -> None:
-        if len(self.grid_thw) != 3 or any(int(g) < 1 for g in self.grid_thw):
-            raise ValueError(f"grid_thw must be three positive ints, got {self.grid_thw}")
-        if self.text_len < 0:
-            raise ValueError(f"text_len must be >= 0, got {self.text_len}")
-        object.__setattr__(self, "grid_thw", tuple(int(g) for g in self.grid_thw))
-        object.__setattr__(self, "tile_thw", tuple(int(g) for g in self.tile_thw))
+        for name in ("grid_thw", "tile_thw"):
+            value = getattr(self, name)
+            if not _is_int_triple(value):
+                raise ValueError(f"{name} must be three positive ints (t, h, w), got {value!r}")
+            object.__setattr__(self, name, tuple(operator.index(x) for x in value))
+        if isinstance(self.text_len, bool) or not isinstance(self.text_len, int) or self.text_len < 0:
+            raise ValueError(f"text_len must be an int >= 0, got {self.text_len!r}")
+        if self.pad_type not in PAD_TYPES:
+            raise ValueError(f"pad_type must be one of {PAD_TYPES}, got {self.pad_type!r}")
         object.__setattr__(self, "text_len", int(self.text_len))
 
     # ------------------------------------------------------------------ sizes
@@ -243,18 +259,32 @@ class TileLayout:
         idx = self.indices(y.device)
         return _GatherRows.apply(y, seq_dim % y.dim(), idx["inverse"], idx["zero_pos"][:0], None, 1, 0)[0]
 
-    # ------------------------------------------------------------------ key validity
-    def key_valid(self, text_mask: Optional[torch.Tensor], device: torch.device | str) -> torch.Tensor:
-        """Valid key tokens per block, int32 ``[B or 1, N]`` (a `BlockSparsePlan.k_valid`).
+    # ------------------------------------------------------------------ validity per block
+    def query_valid(self, device: torch.device | str) -> torch.Tensor:
+        """Real query rows per block, int32 ``[1, N]`` (a `BlockSparsePlan.q_valid`): video tiles count
+        their real tokens, text blocks their tokens before the padding copies. Rows past the count
+        are dropped by `untile`, so they need not be computed."""
+        bs, Nt = self.block_size, self.num_text_blocks
+        video = self.indices(device)["video_valid"]
+        starts = torch.arange(Nt, device=device, dtype=torch.int32) * bs
+        text = (self.text_len - starts).clamp(0, bs)
+        return torch.cat([video, text]).to(torch.int32)[None]
 
-        Only ``pad_type="mask"`` excludes anything: padded video tokens, text padding copies and,
-        when ``text_mask`` ``[B, L]`` is given, the tokens past its valid count (a valid prefix is
-        assumed, as in HunyuanVideo-1.5). Other pad types keep every token visible.
+    def key_valid(self, text_mask: Optional[torch.Tensor], device: torch.device | str,
+                  padding_free: bool = False) -> torch.Tensor:
+        """Key tokens per block that the kernels load, int32 ``[B or 1, N]`` (a `BlockSparsePlan.k_valid`).
+
+        ``pad_type="mask"`` excludes padded video tokens, text padding copies and, when ``text_mask``
+        ``[B, L]`` is given, the tokens past its valid count (a valid prefix). ``zero`` with
+        ``padding_free`` skips the zero-padded video keys (their exact effect is restored by
+        `zero_keys`). Otherwise every token is a key (``repeat`` copies are real keys).
         """
         bs, Nv, Nt = self.block_size, self.num_video_blocks, self.num_text_blocks
-        if self.pad_type != "mask":
+        if self.pad_type == "repeat" or (self.pad_type == "zero" and not padding_free):
             return torch.full((1, Nv + Nt), bs, dtype=torch.int32, device=device)
         video = self.indices(device)["video_valid"][None]
+        if self.pad_type == "zero":
+            return torch.cat([video, torch.full((1, Nt), bs, dtype=torch.int32, device=device)], dim=1)
         if text_mask is None:
             n_text = torch.full((1, 1), self.text_len, dtype=torch.int32, device=device)
         else:
@@ -262,3 +292,12 @@ class TileLayout:
         starts = torch.arange(Nt, device=device, dtype=torch.int32)[None] * bs
         text = (n_text - starts).clamp(0, bs)
         return torch.cat([video.expand(text.shape[0], Nv), text], dim=1).to(torch.int32)
+
+    def zero_keys(self, device: torch.device | str) -> torch.Tensor:
+        """Zero-padded video keys per block, float32 ``[N]`` (0 for text blocks and other pad types):
+        the keys that padding-free compute skips and adds back exactly (logit 0, value 0)."""
+        N = self.num_blocks
+        if self.pad_type != "zero":
+            return torch.zeros(N, dtype=torch.float32, device=device)
+        pad = self.block_size - self.indices(device)["video_valid"].float()
+        return torch.cat([pad, torch.zeros(self.num_text_blocks, device=device)])

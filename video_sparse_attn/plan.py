@@ -132,7 +132,8 @@ class BlockSparsePlan:
         q_count, q_index = _compress(block_mask.transpose(-1, -2))
         if k_valid is None:
             k_valid = torch.full((1, Nk), k_block, dtype=torch.int32, device=block_mask.device)
-        k_valid = k_valid.to(device=block_mask.device, dtype=torch.int32)
+        # clamp in the caller's dtype first: a cast to int32 would wrap large counts (2**40 → 0)
+        k_valid = k_valid.to(device=block_mask.device).clamp(0, k_block).to(torch.int32)
         if k_valid.dim() == 1:
             k_valid = k_valid[None]
         if q_valid is not None:
@@ -141,7 +142,7 @@ class BlockSparsePlan:
         return cls(
             kv_count=kv_count, kv_index=kv_index, q_count=q_count, q_index=q_index,
             row_order=_heavy_first(kv_count), col_order=_heavy_first(q_count),
-            k_valid=k_valid.clamp(0, k_block).contiguous(),
+            k_valid=k_valid.contiguous(),
             density=block_mask.float().mean(), q_block=int(q_block), k_block=int(k_block), q_valid=q_valid,
         )
 

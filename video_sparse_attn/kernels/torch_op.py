@@ -36,7 +36,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan_tensors: Li
 @_forward.register_fake
 def _forward_fake(q, k, v, plan_tensors, q_block, k_block, scale):
     B, H, Sq, D = q.shape
-    return q.new_empty(B, H, Sq, D), q.new_empty(B, H, Sq, dtype=torch.float32)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32   # the reference's compute dtype
+    return q.new_empty(B, H, Sq, D), q.new_empty(B, H, Sq, dtype=lse_dtype)
 
 
 @torch.library.custom_op("vsa::block_sparse_attention_torch_bwd", mutates_args=())

@@ -1,39 +1,57 @@
-"""Triton backward kernels of block-sparse attention over a `BlockSparsePlan` (deterministic, no atomics).
+"""Triton backward kernels of block-sparse attention over a `BlockSparsePlan`.
 
-Three launches:
+Probabilities are recomputed from the forward's lse (base 2 inside): P = exp2(S·scale·log2e − lse·log2e),
+dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ∘ (dP − delta) with delta = rowsum(out ∘ dout), dK = scale·dSᵀ·Q,
+dQ = scale·dS·K. Rows with lse = -inf (no key, or padded query rows) get probability 0 everywhere,
+hence zero gradients; key rows past ``k_valid`` get zero dK/dV; query sub-tiles whose rows all lie
+past ``q_valid`` are skipped (dK/dV: an inner loop per kept query block runs only up to q_valid —
+a branch around the GEMMs of a flat loop would stop Triton from pipelining it; the flat v5 loop
+stays selectable, ``skip_padded_queries=False``). Padded rows inside a partly valid sub-tile are
+read and multiplied by a probability of 0, so q / dout must hold finite values there (the layout
+pads with zeros or repeats).
+
+Launches:
 - ``_delta_kernel``: delta[b,h,i] = Σ_d out·dout (float32), the softmax-gradient row term.
+- ``_dkdv_kernel``: one program per ``BLOCK_N`` keys of one key block (``col_order``, heaviest
+  first); walks the query blocks of ``q_index`` as ``Q_BLOCK // BLOCK_M`` sub-tiles in one flat loop,
+  keeping dK/dV in registers. Default (single pass, ``DQ_MODE`` 1 or 2): it also computes each
+  sub-tile's dQ contribution dS·K and adds it to a float32 buffer (pointer atomics, or a TMA
+  reduce-add through a tensor descriptor); ``_dq_convert_kernel`` then scales and casts the buffer.
+  Five block GEMMs per (query sub-tile, key sub-tile) pair. The order of the atomic additions varies
+  from run to run, so dQ is not bit-reproducible.
+- Deterministic (``deterministic=True``): ``_dkdv_kernel`` with ``DQ_MODE`` 0, then ``_dq_kernel``:
+  one program per ``BLOCK_M`` query rows (``row_order``) walks ``kv_index`` like the forward and
+  recomputes P and dP (seven block GEMMs per pair; no atomics, bit-reproducible).
 Grids put the tile axis fastest (one head at a time, heavy tiles first); tensor descriptors (TMA)
 replace pointer loads of the walked operands on sm90+ when strides allow (see `tma_usable`).
-- ``_dkdv_kernel``: one program per ``BLOCK_N`` keys of one key block (``col_order``, heaviest
-  first); walks the query blocks of ``q_index`` as ``Q_BLOCK // BLOCK_M`` sub-tiles in one flat loop.
-- ``_dq_kernel``: one program per ``BLOCK_M`` query rows (``row_order``); walks ``kv_index`` like
-  the forward.
-Probabilities are recomputed from the forward's lse (base 2 inside). Rows with lse = -inf (no key)
-get probability 0 everywhere, hence zero gradients; key rows past ``k_valid`` get zero dK/dV.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import LOG2E, dot_precision, kernel_configs, plan_strides, tma_usable
+from .triton_common import C_LOG2E, LOG2E, dot_precision, plan_strides, query_tile, tma_usable
+from .tuning import tuned_kernel
 
-__all__ = ["attention_backward"]
+__all__ = ["attention_backward", "DKDV_CONFIGS", "DQ_CONFIGS", "ONE_PASS_CONFIGS"]
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
-_DKDV_CONFIGS = {
+DKDV_CONFIGS = {
     "small_d": [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 4, 3), (128, 128, 8, 2)],
     "large_d": [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
 }
-_DQ_CONFIGS = {
+DQ_CONFIGS = {
     "small_d": [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3)],
     "large_d": [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
 }
-_DELTA_ROWS = 64
+# single pass: dK, dV and a [BLOCK_M, D] dQ tile live at once, so lists lean to fewer stages
+ONE_PASS_CONFIGS = {
+    "small_d": [(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 8, 3), (32, 64, 4, 3)],
+    "large_d": [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+}
+_ROWS = 64          # rows per program of the delta and dQ-convert kernels
 
 
 @triton.jit
@@ -41,6 +59,7 @@ def _delta_kernel(
     O, DO, DELTA, sob, soh, sos, sod, sdb, sdh, sds, sdd, H, Sq,
     D: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr,
 ):
+    # Grid: (B*H, row groups of ROWS). delta = rowsum(out * dout) in float32.
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -54,16 +73,60 @@ def _delta_kernel(
 
 
 @triton.jit
+def _dkdv_step(
+    k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, row0, rem, key_ok, offs_m, offs_d, d_ok,
+    sqs, sqd, sds, sdd, qk_scale,
+    D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, DQ_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One (query sub-tile, key sub-tile) pair: dV += Pᵀ·dO, dK += dSᵀ·Q and (DQ_MODE ≠ 0) dQ += dS·K.
+
+    ``q_src`` / ``do_src``: tensor descriptors (USE_TMA) or the per-head base pointers; ``dq_dst``: the
+    dQ buffer's descriptor (DQ_MODE 2) or base pointer. Rows of the sub-tile start at ``row0``.
+    """
+    rows = row0 + offs_m
+    if USE_TMA:
+        qt = tl.trans(q_src.load([row0, 0]))
+        do = do_src.load([row0, 0])
+    else:
+        qt = tl.load(q_src + rows[None, :] * sqs + offs_d[:, None] * sqd, mask=d_ok[:, None], other=0.0)
+        do = tl.load(do_src + rows[:, None] * sds + offs_d[None, :] * sdd, mask=d_ok[None, :], other=0.0)
+    lse2 = tl.load(LSE + row_base + rows) * C_LOG2E
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)          # keyless / padded rows → p = 0
+    delta = tl.load(DELTA + row_base + rows)
+    pt = tl.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse2[None, :])   # Pᵀ [N, M]
+    if rem < BLOCK_N:
+        pt = tl.where(key_ok[:, None], pt, 0.0)
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)             # dPᵀ [N, M]
+    dst = pt * (dpt - delta[None, :])                                   # dSᵀ [N, M]
+    dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PREC)
+    if DQ_MODE != 0:                                                    # this pair's dS·K, unscaled
+        dq = tl.dot(tl.trans(dst).to(k.dtype), k, input_precision=DOT_PREC)   # [M, D_PAD]
+        if DQ_MODE == 2:
+            dq_dst.atomic_add([row0, 0], dq)
+        else:
+            tl.atomic_add(dq_dst + rows[:, None] * D_PAD + offs_d[None, :], dq, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
-    Q_COUNT, Q_INDEX, COL_ORDER, K_VALID,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
+    Q_COUNT, Q_INDEX, COL_ORDER, K_VALID, Q_VALID,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     s_dkb, s_dkh, s_dks, s_dkd, s_dvb, s_dvh, s_dvs, s_dvd,
-    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_n, s_ord_b, s_ord_h, s_val_b,
+    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_n, s_ord_b, s_ord_h, s_val_b, s_qv_b,
     H, Sq, Sk, sm_scale, qk_scale,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
-    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, DQ_MODE: tl.constexpr, SKIP_PAD_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # Grid: (key sub-tiles of all key blocks in col_order rank, B*H); one program = BLOCK_N keys.
+    # DQ_MODE: 0 no dQ (deterministic path), 1 dQ by pointer atomics, 2 dQ by TMA reduce-add.
+    # SKIP_PAD_Q: walk each kept query block's sub-tiles only up to q_valid (an inner loop per block,
+    # pipelined within the block); else one flat loop over every sub-tile (pipelined across blocks;
+    # padded rows then cost GEMMs but contribute 0 since their lse is -inf).
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -76,6 +139,7 @@ def _dkdv_kernel(
     count = tl.load(Q_COUNT + b * s_cnt_b + h * s_cnt_h + k_blk)
     count = tl.where(rem > 0, count, 0)                                       # all-padding tile: zeros
     idx_ptr = Q_INDEX + b * s_idx_b + h * s_idx_h + k_blk * s_idx_n
+    qv_ptr = Q_VALID + b * s_qv_b
 
     offs_n = k_blk * K_BLOCK + (tile % SUB_N) * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = tl.arange(0, BLOCK_N) < rem
@@ -85,35 +149,34 @@ def _dkdv_kernel(
 
     k = tl.load(K + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=d_ok[None, :], other=0.0)
     v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
-    q_base = Q + b * sqb + h * sqh
-    do_base = DO + b * sdb + h * sdh
     row_base = bh.to(tl.int64) * Sq
+    q_src = Q + b * sqb + h * sqh
+    do_src = DO + b * sdb + h * sdh
+    dq_dst = DQ_ACC + row_base * D_PAD           # dQ buffer: float32 [B*H, Sq, D_PAD], contiguous
     if USE_TMA:
-        q_desc = tl.make_tensor_descriptor(q_base, shape=[Sq, D], strides=[sqs, 1], block_shape=[BLOCK_M, D])
-        do_desc = tl.make_tensor_descriptor(do_base, shape=[Sq, D], strides=[sds, 1], block_shape=[BLOCK_M, D])
+        q_src = tl.make_tensor_descriptor(q_src, shape=[Sq, D], strides=[sqs, 1], block_shape=[BLOCK_M, D])
+        do_src = tl.make_tensor_descriptor(do_src, shape=[Sq, D], strides=[sds, 1], block_shape=[BLOCK_M, D])
+    if DQ_MODE == 2:
+        dq_dst = tl.make_tensor_descriptor(dq_dst, shape=[Sq, D_PAD], strides=[D_PAD, 1], block_shape=[BLOCK_M, D_PAD])
 
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-    for it in range(0, count * SUB_M):
-        q_blk = tl.load(idx_ptr + it // SUB_M)
-        row0 = q_blk * Q_BLOCK + (it % SUB_M) * BLOCK_M
-        rows = row0 + offs_m
-        if USE_TMA:
-            qt = tl.trans(q_desc.load([row0, 0]))
-            do = do_desc.load([row0, 0])
-        else:
-            qt = tl.load(q_base + rows[None, :] * sqs + offs_d[:, None] * sqd, mask=d_ok[:, None], other=0.0)
-            do = tl.load(do_base + rows[:, None] * sds + offs_d[None, :] * sdd, mask=d_ok[None, :], other=0.0)
-        lse2 = tl.load(LSE + row_base + rows) * 1.4426950408889634
-        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)          # keyless rows → p = 0
-        delta = tl.load(DELTA + row_base + rows)
-        pt = tl.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse2[None, :])   # [N, M]
-        if rem < BLOCK_N:
-            pt = tl.where(key_ok[:, None], pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PREC)
+    if SKIP_PAD_Q:
+        for j in range(0, count):
+            q_blk = tl.load(idx_ptr + j)
+            n_sub = tl.cdiv(tl.load(qv_ptr + q_blk), BLOCK_M)               # sub-tiles with a valid row
+            for sub in range(0, n_sub):
+                dk, dv = _dkdv_step(
+                    k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, q_blk * Q_BLOCK + sub * BLOCK_M,
+                    rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale,
+                    D_PAD, DOT_PREC, USE_TMA, DQ_MODE, BLOCK_M, BLOCK_N)
+    else:
+        for it in range(0, count * SUB_M):
+            q_blk = tl.load(idx_ptr + it // SUB_M)
+            dk, dv = _dkdv_step(
+                k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, q_blk * Q_BLOCK + (it % SUB_M) * BLOCK_M,
+                rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale,
+                D_PAD, DOT_PREC, USE_TMA, DQ_MODE, BLOCK_M, BLOCK_N)
 
     dk = dk * sm_scale
     tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dks + offs_d[None, :] * s_dkd,
@@ -123,38 +186,55 @@ def _dkdv_kernel(
 
 
 @triton.jit
+def _dq_convert_kernel(
+    DQ_ACC, DQ, s_dqb, s_dqh, s_dqs, s_dqd, H, Sq, sm_scale,
+    D: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr,
+):
+    # Grid: (row groups of ROWS, B*H). dq = scale · buffer, cast to dq's dtype, written with its strides.
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, D_PAD)
+    ok = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
+    acc = tl.load(DQ_ACC + (bh.to(tl.int64) * Sq + offs_m[:, None]) * D_PAD + offs_d[None, :], mask=ok, other=0.0)
+    tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqs + offs_d[None, :] * s_dqd,
+             (acc * sm_scale).to(DQ.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
-    KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID,
+    KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID, Q_VALID,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     s_dqb, s_dqh, s_dqs, s_dqd,
-    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b,
+    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b, s_qv_b,
     H, Sq, Sk, sm_scale, qk_scale,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # Grid: (query sub-tiles in row_order rank, B*H); one program = BLOCK_M query rows (as the forward).
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    SUB_M: tl.constexpr = Q_BLOCK // BLOCK_M
     SUB_N: tl.constexpr = K_BLOCK // BLOCK_N
 
-    q_blk = tl.load(ROW_ORDER + b * s_ord_b + h * s_ord_h + tile // SUB_M)
-    count = tl.load(KV_COUNT + b * s_cnt_b + h * s_cnt_h + q_blk)
-    idx_ptr = KV_INDEX + b * s_idx_b + h * s_idx_h + q_blk * s_idx_m
+    q_blk, count, idx_ptr, offs_m, n_rows = query_tile(
+        tile, b, h, ROW_ORDER, KV_COUNT, KV_INDEX, Q_VALID, s_ord_b, s_ord_h, s_cnt_b, s_cnt_h,
+        s_idx_b, s_idx_h, s_idx_m, s_qv_b, Q_BLOCK, BLOCK_M)
+    row_ok = tl.arange(0, BLOCK_M) < n_rows
     valid_ptr = K_VALID + b * s_val_b
-
-    offs_m = q_blk * Q_BLOCK + (tile % SUB_M) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < D
+    ld_ok = row_ok[:, None] & d_ok[None, :]
 
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=d_ok[None, :], other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :] * sdd, mask=d_ok[None, :], other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=ld_ok, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :] * sdd, mask=ld_ok, other=0.0)
     row_base = bh.to(tl.int64) * Sq
-    lse2 = tl.load(LSE + row_base + offs_m) * 1.4426950408889634
-    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    lse2 = tl.load(LSE + row_base + offs_m) * C_LOG2E
+    lse2 = tl.where((lse2 == float("-inf")) | (~row_ok), float("inf"), lse2)   # keyless / padded rows → p = 0
     delta = tl.load(DELTA + row_base + offs_m)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
@@ -186,48 +266,73 @@ def _dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=d_ok[None, :])
 
 
-@functools.lru_cache(maxsize=None)
-def _tuned(which: str, q_block: int, k_block: int, large_d: bool):
-    kernel, table = (_dkdv_kernel, _DKDV_CONFIGS) if which == "dkdv" else (_dq_kernel, _DQ_CONFIGS)
-    configs = kernel_configs(table["large_d" if large_d else "small_d"], q_block, k_block)
-    return triton.autotune(configs=configs, key=["D_PAD", "USE_TMA"])(kernel)
+def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dict, deterministic: bool = False,
+                       dlse=None):
+    """dq, dk, dv (each like its input) of `attention_forward`'s ``out`` given ``dout`` (any strides)
+    and, optionally, the gradient ``dlse [B, H, Sq]`` of its lse.
 
+    ``options``: resolved kernel options. ``deterministic``: two passes without atomics
+    (bit-reproducible) instead of the single pass with a float32 dQ buffer.
 
-def attention_backward(q, k, v, out, lse, dout, plan, scale: float):
-    """dq, dk, dv (each like its input) of `attention_forward`'s ``out`` given ``dout`` (any strides)."""
+    With ``L = <dout, out> + <dlse, lse>``: ``dL/ds_ij = p_ij (dp_ij − delta_i) + p_ij dlse_i``, so the
+    lse gradient only shifts the row term: ``delta_i ← delta_i − dlse_i``.
+    """
     B, H, Sq, D = q.shape
     d_pad = max(16, triton.next_power_of_2(D))
-    large = d_pad > 128
+    table = "large_d" if d_pad > 128 else "small_d"
     prec = dot_precision(q.dtype)
     delta = torch.empty(B, H, Sq, device=q.device, dtype=torch.float32)
-    _delta_kernel[(B * H, triton.cdiv(Sq, _DELTA_ROWS))](
-        out, dout, delta, *out.stride(), *dout.stride(), H, Sq, D=D, D_PAD=d_pad, ROWS=_DELTA_ROWS,
+    _delta_kernel[(B * H, triton.cdiv(Sq, _ROWS))](
+        out, dout, delta, *out.stride(), *dout.stride(), H, Sq, D=D, D_PAD=d_pad, ROWS=_ROWS,
     )
+    if dlse is not None:
+        delta.sub_(dlse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     val_b = plan.k_valid.expand(B, -1).stride(0)
+    qv_b = plan.q_valid.expand(B, -1).stride(0)
     common = dict(D=D, D_PAD=d_pad, Q_BLOCK=plan.q_block, K_BLOCK=plan.k_block, DOT_PREC=prec)
+    tune = dict(q_block=plan.q_block, k_block=plan.k_block, dtype=q.dtype, head_dim=D, device=q.device,
+                autotune=options["autotune"])
     Sk = k.shape[2]
     io_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    use_tma_q = tma_usable(D, q, dout, enabled=options["tma"])
+    skip = options["skip_padded_queries"]
+
+    if deterministic:
+        dq_mode, dq_acc = 0, dk                          # DQ_ACC unused
+        kernel = tuned_kernel("dkdv", _dkdv_kernel, DKDV_CONFIGS[table], variant=f"tma{use_tma_q:d}.skip{skip:d}",
+                              tune_key=("D_PAD", "USE_TMA", "DQ_MODE", "SKIP_PAD_Q"), **tune)
+    else:
+        dq_mode = 2 if (options["dq_reduce"] == "tma" and use_tma_q) else 1
+        dq_acc = torch.zeros(B * H, Sq, d_pad, device=q.device, dtype=torch.float32)
+        kernel = tuned_kernel("bwd1", _dkdv_kernel, ONE_PASS_CONFIGS[table],
+                              variant=f"tma{use_tma_q:d}.dq{'tma' if dq_mode == 2 else 'atomic'}.skip{skip:d}",
+                              tune_key=("D_PAD", "USE_TMA", "DQ_MODE", "SKIP_PAD_Q"), reset_to_zero=["DQ_ACC"], **tune)
 
     cs, ix, co = plan_strides(plan.q_count, B, H), plan_strides(plan.q_index, B, H), plan_strides(plan.col_order, B, H)
-    _tuned("dkdv", plan.q_block, plan.k_block, large)[
-        lambda meta: (plan.num_k_blocks * (plan.k_block // meta["BLOCK_N"]), B * H)
-    ](
-        q, k, v, dout, lse, delta, dk, dv,
-        plan.q_count, plan.q_index, plan.col_order, plan.k_valid,
+    kernel[lambda meta: (plan.num_k_blocks * (plan.k_block // meta["BLOCK_N"]), B * H)](
+        q, k, v, dout, lse, delta, dk, dv, dq_acc,
+        plan.q_count, plan.q_index, plan.col_order, plan.k_valid, plan.q_valid,
         *io_strides, *dk.stride(), *dv.stride(),
-        cs[0], cs[1], ix[0], ix[1], ix[2], co[0], co[1], val_b,
-        H, Sq, Sk, scale, scale * LOG2E, USE_TMA=tma_usable(D, q, dout), **common,
+        cs[0], cs[1], ix[0], ix[1], ix[2], co[0], co[1], val_b, qv_b,
+        H, Sq, Sk, scale, scale * LOG2E, USE_TMA=use_tma_q, DQ_MODE=dq_mode, SKIP_PAD_Q=skip, **common,
     )
 
+    if not deterministic:
+        _dq_convert_kernel[(triton.cdiv(Sq, _ROWS), B * H)](
+            dq_acc, dq, *dq.stride(), H, Sq, scale, D=D, D_PAD=d_pad, ROWS=_ROWS,
+        )
+        return dq, dk, dv
+
+    use_tma_k = tma_usable(D, k, v, enabled=options["tma"])
     cs, ix, ro = plan_strides(plan.kv_count, B, H), plan_strides(plan.kv_index, B, H), plan_strides(plan.row_order, B, H)
-    _tuned("dq", plan.q_block, plan.k_block, large)[
+    tuned_kernel("dq", _dq_kernel, DQ_CONFIGS[table], variant=f"tma{use_tma_k:d}", tune_key=("D_PAD", "USE_TMA"), **tune)[
         lambda meta: (plan.num_q_blocks * (plan.q_block // meta["BLOCK_M"]), B * H)
     ](
         q, k, v, dout, lse, delta, dq,
-        plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid,
+        plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid, plan.q_valid,
         *io_strides, *dq.stride(),
-        cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b,
-        H, Sq, Sk, scale, scale * LOG2E, USE_TMA=tma_usable(D, k, v), **common,
+        cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b, qv_b,
+        H, Sq, Sk, scale, scale * LOG2E, USE_TMA=use_tma_k, **common,
     )
     return dq, dk, dv

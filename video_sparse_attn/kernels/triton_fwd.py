@@ -6,56 +6,39 @@ contiguous sub-tiles in one flat, branch-free loop (so the software pipeline run
 ragged sub-tile (``k_valid`` ends inside it) is switched off there by a per-row +inf offset and run
 masked in a second, short loop. Softmax is online in base 2 with the scale folded into one multiply,
 and lazy: the reference max (and the accumulator rescale) moves only when a row's max grows by more
-than 8. ``VSA_TRITON_FWD_PEEL=0`` / ``VSA_TRITON_FWD_LAZY=0`` give back the v3 loop (ragged tail
+than 8. Kernel options ``fwd_peel=False`` / ``fwd_lazy=False`` give back the v3 loop (ragged tail
 masked behind a per-sub-tile branch) / eager rescaling. Rows that see no key write 0 and lse = -inf.
 
-Launch grid: ``(Mq * Q_BLOCK // BLOCK_M, B*H)``: query tiles fastest, in ``row_order`` rank
-(heaviest query blocks first), one head after another, so the programs running together share one
-head's K/V in L2. On Hopper (sm90+), K and V are read through tensor descriptors (TMA) when the
-strides allow; elsewhere (Ampere/Ada, odd strides, padded head dims, the interpreter) through
-pointers. Warp specialisation of the key loop (``VSA_TRITON_WS=1``, D=128 with TMA) is opt-in: it
-gained nothing on the v3 loop, and Triton 3.6 compiles it on the peeled loop only with 8 warps
+Padding-free queries: a sub-tile whose rows all lie at or past ``q_valid`` skips the key loop and
+only stores out 0 / lse -inf; in a partly valid sub-tile the padded rows load q as 0 and are stored
+as 0 / -inf.
+
+Grid: ``(Mq * Q_BLOCK // BLOCK_M, B*H)``: query tiles fastest, in ``row_order`` rank (heaviest query
+blocks first), one head after another, so the programs running together share one head's K/V in L2.
+On Hopper (sm90+), K and V are read through tensor descriptors (TMA) when the strides allow;
+elsewhere (Ampere/Ada, odd strides, padded head dims, the interpreter, ``tma=False``) through
+pointers. Warp specialisation of the key loop (``warp_specialize=True``, D=128 with TMA) is opt-in:
+it gained nothing on the v3 loop, and Triton 3.6 compiles it on the peeled loop only with 8 warps
 (its own config list).
 """
 
 from __future__ import annotations
 
-import functools
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention_forward", "kernel_configs", "tma_usable", "INTERPRET"]
+from .triton_common import C_LN2, LOG2E, dot_precision, plan_strides, query_tile, tma_usable
+from .tuning import tuned_kernel
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+__all__ = ["attention_forward", "FWD_CONFIGS"]
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); block sizes are reduced to divisors of the plan's blocks.
-_FWD_CONFIGS = {
+FWD_CONFIGS = {
     "small_d": [(128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4)],
     "large_d": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2)],
     "ws": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2)],   # warp specialisation: 8 warps only
 }
-
-
-def kernel_configs(table, q_tile: int, k_tile: int, names=("BLOCK_M", "BLOCK_N")):
-    """`triton.Config`s from ``(bm, bn, warps, stages)`` rows, tiles cut to divide the plan's blocks.
-
-    ``gcd(b, tile)`` is a power of two ≥ 16 dividing the plan block (blocks are multiples of 16).
-    Under the interpreter, or with ``VSA_TRITON_AUTOTUNE=0``, only the first row is used.
-    """
-    first_only = INTERPRET or os.environ.get("VSA_TRITON_AUTOTUNE") == "0"
-    seen, out = set(), []
-    for bm, bn, warps, stages in table[:1] if first_only else table:
-        row = (math.gcd(bm, q_tile), math.gcd(bn, k_tile), warps, stages)
-        if row not in seen:
-            seen.add(row)
-            out.append(triton.Config({names[0]: row[0], names[1]: row[1]}, num_warps=warps, num_stages=stages))
-    return out
 
 
 @triton.jit
@@ -90,27 +73,26 @@ def _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, LAZY: tl.constexpr, DOT_P
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
-    KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID,
+    KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID, Q_VALID,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
-    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b,
+    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b, s_qv_b,
     H, Sq, Sk, qk_scale,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, USE_WS: tl.constexpr, PEEL: tl.constexpr, LAZY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # Grid: (query sub-tiles of all query blocks in row_order rank, B*H); one program = BLOCK_M rows.
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    SUB_M: tl.constexpr = Q_BLOCK // BLOCK_M
     SUB_N: tl.constexpr = K_BLOCK // BLOCK_N
 
-    q_blk = tl.load(ROW_ORDER + b * s_ord_b + h * s_ord_h + tile // SUB_M)
-    count = tl.load(KV_COUNT + b * s_cnt_b + h * s_cnt_h + q_blk)
-    idx_ptr = KV_INDEX + b * s_idx_b + h * s_idx_h + q_blk * s_idx_m
+    q_blk, count, idx_ptr, offs_m, n_rows = query_tile(
+        tile, b, h, ROW_ORDER, KV_COUNT, KV_INDEX, Q_VALID, s_ord_b, s_ord_h, s_cnt_b, s_cnt_h,
+        s_idx_b, s_idx_h, s_idx_m, s_qv_b, Q_BLOCK, BLOCK_M)
+    row_ok = tl.arange(0, BLOCK_M) < n_rows                           # padded query rows: q = 0, out 0
     valid_ptr = K_VALID + b * s_val_b
-
-    offs_m = q_blk * Q_BLOCK + (tile % SUB_M) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < D
@@ -118,7 +100,7 @@ def _fwd_kernel(
     q_base = Q + b * sqb + h * sqh
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=d_ok[None, :], other=0.0)
+    q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if USE_TMA:
         k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, D], strides=[sks, 1], block_shape=[BLOCK_N, D])
         v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, D], strides=[svs, 1], block_shape=[BLOCK_N, D])
@@ -170,52 +152,18 @@ def _fwd_kernel(
                 s = tl.where((offs_n < kv1 % BLOCK_N)[None, :], s, float("-inf"))
                 m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, LAZY, DOT_PREC)
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    # out = acc / l; lse = ln(l) + m·ln2 (m is in log2 units). No key, or a padded row: 0 and -inf.
+    empty = (l_i == 0.0) | (~row_ok)
+    out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * C_LN2)
     o_base = O + b * sob + h * soh
     tl.store(o_base + offs_m[:, None] * sos + offs_d[None, :] * sod, out.to(O.dtype.element_ty), mask=d_ok[None, :])
     tl.store(LSE + bh.to(tl.int64) * Sq + offs_m, lse)
 
 
-@functools.lru_cache(maxsize=None)
-def _tuned_fwd(q_block: int, k_block: int, large_d: bool, ws: bool = False):
-    table = _FWD_CONFIGS["ws" if ws else "large_d" if large_d else "small_d"]
-    return triton.autotune(configs=kernel_configs(table, q_block, k_block), key=["D_PAD", "USE_TMA", "USE_WS", "PEEL", "LAZY"])(_fwd_kernel)
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 operands use exact products (tests); half types use the tensor cores' native path."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _scratch(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def tma_usable(D: int, *tensors: torch.Tensor) -> bool:
-    """Tensor descriptors: sm90+, not disabled (VSA_TRITON_TMA=0), unpadded D, unit last stride,
-    16-byte aligned base and strides."""
-    x = tensors[0]
-    if INTERPRET or not x.is_cuda or os.environ.get("VSA_TRITON_TMA") == "0":
-        return False
-    if torch.cuda.get_device_capability(x.device)[0] < 9 or D != triton.next_power_of_2(D) or D < 16:
-        return False
-    for t in tensors:
-        size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st == 0 or (st * size) % 16 for st in t.stride()[:-1]):
-            return False
-    triton.set_allocator(_scratch)
-    return True
-
-
-def plan_strides(t: torch.Tensor, B: int, H: int):
-    """Strides of a plan tensor ``[B' , H', ...]`` expanded to ``[B, H, ...]`` (0 on broadcast dims)."""
-    return t.expand(B, H, *t.shape[2:]).stride()
-
-
-def attention_forward(q, k, v, plan, scale: float):
-    """Run the forward kernel. q ``[B,H,Sq,D]``, k/v ``[B,H,Sk,D]`` (any strides, checked by the caller).
+def attention_forward(q, k, v, plan, scale: float, options: dict):
+    """Run the forward kernel. q ``[B,H,Sq,D]``, k/v ``[B,H,Sk,D]`` (any strides, checked by the caller);
+    ``options``: resolved kernel options (`triton_common.resolve_kernel_options`).
 
     Returns ``out`` (q's dtype and strides where dense, else contiguous) and ``lse [B,H,Sq]`` float32.
     """
@@ -225,21 +173,26 @@ def attention_forward(q, k, v, plan, scale: float):
     d_pad = max(16, triton.next_power_of_2(D))
     cs, ix, ro = plan_strides(plan.kv_count, B, H), plan_strides(plan.kv_index, B, H), plan_strides(plan.row_order, B, H)
     val_b = plan.k_valid.expand(B, -1).stride(0)
-    use_tma = tma_usable(D, k, v)
-    use_ws = use_tma and D == 128 and os.environ.get("VSA_TRITON_WS") == "1"
-    kernel = _tuned_fwd(plan.q_block, plan.k_block, d_pad > 128, use_ws)
+    qv_b = plan.q_valid.expand(B, -1).stride(0)
+    use_tma = tma_usable(D, k, v, enabled=options["tma"])
+    use_ws = use_tma and D == 128 and options["warp_specialize"]
+    peel, lazy = options["fwd_peel"], options["fwd_lazy"]
+    rows = FWD_CONFIGS["ws" if use_ws else "large_d" if d_pad > 128 else "small_d"]
+    kernel = tuned_kernel(
+        "fwd", _fwd_kernel, rows, q_block=plan.q_block, k_block=plan.k_block, dtype=q.dtype, head_dim=D,
+        device=q.device, variant=f"tma{use_tma:d}.ws{use_ws:d}.peel{peel:d}.lazy{lazy:d}",
+        autotune=options["autotune"], tune_key=("D_PAD", "USE_TMA", "USE_WS", "PEEL", "LAZY"))
 
     def grid(meta):
         return (plan.num_q_blocks * (plan.q_block // meta["BLOCK_M"]), B * H)
 
     kernel[grid](
         q, k, v, out, lse,
-        plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid,
+        plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid, plan.q_valid,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b,
+        cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b, qv_b,
         H, Sq, k.shape[2], scale * LOG2E,
         D=D, D_PAD=d_pad, Q_BLOCK=plan.q_block, K_BLOCK=plan.k_block, DOT_PREC=dot_precision(q.dtype),
-        USE_TMA=use_tma, USE_WS=use_ws,
-        PEEL=os.environ.get("VSA_TRITON_FWD_PEEL") != "0", LAZY=os.environ.get("VSA_TRITON_FWD_LAZY") != "0",
+        USE_TMA=use_tma, USE_WS=use_ws, PEEL=peel, LAZY=lazy,
     )
     return out, lse

@@ -1,6 +1,8 @@
 """`block_sparse_attention_triton`: the Triton kernels behind one autograd function.
 
 Input checks live here; the kernels (`triton_fwd`, `triton_bwd`) trust what they are given.
+Tuning knobs arrive as ``kernel_options`` (see `triton_common.KernelOptions`), never from the
+process environment.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from typing import Optional, Tuple
 import torch
 
 from .triton_bwd import attention_backward
+from .triton_common import KernelOptions, resolve_kernel_options
 from .triton_fwd import attention_forward
 
-__all__ = ["block_sparse_attention_triton", "MAX_HEAD_DIM"]
+__all__ = ["block_sparse_attention_triton", "MAX_HEAD_DIM", "KernelOptions"]
 
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -43,33 +46,39 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> None:
             f"plan covers Sq={Mq}*{plan.q_block}, Sk={Nk}*{plan.k_block} but q has {Sq} rows and k has {k.shape[2]}"
         )
     Bp, Hp = plan.kv_count.shape[:2]
-    if Bp not in (1, B) or Hp not in (1, H) or plan.k_valid.shape[0] not in (1, B):
+    if Bp not in (1, B) or Hp not in (1, H) or plan.k_valid.shape[0] not in (1, B) or plan.q_valid.shape[0] not in (1, B):
         raise ValueError(
-            f"plan batch/head dims ({Bp}, {Hp}) and k_valid batch {plan.k_valid.shape[0]} must be 1 or match "
-            f"q's ({B}, {H})"
+            f"plan batch/head dims ({Bp}, {Hp}), k_valid batch {plan.k_valid.shape[0]} and q_valid batch "
+            f"{plan.q_valid.shape[0]} must be 1 or match q's ({B}, {H})"
         )
-    for name in ("kv_count", "kv_index", "q_count", "q_index", "row_order", "col_order", "k_valid"):
+    for name in ("kv_count", "kv_index", "q_count", "q_index", "row_order", "col_order", "k_valid", "q_valid"):
         t = getattr(plan, name)
         if t.dtype != torch.int32 or t.stride(-1) != 1:
             raise ValueError(f"plan.{name} must be int32 with a unit last stride, got {t.dtype}, strides {t.stride()}")
 
 
 class _BlockSparseAttention(torch.autograd.Function):
+    """out, lse = attention(q, k, v); backward: single pass (float32 dQ buffer) or, with
+    ``deterministic``, two passes without atomics."""
+
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale):
-        out, lse = attention_forward(q, k, v, plan, scale)
+    def forward(ctx, q, k, v, plan, scale, options, deterministic):
+        out, lse = attention_forward(q, k, v, plan, scale, options)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale = plan, scale
-        ctx.mark_non_differentiable(lse)
+        ctx.plan, ctx.scale, ctx.options, ctx.deterministic = plan, scale, options, deterministic
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
+        if dout is None and dlse is None:
+            return None, None, None, None, None, None, None
         if dout is None:
-            return None, None, None, None, None
-        dq, dk, dv = attention_backward(q, k, v, out, lse, dout, ctx.plan, ctx.scale)
-        return dq, dk, dv, None, None
+            dout = torch.zeros_like(out)
+        dq, dk, dv = attention_backward(q, k, v, out, lse, dout, ctx.plan, ctx.scale, ctx.options,
+                                        deterministic=ctx.deterministic, dlse=dlse)
+        return dq, dk, dv, None, None, None, None
 
 
 def block_sparse_attention_triton(
@@ -78,21 +87,29 @@ def block_sparse_attention_triton(
     v: torch.Tensor,
     plan,
     scale: Optional[float] = None,
+    kernel_options: Optional[KernelOptions] = None,
+    deterministic: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention of block-ordered tensors over ``plan`` with the Triton kernels.
 
     Args:
         q: ``[B, H, Mq*q_block, D]``; k, v: ``[B, H, Nk*k_block, D]``; any strides (e.g. transposed
             ``[B, S, H, D]`` views), float16/bfloat16/float32, ``D <= 256``.
-        plan: `BlockSparsePlan` on the same device, batch/head dims B or 1.
+        plan: `BlockSparsePlan` on the same device, batch/head dims B or 1. Query rows past
+            ``plan.q_valid`` are not computed (out 0, lse -inf, dq 0, no dk/dv contribution).
         scale: softmax scale, default ``1/sqrt(D)``.
+        kernel_options: tuning knobs (`KernelOptions`: ``tma``, ``warp_specialize``, ``fwd_peel``,
+            ``fwd_lazy``, ``autotune``, ``dq_reduce``); unknown keys raise ValueError.
+        deterministic: bit-reproducible backward (two passes, no atomics, ~1.3× the single pass's
+            GEMM work) instead of the default single pass that adds dQ with atomics.
 
     Returns:
         ``out [B, H, Sq, D]`` in q's dtype and ``lse [B, H, Sq]`` float32 (natural log; -inf and
-        out 0 for rows that see no key). Differentiable in q, k, v (lse is not).
+        out 0 for rows that see no key). Both differentiable in q, k, v.
     """
+    options = resolve_kernel_options(kernel_options)
     _check(q, k, v, plan)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
-    return _BlockSparseAttention.apply(q, k, v, plan, scale)
+    return _BlockSparseAttention.apply(q, k, v, plan, scale, options, bool(deterministic))

@@ -57,11 +57,9 @@ def tile_representatives(x_video: torch.Tensor, layout, pool: Optional[Tuple[int
             w = _pool_matrix.__wrapped__(layout.tile_thw, tuple(pool)).to(x_video.device)
         else:
             w = _pool_matrix_on(layout.tile_thw, tuple(pool), str(x_video.device))     # [P, bs]
-        if layout.pad_type == "mask":  # slots are permuted inside each tile: permute the weights
-            w = w[:, layout.indices(x_video.device)["slot_raster"]].transpose(0, 1)  # [Nv, P, bs]
-            reps = torch.einsum("npk,bhnkd->bhnpd", w, xb.float())
-        else:
-            reps = torch.einsum("pk,bhnkd->bhnpd", w, xb.float())
+        # slots are permuted inside each tile (real tokens first): permute the weights alike
+        w = w[:, layout.indices(x_video.device)["slot_raster"]].transpose(0, 1)      # [Nv, P, bs]
+        reps = torch.einsum("npk,bhnkd->bhnpd", w, xb.float())
         reps = reps.reshape(B, H, Nv, -1)
     return reps.mean(dim=1, keepdim=True) if share_heads else reps
 

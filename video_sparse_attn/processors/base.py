@@ -13,17 +13,17 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-from ..attention import resolve_backend, ssta_attention
+from ..attention import ssta_attention
+from ..kernels.registry import AttentionCall, backend_names, select_backend
 from ..config import SSTAConfig
 from ..families import family_of
+from ..validation import check_tiles
 from .grid_hook import (LAYER_ATTR, RUNTIME_ATTR, SSTARuntime, find_calling_transformer, install_grid_hook,
                         runtime_of)
 from .schedule import SSTASchedule
 from .stats import AttentionRecord, SSTAStats
 
 __all__ = ["SSTAAttnProcessor", "check_backend_support"]
-
-MAX_HEAD_DIM = 256
 
 _NO_GRID = (
     "SSTA needs the latent grid (t, h, w) of the current forward, and none was captured for this "
@@ -34,26 +34,13 @@ _NO_GRID = (
 
 
 def check_backend_support(q: torch.Tensor, backend: str) -> str:
-    """Resolve ``backend`` for ``q [B, H, S, D]`` and refuse what it cannot run, naming the values.
-
-    The ``triton`` backend runs float16 / bfloat16 / float32 and head dims up to 256; the ``torch``
-    backend runs any float dtype and head dim.
-    """
-    resolved = resolve_backend(backend, q)
-    if resolved == "triton":
-        allowed = (torch.float16, torch.bfloat16, torch.float32)
-        if q.dtype not in allowed:
-            raise TypeError(
-                f"SSTA backend 'triton' (chosen by backend={backend!r}) runs {[str(d) for d in allowed]}, "
-                f"but the attention inputs are {q.dtype}: cast the transformer (e.g. "
-                "`transformer.to(torch.bfloat16)`) or pass backend='torch'"
-            )
-        if q.shape[-1] > MAX_HEAD_DIM:
-            raise ValueError(
-                f"SSTA backend 'triton' runs head dims up to {MAX_HEAD_DIM}, got head dim {q.shape[-1]}; "
-                "pass backend='torch'"
-            )
-    return resolved
+    """Resolve ``backend`` for ``q [B, H, S, D]`` through the backend registry (the one home of every
+    backend's limits); an unsupported call raises one line naming what the backend lacks."""
+    try:
+        return select_backend(backend, AttentionCall.of(q)).name
+    except ValueError as e:
+        raise ValueError(f"SSTA: {e}. Cast the transformer (e.g. `transformer.to(torch.bfloat16)`) or pass "
+                         "backend='torch' (any dtype, head dim and device)") from None
 
 
 class SSTAAttnProcessor:
@@ -67,7 +54,7 @@ class SSTAAttnProcessor:
         stats: optional `SSTAStats` recording density and time per call (else the one given to
             `enable_ssta`, if any).
         strict_tiles: refuse a tile longer than the latent grid along an axis when padded tokens would
-            stay visible as keys (``pad_type`` ``zero`` / ``repeat``, sparse attention); such padding
+            stay visible as keys (``pad_type`` ``zero`` / ``repeat``; `validation.check_tiles`); such padding
             outnumbers real tokens along that axis. ``pad_type="mask"`` is always accepted.
 
     Usage::
@@ -85,8 +72,8 @@ class SSTAAttnProcessor:
             raise TypeError(f"config must be an SSTAConfig, got {type(config).__name__}")
         if schedule is not None and not isinstance(schedule, SSTASchedule):
             raise TypeError(f"schedule must be an SSTASchedule or None, got {type(schedule).__name__}")
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        if backend not in backend_names():
+            raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
         self.config = config
         self.schedule = schedule
         self.backend = backend
@@ -168,23 +155,32 @@ class SSTAAttnProcessor:
         return self.schedule.head_groups(base, step, layer, num_heads)
 
     def _check_tiles(self, config: SSTAConfig, thw) -> None:
-        if not self.strict_tiles or config.pad_type == "mask" or config.sparse_type == "dense":
-            return
-        for axis, tile, size in zip("thw", config.tile_thw, thw):
-            if tile > size:
-                raise ValueError(
-                    f"tile_thw={config.tile_thw} is longer than the latent grid thw={tuple(thw)} "
-                    f"along {axis} "
-                    f"({tile} > {size}); with pad_type={config.pad_type!r} the padded tokens stay visible as "
-                    "keys and outnumber the real ones. Use a smaller tile, pad_type='mask', or "
-                    "strict_tiles=False to run it anyway"
-                )
+        if self.strict_tiles:
+            check_tiles(config, thw)
 
     def attend(self, attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                text_len: int = 0, text_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """SSTA over diffusers-layout ``query, key, value [B, S, H, D]`` (``S = t*h*w + text_len``,
-        video first); returns ``[B, S, H, D]`` (a transposed view of the op's output)."""
+        video first); returns ``[B, S, H, D]`` (a transposed view of the op's output).
+
+        Under Ulysses context parallelism (``self._parallel_config``) ``S`` is this rank's video shard
+        plus the whole text, and `parallel.ulysses_attention` exchanges the tokens around the op.
+        """
         runtime, layer = self._runtime_for(attn)
+        if self._parallel_config is not None:
+            from .parallel import ulysses_attention, ulysses_group
+
+            group = ulysses_group(self._parallel_config)
+            if group is not None:
+                return ulysses_attention(self, runtime, layer, query, key, value, text_len, text_mask, group)
+        return self._attend_heads(runtime, layer, query, key, value, text_len, text_mask)
+
+    def _attend_heads(self, runtime: SSTARuntime, layer: int, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, text_len: int = 0, text_mask: Optional[torch.Tensor] = None,
+                      head_start: int = 0, num_heads: Optional[int] = None, op=None) -> torch.Tensor:
+        """`attend` on the whole sequence for heads ``[head_start, head_start + H)`` of ``num_heads``
+        (default: all heads are here). The schedule's head groups are cut to those heads and each piece
+        runs through ``op`` (default `ssta_attention`; see `parallel` for the context-parallel one)."""
         thw = runtime.thw
         n_video = query.shape[1] - text_len
         if n_video != thw[0] * thw[1] * thw[2]:
@@ -192,37 +188,47 @@ class SSTAAttnProcessor:
                 f"attention received {n_video} video tokens but the captured latent grid {thw} holds "
                 f"{thw[0] * thw[1] * thw[2]}; the grid hook belongs to another transformer or call"
             )
-        if self._parallel_config is not None:
-            raise NotImplementedError(
-                "SSTA processors do not support diffusers context parallelism yet (the op needs the whole "
-                "sequence on each rank); disable it or use the stock processors"
-            )
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)   # [B, H, S, D] views
         if torch.is_autocast_enabled(q.device.type):  # as SDPA under autocast: one low-precision dtype
             dtype = torch.get_autocast_dtype(q.device.type)
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         check_backend_support(q, self.backend)
-        groups = self._head_groups(runtime, layer, thw, q.shape[1])
+        local = q.shape[1]
+        total = local if num_heads is None else num_heads
+        groups = self._head_groups(runtime, layer, thw, total)
         for _, _, cfg in groups:
             self._check_tiles(cfg, thw)
         stats = self.stats if self.stats is not None else runtime.stats
         token = stats.start(q.device) if stats is not None else None
         want_info = stats is not None
-        outs, dens = [], []
+        op = op or _local_ssta
+        outs, dens, kinds = [], [], set()
         for h0, h1, cfg in groups:
-            sl = slice(h0, h1) if len(groups) > 1 else slice(None)
-            res = ssta_attention(q[:, sl], k[:, sl], v[:, sl], tuple(thw), cfg, text_len, text_mask,
-                                 backend=self.backend, return_info=want_info)
-            out, info = res if want_info else (res, None)
+            a, b = max(h0, head_start) - head_start, min(h1, head_start + local) - head_start
+            sl = slice(a, max(a, b)) if (a, b) != (0, local) else slice(None)
+            out, density = op(q[:, sl], k[:, sl], v[:, sl], tuple(thw), cfg, text_len, text_mask,
+                              self.backend, h1 - h0, want_info)
+            if out is None:
+                continue
             outs.append(out)
-            if info is not None:
-                dens.append(info.density * (h1 - h0))
+            kinds.add(cfg.sparse_type)
+            if density is not None:
+                dens.append(density * (b - a))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         if stats is not None:
-            kinds = {cfg.sparse_type for _, _, cfg in groups}
             record = AttentionRecord(
                 step=runtime.step, layer=layer, sparse_type=kinds.pop() if len(kinds) == 1 else "mixed",
-                thw=tuple(thw), text_len=text_len, density=(sum(dens) / q.shape[1]).detach(),
+                thw=tuple(thw), text_len=text_len, density=(sum(dens) / local).detach(),
             )
             stats.stop(token, record)
         return out.transpose(1, 2)
+
+
+def _local_ssta(q, k, v, thw, config, text_len, text_mask, backend, group_heads, want_info):
+    """`ssta_attention` on one head group held whole by this process: ``(out [B, h, S, D], density)``."""
+    if q.shape[1] == 0:
+        return None, None
+    # the processor has applied its own strict-tiles rule (`_check_tiles`) already
+    res = ssta_attention(q, k, v, thw, config, text_len, text_mask, backend=backend, return_info=want_info,
+                         strict_tiles=False)
+    return (res[0], res[1].density) if want_info else (res, None)

@@ -93,6 +93,12 @@ def enable_ssta(
         )
         runtime.original_processors = originals
         processor = SSTAAttnProcessor(config, schedule, backend=backend, strict_tiles=strict_tiles)
+        parallel = getattr(transformer, "_parallel_config", None)   # enable_parallelism ran first
+        if getattr(parallel, "context_parallel_config", None) is not None:
+            from .parallel import ulysses_group
+
+            ulysses_group(parallel)   # refuses ring attention here rather than at the first call
+            processor._parallel_config = parallel
         mapping = {}
         for name, proc in originals.items():
             if family.is_sparse_layer(name):

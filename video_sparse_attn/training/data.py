@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 
 __all__ = [
     "FORMAT_NAME", "REQUIRED_KEYS", "OPTIONAL_KEYS", "LatentVideoDataset", "collate_samples",
-    "write_sample", "write_metadata", "make_synthetic_dataset",
+    "write_sample", "write_metadata", "make_synthetic_dataset", "read_metadata", "check_sample_header",
 ]
 
 FORMAT_NAME = "video_sparse_attn.latents"
@@ -107,16 +107,19 @@ class LatentVideoDataset(torch.utils.data.Dataset):
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"{root!r} is not a latent dataset: {meta_path} is missing "
                                     "(write one with scripts/make_latent_dataset.py)")
-        with open(meta_path) as f:
-            self.metadata: Dict = json.load(f)
-        if self.metadata.get("format") != FORMAT_NAME:
-            raise ValueError(f"{meta_path}: format {self.metadata.get('format')!r}, expected {FORMAT_NAME!r}")
         self.root = root
+        self.metadata: Dict = read_metadata(meta_path)
+        samples = os.path.join(root, "samples")
         self.files: List[str] = sorted(
-            os.path.join(root, "samples", n) for n in os.listdir(os.path.join(root, "samples"))
+            os.path.join(samples, n) for n in (os.listdir(samples) if os.path.isdir(samples) else [])
             if n.endswith(".safetensors"))
         if not self.files:
             raise ValueError(f"{root!r} holds no samples/*.safetensors files")
+        if len(self.files) != self.metadata["num_samples"]:
+            raise ValueError(f"{meta_path}: num_samples is {self.metadata['num_samples']} but {samples} holds "
+                             f"{len(self.files)} .safetensors files")
+        for path in self.files:  # headers only: cheap, and a truncated file is named before training
+            check_sample_header(path, self.metadata["latent_shape"][0])
 
     @property
     def family(self) -> str:
@@ -131,8 +134,57 @@ class LatentVideoDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
-        with safe_open(self.files[index], framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+        path = self.files[index]
+        try:
+            with safe_open(path, framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error type
+            raise ValueError(f"sample file {path} cannot be read ({e}); it may be truncated or corrupt") from e
+
+
+def read_metadata(meta_path: str) -> Dict:
+    """``metadata.json`` checked for format, version, num_samples and latent_shape (ValueError naming
+    the file and the field)."""
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{meta_path}: format {got!r}, expected {FORMAT_NAME!r}")
+    version = meta.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{meta_path}: version must be an int >= 1, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: dataset format version {version} is newer than this package reads "
+                         f"({FORMAT_VERSION}); upgrade video_sparse_attn or rewrite the dataset")
+    n = meta.get("num_samples")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{meta_path}: num_samples must be an int >= 1, got {n!r}")
+    shape = meta.get("latent_shape")
+    if not (isinstance(shape, list) and len(shape) == 4
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in shape)):
+        raise ValueError(f"{meta_path}: latent_shape must be four positive ints [C, T, H, W], got {shape!r}")
+    if "family" not in meta:
+        raise ValueError(f"{meta_path}: no 'family' entry")
+    return meta
+
+
+def check_sample_header(path: str, channels: int) -> None:
+    """Read one sample's header: readable (not truncated), required keys present, latents [C, T, H, W]."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = set(f.keys())
+            latents = f.get_slice("latents").get_shape() if "latents" in keys else None
+    except Exception as e:  # safetensors raises its own error type
+        raise ValueError(f"sample file {path} cannot be read ({e}); it may be truncated or corrupt") from e
+    missing = [k for k in REQUIRED_KEYS if k not in keys]
+    if missing:
+        raise ValueError(f"sample file {path} lacks {missing} (required: {list(REQUIRED_KEYS)})")
+    if len(latents) != 4 or latents[0] != channels:
+        raise ValueError(f"sample file {path}: latents shape {list(latents)}, expected [{channels}, T, H, W] "
+                         "(metadata.json latent_shape)")
 
 
 def _pad_rows(t: torch.Tensor, length: int) -> torch.Tensor:

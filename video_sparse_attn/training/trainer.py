@@ -2,13 +2,19 @@
 
 Outputs under ``--output-dir``:
     checkpoint-<step>/          accelerate ``save_state`` (model or LoRA adapter, optimizer, scheduler,
-                                RNG, sampler); ``--resume-from-checkpoint`` continues at <step>
+                                RNG, sampler) + ``checkpoint_manifest.json``, written atomically (see
+                                `checkpoints`); ``--resume-from-checkpoint`` continues at <step>
     transformer/                full fine-tune: ``save_pretrained`` folder (config.json +
                                 diffusion_pytorch_model.safetensors) and ``ssta_config.json``
     transformer_lora/           LoRA: ``pytorch_lora_weights.safetensors`` (load with
                                 ``transformer.load_lora_adapter(folder)``) and ``ssta_config.json``
     train_log.jsonl             one JSON line per optimizer step: step, loss, lr, SSTA sparse_type,
                                 topk, window and mean block density
+    train_log.png               loss and density over the steps (when matplotlib is installed)
+    run_args.json               the arguments and SSTA config this run actually used
+
+A second run into an ``--output-dir`` that holds a run is refused unless it resumes
+(``--resume-from-checkpoint``) or replaces it (``--overwrite``).
 """
 
 from __future__ import annotations
@@ -23,8 +29,12 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..cli import UsageError
 from .args import ssta_config_from_args
+from .checkpoints import check_output_dir, latest_checkpoint, save_checkpoint, step_of, verify_checkpoint
+from .context_parallel import group_batch, setup_context_parallel
 from .data import LatentVideoDataset, collate_samples, make_synthetic_dataset
+from .plot import plot_train_log
 from .flow_matching import NUM_TRAIN_TIMESTEPS, add_noise, flow_matching_loss, sample_sigmas
 from ..families import family_of
 from .models import latent_channels, latent_grid, load_transformer, text_dims, tiny_transformer, transformer_inputs
@@ -39,22 +49,7 @@ FINAL_LORA_DIR = "transformer_lora"
 SSTA_CONFIG_NAME = "ssta_config.json"
 ADAPTER_FILE = "lora_adapter.safetensors"
 TINY_IMAGE_TOKENS = 8
-
-
-def latest_checkpoint(output_dir: str) -> Optional[str]:
-    """Path of the ``checkpoint-<step>`` folder with the highest step, or None."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = [int(n.split("-")[1]) for n in os.listdir(output_dir)
-             if n.startswith("checkpoint-") and n.split("-")[1].isdigit()]
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
-
-
-def _step_of(checkpoint: str) -> int:
-    name = os.path.basename(os.path.normpath(checkpoint))
-    if not (name.startswith("checkpoint-") and name.split("-")[1].isdigit()):
-        raise ValueError(f"checkpoint folder must be named checkpoint-<step>, got {checkpoint!r}")
-    return int(name.split("-")[1])
+RUN_ARGS_NAME = "run_args.json"
 
 
 def _noise_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
@@ -62,13 +57,11 @@ def _noise_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + micro_step * 7_919 + rank * 104_729) % (2**63))
 
 
-def _prune_checkpoints(output_dir: str, keep: Optional[int]) -> None:
-    if keep is None:
-        return
-    ckpts = sorted((n for n in os.listdir(output_dir) if n.startswith("checkpoint-")),
-                   key=lambda n: int(n.split("-")[1]))
-    for name in ckpts[: max(0, len(ckpts) - keep + 1)]:  # room for the one about to be written
-        shutil.rmtree(os.path.join(output_dir, name))
+def _open_dataset(root: str) -> LatentVideoDataset:
+    try:
+        return LatentVideoDataset(root)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--data {root!r}: {e}") from None
 
 
 def _prepare_dataset(args: argparse.Namespace, transformer, accelerator) -> LatentVideoDataset:
@@ -83,7 +76,32 @@ def _prepare_dataset(args: argparse.Namespace, transformer, accelerator) -> Late
                                        dims["text_dim"], text_dim_2=dims["text_dim_2"],
                                        pooled_dim=dims["pooled_dim"], family=family_of(transformer).name,
                                        seed=args.seed)
-    return LatentVideoDataset(root)
+    return _open_dataset(root)
+
+
+def _resume_path(args: argparse.Namespace) -> Optional[str]:
+    """The checkpoint to resume from (None: a new run); a bad one → UsageError naming it."""
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        return latest_checkpoint(args.output_dir)
+    path = args.resume_from_checkpoint
+    try:
+        step_of(path)
+        verify_checkpoint(path)
+    except ValueError as e:
+        raise UsageError(f"--resume-from-checkpoint: {e}") from None
+    return path
+
+
+def _truncate_log(log_path: str, step: int) -> None:
+    """Keep the log lines of steps <= ``step`` (a resumed run rewrites the steps after it)."""
+    if not os.path.isfile(log_path):
+        return
+    with open(log_path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(log_path, "w") as f:
+        f.writelines(lines)
 
 
 def _add_lora(transformer, args: argparse.Namespace) -> None:
@@ -141,10 +159,21 @@ def train(args: argparse.Namespace) -> Dict:
     "transformer" (the trained, unwrapped model, SSTA still installed)}``.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
-    from tqdm.auto import tqdm
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    # -- every user-facing check before the model is loaded
+    try:
+        previous = check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    tiny = args.model is None
+    target = ssta_config_from_args(args, tiny)
+    if args.data is not None:
+        _open_dataset(args.data)
+    resume_path = _resume_path(args)
+    if resume_path is None and args.resume_from_checkpoint and previous and not args.overwrite:
+        raise UsageError(f"--resume-from-checkpoint latest: no complete checkpoint in {args.output_dir!r}, "
+                         "which holds a run; pass --overwrite to start again there")
 
     os.makedirs(args.output_dir, exist_ok=True)
     accelerator = Accelerator(
@@ -153,10 +182,29 @@ def train(args: argparse.Namespace) -> Dict:
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    try:
+        return _train(args, accelerator, tiny, target, previous, resume_path)
+    except BaseException:
+        _release_accelerate_state()  # a later `train` in this process starts clean
+        raise
+
+
+def _train(args: argparse.Namespace, accelerator, tiny: bool, target, previous: List[str],
+           resume_path: Optional[str]) -> Dict:
+    """The run itself, once every argument is checked and the accelerator exists (see `train`)."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from tqdm.auto import tqdm
+
     set_seed(args.seed)
+    if args.overwrite and previous and not args.resume_from_checkpoint:
+        if accelerator.is_main_process:
+            for path in previous:
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        accelerator.wait_for_everyone()
 
     # -- model
-    tiny = args.model is None
     transformer = tiny_transformer(args.tiny_family, seed=args.seed) if tiny else load_transformer(args.model)
     family = family_of(transformer).name
     image_tokens = args.image_tokens or (TINY_IMAGE_TOKENS if tiny else None)
@@ -174,13 +222,13 @@ def train(args: argparse.Namespace) -> Dict:
         transformer.to(accelerator.device)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    cp = setup_context_parallel(args, transformer, accelerator)   # --cp N: 1 when off
     params = [p for p in transformer.parameters() if p.requires_grad]
 
     # -- data and sparsity
     dataset = _prepare_dataset(args, transformer, accelerator)
     if dataset.family != family:
-        raise ValueError(f"dataset {dataset.root!r} was written for {dataset.family!r}, model is {family!r}")
-    target = ssta_config_from_args(args, tiny)
+        raise UsageError(f"dataset {dataset.root!r} was written for {dataset.family!r}, model is {family!r}")
     grid = latent_grid(transformer, dataset.latent_shape[1:])
     ramp = SparsityRamp(target, grid, args.dense_warmup_steps, args.sparsity_ramp_steps) if target else None
 
@@ -201,18 +249,29 @@ def train(args: argparse.Namespace) -> Dict:
     if accelerator.is_main_process and args.report_to:
         scalars = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("video_sparse_attn-finetune", config=scalars)
+    if accelerator.is_main_process:  # the values this run actually uses (defaults and tiny choices resolved)
+        used = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+        used.update(ssta_config=target.to_dict() if target else None, latent_grid=list(grid),
+                    image_tokens=image_tokens, family=family, num_processes=accelerator.num_processes)
+        with open(os.path.join(args.output_dir, RUN_ARGS_NAME), "w") as f:
+            json.dump(used, f, indent=2, default=str)
 
     # -- resume
     global_step = 0
+    log_path = os.path.join(args.output_dir, "train_log.jsonl")
     if args.resume_from_checkpoint:
-        path = (latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest"
-                else args.resume_from_checkpoint)
-        if path is None:
+        if resume_path is None:
             accelerator.print("no checkpoint found under --output-dir; starting a new run")
         else:
-            accelerator.load_state(path)
-            global_step = _step_of(path)
-            accelerator.print(f"resumed from {path} at step {global_step}")
+            try:
+                verify_checkpoint(resume_path)
+                accelerator.load_state(resume_path)
+            except Exception as e:  # a corrupt file surfaces as any of several library errors
+                raise UsageError(f"checkpoint {resume_path} cannot be loaded ({type(e).__name__}: {e})") from e
+            global_step = step_of(resume_path)
+            accelerator.print(f"resumed from {resume_path} at step {global_step}")
+        if accelerator.is_main_process:
+            _truncate_log(log_path, global_step)
 
     steps_per_epoch = max(1, math.ceil(len(loader) / args.gradient_accumulation_steps))
     first_epoch = global_step // steps_per_epoch
@@ -225,8 +284,7 @@ def train(args: argparse.Namespace) -> Dict:
         from ..processors import SSTAStats
 
         stats = SSTAStats(time=False)  # block density of every SSTA call, read once per step
-    set_sparse_attention(model, current, args.ssta_backend, stats)
-    log_path = os.path.join(args.output_dir, "train_log.jsonl")
+    set_sparse_attention(model, current, args.backend, stats)
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=args.no_progress_bar or not accelerator.is_local_main_process)
     losses: List[float] = []
@@ -243,7 +301,8 @@ def train(args: argparse.Namespace) -> Dict:
             batches = accelerator.skip_first_batches(loader, skip_batches)
         for batch in batches:
             with accelerator.accumulate(transformer):
-                gen = _noise_generator(args.seed, micro_step, accelerator.process_index)
+                batch = group_batch(batch, cp)
+                gen = _noise_generator(args.seed, micro_step, accelerator.process_index // cp)
                 latents = batch["latents"]
                 sigmas = sample_sigmas(latents.shape[0], gen, args.weighting_scheme, args.timestep_shift)
                 noisy, target_v = add_noise(latents, sigmas, gen)
@@ -255,7 +314,7 @@ def train(args: argparse.Namespace) -> Dict:
                 loss = flow_matching_loss(pred, target_v)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss {loss.item()} at step {global_step}")
-                accelerator.backward(loss)
+                accelerator.backward(loss * cp if cp > 1 else loss)   # see context_parallel
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
@@ -285,12 +344,9 @@ def train(args: argparse.Namespace) -> Dict:
                     f.write(json.dumps(record) + "\n")
             if ramp is not None and ramp.config_at(global_step) != current:
                 current = ramp.config_at(global_step)
-                set_sparse_attention(model, current, args.ssta_backend, stats)
+                set_sparse_attention(model, current, args.backend, stats)
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                if accelerator.is_main_process:
-                    _prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
-                accelerator.wait_for_everyone()
-                accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             if global_step >= args.max_train_steps:
                 break
     progress.close()
@@ -305,6 +361,7 @@ def train(args: argparse.Namespace) -> Dict:
             model.save_pretrained(final_dir, safe_serialization=True)
         if target is not None:
             target.save(os.path.join(final_dir, SSTA_CONFIG_NAME))
+        plot_train_log(log_path)
     accelerator.end_training()
     _release_accelerate_state()
     return {"global_step": global_step, "losses": losses, "final_dir": final_dir, "ssta_config": target,

@@ -1,0 +1,170 @@
+"""SSTA at HunyuanVideo-1.5 720p/121f, end to end and per kernel, against exact dense attention.
+
+Shape: thw (31, 45, 80), tiles 6×8×8, released config (`SSTAConfig().for_thw(thw)`: top-k 32, window
+3×3×3, pad_type "zero"), 1,985 text tokens of which 1,200 valid; B=1, H=16, D=128, bf16.
+
+Rows (each a `triton.testing.do_bench` median in one process, random data):
+  kernel/*    one SSTA plan, block-ordered tensors: the padded plan vs the padding-free plan, per backend,
+              raw FA4 (its own call on the same converted lists), and FlexAttention (compiled) on the mask
+  ssta/*      `ssta_attention` (mask + plan + reorder + kernels + untile), fwd and fwd+bwd
+  dense/*     exact dense baseline: cuDNN SDPA over the 112,800 valid tokens only (invalid text dropped)
+Ratios are against the exact dense baseline. Effective TFLOP/s count kept blocks of the padded plan.
+
+    python scripts/benchmark_ssta.py --json out/ssta.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+from video_sparse_attn import BlockSparsePlan, SSTAConfig, TileLayout, block_sparse_attention, ssta_attention
+from video_sparse_attn.masks.build import block_mask_from_tiled
+from video_sparse_attn.kernels.registry import BACKENDS
+
+THW, TEXT, VALID = (31, 45, 80), 1985, 1200
+
+
+def bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=50, rep=300, return_mode="median"))
+
+
+def fwd_bwd(fn, inputs, grad):
+    def run():
+        for x in inputs:
+            x.grad = None
+        fn().backward(grad)
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--json", default=None, help="write every row here")
+    ap.add_argument("--backends", default="fa4,triton", help="comma-separated kernel backends to time")
+    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    H, D, dt, dev = args.heads, 128, torch.bfloat16, "cuda"
+    backends = [b for b in args.backends.split(",") if BACKENDS[b].importable() is None]
+    cfg = SSTAConfig().for_thw(THW)
+    S = math.prod(THW) + TEXT
+    q, k, v = (torch.randn(1, H, S, D, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+    tm = torch.zeros(1, TEXT, dtype=torch.bool, device=dev)
+    tm[:, :VALID] = True
+    rows = []
+
+    def add(name, ms, flop=None):
+        row = {"name": name, "ms": ms}
+        if flop:
+            row["eff_tflops"] = flop / ms / 1e9
+        rows.append(row)
+        print(f"{name:44s} {ms:9.2f} ms" + (f"  {row['eff_tflops']:6.0f} TF" if flop else ""), flush=True)
+
+    # ---- one plan, kernels alone
+    layout = TileLayout(THW, cfg.tile_thw, TEXT, cfg.pad_type)
+    bs = layout.block_size
+    with torch.no_grad():
+        q_t, k_t, v_t = (layout.tile(x.detach()) for x in (q, k, v))
+        mask = block_mask_from_tiled(q_t, k_t, layout, cfg, tm)
+    padded = BlockSparsePlan.from_block_mask(mask, bs, bs, layout.key_valid(tm, dev))
+    free = BlockSparsePlan.from_block_mask(mask, bs, bs, layout.key_valid(tm, dev, True), layout.query_valid(dev))
+    kept = int(mask.expand(1, H, -1, -1).sum())
+    flop = 4.0 * kept * bs * bs * D
+    print(f"density {float(mask.float().mean()):.3f}, blocks {mask.shape[-1]}, padded S {layout.padded_len}")
+    tq, tk, tv = (x.detach().requires_grad_() for x in (q_t, k_t, v_t))
+    g_t = torch.randn_like(tq)
+    for be in backends:
+        for label, plan in (("padded", padded), ("padding-free", free)):
+            f = lambda p=plan, b=be: block_sparse_attention(tq, tk, tv, p, backend=b)[0]   # noqa: E731
+            with torch.no_grad():
+                add(f"kernel/{be}/{label}/fwd", bench(f), flop)
+            t_fb = bench(fwd_bwd(f, (tq, tk, tv), g_t))
+            add(f"kernel/{be}/{label}/fwd+bwd", t_fb, 3.5 * flop)
+    if "fa4" in backends:
+        from flash_attn.cute.interface import _flash_attn_fwd
+
+        from video_sparse_attn.kernels.fa4 import _fa4_tensors, _key_mask_mod, fa4_block_lists
+
+        lists = fa4_block_lists(padded, 1)
+        with torch.no_grad():
+            add("kernel/fa4-raw/padded/fwd", bench(lambda: _flash_attn_fwd(
+                tq.transpose(1, 2), tk.transpose(1, 2), tv.transpose(1, 2), mask_mod=_key_mask_mod(),
+                block_sparse_tensors=_fa4_tensors(lists.fwd), return_lse=True, aux_tensors=[lists.key_ok])), flop)
+    if not args.no_flex:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+        flex = torch.compile(flex_attention)
+        m = mask.expand(1, H, -1, -1)
+        cnt = m.sum(-1, dtype=torch.int32)
+        idx = torch.argsort(~m, dim=-1, stable=True).to(torch.int32)
+        bm = BlockMask.from_kv_blocks(torch.zeros_like(cnt), idx, cnt, idx, BLOCK_SIZE=bs, mask_mod=None)
+        f = lambda: flex(tq, tk, tv, block_mask=bm)                                       # noqa: E731
+        with torch.no_grad():
+            add("kernel/flex/padded/fwd", bench(f), flop)
+        add("kernel/flex/padded/fwd+bwd", bench(fwd_bwd(f, (tq, tk, tv), g_t)), 3.5 * flop)
+
+    # ---- the parts of ssta_attention around the kernel (forward)
+    import dataclasses
+
+    from video_sparse_attn.padding_free import add_zero_keys, zero_keys_per_row_block
+
+    with torch.no_grad():
+        qd, kd, vd = q.detach(), k.detach(), v.detach()
+        add("part/tile q,k with means + tile v", bench(lambda: (layout.tile_with_means(qd), layout.tile_with_means(kd),
+                                                                layout.tile(vd))))
+        q_m, k_m = layout.tile_with_means(qd)[1], layout.tile_with_means(kd)[1]
+        add("part/block mask", bench(lambda: block_mask_from_tiled(q_t, k_t, layout, cfg, tm, q_m, k_m)))
+        add("part/plan", bench(lambda: BlockSparsePlan.from_block_mask(
+            mask, bs, bs, layout.key_valid(tm, dev, True), layout.query_valid(dev))))
+        if "fa4" in backends:
+            from video_sparse_attn.kernels.fa4 import fa4_block_lists
+
+            add("part/fa4 block lists", bench(lambda: fa4_block_lists(dataclasses.replace(free), 1)))
+        o_t, l_t = block_sparse_attention(q_t, k_t, v_t, free, backend=backends[0])
+        n = zero_keys_per_row_block(mask, layout.zero_keys(dev))
+        add("part/zero-key correction", bench(lambda: add_zero_keys(o_t, l_t, n, bs)))
+        add("part/untile", bench(lambda: layout.untile(o_t)))
+
+    # ---- end to end
+    g = torch.randn_like(q)
+    for be in backends:
+        for pf in (False, True):
+            label = "padding-free" if pf else "padded"
+            f = lambda b=be, p=pf: ssta_attention(q, k, v, THW, cfg, TEXT, tm, backend=b, padding_free=p)  # noqa: E731
+            with torch.no_grad():
+                add(f"ssta/{be}/{label}/fwd", bench(f))
+            add(f"ssta/{be}/{label}/fwd+bwd", bench(fwd_bwd(f, (q, k, v), g)))
+
+    # ---- exact dense baseline: cuDNN over the valid tokens
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    n_valid = math.prod(THW) + VALID
+    dq, dk, dv = (torch.randn(1, H, n_valid, D, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+    gd = torch.randn_like(dq)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        f = lambda: torch.nn.functional.scaled_dot_product_attention(dq, dk, dv)          # noqa: E731
+        with torch.no_grad():
+            add("dense/cudnn-valid/fwd", bench(f))
+        add("dense/cudnn-valid/fwd+bwd", bench(fwd_bwd(f, (dq, dk, dv), gd)))
+
+    base = {r["name"].rsplit("/", 1)[1]: r["ms"] for r in rows if r["name"].startswith("dense/")}
+    print("\n| row | ms | × exact dense |\n|---|---|---|")
+    for r in rows:
+        kind = r["name"].rsplit("/", 1)[1]
+        ratio = base[kind] / r["ms"] if kind in base else float("nan")
+        r["x_dense"] = ratio
+        print(f"| {r['name']} | {r['ms']:.2f} | {ratio:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"shape": {"thw": THW, "text": TEXT, "valid": VALID, "heads": H, "dim": D},
+                       "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

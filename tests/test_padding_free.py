@@ -1,0 +1,97 @@
+"""Padding-free SSTA equals the padded computation: outputs and gradients, every pad type, odd grids."""
+
+import pytest
+import torch
+
+from helpers import rel_l2
+from video_sparse_attn import SSTAConfig, ssta_attention
+from video_sparse_attn.padding_free import add_zero_keys
+
+CASES = [  # thw, tile, text_len, sparse_type
+    ((3, 5, 7), (2, 4, 4), 11, "ssta"),
+    ((5, 6, 5), (2, 4, 4), 0, "sta"),
+    ((2, 9, 6), (2, 4, 4), 40, "dense"),
+    ((4, 3, 10), (4, 4, 2), 19, "block_attn"),
+]
+
+
+def _inputs(thw, text_len, B=2, H=2, D=8):
+    S = thw[0] * thw[1] * thw[2] + text_len
+    return [torch.randn(B, H, S, D, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+
+
+@pytest.mark.parametrize("thw, tile, text_len, sparse_type", CASES)
+@pytest.mark.parametrize("pad", ["zero", "repeat", "mask"])
+def test_padding_free_equals_padded_torch_backend(thw, tile, text_len, sparse_type, pad):
+    q, k, v = _inputs(thw, text_len)
+    tm = None
+    if text_len:
+        tm = torch.zeros(q.shape[0], text_len, dtype=torch.bool)
+        tm[0, : text_len - 3] = True
+        tm[1, : max(1, text_len // 2)] = True
+    cfg = SSTAConfig(tile_thw=tile, kernel_thw=(1, 3, 1), topk=2, sparse_type=sparse_type, pad_type=pad,
+                     caller_rules=False)
+    g = torch.randn_like(q)
+    outs, grads = [], []
+    for pf in (False, True):
+        out, info = ssta_attention(q, k, v, thw, cfg, text_len, tm, backend="torch", return_info=True,
+                                   padding_free=pf, strict_tiles=False)   # a tile longer than h on purpose
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * g).sum(), (q, k, v)))
+        if pf:   # padded query rows and (zero, mask) padded keys are really dropped from the plan
+            assert int(info.plan.q_valid.sum()) == q.shape[2]
+            skipped = int((info.plan.k_valid < info.plan.k_block).sum())
+            assert (skipped > 0) == (pad != "repeat" and info.layout.padded_len > q.shape[2]) or pad == "mask"
+    assert rel_l2(outs[1], outs[0]) < 1e-12
+    for a, b in zip(grads[1], grads[0]):
+        assert rel_l2(a, b) < 1e-10
+
+
+def test_add_zero_keys_matches_explicit_zero_keys():
+    """Appending n explicit zero keys (logit 0, value 0) to dense attention == the LSE correction."""
+    B, H, S, D, blk = 1, 2, 12, 4, 4
+    q, k, v = (torch.randn(B, H, S, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    n = torch.tensor([[[0.0, 3.0, 7.0]]], dtype=torch.float64).expand(1, H, 3)
+    s = q @ k.transpose(-1, -2)
+    lse = torch.logsumexp(s, -1)
+    out = torch.softmax(s, -1) @ v
+    got, got_lse = add_zero_keys(out, lse, n, blk)
+    n_row = n.repeat_interleave(blk, -1)
+    ref_lse = torch.logaddexp(lse, torch.log(n_row))                        # n = 0 → log 0 = -inf: unchanged
+    ref = out * torch.exp(lse - ref_lse)[..., None]
+    assert rel_l2(got, ref) < 1e-14 and rel_l2(got_lse, ref_lse) < 1e-14
+    g, gl = torch.randn_like(out), torch.randn_like(lse)
+    a = torch.autograd.grad((got * g).sum() + (got_lse * gl).sum(), (q, k, v), retain_graph=True)
+    b = torch.autograd.grad((ref * g).sum() + (ref_lse * gl).sum(), (q, k, v))
+    for x, y in zip(a, b):
+        assert rel_l2(x, y) < 1e-12
+
+
+def test_add_zero_keys_keyless_rows_stay_finite():
+    out = torch.zeros(1, 1, 4, 2, dtype=torch.float64, requires_grad=True)
+    lse = torch.full((1, 1, 4), float("-inf"), dtype=torch.float64, requires_grad=True)
+    n = torch.tensor([[[0.0, 5.0]]], dtype=torch.float64)
+    o, l_ = add_zero_keys(out, lse, n, 2)
+    assert torch.equal(o, torch.zeros_like(o))
+    assert torch.isinf(l_[..., :2]).all() and torch.allclose(l_[..., 2:], torch.log(torch.tensor(5.0)).double())
+    go, gl = torch.autograd.grad((o.sum() + l_[..., 2:].sum()), (out, lse))
+    assert torch.isfinite(go).all() and torch.isfinite(gl).all()
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("pad", ["zero", "repeat", "mask"])
+def test_padding_free_through_triton_interpreter(pad):
+    """The Triton kernels (interpreted, fp32) with padded query rows skipped and zero keys added back
+    equal the padded torch computation: outputs and gradients."""
+    thw, tile, L = (3, 5, 6), (2, 4, 4), 9
+    q, k, v = (x.detach().float().requires_grad_() for x in _inputs(thw, L, B=1, H=2, D=16))
+    cfg = SSTAConfig(tile_thw=tile, kernel_thw=(1, 1, 1), sparse_type="sta", pad_type=pad, caller_rules=False)
+    out = ssta_attention(q, k, v, thw, cfg, L, backend="triton")
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = ssta_attention(qd, kd, vd, thw, cfg, L, backend="torch", padding_free=False)
+    assert rel_l2(out, ref) < 1e-5
+    g = torch.randn_like(out)
+    got = torch.autograd.grad((out * g).sum(), (q, k, v))
+    exp = torch.autograd.grad((ref * g.double()).sum(), (qd, kd, vd))
+    for a, b in zip(got, exp):
+        assert rel_l2(a, b) < 1e-5

@@ -1,0 +1,138 @@
+"""Inputs that used to give silently wrong answers are refused with one clear error."""
+
+import math
+
+import pytest
+import torch
+
+from video_sparse_attn import BlockSparsePlan, SSTAConfig, TileLayout, ssta_attention
+from video_sparse_attn.attention import block_sparse_attention
+from video_sparse_attn.validation import check_tiles
+
+THW, L = (2, 4, 8), 6
+CFG = SSTAConfig(tile_thw=(1, 4, 4), kernel_thw=(1, 1, 1), topk=1, caller_rules=False)
+
+
+def _qkv(thw=THW, text_len=L, B=2, H=2, D=16, dtype=torch.float32):
+    return torch.randn(3, B, H, math.prod(thw) + text_len, D, dtype=dtype).unbind(0)
+
+
+# ---------------------------------------------------------------- text masks
+def test_non_prefix_text_mask_is_refused_on_cpu():
+    q, k, v = _qkv()
+    mask = torch.tensor([[True] * 6, [False, True, True, False, False, False]])
+    with pytest.raises(ValueError, match=r"text_mask\[1\] is not a prefix mask"):
+        ssta_attention(q, k, v, THW, CFG, L, mask, backend="torch")
+    prefix = torch.tensor([[True] * 6, [True, True, False, False, False, False]])
+    assert ssta_attention(q, k, v, THW, CFG, L, prefix, backend="torch").shape == q.shape
+    # validate=False skips the value check (for callers that know their masks)
+    ssta_attention(q, k, v, THW, CFG, L, mask, backend="torch", validate=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.int32])
+def test_integer_text_masks_are_refused(dtype):
+    q, k, v = _qkv()
+    mask = torch.ones(2, L, dtype=dtype)
+    mask[0, 0] = 255 if dtype == torch.uint8 else 3
+    with pytest.raises(TypeError, match=f"text_mask must be a bool tensor.*{dtype}"):
+        ssta_attention(q, k, v, THW, CFG, L, mask, backend="torch")
+
+
+# ---------------------------------------------------------------- config parsing
+@pytest.mark.parametrize("text, expected", [("false", False), ("False", False), ("0", False), (0, False),
+                                            ("true", True), ("1", True), (True, True)])
+def test_from_hunyuan_parses_booleans_strictly(text, expected):
+    c = SSTAConfig.from_hunyuan({"attn_use_text_mask": text, "attn_mask_share_within_head": text})
+    assert c.use_text_mask is expected and c.mask_share_within_head is expected
+
+
+@pytest.mark.parametrize("text", ["maybe", "", 2, None])
+def test_from_hunyuan_refuses_non_booleans(text):
+    with pytest.raises(ValueError, match=f"attn_use_text_mask must be a boolean.*{text!r}"[:40]):
+        SSTAConfig.from_hunyuan({"attn_use_text_mask": text})
+
+
+@pytest.mark.parametrize("field", ["tile_thw", "kernel_thw"])
+@pytest.mark.parametrize("value", ["144", "1,4,4", ("1", 4, 4)])
+def test_strings_are_refused_where_triples_are_expected(field, value):
+    with pytest.raises(TypeError, match=field):
+        SSTAConfig(**{field: value})
+
+
+# ---------------------------------------------------------------- strict tiles in the op
+def test_op_refuses_a_tile_longer_than_the_grid_with_visible_padding():
+    thw = (4, 8, 8)
+    q, k, v = _qkv(thw, 0, B=1)
+    for cfg in (SSTAConfig(), SSTAConfig(sparse_type="dense"), SSTAConfig(pad_type="repeat")):
+        with pytest.raises(ValueError, match=r"longer than the latent grid thw=\(4, 8, 8\) along t \(6 > 4\)"):
+            ssta_attention(q, k, v, thw, cfg, backend="torch")
+    # the same message as the processors' check: one rule, one home
+    with pytest.raises(ValueError) as op_error:
+        ssta_attention(q, k, v, thw, SSTAConfig(), backend="torch")
+    with pytest.raises(ValueError) as rule_error:
+        check_tiles(SSTAConfig(), thw)
+    assert str(op_error.value) == str(rule_error.value)
+    # masked padding is exact; strict_tiles=False runs it anyway
+    ssta_attention(q, k, v, thw, SSTAConfig(pad_type="mask"), backend="torch")
+    ssta_attention(q, k, v, thw, SSTAConfig(), backend="torch", strict_tiles=False)
+
+
+def test_processor_tile_check_calls_the_shared_rule(monkeypatch):
+    from video_sparse_attn.processors import SSTAAttnProcessor
+    from video_sparse_attn.processors import base
+
+    seen = []
+    monkeypatch.setattr(base, "check_tiles", lambda config, thw: seen.append((config, tuple(thw))))
+    SSTAAttnProcessor(SSTAConfig())._check_tiles(SSTAConfig(), (4, 8, 8))
+    assert seen == [(SSTAConfig(), (4, 8, 8))]
+    SSTAAttnProcessor(SSTAConfig(), strict_tiles=False)._check_tiles(SSTAConfig(), (4, 8, 8))
+    assert len(seen) == 1
+
+
+# ---------------------------------------------------------------- block_sparse_attention, every backend
+def _plan_inputs(B=1, H=2, M=3, bs=16, D=8, dtype=torch.float32):
+    q, k, v = torch.randn(3, B, H, M * bs, D, dtype=dtype).unbind(0)
+    return q, k, v, BlockSparsePlan.dense(B, H, M, M, bs)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 0.0, -1.0])
+def test_torch_backend_refuses_bad_scale(scale):
+    q, k, v, plan = _plan_inputs()
+    with pytest.raises(ValueError, match="scale must be a finite positive float"):
+        block_sparse_attention(q, k, v, plan, scale, backend="torch")
+
+
+def test_torch_backend_refuses_bad_dtypes_and_shapes():
+    q, k, v, plan = _plan_inputs()
+    with pytest.raises(TypeError, match="float16/bfloat16/float32/float64, got torch.int64"):
+        block_sparse_attention(q.long(), k.long(), v.long(), plan, backend="torch")
+    with pytest.raises(TypeError, match="dtypes differ"):
+        block_sparse_attention(q, k.double(), v, plan, backend="torch")
+    with pytest.raises(ValueError, match="plan covers Sq=3\\*16"):
+        block_sparse_attention(q[:, :, :32], k, v, plan, backend="torch")
+    with pytest.raises(ValueError, match="k and v must be"):
+        block_sparse_attention(q, k[..., :4], v, plan, backend="torch")
+    with pytest.raises(ValueError, match="batch/head dims"):
+        block_sparse_attention(q, k, v, BlockSparsePlan.dense(1, 3, 3, 3, 16), backend="torch")
+    out, _ = block_sparse_attention(q, k, v, plan, 0.5, backend="torch")
+    assert out.shape == q.shape
+
+
+# ---------------------------------------------------------------- TileLayout and plan
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(pad_type="zeros"), "pad_type must be one of"),
+    (dict(tile_thw=(4, 4)), "tile_thw must be three positive ints"),
+    (dict(tile_thw="144"), "tile_thw must be three positive ints"),
+    (dict(grid_thw=(2, 4, 0)), "grid_thw must be three positive ints"),
+    (dict(grid_thw=(2.5, 4, 4)), "grid_thw must be three positive ints"),
+    (dict(text_len=-1), "text_len must be an int >= 0"),
+])
+def test_tile_layout_refuses_bad_inputs(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        TileLayout(**{"grid_thw": (2, 4, 4), "tile_thw": (1, 4, 4), **kwargs})
+
+
+def test_k_valid_is_clamped_before_the_int32_cast():
+    mask = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    plan = BlockSparsePlan.from_block_mask(mask, 16, 16, torch.tensor([[2**40, -5]], dtype=torch.int64))
+    assert plan.k_valid.tolist() == [[16, 0]] and plan.k_valid.dtype == torch.int32

@@ -1,0 +1,75 @@
+"""Zero-padded keys without loading them: the exact softmax correction of padding-free SSTA.
+
+With ``pad_type="zero"`` every padded video token is a key with logit exactly 0 and value 0. If a
+query row sees ``n`` of them besides its real keys, whose attention gives ``(out, lse)``, then
+
+    softmax denominator  e^lse' = e^lse + n·e^0        →  lse' = logaddexp(lse, log n)
+    output               out'   = out · e^lse / e^lse'  =  out · sigmoid(lse − log n)
+
+(the zero values add nothing to the numerator). Both are differentiable functions of the backend's
+``(out, lse)``, so gradients flow exactly through the correction. ``n`` is per query block: the
+zero keys of every key block the block mask keeps, ``mask @ zero_keys``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["zero_keys_per_row_block", "add_zero_keys"]
+
+
+def zero_keys_per_row_block(block_mask: torch.Tensor, zero_keys: torch.Tensor) -> torch.Tensor:
+    """``n [B', H', Mq]`` float32: zero keys seen by each query block (``block_mask [B', H', Mq, Nk]``
+    bool, ``zero_keys [Nk]`` float32 per key block)."""
+    return (block_mask.to(torch.float32) @ zero_keys.to(block_mask.device)[:, None]).squeeze(-1)
+
+
+def _scaled(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``x [..., D] * s [...]`` computed in ``s``'s precision, stored in x's dtype (one pass, no
+    wide temporary)."""
+    return torch.mul(x, s[..., None], out=torch.empty_like(x))
+
+
+def _scale(lse: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``e^lse / (e^lse + n)`` = sigmoid(lse − log n), float32; exactly 1 where n == 0 (no NaN for lse = -inf)."""
+    has = n > 0
+    arg = torch.where(has, lse - torch.log(n.clamp(min=1.0)), torch.full_like(lse, float("inf")))
+    return torch.sigmoid(arg)
+
+
+class _AddZeroKeys(torch.autograd.Function):
+    """out' = out · s, lse' = logaddexp(lse, log n) with s = e^lse / (e^lse + n); saves only out, lse, n.
+
+    Backward: d out = g · s; d lse = s(1 − s) Σ_d g·out + s · g_lse (since d lse'/d lse = s).
+    """
+
+    @staticmethod
+    def forward(ctx, out, lse, n):
+        s = _scale(lse, n)
+        ctx.save_for_backward(out, lse, n)
+        new_lse = torch.where(n > 0, torch.logaddexp(lse, torch.log(n.clamp(min=1.0))), lse)
+        return _scaled(out, s), new_lse
+
+    @staticmethod
+    def backward(ctx, g_out, g_lse):
+        out, lse, n = ctx.saved_tensors
+        s = _scale(lse, n)
+        d_out = d_lse = None
+        if g_out is not None:
+            d_out = _scaled(g_out, s)
+            d_lse = s * (1 - s) * (g_out * out).sum(-1, dtype=s.dtype)
+        if g_lse is not None:
+            d_lse = s * g_lse if d_lse is None else d_lse + s * g_lse
+        return d_out, d_lse, None
+
+
+def add_zero_keys(out: torch.Tensor, lse: torch.Tensor, n: torch.Tensor, block: int):
+    """Attention over real keys ``(out [B, H, S, D], lse [B, H, S])`` → attention that also sees ``n``
+    zero keys per query block (``n [B', H', S // block]``, broadcast over the rows of a block).
+
+    Rows with ``n == 0`` are returned unchanged (also when they see no key at all: lse = -inf).
+    """
+    B, H, S, D = out.shape
+    n_rows = n.to(lse.dtype)[..., None].expand(-1, -1, -1, block).reshape(n.shape[0], n.shape[1], S)
+    new_out, new_lse = _AddZeroKeys.apply(out, lse, n_rows.expand(B, H, S))
+    return new_out, new_lse
