@@ -19,10 +19,18 @@ SPARSE = SSTAConfig(tile_thw=(1, 4, 4), kernel_thw=(1, 1, 1), topk=2, caller_rul
 
 @pytest.fixture
 def traceable_torch_backend(monkeypatch):
-    """Route ``backend="torch"`` through `torch_op.block_sparse_attention_torch_traceable` (the custom
-    ops while compiling), as the backend dispatch does once it adopts it; the reference op reads
-    ``kv_count.max()`` on the host, which no graph can hold."""
-    monkeypatch.setattr(torch_ref, "block_sparse_attention_torch", torch_op.block_sparse_attention_torch_traceable)
+    """Stand-ins for what the backend dispatch and the input checks do under `torch.compile` once they
+    adopt it: ``backend="torch"`` resolves to `torch_op.block_sparse_attention_torch_traceable` without
+    an import per call (`importlib` cannot be traced; the reference reads ``kv_count.max()`` on the
+    host), and the text-mask prefix check (a host read of the mask) is skipped while compiling."""
+    from video_sparse_attn import validation
+    from video_sparse_attn.kernels import registry
+
+    load, check_prefix = registry.BackendSpec.load, validation.check_text_mask_prefix
+    traceable = torch_op.block_sparse_attention_torch_traceable
+    monkeypatch.setattr(registry.BackendSpec, "load", lambda spec: traceable if spec.name == "torch" else load(spec))
+    monkeypatch.setattr(validation, "check_text_mask_prefix",
+                        lambda mask: None if torch.compiler.is_compiling() else check_prefix(mask))
 
 
 @pytest.fixture(autouse=True)
