@@ -12,7 +12,7 @@ import torch
 
 from video_sparse_attn import SSTAConfig
 from video_sparse_attn.processors import SSTASchedule, disable_ssta, enable_ssta
-from video_sparse_attn.processors.demo_pipeline import random_prompt_embeds, tiny_hunyuan_video15_pipeline
+from video_sparse_attn.testing import random_prompt_embeds, tiny_hunyuan_video15_pipeline
 
 pipe = tiny_hunyuan_video15_pipeline()
 embeds = random_prompt_embeds(pipe)

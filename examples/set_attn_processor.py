@@ -6,23 +6,13 @@ config runs on the same model. Runs on a CPU in seconds (tiny random HunyuanVide
 """
 
 import torch
-from diffusers import HunyuanVideo15Transformer3DModel
 
 from video_sparse_attn import SSTAConfig
 from video_sparse_attn.processors import SSTAAttnProcessor, disable_ssta, runtime_of
+from video_sparse_attn.testing import tiny_inputs, tiny_model
 
-torch.manual_seed(0)
-model = HunyuanVideo15Transformer3DModel(
-    in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
-    num_refiner_layers=1, mlp_ratio=2.0, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12,
-    rope_axes_dim=(4, 6, 6), target_size=16, task_type="t2v",
-).eval()
-text_mask = torch.ones(1, 20, dtype=torch.long)
-text_mask[:, 12:] = 0                                                   # 12 valid prompt tokens
-inputs = dict(hidden_states=torch.randn(1, 4, 4, 8, 8), timestep=torch.tensor([700.0]),
-              encoder_hidden_states=torch.randn(1, 20, 16), encoder_attention_mask=text_mask,
-              encoder_hidden_states_2=torch.randn(1, 6, 8), encoder_attention_mask_2=torch.ones(1, 6),
-              image_embeds=torch.zeros(1, 4, 12), return_dict=False)
+model = tiny_model("hunyuan_video15")                                   # 2 heads x 16, 2 double-stream blocks
+inputs = tiny_inputs(model, latent_thw=(4, 8, 8), batch=1, text_len=20)  # 20 prompt tokens, 20 valid
 
 with torch.no_grad():
     stock = model(**inputs)[0]

@@ -19,20 +19,20 @@ import sys
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
-import time  # noqa: E402
+import time
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchmark_transformer import parse_args, timed  # noqa: E402
+from benchmark_transformer import parse_args, timed
 
-from video_sparse_attn import SSTAConfig  # noqa: E402
-from video_sparse_attn.processors import (SUPPORTED_MODELS, SSTAAttnProcessor, SSTARuntime,  # noqa: E402
+from video_sparse_attn import SSTAConfig
+from video_sparse_attn.families import FAMILIES
+from video_sparse_attn.processors import (SSTAAttnProcessor, SSTARuntime,
                                           bind_runtime)
-from video_sparse_attn.processors import collectives  # noqa: E402
+from video_sparse_attn.processors import collectives
 
 
 class ExchangeTimer:
@@ -108,7 +108,7 @@ def main():
         config = config.replace(topk=args.topk)
     if args.tile:
         config = config.replace(tile_thw=tuple(args.tile))
-    runtime = SSTARuntime(SUPPORTED_MODELS["HunyuanVideo15Transformer3DModel"], (1, 1, 1))
+    runtime = SSTARuntime(FAMILIES["hunyuan_video15"], (1, 1, 1))
     runtime.thw = tuple(args.thw)
     bind_runtime(block.attn, runtime)
     timer = ExchangeTimer(cuda)

@@ -14,19 +14,16 @@ Prints per-mode median step time, peak memory and (SSTA) mean block density; wri
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
 
-import torch  # noqa: E402
-
-from video_sparse_attn import SSTAConfig  # noqa: E402
-from video_sparse_attn.training.flow_matching import add_noise, flow_matching_loss  # noqa: E402
-from video_sparse_attn.training.models import transformer_inputs  # noqa: E402
-from video_sparse_attn.training.sparsity import set_sparse_attention  # noqa: E402
+from video_sparse_attn import SSTAConfig
+from video_sparse_attn.training.flow_matching import add_noise, flow_matching_loss
+from video_sparse_attn.training.models import transformer_inputs
+from video_sparse_attn.training.sparsity import set_sparse_attention
 
 
 def _triple(text):

@@ -29,17 +29,16 @@ import argparse
 import csv
 import gc
 import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from video_sparse_attn import SSTAConfig  # noqa: E402
-from video_sparse_attn.kernels.registry import backend_names  # noqa: E402
-from video_sparse_attn.processors import (SUPPORTED_MODELS, SSTAAttnProcessor, SSTARuntime,  # noqa: E402
+from video_sparse_attn import SSTAConfig
+from video_sparse_attn.families import FAMILIES
+from video_sparse_attn.kernels.registry import backend_names
+from video_sparse_attn.processors import (SSTAAttnProcessor, SSTARuntime,
                                           SSTAStats, bind_runtime)
 
 MODES = ("stock", "sdpa_nomask", "cudnn_valid", "ssta_dense", "ssta")
@@ -138,7 +137,7 @@ def main(argv=None):
         config = config.replace(topk=args.topk)
     if args.tile:
         config = config.replace(tile_thw=tuple(args.tile))
-    family = SUPPORTED_MODELS["HunyuanVideo15Transformer3DModel"]
+    family = FAMILIES["hunyuan_video15"]
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {dtype}, "
           f"thw {tuple(args.thw)} ({n_video} video + {L} text tokens, {args.valid} valid), "
           f"hidden {args.hidden} = {args.heads} x {head_dim}")

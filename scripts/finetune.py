@@ -4,12 +4,7 @@
 ``accelerate launch scripts/finetune.py`` work from a source checkout. See ``--help``.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from video_sparse_attn.commands.finetune import cli, main  # noqa: E402,F401
+from video_sparse_attn.commands.finetune import cli, main  # noqa: F401
 
 if __name__ == "__main__":
     cli(prog="finetune.py")

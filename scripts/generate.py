@@ -4,12 +4,7 @@
 source checkout. See ``--help``.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from video_sparse_attn.commands.generate import cli, main  # noqa: E402,F401
+from video_sparse_attn.commands.generate import cli, main  # noqa: F401
 
 if __name__ == "__main__":
     cli(prog="generate.py")

@@ -18,18 +18,16 @@ import os
 import shutil
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import torch  # noqa: E402
+import torch
 
-from video_sparse_attn.cli import (OneLineParser, UsageError, existing_dir, existing_file,  # noqa: E402
+from video_sparse_attn.cli import (OneLineParser, UsageError, existing_dir, existing_file,
                                    non_negative_int, positive_int, read_json, run_main)
-from video_sparse_attn.training.data import make_synthetic_dataset, write_metadata, write_sample  # noqa: E402
-from video_sparse_attn.training.encode import (VIDEO_EXTENSIONS, encode_latents, encode_prompt,  # noqa: E402
+from video_sparse_attn.families import UnsupportedModelError, family_of_pipeline
+from video_sparse_attn.training.data import make_synthetic_dataset, write_metadata, write_sample
+from video_sparse_attn.training.encode import (VIDEO_EXTENSIONS, encode_latents, encode_prompt,
                                                load_frames, preprocess_frames)
 
-PIPELINES = {"HunyuanVideo15Pipeline": "hunyuan_video15", "HunyuanVideoPipeline": "hunyuan_video",
-             "WanPipeline": "wan"}
 
 
 def _clips(folder: str, captions_file: str = None):
@@ -107,13 +105,14 @@ def main(argv=None) -> None:
     if not os.path.isfile(index):
         raise UsageError(f"--model {args.model!r}: no model_index.json; expected a local diffusers pipeline folder")
     cls_name = read_json(index, "--model").get("_class_name")
-    if cls_name not in PIPELINES:
-        raise UsageError(f"--model {args.model!r} is a {cls_name}; supported pipelines: {sorted(PIPELINES)}")
+    try:
+        family = family_of_pipeline(str(cls_name)).name
+    except UnsupportedModelError as e:
+        raise UsageError(f"--model {args.model!r}: {e}") from None
     clips = _clips(args.videos, args.captions)
 
     import diffusers
 
-    family = PIPELINES[cls_name]
     dtype = getattr(torch, args.dtype)
     pipe = getattr(diffusers, cls_name).from_pretrained(args.model, transformer=None, torch_dtype=dtype)
     pipe.to(device)

@@ -13,8 +13,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden")
-
 
 def _interpreter_problem():
     """Why Triton's CPU interpreter cannot run here, or None.

@@ -1,4 +1,5 @@
-"""Test references: dense attention over expanded masks, golden-case loading, error metrics."""
+"""Test references: dense attention over expanded masks, golden-case loading, error metrics and
+low-precision tolerances relative to PyTorch's own error."""
 
 from __future__ import annotations
 
@@ -29,6 +30,39 @@ def dense_masked_attention(q, k, v, key_valid=None, scale=None):
     if key_valid is not None:
         s = s.masked_fill(~key_valid[:, None, None, :], float("-inf"))
     return torch.softmax(s, dim=-1) @ v
+
+
+def plan_token_mask(plan, batch: int, heads: int) -> torch.Tensor:
+    """bool ``[B, H, Sq, Sk]``: the plan's kept blocks expanded to tokens, invalid keys excluded."""
+    mask = plan.to_dense().expand(batch, heads, -1, -1)
+    mask = mask.repeat_interleave(plan.q_block, 2).repeat_interleave(plan.k_block, 3)
+    return mask & plan.token_valid()[:, None, None, :] & plan.query_valid()[:, None, :, None]
+
+
+def eager_attention(q, k, v, token_mask, scale=None):
+    """Dense masked attention computed in q's dtype, as plain PyTorch code would (no upcast): the
+    yardstick of low-precision error. Rows with no key give 0 (and no gradient)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~token_mask, torch.finfo(s.dtype).min)
+    has_key = token_mask.any(-1, keepdim=True)
+    return (torch.softmax(s, dim=-1) @ v) * has_key
+
+
+def assert_within_eager_error(name, actual, exact, eager, factor: float = 2.0) -> float:
+    """FlashAttention-style tolerance: ``max|actual - exact| <= factor * max|eager - exact| + floor``.
+
+    ``exact`` is the float64 result; ``eager`` the same math in the low-precision dtype (`eager_attention`),
+    so the bound is PyTorch's own error in that dtype. ``floor`` is twice the error of rounding
+    ``exact`` to ``actual``'s dtype (what any result in that dtype must be allowed). Returns the error.
+    """
+    exact = exact.detach().double()
+    err = float((actual.detach().double() - exact).abs().max())
+    eager_err = float((eager.detach().double() - exact).abs().max())
+    floor = 2 * float((exact.to(actual.dtype).double() - exact).abs().max())
+    assert err <= factor * eager_err + floor, (
+        f"{name}: max error {err:.3e} > {factor} x PyTorch {actual.dtype} error {eager_err:.3e} + {floor:.3e}")
+    return err
 
 
 def golden_cases():

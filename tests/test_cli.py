@@ -38,13 +38,13 @@ def _run(main, argv, capsys):
 def no_model_loads(monkeypatch):
     """Fail the test if a command gets as far as building or loading a model."""
     from video_sparse_attn.commands import generate
-    from video_sparse_attn.processors import demo_pipeline
+    from video_sparse_attn.testing import tiny
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the arguments were checked")
 
     monkeypatch.setattr(generate, "_load_pipeline", refuse)
-    monkeypatch.setattr(demo_pipeline, "tiny_hunyuan_video15_pipeline", refuse)
+    monkeypatch.setattr(tiny, "tiny_hunyuan_video15_pipeline", refuse)
     from video_sparse_attn.training import trainer
 
     monkeypatch.setattr(trainer, "tiny_transformer", refuse)

@@ -66,7 +66,7 @@ def test_three_steps_with_ssta_give_finite_loss(full_run):
     assert _ssta_layers(model) == model.config.num_layers  # the double-stream blocks run SSTA
     log = _log(out)
     assert [r["step"] for r in log] == [1, 2, 3] and {r["sparse_type"] for r in log} == {"ssta"}
-    assert sorted(os.listdir(out)) >= ["checkpoint-2", "checkpoint-3"]
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-3"]
 
 
 def test_saved_safetensors_reload_identically(full_run):
@@ -176,7 +176,8 @@ def test_lora_run_saves_adapter_that_reloads(tmp_path):
     result = _run(tmp_path, "--max-train-steps", "2", "--lora-rank", "4")
     final = result["final_dir"]
     assert sorted(os.listdir(final)) == ["pytorch_lora_weights.safetensors", SSTA_CONFIG_NAME]
-    assert sum(p.requires_grad for p in result["transformer"].parameters()) > 0
+    trainable = [n for n, p in result["transformer"].named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)  # only the adapter trains
     fresh = tiny_transformer(seed=0).to(result["transformer"].device)
     fresh.load_lora_adapter(final, prefix=None, weight_name="pytorch_lora_weights.safetensors")
     set_sparse_attention(fresh, SSTAConfig.load(os.path.join(final, SSTA_CONFIG_NAME)))
@@ -212,14 +213,13 @@ def test_encoded_frames_make_a_trainable_dataset(tmp_path):
     from diffusers import AutoencoderKLHunyuanVideo15
     from PIL import Image
 
+    from video_sparse_attn.testing import TINY_VAE
+
     from video_sparse_attn.training.data import write_metadata, write_sample
     from video_sparse_attn.training.encode import encode_latents, load_frames, preprocess_frames
 
     torch.manual_seed(0)
-    vae = AutoencoderKLHunyuanVideo15(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16), layers_per_block=1,
-        spatial_compression_ratio=4, temporal_compression_ratio=2, downsample_match_channel=False,
-        upsample_match_channel=False).eval()
+    vae = AutoencoderKLHunyuanVideo15(**TINY_VAE).eval()
     clip = tmp_path / "clip0"
     clip.mkdir()
     rng = np.random.default_rng(0)
@@ -252,7 +252,7 @@ def test_other_families_train_through_the_same_code(family, thw, tmp_path):
     model = result["transformer"]
     assert type(model).__name__ == {"hunyuan_video": "HunyuanVideoTransformer3DModel",
                                     "wan": "WanTransformer3DModel"}[family]
-    assert _ssta_layers(model) >= 2
+    assert _ssta_layers(model) == 2   # HunyuanVideo: one double- and one single-stream block; Wan: two attn1
 
 
 @pytest.mark.gpu

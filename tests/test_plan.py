@@ -44,4 +44,8 @@ def test_dense_plan_and_repr():
     assert plan.to_dense().all() and plan.shape == (2, 3, 4, 5)
     assert "Mq=4" in repr(plan) and "k_block=64" in repr(plan)
     assert plan.to_string().splitlines()[0] == "#####"
-    assert plan.to("cpu").kv_index is not None
+    assert torch.equal(plan.to("cpu").to_dense(), plan.to_dense())
+    moved = plan.to("meta")
+    assert moved is not plan and moved.device.type == "meta" and plan.device.type == "cpu"  # a copy
+    assert moved.shape == plan.shape and (moved.q_block, moved.k_block) == (plan.q_block, plan.k_block)
+    assert all(getattr(moved, n).device.type == "meta" for n in ("kv_index", "q_index", "k_valid", "q_valid"))

@@ -14,6 +14,7 @@ from video_sparse_attn import SSTAConfig  # noqa: E402
 from video_sparse_attn.processors import (SSTAAttnProcessor, SSTAStats, check_backend_support,  # noqa: E402
                                           disable_ssta, enable_ssta, runtime_of)
 from video_sparse_attn.processors.grid_hook import HOOK_NAME  # noqa: E402
+from video_sparse_attn.testing import tiny_inputs, tiny_model  # noqa: E402
 
 TILE = (1, 4, 4)
 DENSE = SSTAConfig(tile_thw=TILE, sparse_type="dense", pad_type="mask", caller_rules=False)
@@ -22,68 +23,16 @@ SPARSE = SSTAConfig(tile_thw=TILE, kernel_thw=(1, 1, 1), topk=1, caller_rules=Fa
 
 
 # ---------------------------------------------------------------------------- tiny models + inputs
-def hunyuan_video15(seed=0, **overrides):
-    from diffusers import HunyuanVideo15Transformer3DModel
-
-    torch.manual_seed(seed)
-    cfg = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
-               num_refiner_layers=1, mlp_ratio=2.0, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12,
-               rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v")
-    model = HunyuanVideo15Transformer3DModel(**{**cfg, **overrides}).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    B = 2
-    mask = torch.ones(B, 12, dtype=torch.long)
-    mask[0, 7:] = 0
-    mask[1, 3:] = 0
-    mask_2 = torch.ones(B, 5, dtype=torch.long)
-    mask_2[1, 2:] = 0
-    inputs = dict(
-        hidden_states=torch.randn(B, 4, 3, 6, 8, generator=g), timestep=torch.tensor([500.0, 500.0]),
-        encoder_hidden_states=torch.randn(B, 12, 16, generator=g), encoder_attention_mask=mask,
-        encoder_hidden_states_2=torch.randn(B, 5, 8, generator=g), encoder_attention_mask_2=mask_2,
-        image_embeds=torch.zeros(B, 3, 12), return_dict=False,
-    )
-    return model, inputs
+FAMILIES = ["hunyuan_video15", "hunyuan_video", "wan"]
+GRIDS = {"hunyuan_video15": (3, 6, 8), "hunyuan_video": (2, 6, 8), "wan": (3, 12, 16)}
 
 
-def hunyuan_video(seed=0):
-    from diffusers import HunyuanVideoTransformer3DModel
-
-    torch.manual_seed(seed)
-    model = HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
-        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type=None,
-    ).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    B = 2
-    mask = torch.ones(B, 12, dtype=torch.long)
-    mask[1, 5:] = 0
-    inputs = dict(
-        hidden_states=torch.randn(B, 4, 2, 6, 8, generator=g), timestep=torch.tensor([500, 500]),
-        encoder_hidden_states=torch.randn(B, 12, 16, generator=g), encoder_attention_mask=mask,
-        pooled_projections=torch.randn(B, 8, generator=g), guidance=torch.tensor([3000.0, 3000.0]),
-        return_dict=False,
-    )
-    return model, inputs
+def tiny(family, seed=0, **overrides):
+    """(model, inputs): the family's tiny transformer and a batch of 2 with different text masks."""
+    model = tiny_model(family, seed, **overrides)
+    return model, tiny_inputs(model, GRIDS[family], seed=seed + 1)
 
 
-def wan(seed=0):
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(seed)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-    ).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    inputs = dict(hidden_states=torch.randn(2, 4, 3, 12, 16, generator=g), timestep=torch.tensor([500, 500]),
-                  encoder_hidden_states=torch.randn(2, 12, 16, generator=g), return_dict=False)
-    return model, inputs
-
-
-MODELS = {"hunyuan_video15": hunyuan_video15, "hunyuan_video": hunyuan_video, "wan": wan}
 SPARSE_NAMES = {
     "hunyuan_video15": ["transformer_blocks.0.attn.processor", "transformer_blocks.1.attn.processor"],
     "hunyuan_video": ["transformer_blocks.0.attn.processor", "single_transformer_blocks.0.attn.processor"],
@@ -102,10 +51,10 @@ def assert_close(out, ref, tol=1e-5):
 
 
 # ---------------------------------------------------------------------------- equivalence
-@pytest.mark.parametrize("family", list(MODELS))
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("config", [DENSE, ALL_BLOCKS], ids=["dense", "topk_all"])
 def test_all_blocks_equals_stock(family, config):
-    model, inputs = MODELS[family]()
+    model, inputs = tiny(family)
     ref = run(model, inputs)
     stats = SSTAStats(time=False)
     enable_ssta(model, config, stats=stats)
@@ -115,10 +64,10 @@ def test_all_blocks_equals_stock(family, config):
     assert len(stats.records) == len(SPARSE_NAMES[family])  # every video attention went through SSTA
 
 
-@pytest.mark.parametrize("family", list(MODELS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_bare_set_attn_processor(family):
     """One instance everywhere: refiner / cross-attention stay stock, the grid hook installs lazily."""
-    model, inputs = MODELS[family]()
+    model, inputs = tiny(family)
     ref = run(model, inputs)
     model.set_attn_processor(SSTAAttnProcessor(DENSE))
     assert runtime_of(model) is None
@@ -131,9 +80,9 @@ def test_bare_set_attn_processor(family):
     assert torch.equal(run(model, inputs), ref)
 
 
-@pytest.mark.parametrize("family", list(MODELS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_sparse_runs_and_backward(family):
-    model, inputs = MODELS[family]()
+    model, inputs = tiny(family)
     ref = run(model, inputs)
     stats = SSTAStats(time=False)
     enable_ssta(model, SPARSE, stats=stats)
@@ -149,7 +98,7 @@ def test_sparse_runs_and_backward(family):
 
 
 def test_gradient_checkpointing_matches():
-    model, inputs = hunyuan_video15()
+    model, inputs = tiny("hunyuan_video15", num_layers=1)
     enable_ssta(model, ALL_BLOCKS)
     model.train()
     model(**inputs)[0].square().mean().backward()
@@ -164,9 +113,9 @@ def test_gradient_checkpointing_matches():
 
 
 # ---------------------------------------------------------------------------- enable / disable
-@pytest.mark.parametrize("family", list(MODELS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_enable_disable_processors_and_hooks(family):
-    model, inputs = MODELS[family]()
+    model, inputs = tiny(family)
     before = dict(model.attn_processors)
     runtime = enable_ssta(model, DENSE)
     after = model.attn_processors
@@ -191,9 +140,9 @@ def test_enable_disable_processors_and_hooks(family):
 
 
 def test_two_transformers_do_not_interfere():
-    a, inputs_a = hunyuan_video15(seed=0)
+    a, inputs_a = tiny("hunyuan_video15")
     b = copy.deepcopy(a)
-    inputs_b = dict(inputs_a, hidden_states=torch.randn(2, 4, 2, 8, 8))
+    inputs_b = tiny_inputs(b, (2, 8, 8), seed=5)
     ref_a = run(a, inputs_a)
     enable_ssta(b, SPARSE)
     ref_b = run(b, inputs_b)
@@ -216,7 +165,7 @@ def test_unsupported_model_class():
 
 
 def test_grid_not_captured():
-    model, inputs = hunyuan_video15()
+    model, inputs = tiny("hunyuan_video15")
     attn = model.transformer_blocks[0].attn
     hs, ehs = torch.randn(2, 144, 16), torch.randn(2, 20, 16)
     with pytest.raises(RuntimeError, match="enable_ssta"):
@@ -224,7 +173,7 @@ def test_grid_not_captured():
 
 
 def test_backend_dtype_and_head_dim_errors():
-    model, inputs = hunyuan_video15()
+    model, inputs = tiny("hunyuan_video15")
     model = model.double()
     inputs = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
               for k, v in inputs.items()}
@@ -243,7 +192,7 @@ def test_backend_dtype_and_head_dim_errors():
 
 
 def test_tile_larger_than_grid():
-    model, inputs = hunyuan_video15()
+    model, inputs = tiny("hunyuan_video15")
     enable_ssta(model, SSTAConfig(tile_thw=(4, 4, 4), kernel_thw=(1, 1, 1), topk=1, caller_rules=False))
     with pytest.raises(ValueError, match=r"longer than the latent grid .* along t"):
         run(model, inputs)
@@ -255,10 +204,10 @@ def test_tile_larger_than_grid():
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("family", list(MODELS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_triton_backend_equals_stock(family):
     """The processors on the Triton kernels (interpreter on CPU, CUDA when present) match stock."""
-    model, inputs = MODELS[family]()
+    model, inputs = tiny(family, num_layers=1)   # HunyuanVideo: one double- and one single-stream block
     if torch.cuda.is_available():
         model = model.cuda()
         inputs = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in inputs.items()}

@@ -78,7 +78,7 @@ def test_round_trips(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_pipe():
     pytest.importorskip("diffusers")
-    from video_sparse_attn.processors.demo_pipeline import random_prompt_embeds, tiny_hunyuan_video15_pipeline
+    from video_sparse_attn.testing import random_prompt_embeds, tiny_hunyuan_video15_pipeline
 
     pipe = tiny_hunyuan_video15_pipeline()
     pipe.set_progress_bar_config(disable=True)

@@ -1,6 +1,8 @@
 """Triton kernels on a CUDA GPU: bf16/fp16 × D 64/128 × blocks 64/128/384 × density, fwd and bwd.
 
-Reference: the torch reference run in float64. Outputs are poisoned (the allocator's free memory is
+Reference: the torch reference run in float64. Tolerance: the kernels' max error may be at most twice
+that of plain PyTorch attention computed in the same dtype (`helpers.assert_within_eager_error`), for
+the output and dq, dk, dv. Outputs are poisoned (the allocator's free memory is
 filled with NaN) before every run, so an element the kernels fail to write shows up as NaN. Plans have
 ragged keys (k_valid) and padded queries (q_valid: a partly padded last block, a fully padded block in
 batch 1); padded query rows of q hold large values that must not leak. Tests run with
@@ -13,16 +15,11 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
+from helpers import assert_within_eager_error, eager_attention, plan_token_mask, rel_l2  # noqa: E402
 from video_sparse_attn import BlockSparsePlan  # noqa: E402
 from video_sparse_attn.kernels.torch_ref import block_sparse_attention_torch  # noqa: E402
 
-TOL = {torch.bfloat16: 1e-2, torch.float16: 3e-3}
 NO_TUNE = {"autotune": False}
-
-
-def rel_l2(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def _poison(*shapes_dtypes):
@@ -70,15 +67,18 @@ def _check(plan, q, k, v, dtype, deterministic=False, options=NO_TUNE):
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     ref, ref_lse = block_sparse_attention_torch(q64, k64, v64, plan)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    ql, kl, vl = (x.detach().requires_grad_() for x in (q, k, v))
+    eager = eager_attention(ql, kl, vl, plan_token_mask(plan, q.shape[0], q.shape[1]))
+    eager_grads = torch.autograd.grad(eager, (ql, kl, vl), dout)
 
     for name, x in (("out", out), ("lse", lse), ("dq", grads[0]), ("dk", grads[1]), ("dv", grads[2])):
         assert not x.isnan().any(), f"NaN in {name}"
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
     fin = torch.isfinite(ref_lse)
     assert torch.allclose(lse[fin].double(), ref_lse[fin].double(), atol=2e-2, rtol=1e-3)
-    errs = {"out": rel_l2(out, ref)}
-    errs.update({f"d{n}": rel_l2(g, r) for n, g, r in zip("qkv", grads, ref_grads)})
-    assert all(e < TOL[dtype] for e in errs.values()), errs
+    errs = {"out": assert_within_eager_error("out", out, ref, eager)}
+    errs.update({f"d{n}": assert_within_eager_error(f"d{n}", g, r, e)
+                 for n, g, r, e in zip("qkv", grads, ref_grads, eager_grads)})
     return errs, grads
 
 
@@ -151,12 +151,14 @@ def test_golden_cases_through_ssta_attention_auto(no_autotuning):
         ref = ssta_attention(q, k, v, *args, backend="torch")
         name = os.path.basename(path)
         assert rel_l2(out, ref) < 1e-5, name
-        golden_mask = t["block_mask"].cuda()
-        differ = info.block_mask != golden_mask.expand_as(info.block_mask)
-        if not differ.any():
-            assert rel_l2(out, t["out"].cuda()) < 1e-5, name
-        else:   # near-tie selections may flip a few blocks between devices, never many
-            assert differ.float().mean() < 0.02, (name, int(differ.sum()))
+        golden_mask = t["block_mask"].cuda().expand_as(info.block_mask)
+        differ = info.block_mask != golden_mask
+        assert differ.float().mean() < 0.02, (name, int(differ.sum()))   # near-tie flips: a few blocks at most
+        # compare the output rows of the query blocks whose mask row equals the golden one
+        rows = (~differ).all(-1).repeat_interleave(info.layout.block_size, -1)[..., None]
+        agree = info.layout.untile(rows.expand(*out.shape[:2], -1, 1).to(out.dtype))[..., 0].bool()   # [B, H, S]
+        assert agree.float().mean() > 0.75, f"{name}: only {float(agree.float().mean()):.2f} of rows agree"
+        assert rel_l2(out[agree], t["out"].cuda()[agree]) < 1e-5, name
 
 
 @pytest.mark.parametrize("block", [128, 384])

@@ -1,8 +1,9 @@
 """Triton kernels (forward, both backwards, autograd) vs the torch reference and float64 dense attention.
 
-On CPU they run in Triton's interpreter (conftest sets TRITON_INTERPRET=1 before any import); shapes
-are tiny. bf16 is not tested here: the interpreter's bf16 `tl.dot` is broken. Kernel options are
-passed explicitly; nothing here reads the process environment.
+On CPU they run in Triton's interpreter (conftest sets TRITON_INTERPRET=1 before anything imports
+Triton, and skips the `interpreter` tests where that interpreter cannot run them); shapes are tiny.
+bf16 is not tested here: the interpreter's bf16 `tl.dot` is broken. Kernel options are passed
+explicitly; nothing here reads the process environment.
 """
 
 import math

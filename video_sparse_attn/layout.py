@@ -32,17 +32,21 @@ __all__ = ["TileLayout"]
 Triple = Tuple[int, int, int]
 
 
-@functools.lru_cache(maxsize=64)
-def _cpu_indices(grid: Triple, tile: Triple, text_len: int, pad_type: str) -> Dict[str, torch.Tensor]:
-    """Index tensors for one layout, built once on the CPU (see `TileLayout` for their meaning)."""
+def _build_indices(grid: Triple, tile: Triple, text_len: int, pad_type: str,
+                   device: torch.device | str = "cpu") -> Dict[str, torch.Tensor]:
+    """Index tensors for one layout (see `TileLayout.indices` for their meaning).
+
+    Static-shape tensor ops only (sizes follow from the Python ints), so `torch.compile` traces it.
+    """
     t, h, w = grid
     Tt, Th, Tw = tile
     nt, nh, nw = (-(-g // s) for g, s in zip(grid, tile))
     bs = Tt * Th * Tw
+    n_video, n_real = nt * nh * nw * bs, t * h * w
     # coordinates of every padded-grid position, then tile order
-    T = torch.arange(nt * Tt).view(-1, 1, 1).expand(nt * Tt, nh * Th, nw * Tw)
-    Y = torch.arange(nh * Th).view(1, -1, 1).expand_as(T)
-    X = torch.arange(nw * Tw).view(1, 1, -1).expand_as(T)
+    T = torch.arange(nt * Tt, device=device).view(-1, 1, 1).expand(nt * Tt, nh * Th, nw * Tw)
+    Y = torch.arange(nh * Th, device=device).view(1, -1, 1).expand_as(T)
+    X = torch.arange(nw * Tw, device=device).view(1, 1, -1).expand_as(T)
     to_tiles = "(nt tt) (nh th) (nw tw) -> (nt nh nw) (tt th tw)"
     T, Y, X = (rearrange(c, to_tiles, tt=Tt, th=Th, tw=Tw) for c in (T, Y, X))   # [Nv, bs]
     valid = (T < t) & (Y < h) & (X < w)
@@ -50,25 +54,30 @@ def _cpu_indices(grid: Triple, tile: Triple, text_len: int, pad_type: str) -> Di
         src = T.clamp(max=t - 1) * h * w + Y.clamp(max=h - 1) * w + X.clamp(max=w - 1)
     else:
         src = torch.where(valid, T * h * w + Y * w + X, torch.zeros_like(T))
-    slot_raster = torch.arange(bs).expand_as(T)  # raster position inside the tile of each slot
+    slot_raster = torch.arange(bs, device=device).expand_as(T)  # raster position inside the tile of each slot
     # real tokens first inside each tile (stable: raster order kept among them)
     order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
     src, valid, slot_raster = (torch.gather(x, 1, order) for x in (src, valid, slot_raster))
     Nv = nt * nh * nw
     Nt = -(-text_len // bs)
-    text_src = t * h * w + torch.arange(Nt * bs).clamp(max=max(text_len - 1, 0))
+    text_src = n_real + torch.arange(Nt * bs, device=device).clamp(max=max(text_len - 1, 0))
     src_all = torch.cat([src.flatten(), text_src])
-    zero_pos = torch.nonzero(~valid.flatten()).flatten() if pad_type != "repeat" else torch.zeros(0, dtype=torch.long)
-    inverse = torch.empty(t * h * w + text_len, dtype=torch.long)
     flat_valid = valid.flatten()
-    inverse[src.flatten()[flat_valid]] = torch.nonzero(flat_valid).flatten()
-    inverse[t * h * w:] = Nv * bs + torch.arange(text_len)
-    kernel_src = src_all.clone()
-    kernel_src[zero_pos] = -1
+    n_pad = 0 if pad_type == "repeat" else n_video - n_real     # slots filled with zeros (a static count)
+    zero_pos = torch.nonzero_static(~flat_valid, size=n_pad).flatten()
+    real_pos = torch.nonzero_static(flat_valid, size=n_real).flatten()       # slot of every video token
+    inverse = torch.cat([torch.empty(n_real, dtype=torch.long, device=device).index_put_(
+        (src.flatten()[real_pos],), real_pos), Nv * bs + torch.arange(text_len, device=device)])
+    kernel_src = src_all.index_fill(0, zero_pos, -1)
     return {
         "src": src_all, "zero_pos": zero_pos, "inverse": inverse, "kernel_src": kernel_src,
         "video_valid": valid.sum(1).to(torch.int32), "slot_raster": slot_raster,
     }
+
+
+@functools.lru_cache(maxsize=64)
+def _cpu_indices(grid: Triple, tile: Triple, text_len: int, pad_type: str) -> Dict[str, torch.Tensor]:
+    return _build_indices(grid, tile, text_len, pad_type)
 
 
 @functools.lru_cache(maxsize=256)
@@ -77,8 +86,11 @@ def _device_indices(grid, tile, text_len, pad_type, device: str) -> Dict[str, to
 
 
 def _row_view(x: torch.Tensor) -> torch.Tensor:
-    """Reinterpret rows as 8-byte words when the strides allow (4x fewer elements to index for bf16)."""
+    """Reinterpret rows as 8-byte words when the strides allow (4x fewer elements to index for bf16;
+    eager only: a compiled graph fuses the copy anyway)."""
     es = x.element_size()
+    if torch.compiler.is_compiling():
+        return x
     if es < 8 and x.dim() > 1 and x.stride(-1) == 1 and (x.shape[-1] * es) % 8 == 0 and all(
         (st * es) % 8 == 0 for st in x.stride()[:-1]
     ) and (x.storage_offset() * es) % 8 == 0:
@@ -211,6 +223,8 @@ class TileLayout:
         zeros; ``kernel_src`` = src with -1 at the zero slots; ``inverse [seq_len]`` slot of every original token; ``video_valid [Nv]`` real tokens
         per video tile; ``slot_raster [Nv, bs]`` raster position inside its tile of each slot.
         """
+        if torch.compiler.is_compiling():   # built in the graph (a few small static-shape ops), not cached
+            return _build_indices(self.grid_thw, self.tile_thw, self.text_len, self.pad_type, device)
         return _device_indices(self.grid_thw, self.tile_thw, self.text_len, self.pad_type, str(torch.device(device)))
 
     # ------------------------------------------------------------------ reorder

@@ -22,6 +22,9 @@ Schedules (heavy rows first, so long dense text rows do not form a tail):
 The batch and head dims of the index tensors are ``B`` or 1, and the batch dim of ``k_valid`` and
 ``q_valid`` is ``B`` or 1: size-1 dims broadcast. Everything is int32 and built on the mask's device without a host
 synchronisation (widths are the static block counts, not data-dependent maxima).
+
+A plan is a pytree (`torch.utils._pytree`): its tensors are the leaves and ``q_block`` / ``k_block``
+static context, so it can enter and leave `torch.compile`d functions and `torch.func` transforms.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
+import torch.utils._pytree as pytree
 
-__all__ = ["BlockSparsePlan"]
+__all__ = ["BlockSparsePlan", "TENSOR_FIELDS"]
 
 
 def _compress(mask: torch.Tensor):
@@ -201,3 +205,29 @@ class BlockSparsePlan:
         """A picture of one (b, h) block mask: '#' kept, '.' skipped (host sync: for humans)."""
         m = self.to_dense()[b, h, :max_blocks, :max_blocks].cpu()
         return "\n".join("".join("#" if x else "." for x in row) for row in m.tolist())
+
+
+# The tensor fields (pytree leaves, and the order custom ops take a plan in); q_valid is always set.
+TENSOR_FIELDS = tuple(f.name for f in fields(BlockSparsePlan) if f.name not in ("q_block", "k_block"))
+
+
+def _flatten(plan: BlockSparsePlan):
+    return [getattr(plan, n) for n in TENSOR_FIELDS], (plan.q_block, plan.k_block)
+
+
+def _flatten_with_keys(plan: BlockSparsePlan):
+    return [(pytree.GetAttrKey(n), getattr(plan, n)) for n in TENSOR_FIELDS], (plan.q_block, plan.k_block)
+
+
+def _unflatten(leaves, context) -> BlockSparsePlan:
+    # no __post_init__: pytree utilities also rebuild plans whose leaves are not tensors
+    plan = object.__new__(BlockSparsePlan)
+    for name, leaf in zip(TENSOR_FIELDS, leaves):
+        object.__setattr__(plan, name, leaf)
+    object.__setattr__(plan, "q_block", context[0])
+    object.__setattr__(plan, "k_block", context[1])
+    return plan
+
+
+pytree.register_pytree_node(BlockSparsePlan, _flatten, _unflatten, flatten_with_keys_fn=_flatten_with_keys,
+                            serialized_type_name="video_sparse_attn.BlockSparsePlan")

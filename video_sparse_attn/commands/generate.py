@@ -30,13 +30,14 @@ import torch
 from ..cli import (OneLineParser, UsageError, add_ssta_arguments, load_ssta_config, non_negative_int,
                    positive_int, read_json, run_main, ssta_overrides)
 from ..config import SSTAConfig
+from ..families import FAMILIES, family_of
 
 __all__ = ["add_arguments", "run", "main", "cli", "video_multiples"]
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
 # SSTA settings of the tiny demo: 16-token tiles so that its small latent grid has many tiles.
 TINY_CONFIG = SSTAConfig(tile_thw=(1, 4, 4), kernel_thw=(3, 3, 3), topk=8, caller_rules=False)
-PIPELINES = ("HunyuanVideo15Pipeline", "HunyuanVideoPipeline", "WanPipeline")
+PIPELINES = tuple(f.pipeline_class for f in FAMILIES.values())
 TINY_DEFAULTS = dict(frames=9, height=64, width=64, steps=8)
 MODEL_DEFAULTS = dict(frames=121, height=480, width=848, steps=50)
 DTYPES = ("bfloat16", "float16", "float32")
@@ -90,9 +91,10 @@ def video_multiples(model: Optional[str]) -> Tuple[int, int]:
     model folder's ``vae/config.json`` and ``transformer/config.json`` (no weights loaded):
     frames = 1 + temporal·k, height and width multiples of spatial (VAE factor × patch size)."""
     if model is None:
-        from ..processors.demo_pipeline import TINY_TRANSFORMER, TINY_VAE
+        from ..testing.tiny import TINY_VAE
 
-        return TINY_VAE["temporal_compression_ratio"], TINY_VAE["spatial_compression_ratio"] * TINY_TRANSFORMER.get("patch_size", 1)
+        patch = FAMILIES["hunyuan_video15"].tiny_config.get("patch_size", 1)
+        return TINY_VAE["temporal_compression_ratio"], TINY_VAE["spatial_compression_ratio"] * patch
     vae, transformer = ({}, {})
     for name in ("vae", "transformer"):
         path = os.path.join(model, name, "config.json")
@@ -177,10 +179,8 @@ def _schedule(args):
 def _load_pipeline(path: str, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
 
-    from ..processors import family_of
-
     pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
-    family_of(pipe.transformer)  # TypeError naming the supported transformers otherwise
+    family_of(pipe.transformer)  # UnsupportedModelError naming the supported families otherwise
     return pipe
 
 
@@ -225,7 +225,7 @@ def run(args: argparse.Namespace) -> dict:
 
     t0 = time.perf_counter()
     if tiny:
-        from ..processors.demo_pipeline import random_prompt_embeds, tiny_hunyuan_video15_pipeline
+        from ..testing.tiny import random_prompt_embeds, tiny_hunyuan_video15_pipeline
 
         print("No --model: building a tiny HunyuanVideo-1.5 pipeline with RANDOM weights (offline).\n"
               "The video it writes is noise from random weights; it shows the SSTA path runs end to end.")

@@ -53,7 +53,10 @@ def tile_representatives(x_video: torch.Tensor, layout, pool: Optional[Tuple[int
     if pool is None:
         reps = xb.mean(dim=3, dtype=torch.float32)
     else:
-        w = _pool_matrix_on(layout.tile_thw, tuple(pool), str(x_video.device))     # [P, bs]
+        if torch.compiler.is_compiling():   # the cache is eager-only; in a graph it is a few small ops
+            w = _pool_matrix.__wrapped__(layout.tile_thw, tuple(pool)).to(x_video.device)
+        else:
+            w = _pool_matrix_on(layout.tile_thw, tuple(pool), str(x_video.device))     # [P, bs]
         # slots are permuted inside each tile (real tokens first): permute the weights alike
         w = w[:, layout.indices(x_video.device)["slot_raster"]].transpose(0, 1)      # [Nv, P, bs]
         reps = torch.einsum("npk,bhnkd->bhnpd", w, xb.float())

@@ -16,8 +16,8 @@ import torch
 from ..attention import ssta_attention
 from ..kernels.registry import AttentionCall, backend_names, select_backend
 from ..config import SSTAConfig
+from ..families import family_of
 from ..validation import check_tiles
-from .families import family_of
 from .grid_hook import (LAYER_ATTR, RUNTIME_ATTR, SSTARuntime, find_calling_transformer, install_grid_hook,
                         runtime_of)
 from .schedule import SSTASchedule
@@ -104,14 +104,8 @@ class SSTAAttnProcessor:
                 return stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary)
         elif encoder_hidden_states is None and rotary is None:  # text-only token refiner
             return self._stock(attn, "attn")(attn, hidden_states, None, attention_mask)
-        runtime, layer = self._runtime_for(attn)
-        if runtime.family.name == "hunyuan_video15":
-            from .hunyuan_video15 import hunyuan_video15_attention as fn
-        elif runtime.family.name == "hunyuan_video":
-            from .hunyuan_video import hunyuan_video_attention as fn
-        else:
-            from .wan import wan_self_attention as fn
-        return fn(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary)
+        runtime, _ = self._runtime_for(attn)
+        return runtime.attention_fn(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary)
 
     # ------------------------------------------------------------------ pieces used by the families
     def _stock(self, attn: torch.nn.Module, kind: str):

@@ -15,7 +15,7 @@ from unittest import mock
 
 import torch
 
-from .families import family_of
+from ..families import family_of
 
 __all__ = ["hunyuan_video15_cp_plan", "cp_plan_for", "enable_ulysses", "start_process_group"]
 

@@ -9,7 +9,7 @@ import torch
 
 from ..config import SSTAConfig
 from .base import SSTAAttnProcessor
-from .families import family_of
+from ..families import family_of
 from .grid_hook import SSTARuntime, install_grid_hook, remove_grid_hook, runtime_of
 from .schedule import SSTASchedule
 from .stats import SSTAStats

@@ -20,7 +20,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from .families import ModelFamily, family_of
+from ..families import ModelFamily, UnsupportedModelError, family_of
 
 __all__ = ["SSTARuntime", "install_grid_hook", "remove_grid_hook", "runtime_of", "bind_runtime", "HOOK_NAME"]
 
@@ -36,6 +36,8 @@ class SSTARuntime:
 
     Attributes:
         family: the transformer's `ModelFamily`.
+        attention_fn: its processor function (`ModelFamily.attention_fn`, resolved here, outside any
+            compiled region).
         patch_thw: patch size (pt, ph, pw).
         thw: latent grid after patchify of the current forward (None before the first one).
         scheduler: optional diffusers scheduler whose ``step_index`` gives the denoising step.
@@ -47,6 +49,7 @@ class SSTARuntime:
     def __init__(self, family: ModelFamily, patch_thw: Triple, scheduler: Any = None,
                  track_timesteps: bool = False, stats: Any = None) -> None:
         self.family = family
+        self.attention_fn = family.attention_fn()
         self.patch_thw = patch_thw
         self.thw: Optional[Triple] = None
         self.scheduler = scheduler
@@ -178,7 +181,7 @@ def find_calling_transformer(max_depth: int = 64) -> Tuple[Optional[torch.nn.Mod
         if isinstance(obj, torch.nn.Module):
             try:
                 family_of(obj)
-            except TypeError:
+            except UnsupportedModelError:
                 pass
             else:
                 loc = frame.f_locals

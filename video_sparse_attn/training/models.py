@@ -1,8 +1,7 @@
-"""Which transformer is trained: family detection, tiny configs, loading, forward inputs.
+"""Which transformer is trained: tiny models, loading, forward inputs.
 
-Families: ``"hunyuan_video15"`` (`HunyuanVideo15Transformer3DModel`), ``"hunyuan_video"``
-(`HunyuanVideoTransformer3DModel`) and ``"wan"`` (`WanTransformer3DModel`). diffusers is imported
-lazily, inside the functions that need it.
+The families themselves (classes, tiny configs, text widths, latent grid rules) are described in
+`video_sparse_attn.families`. diffusers is imported lazily, inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -13,57 +12,23 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["FAMILIES", "family_of", "tiny_transformer", "load_transformer", "transformer_inputs",
-           "latent_grid", "text_dims"]
+from ..families import family_named, family_of
 
-FAMILIES = {
-    "hunyuan_video15": "HunyuanVideo15Transformer3DModel",
-    "hunyuan_video": "HunyuanVideoTransformer3DModel",
-    "wan": "WanTransformer3DModel",
-}
-
-# Small configs that build offline and run on a CPU (diffusers' own test sizes, head dim 16).
-TINY_CONFIGS = {
-    "hunyuan_video15": dict(
-        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
-        num_refiner_layers=1, mlp_ratio=2.0, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12,
-        rope_axes_dim=(4, 6, 6), target_size=16, task_type="t2v"),
-    "hunyuan_video": dict(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
-        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 6, 6), image_condition_type=None),
-    "wan": dict(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
-}
+__all__ = ["tiny_transformer", "load_transformer", "transformer_inputs", "latent_grid", "text_dims",
+           "latent_channels"]
 
 # HunyuanVideo-1.5's pipeline always hands 729 (SigLIP) image tokens, all zero for text-to-video.
 HV15_IMAGE_TOKENS = 729
 
 
-def family_of(transformer: torch.nn.Module) -> str:
-    """Family name of a diffusers video transformer; ValueError for anything else."""
-    name = type(transformer).__name__
-    for family, cls_name in FAMILIES.items():
-        if name == cls_name:
-            return family
-    raise ValueError(f"unsupported transformer class {name!r}; supported: {sorted(FAMILIES.values())}")
-
-
 def tiny_transformer(family: str = "hunyuan_video15", seed: int = 0, **overrides) -> torch.nn.Module:
-    """A randomly initialised small transformer of ``family`` built from config (no download)."""
-    import diffusers
-
-    if family not in TINY_CONFIGS:
-        raise ValueError(f"family must be one of {sorted(TINY_CONFIGS)}, got {family!r}")
-    torch.manual_seed(seed)
-    return getattr(diffusers, FAMILIES[family])(**{**TINY_CONFIGS[family], **overrides})
+    """A randomly initialised small transformer of ``family`` built from its tiny config (no download)."""
+    return family_named(family).tiny_transformer(seed, **overrides)
 
 
 def load_transformer(path: str, torch_dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
     """Load the transformer of a local diffusers model: a pipeline folder (with ``transformer/``)
-    or a transformer folder (``config.json`` naming one of `FAMILIES`)."""
+    or a transformer folder (``config.json`` naming a supported transformer class)."""
     import diffusers
 
     folder = os.path.join(path, "transformer") if os.path.isdir(os.path.join(path, "transformer")) else path
@@ -73,19 +38,13 @@ def load_transformer(path: str, torch_dtype: Optional[torch.dtype] = None) -> to
                                 "diffusers pipeline or transformer folder")
     with open(cfg_path) as f:
         cls_name = json.load(f).get("_class_name")
-    if cls_name not in FAMILIES.values():
-        raise ValueError(f"{cfg_path} names {cls_name!r}; supported: {sorted(FAMILIES.values())}")
-    return getattr(diffusers, cls_name).from_pretrained(folder, torch_dtype=torch_dtype)
+    family = family_named(str(cls_name))   # UnsupportedModelError naming the supported families otherwise
+    return getattr(diffusers, family.transformer_class).from_pretrained(folder, torch_dtype=torch_dtype)
 
 
 def text_dims(transformer: torch.nn.Module) -> Dict[str, Optional[int]]:
     """Text input widths the transformer expects: ``text_dim``, ``text_dim_2``, ``pooled_dim``."""
-    cfg, family = transformer.config, family_of(transformer)
-    if family == "hunyuan_video15":
-        return {"text_dim": cfg.text_embed_dim, "text_dim_2": cfg.text_embed_2_dim, "pooled_dim": None}
-    if family == "hunyuan_video":
-        return {"text_dim": cfg.text_embed_dim, "text_dim_2": None, "pooled_dim": cfg.pooled_projection_dim}
-    return {"text_dim": cfg.text_dim, "text_dim_2": None, "pooled_dim": None}
+    return family_of(transformer).text_dims(transformer)
 
 
 def latent_channels(transformer: torch.nn.Module) -> int:
@@ -95,13 +54,7 @@ def latent_channels(transformer: torch.nn.Module) -> int:
 
 def latent_grid(transformer: torch.nn.Module, latent_thw: Tuple[int, int, int]) -> Tuple[int, int, int]:
     """Token grid ``(t, h, w)`` after patchify for latents of size ``latent_thw``."""
-    cfg = transformer.config
-    if family_of(transformer) == "wan":
-        pt, ph, pw = cfg.patch_size
-    else:
-        pt, ph, pw = cfg.patch_size_t, cfg.patch_size, cfg.patch_size
-    t, h, w = latent_thw
-    return (t // pt, h // ph, w // pw)
+    return family_of(transformer).latent_grid(transformer, latent_thw)
 
 
 def transformer_inputs(transformer: torch.nn.Module, batch: Dict[str, torch.Tensor],
@@ -111,7 +64,7 @@ def transformer_inputs(transformer: torch.nn.Module, batch: Dict[str, torch.Tens
 
     ``noisy_latents [B, C, T, H, W]``, ``timesteps [B]`` in the scheduler's 0..1000 scale.
     """
-    family = family_of(transformer)
+    family = family_of(transformer).name
     dtype = noisy_latents.dtype
     emb = batch["prompt_embeds"].to(dtype)
     mask = batch["prompt_mask"]

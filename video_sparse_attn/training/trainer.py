@@ -36,8 +36,8 @@ from .context_parallel import group_batch, setup_context_parallel
 from .data import LatentVideoDataset, collate_samples, make_synthetic_dataset
 from .plot import plot_train_log
 from .flow_matching import NUM_TRAIN_TIMESTEPS, add_noise, flow_matching_loss, sample_sigmas
-from .models import (family_of, latent_channels, latent_grid, load_transformer, text_dims,
-                     tiny_transformer, transformer_inputs)
+from ..families import family_of
+from .models import latent_channels, latent_grid, load_transformer, text_dims, tiny_transformer, transformer_inputs
 from .sparsity import SparsityRamp, set_sparse_attention
 
 __all__ = ["train", "FINAL_FULL_DIR", "FINAL_LORA_DIR", "SSTA_CONFIG_NAME", "latest_checkpoint"]
@@ -74,7 +74,7 @@ def _prepare_dataset(args: argparse.Namespace, transformer, accelerator) -> Late
                 make_synthetic_dataset(root, args.synthetic_samples,
                                        (latent_channels(transformer), *args.synthetic_latent_thw),
                                        dims["text_dim"], text_dim_2=dims["text_dim_2"],
-                                       pooled_dim=dims["pooled_dim"], family=family_of(transformer),
+                                       pooled_dim=dims["pooled_dim"], family=family_of(transformer).name,
                                        seed=args.seed)
     return _open_dataset(root)
 
@@ -206,7 +206,7 @@ def _train(args: argparse.Namespace, accelerator, tiny: bool, target, previous: 
 
     # -- model
     transformer = tiny_transformer(args.tiny_family, seed=args.seed) if tiny else load_transformer(args.model)
-    family = family_of(transformer)
+    family = family_of(transformer).name
     image_tokens = args.image_tokens or (TINY_IMAGE_TOKENS if tiny else None)
     image_kw = {"image_tokens": image_tokens} if image_tokens else {}  # HunyuanVideo-1.5 only
     lora = args.lora_rank > 0
