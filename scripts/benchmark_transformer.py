@@ -89,6 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", choices=backend_names(), default="auto",
                    help="attention backend of the SSTA modes (auto: fastest available)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time every mode with the block under torch.compile (rows 'MODE+compile')")
     p.add_argument("--csv", help="append result rows to this CSV")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -161,20 +163,25 @@ def main(argv=None):
 
     grads = (torch.randn_like(hs), torch.randn_like(ehs))
     rows, ref = [], None
-    for mode in args.modes:
+    runs = [(m, False) for m in args.modes] + ([(m, True) for m in args.modes] if args.compile else [])
+    for mode, compiled in runs:
         proc, stats = processor_for(mode)
         block.attn.set_processor(proc)
+        torch._dynamo.reset()
+        run_block = torch.compile(block) if compiled else block
+        if compiled:
+            mode = mode + "+compile"
         row = {"mode": mode, "thw": "x".join(map(str, args.thw)), "text": L, "valid": args.valid,
                "dtype": args.dtype, "device": str(device)}
 
         def fwd():
             with torch.no_grad():
-                return block(hs, ehs, temb, mask, freqs)
+                return run_block(hs, ehs, temb, mask, freqs)
 
         def fwd_bwd():
             block.zero_grad(set_to_none=True)
             x, e = hs.detach().requires_grad_(True), ehs.detach().requires_grad_(True)
-            torch.autograd.backward(block(x, e, temb, mask, freqs), grads)
+            torch.autograd.backward(run_block(x, e, temb, mask, freqs), grads)
 
         for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
             if name == "fwd_bwd" and args.no_backward:

@@ -17,22 +17,6 @@ from video_sparse_attn.plan import TENSOR_FIELDS
 SPARSE = SSTAConfig(tile_thw=(1, 4, 4), kernel_thw=(1, 1, 1), topk=2, caller_rules=False)
 
 
-@pytest.fixture
-def traceable_torch_backend(monkeypatch):
-    """Stand-ins for what the backend dispatch and the input checks do under `torch.compile` once they
-    adopt it: ``backend="torch"`` resolves to `torch_op.block_sparse_attention_torch_traceable` without
-    an import per call (`importlib` cannot be traced; the reference reads ``kv_count.max()`` on the
-    host), and the text-mask prefix check (a host read of the mask) is skipped while compiling."""
-    from video_sparse_attn import validation
-    from video_sparse_attn.kernels import registry
-
-    load, check_prefix = registry.BackendSpec.load, validation.check_text_mask_prefix
-    traceable = torch_op.block_sparse_attention_torch_traceable
-    monkeypatch.setattr(registry.BackendSpec, "load", lambda spec: traceable if spec.name == "torch" else load(spec))
-    monkeypatch.setattr(validation, "check_text_mask_prefix",
-                        lambda mask: None if torch.compiler.is_compiling() else check_prefix(mask))
-
-
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
@@ -102,7 +86,7 @@ CONFIGS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_ssta_attention_compiles_fullgraph(name, traceable_torch_backend):
+def test_ssta_attention_compiles_fullgraph(name):
     config = CONFIGS[name]
     cnt = CompileCounterWithBackend("aot_eager")
 
@@ -149,7 +133,7 @@ def _assert_same(a, b):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def _compiled_family(family, traceable, num_layers=None):
+def _compiled_family(family, num_layers=None):
     pytest.importorskip("diffusers")
     from video_sparse_attn import enable_ssta
     from video_sparse_attn.testing import tiny_model
@@ -160,10 +144,10 @@ def _compiled_family(family, traceable, num_layers=None):
 
 
 @pytest.mark.slow
-def test_wan_whole_model_fullgraph(traceable_torch_backend):
+def test_wan_whole_model_fullgraph():
     from video_sparse_attn.testing import tiny_inputs
 
-    model, cnt = _compiled_family("wan", traceable_torch_backend, num_layers=1)
+    model, cnt = _compiled_family("wan", num_layers=1)
     compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=cnt)
     params = dict(model.named_parameters())
     inputs = tiny_inputs(model, (3, 12, 16))
@@ -177,10 +161,10 @@ def test_wan_whole_model_fullgraph(traceable_torch_backend):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["hunyuan_video15", "hunyuan_video"])
-def test_hunyuan_repeated_blocks_fullgraph(family, traceable_torch_backend):
+def test_hunyuan_repeated_blocks_fullgraph(family):
     from video_sparse_attn.testing import tiny_inputs
 
-    model, cnt = _compiled_family(family, traceable_torch_backend)
+    model, cnt = _compiled_family(family)
     params = dict(model.named_parameters())
     inputs = tiny_inputs(model, (3, 6, 8))
     eager = _fwd_bwd(model, params, inputs)

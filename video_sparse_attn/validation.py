@@ -110,7 +110,9 @@ def validate_inputs(q, k, v, thw, config, text_len, text_mask, strict_tiles: boo
                             "convert a 0/1 mask with mask.bool()")
         if text_mask.device != q.device:
             raise ValueError(f"text_mask is on {text_mask.device} but q is on {q.device}")
-        if check_values or (check_values is None and text_mask.device.type == "cpu"):
+        # reading values cannot be traced: under torch.compile only an explicit validate=True checks
+        on_cpu = text_mask.device.type == "cpu" and not torch.compiler.is_compiling()
+        if check_values or (check_values is None and on_cpu):
             check_text_mask_prefix(text_mask)
     if strict_tiles:
         check_tiles(config, thw)

@@ -26,7 +26,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 
-__all__ = ["block_sparse_attention_fa4", "fa4_block_lists", "FA4_BLOCK"]
+__all__ = ["block_sparse_attention_fa4", "fa4_block_lists", "fa4_forward", "fa4_backward", "FA4BlockLists",
+           "FA4_BLOCK"]
 
 os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
 
@@ -77,9 +78,10 @@ def _sub_lists(count, index, valid_self, valid_other, r_self, r_other):
     return cand, in_row & (v > 0), v
 
 
-def fa4_block_lists(plan, batch: int) -> FA4BlockLists:
-    """Convert ``plan`` to FA4's forward / backward block lists (cached on the plan; no host sync)."""
-    cached = getattr(plan, _CACHE_ATTR, None)
+def fa4_block_lists(plan, batch: int, cache: bool = True) -> FA4BlockLists:
+    """Convert ``plan`` to FA4's forward / backward block lists (cached on the plan unless ``cache`` is
+    False; no host sync)."""
+    cached = getattr(plan, _CACHE_ATTR, None) if cache else None
     if cached is not None and cached[0] == batch:
         return cached[1]
     rq, rk = plan.q_block // FA4_BLOCK, plan.k_block // FA4_BLOCK
@@ -112,7 +114,8 @@ def fa4_block_lists(plan, batch: int) -> FA4BlockLists:
         bwd=(mb_cnt, b_idx, fb_cnt, b_idx),
         key_ok=plan.token_valid().to(torch.int32).expand(batch, -1).contiguous(),
     )
-    object.__setattr__(plan, _CACHE_ATTR, (batch, out))
+    if cache:
+        object.__setattr__(plan, _CACHE_ATTR, (batch, out))
     return out
 
 
@@ -138,45 +141,60 @@ def _key_mask_mod():
     return key_valid_mask
 
 
+def fa4_forward(q, k, v, lists: FA4BlockLists, q_pad: torch.Tensor, scale: float):
+    """FA4 forward. ``q_pad [Bq, Sq]`` bool marks rows past ``q_valid``.
+
+    Returns ``(out [B, H, Sq, D], lse [B, H, Sq])`` with padded rows set to 0 / -inf, and FA4's own
+    ``(out_raw [B, Sq, H, D], lse_raw)``, which its backward needs."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))
+    out_raw, lse_raw, *_ = _flash_attn_fwd(
+        q_, k_, v_, softmax_scale=scale, mask_mod=_key_mask_mod(), block_sparse_tensors=_fa4_tensors(lists.fwd),
+        return_lse=True, aux_tensors=[lists.key_ok],
+    )
+    out = out_raw.transpose(1, 2).masked_fill(q_pad[:, None, :, None], 0.0)
+    lse = lse_raw.masked_fill(q_pad[:, None, :], float("-inf"))
+    return out, lse, out_raw, lse_raw
+
+
+def fa4_backward(dout, dlse, q, k, v, out_raw, lse_raw, lists: FA4BlockLists, q_pad: torch.Tensor, scale: float):
+    """dq, dk, dv of `fa4_forward` given ``dout [B, H, Sq, D]`` and ``dlse [B, H, Sq]`` (either may be
+    None); padded rows take no gradient."""
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    if dout is None:
+        dout = torch.zeros_like(out_raw).transpose(1, 2)
+    dout = dout.masked_fill(q_pad[:, None, :, None], 0.0)
+    if dlse is not None:
+        dlse = dlse.masked_fill(q_pad[:, None, :], 0.0).contiguous()
+    q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))
+    dq, dk, dv = _flash_attn_bwd(
+        q_, k_, v_, out_raw, dout.transpose(1, 2), lse_raw, softmax_scale=scale,
+        mask_mod=_key_mask_mod(), aux_tensors=[lists.key_ok], block_sparse_tensors=_fa4_tensors(lists.bwd),
+        dlse=dlse,
+    )[:3]
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
 class _FA4BlockSparse(torch.autograd.Function):
     """FA4 forward / backward over a plan; q, k, v ``[B, H, S, D]`` (FA4 sees ``[B, S, H, D]`` views)."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scale):
-        from flash_attn.cute.interface import _flash_attn_fwd
-
         lists = fa4_block_lists(plan, q.shape[0])
-        q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))
-        out_raw, lse_raw, *_ = _flash_attn_fwd(
-            q_, k_, v_, softmax_scale=scale, mask_mod=_key_mask_mod(), block_sparse_tensors=_fa4_tensors(lists.fwd),
-            return_lse=True, aux_tensors=[lists.key_ok],
-        )
-        ctx.save_for_backward(q, k, v, out_raw, lse_raw)
-        ctx.plan, ctx.scale, ctx.lists = plan, scale, lists
+        q_pad = ~plan.query_valid()
+        out, lse, out_raw, lse_raw = fa4_forward(q, k, v, lists, q_pad, scale)
+        ctx.save_for_backward(q, k, v, out_raw, lse_raw, q_pad)
+        ctx.scale, ctx.lists = scale, lists
         ctx.set_materialize_grads(False)
-        pad = ~plan.query_valid()                                                   # [Bq, Sq]
-        out = out_raw.transpose(1, 2).masked_fill(pad[:, None, :, None], 0.0)
-        lse = lse_raw.masked_fill(pad[:, None, :], float("-inf"))
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        from flash_attn.cute.interface import _flash_attn_bwd
-
-        q, k, v, out_raw, lse_raw = ctx.saved_tensors
-        pad = ~ctx.plan.query_valid()
-        if dout is None:
-            dout = torch.zeros_like(out_raw).transpose(1, 2)
-        dout = dout.masked_fill(pad[:, None, :, None], 0.0)
-        if dlse is not None:
-            dlse = dlse.masked_fill(pad[:, None, :], 0.0).contiguous()
-        q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))
-        dq, dk, dv = _flash_attn_bwd(
-            q_, k_, v_, out_raw, dout.transpose(1, 2), lse_raw, softmax_scale=ctx.scale,
-            mask_mod=_key_mask_mod(), aux_tensors=[ctx.lists.key_ok], block_sparse_tensors=_fa4_tensors(ctx.lists.bwd),
-            dlse=dlse,
-        )[:3]
-        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None
+        q, k, v, out_raw, lse_raw, q_pad = ctx.saved_tensors
+        dq, dk, dv = fa4_backward(dout, dlse, q, k, v, out_raw, lse_raw, ctx.lists, q_pad, ctx.scale)
+        return dq, dk, dv, None, None
 
 
 def block_sparse_attention_fa4(

@@ -19,6 +19,9 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .custom_ops import fa4_entry, triton_entry
+from .torch_op import block_sparse_attention_torch_traceable
+
 __all__ = ["AttentionCall", "BackendSpec", "BACKENDS", "select_backend", "backend_names", "triton_runs_on",
            "triton_importable", "fa4_importable"]
 
@@ -50,8 +53,9 @@ class BackendSpec:
 
     Attributes:
         name: the ``backend=`` value.
-        entry: ``"module:function"`` (relative to this package) taking ``(q, k, v, plan, scale,
-            **options)`` and returning differentiable ``(out, lse)``; imported only when used.
+        entry: ``(q, k, v, plan, scale) -> (out, lse)``, both differentiable. The entry modules import
+            their kernels (Triton, FA4) only when called; under `torch.compile` each entry calls its
+            kernels through `torch.library` custom ops (one opaque node each).
         dtypes: input dtypes it runs.
         head_dims: ``(lo, hi, multiple)``: head dims ``lo <= D <= hi`` divisible by ``multiple``.
         block_multiple: plan block sizes must be multiples of this.
@@ -63,7 +67,7 @@ class BackendSpec:
     """
 
     name: str
-    entry: str
+    entry: Callable
     dtypes: Tuple[torch.dtype, ...]
     head_dims: Tuple[int, int, int]
     block_multiple: int
@@ -105,11 +109,13 @@ class BackendSpec:
         return None
 
     def load(self) -> Callable:
-        module, fn = self.entry.split(":")
-        return getattr(importlib.import_module(module, __package__), fn)
+        """The backend's entry function ``(q, k, v, plan, scale) -> (out, lse)``."""
+        return self.entry
 
 
+# Facts about this process that never change: `torch.compile` evaluates them once while tracing.
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def _capability(device: torch.device) -> Tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
@@ -119,6 +125,7 @@ def _interpreting() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def _import_reason(module: str, extra: str) -> Optional[str]:
     try:
         importlib.import_module(module)
@@ -145,13 +152,13 @@ _HALF = (torch.float16, torch.bfloat16)
 BACKENDS: Dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
-        BackendSpec("fa4", ".fa4:block_sparse_attention_fa4", _HALF, (64, 128, 64), 128,
+        BackendSpec("fa4", fa4_entry, _HALF, (64, 128, 64), 128,
                     ragged_keys=True, gqa=False, deterministic_bwd=False, capabilities=(9, 10),
                     importable=fa4_importable),
-        BackendSpec("triton", ".triton_op:block_sparse_attention_triton", _HALF + (torch.float32,), (1, 256, 1), 16,
+        BackendSpec("triton", triton_entry, _HALF + (torch.float32,), (1, 256, 1), 16,
                     ragged_keys=True, gqa=False, deterministic_bwd=True, capabilities=(8, 9, 10, 12),
                     importable=triton_importable),
-        BackendSpec("torch", ".torch_ref:block_sparse_attention_torch", _HALF + (torch.float32, torch.float64),
+        BackendSpec("torch", block_sparse_attention_torch_traceable, _HALF + (torch.float32, torch.float64),
                     (1, 1 << 16, 1), 16, ragged_keys=True, gqa=False, deterministic_bwd=True, capabilities=None,
                     importable=_always),
     )

@@ -199,6 +199,8 @@ class SSTAAttnProcessor:
         for _, _, cfg in groups:
             self._check_tiles(cfg, thw)
         stats = self.stats if self.stats is not None else runtime.stats
+        if torch.compiler.is_compiling():   # a growing record list would recompile every call: not recorded
+            stats = None
         token = stats.start(q.device) if stats is not None else None
         want_info = stats is not None
         op = op or _local_ssta
