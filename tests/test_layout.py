@@ -130,3 +130,19 @@ def test_tile_of_bf16_rows_uses_the_same_values():
     ref = _reference_tile(x.double(), (4, 8, 8), (2, 4, 4), 3, "zero").bfloat16()
     assert torch.equal(lay.tile(x), ref)
     assert torch.equal(lay.tile(x.transpose(1, 2).contiguous().transpose(1, 2)), ref)
+
+
+@pytest.mark.parametrize("pad", ["zero", "repeat", "mask"])
+def test_half_precision_gradients_of_copied_tokens_are_summed_in_float32(pad):
+    """A token copied into many slots (repeat padding, text padding) gets the sum of their gradients,
+    accumulated in float32 and rounded once: close to the float64 sum even with hundreds of copies."""
+    lay = TileLayout((1, 2, 3), (4, 8, 8), 3, pad)                  # one 256-token tile, 6 real tokens
+    x = torch.randn(1, 2, 6 + 3, 8, dtype=torch.float64)
+    g = torch.rand(1, 2, lay.padded_len, 8, dtype=torch.float64) + 0.5       # same-sign: no cancellation
+    ref = torch.autograd.grad((lay.tile(x.requires_grad_()) * g).sum(), x)[0]
+    xb = x.detach().bfloat16().requires_grad_()
+    got = torch.autograd.grad((lay.tile(xb) * g.bfloat16()).sum(), xb)[0].double()
+    err = ((got - ref).abs() / ref.abs()).max()
+    assert err < 8e-3, float(err)                                    # one bf16 rounding of the sum
+    copies = 253 + (250 if pad == "repeat" else 0)                  # text padding (+ repeated video)
+    assert lay.indices("cpu")["dup_slots"].numel() == copies

@@ -153,6 +153,12 @@ def test_golden_cases_through_ssta_attention_auto(no_autotuning):
         assert rel_l2(out, ref) < 1e-5, name
         golden_mask = t["block_mask"].cuda().expand_as(info.block_mask)
         differ = info.block_mask != golden_mask
+        if params["thr"]:
+            # threshold selection: p = softmax(gate / 0.01) underflows to exact ties, and which of the
+            # tied blocks fill a row up to its clamped k follows torch.sort on the device (documented in
+            # masks/selection.py). How many blocks each row keeps does not depend on the ties.
+            assert torch.equal(info.block_mask.sum(-1), golden_mask.sum(-1)), name
+            continue
         assert differ.float().mean() < 0.02, (name, int(differ.sum()))   # near-tie flips: a few blocks at most
         # compare the output rows of the query blocks whose mask row equals the golden one
         rows = (~differ).all(-1).repeat_interleave(info.layout.block_size, -1)[..., None]

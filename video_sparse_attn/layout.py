@@ -75,9 +75,25 @@ def _build_indices(grid: Triple, tile: Triple, text_len: int, pad_type: str,
     }
 
 
+def _duplicates(idx: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Slots that copy a token already placed elsewhere (repeat padding, text padding copies) and
+    where their gradients go: ``dup_slots [n]``, ``dup_targets [m]`` (the copied tokens, unique, as
+    positions in the original sequence) and ``dup_local [n]`` (index of each copy's token in
+    ``dup_targets``)."""
+    src, inverse = idx["src"], idx["inverse"]
+    is_zero = torch.zeros_like(src, dtype=torch.bool)
+    is_zero[idx["zero_pos"]] = True
+    own = torch.zeros_like(src, dtype=torch.bool)
+    own[inverse] = True
+    dup_slots = torch.nonzero(~own & ~is_zero).flatten()
+    targets, local = torch.unique(src[dup_slots], return_inverse=True)
+    return {"dup_slots": dup_slots, "dup_targets": targets, "dup_local": local}
+
+
 @functools.lru_cache(maxsize=64)
 def _cpu_indices(grid: Triple, tile: Triple, text_len: int, pad_type: str) -> Dict[str, torch.Tensor]:
-    return _build_indices(grid, tile, text_len, pad_type)
+    idx = _build_indices(grid, tile, text_len, pad_type)
+    return {**idx, **_duplicates(idx)}
 
 
 @functools.lru_cache(maxsize=256)
@@ -107,11 +123,14 @@ class _GatherRows(torch.autograd.Function):
     the float32 means of the first ``n_means`` groups of ``group`` rows of y (not differentiable).
 
     On CUDA one Triton pass copies the rows and sums the groups; elsewhere PyTorch ops do.
-    Backward scatters with ``index_add`` so duplicated sources (repeat padding, text padding) sum.
+    Backward: duplicated sources (repeat padding, text padding copies) sum their gradients. With
+    ``dups`` (`_duplicates`: which slots are copies, where they go) each token takes its own slot's
+    gradient and the copies are summed in float32 (a token can have hundreds of copies: summing them
+    in bf16 would lose most of their digits); without, one ``index_add`` in float32 for half types.
     """
 
     @staticmethod
-    def forward(ctx, x, dim, index, zero_pos, kernel_src, group, n_means):
+    def forward(ctx, x, dim, index, zero_pos, kernel_src, group, n_means, dups=None):
         if kernel_src is not None and x.dim() == 4 and dim == 2 and triton_runs_on(x):
             from .kernels.triton_gather import gather_rows_with_means
 
@@ -124,8 +143,8 @@ class _GatherRows(torch.autograd.Function):
             if n_means:
                 head = y.narrow(dim, 0, n_means * group)
                 means = head.unflatten(dim, (n_means, group)).mean(dim=dim + 1, dtype=torch.float32)
-        ctx.save_for_backward(index, zero_pos)
-        ctx.dim, ctx.shape = dim, x.shape
+        ctx.save_for_backward(index, zero_pos, *(dups or ()))
+        ctx.dim, ctx.shape, ctx.has_dups = dim, x.shape, dups is not None
         if means is None:
             return y, x.new_empty(0, dtype=torch.float32)
         ctx.mark_non_differentiable(means)
@@ -133,11 +152,27 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, _gmeans):
-        index, zero_pos = ctx.saved_tensors
+        index, zero_pos, *dups = ctx.saved_tensors
+        dim, half = ctx.dim, gy.dtype in (torch.float16, torch.bfloat16)
+        if ctx.has_dups and half:
+            inverse, (dup_slots, targets, local) = dups[0], dups[1:]
+            gx = gy.index_select(dim, inverse)                       # every token's own slot
+            if dup_slots.numel():
+                acc = gx.index_select(dim, targets).float().index_add_(dim, local, gy.index_select(dim, dup_slots).float())
+                gx.index_copy_(dim, targets, acc.to(gx.dtype))
+            return gx, None, None, None, None, None, None, None
         if zero_pos.numel():
-            gy = gy.index_fill(ctx.dim, zero_pos, 0)
-        gx = gy.new_zeros(ctx.shape).index_add_(ctx.dim, index, gy)
-        return gx, None, None, None, None, None, None
+            gy = gy.index_fill(dim, zero_pos, 0)
+        acc_dtype = torch.float32 if half else gy.dtype
+        gx = gy.new_zeros(ctx.shape, dtype=acc_dtype).index_add_(dim, index, gy.to(acc_dtype))
+        return gx.to(gy.dtype), None, None, None, None, None, None, None
+
+
+def _dups(idx: Dict[str, torch.Tensor]):
+    """``(inverse, dup_slots, dup_targets, dup_local)`` when the cached indices hold them (eager)."""
+    if "dup_slots" not in idx:
+        return None
+    return idx["inverse"], idx["dup_slots"], idx["dup_targets"], idx["dup_local"]
 
 
 def _is_int_triple(value) -> bool:
@@ -240,7 +275,7 @@ class TileLayout:
         self._check_seq_len(x.shape[seq_dim])
         idx = self.indices(x.device)
         return _GatherRows.apply(x, seq_dim % x.dim(), idx["src"], idx["zero_pos"], idx["kernel_src"],
-                                 self.block_size, 0)[0]
+                                 self.block_size, 0, _dups(idx))[0]
 
     def tile_with_means(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """`tile` of ``x [B, H, S, D]`` plus the float32 mean of every video tile ``[B, H, Nv, D]``
@@ -250,7 +285,7 @@ class TileLayout:
         self._check_seq_len(x.shape[2])
         idx = self.indices(x.device)
         return _GatherRows.apply(x, 2, idx["src"], idx["zero_pos"], idx["kernel_src"], self.block_size,
-                                 self.num_video_blocks)
+                                 self.num_video_blocks, _dups(idx))
 
     def untile(self, y: torch.Tensor, seq_dim: int = 2) -> torch.Tensor:
         """Inverse of `tile`: block order ``[..., N*bs, ...]`` → ``[..., S, ...]`` (padding dropped)."""
@@ -266,8 +301,8 @@ class TileLayout:
         are dropped by `untile`, so they need not be computed."""
         bs, Nt = self.block_size, self.num_text_blocks
         video = self.indices(device)["video_valid"]
-        starts = torch.arange(Nt, device=device, dtype=torch.int32) * bs
-        text = (self.text_len - starts).clamp(0, bs)
+        # static per layout: Python ints (a constant under torch.compile, no index arithmetic to lower)
+        text = torch.tensor([min(bs, self.text_len - j * bs) for j in range(Nt)], dtype=torch.int32, device=device)
         return torch.cat([video, text]).to(torch.int32)[None]
 
     def key_valid(self, text_mask: Optional[torch.Tensor], device: torch.device | str,
@@ -285,10 +320,9 @@ class TileLayout:
         video = self.indices(device)["video_valid"][None]
         if self.pad_type == "zero":
             return torch.cat([video, torch.full((1, Nt), bs, dtype=torch.int32, device=device)], dim=1)
-        if text_mask is None:
-            n_text = torch.full((1, 1), self.text_len, dtype=torch.int32, device=device)
-        else:
-            n_text = text_mask.to(device=device).sum(-1, dtype=torch.int32)[:, None]
+        if text_mask is None:   # every text token valid: the same counts as the query rows
+            return self.query_valid(device)
+        n_text = text_mask.to(device=device).sum(-1, dtype=torch.int32)[:, None]
         starts = torch.arange(Nt, device=device, dtype=torch.int32)[None] * bs
         text = (n_text - starts).clamp(0, bs)
         return torch.cat([video.expand(text.shape[0], Nv), text], dim=1).to(torch.int32)

@@ -62,7 +62,7 @@ def _plan(S: int, qb: int, kb: int, device, width: int = 32) -> BlockSparsePlan:
     return BlockSparsePlan.from_block_mask(mask, qb, kb, k_valid, q_valid)
 
 
-def warmup(*shapes: Shape, kernel_options: Optional[dict] = None, deterministic: bool = False,
+def warmup(*shapes: Shape, kernel_options: Optional[dict] = None, deterministic: Optional[bool] = None,
            backward: bool = True, bshd: bool = False, device: Union[str, torch.device, None] = None,
            backend: str = "auto") -> list:
     """Compile/tune the forward (and backward) of ``backend`` for each shape (``"auto"``: the backend

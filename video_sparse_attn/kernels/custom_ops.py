@@ -2,7 +2,7 @@
 kernel call (no graph break, no tracing into Triton's autotuner or FA4's CuTe compiler).
 
 - ``vsa::triton_attention`` / ``vsa::triton_attention_bwd``: the Triton forward and its backward
-  (single pass; the lse gradient shifts the row term, as in eager).
+  (the default backward mode; the lse gradient shifts the row term, as in eager).
 - ``vsa::fa4_attention`` / ``vsa::fa4_attention_bwd``: FlashAttention-4 over block lists that are
   built in the traced graph from the plan (pure tensor ops with static shapes).
 
@@ -59,9 +59,10 @@ def _triton_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: T
                 plan_tensors: List[Tensor], q_block: int, k_block: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     from .triton_bwd import attention_backward
     from .triton_common import resolve_kernel_options
+    from .triton_op import DEFAULT_DETERMINISTIC
 
     return attention_backward(q, k, v, out, lse, dout, _plan(plan_tensors, q_block, k_block), scale,
-                              resolve_kernel_options(None), dlse=dlse)
+                              resolve_kernel_options(None), deterministic=DEFAULT_DETERMINISTIC, dlse=dlse)
 
 
 @_triton_bwd.register_fake

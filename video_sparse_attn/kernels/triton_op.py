@@ -57,6 +57,13 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> None:
             raise ValueError(f"plan.{name} must be int32 with a unit last stride, got {t.dtype}, strides {t.stride()}")
 
 
+#: The backward that runs when the caller does not choose: the two-pass design (no atomics,
+#: bit-reproducible). On an H200 at the HunyuanVideo-1.5 720p SSTA mask the two-pass backward took
+#: 174 ms and the single pass with atomic dQ 229 ms (benchmarks/NOTES.md, v6), so the two-pass design
+#: is the default until a single pass beats it; ``deterministic=False`` selects the single pass.
+DEFAULT_DETERMINISTIC = True
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     """out, lse = attention(q, k, v); backward: single pass (float32 dQ buffer) or, with
     ``deterministic``, two passes without atomics."""
@@ -88,7 +95,7 @@ def block_sparse_attention_triton(
     plan,
     scale: Optional[float] = None,
     kernel_options: Optional[KernelOptions] = None,
-    deterministic: bool = False,
+    deterministic: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention of block-ordered tensors over ``plan`` with the Triton kernels.
 
@@ -100,8 +107,9 @@ def block_sparse_attention_triton(
         scale: softmax scale, default ``1/sqrt(D)``.
         kernel_options: tuning knobs (`KernelOptions`: ``tma``, ``warp_specialize``, ``fwd_peel``,
             ``fwd_lazy``, ``autotune``, ``dq_reduce``); unknown keys raise ValueError.
-        deterministic: bit-reproducible backward (two passes, no atomics, ~1.3× the single pass's
-            GEMM work) instead of the default single pass that adds dQ with atomics.
+        deterministic: True: the two-pass backward (no atomics, bit-reproducible); False: the single
+            pass that adds dQ with atomics (fewer GEMMs, slower on Hopper as measured); None: the
+            default, `DEFAULT_DETERMINISTIC`.
 
     Returns:
         ``out [B, H, Sq, D]`` in q's dtype and ``lse [B, H, Sq]`` float32 (natural log; -inf and
@@ -112,4 +120,5 @@ def block_sparse_attention_triton(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
-    return _BlockSparseAttention.apply(q, k, v, plan, scale, options, bool(deterministic))
+    deterministic = DEFAULT_DETERMINISTIC if deterministic is None else bool(deterministic)
+    return _BlockSparseAttention.apply(q, k, v, plan, scale, options, deterministic)
