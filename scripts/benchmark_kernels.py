@@ -247,3 +247,7 @@ def main() -> None:
     print(f"\nautotuned configs ({len(picked)}, {cache}; format of kernels/tuned_configs.json):")
     for k, c in sorted(picked.items()):
         print(f"  {k}: {c}")
+
+
+if __name__ == "__main__":
+    main()
