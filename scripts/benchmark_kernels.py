@@ -202,6 +202,11 @@ def plot(rows, path: str) -> None:
 
 
 def main() -> None:
+    # the backward is timed by repeating autograd.grad(..., retain_graph=True) over one forward; a
+    # compiled FlexAttention backward refuses that with donated buffers (torch >= 2.11)
+    import torch._functorch.config as functorch_config
+
+    functorch_config.donated_buffer = False
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--heads", type=int, default=16)
