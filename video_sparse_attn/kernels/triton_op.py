@@ -57,11 +57,10 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> None:
             raise ValueError(f"plan.{name} must be int32 with a unit last stride, got {t.dtype}, strides {t.stride()}")
 
 
-#: The backward that runs when the caller does not choose: the two-pass design (no atomics,
-#: bit-reproducible). On an H200 at the HunyuanVideo-1.5 720p SSTA mask the two-pass backward took
-#: 174 ms and the single pass with atomic dQ 229 ms (benchmarks/NOTES.md, v6), so the two-pass design
-#: is the default until a single pass beats it; ``deterministic=False`` selects the single pass.
-DEFAULT_DETERMINISTIC = True
+#: The backward that runs when the caller does not choose. On an H200 at the HunyuanVideo-1.5 720p SSTA
+#: mask (benchmarks/NOTES.md, v6): single pass with atomic dQ and pointer loads 186.4 ms, two-pass
+#: (no atomics, bit-reproducible: ``deterministic=True``) 193.5 ms, FlexAttention 194.8 ms.
+DEFAULT_DETERMINISTIC = False
 
 
 class _BlockSparseAttention(torch.autograd.Function):
@@ -108,8 +107,8 @@ def block_sparse_attention_triton(
         kernel_options: tuning knobs (`KernelOptions`: ``tma``, ``warp_specialize``, ``fwd_peel``,
             ``fwd_lazy``, ``autotune``, ``dq_reduce``); unknown keys raise ValueError.
         deterministic: True: the two-pass backward (no atomics, bit-reproducible); False: the single
-            pass that adds dQ with atomics (fewer GEMMs, slower on Hopper as measured); None: the
-            default, `DEFAULT_DETERMINISTIC`.
+            pass that adds dQ with atomics (5 block GEMMs instead of 7); None: the default,
+            `DEFAULT_DETERMINISTIC` (the single pass, measured faster).
 
     Returns:
         ``out [B, H, Sq, D]`` in q's dtype and ``lse [B, H, Sq]`` float32 (natural log; -inf and
