@@ -214,3 +214,42 @@ def test_triton_backend_equals_stock(family):
     ref = run(model, inputs)
     enable_ssta(model, DENSE, backend="triton")
     assert_close(run(model, inputs), ref, tol=1e-2 if torch.cuda.is_available() else 1e-5)
+
+
+def test_processor_checks_text_mask_prefix_once_per_shape(monkeypatch):
+    """On a GPU the op does not read the mask (no host sync per call): the processor reads it once per
+    mask shape instead, so a non-prefix mask is refused there too."""
+    from video_sparse_attn.processors import base
+
+    calls = []
+    real = base.check_text_mask_prefix
+    monkeypatch.setattr(base, "check_text_mask_prefix", lambda m: (calls.append(m.shape), real(m)))
+    proc = SSTAAttnProcessor(SSTAConfig())
+    good = torch.tensor([[True, True, False], [True, False, False]])
+    proc._check_text_mask_once(good)
+    proc._check_text_mask_once(good.clone())
+    assert calls == [torch.Size([2, 3])]                      # once for this shape
+    with pytest.raises(ValueError, match="not a prefix"):
+        proc._check_text_mask_once(torch.tensor([[True, False, True, False]]))
+
+
+def test_enable_warmup_warms_the_transformers_shapes(monkeypatch):
+    """``enable_ssta(..., warmup=True)`` warms (heads, head dim, dtype, tile) of the transformer on CUDA;
+    on a CPU transformer it does nothing."""
+    import importlib
+    import types
+
+    from video_sparse_attn.processors import enable as enable_module
+
+    warmup_module = importlib.import_module("video_sparse_attn.warmup")   # the module, not the function
+
+    seen = []
+    monkeypatch.setattr(warmup_module, "warmup", lambda *shapes, **kw: seen.append((shapes, kw)))
+    fake = types.SimpleNamespace(
+        config=types.SimpleNamespace(num_attention_heads=16, attention_head_dim=128),
+        parameters=lambda: iter([types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)]))
+    enable_module._warm_kernels(fake, SSTAConfig(), "auto")
+    assert seen == [(((1, 16, 8 * 384, 128, torch.bfloat16, 384),), {"backend": "auto", "device": torch.device("cuda", 0)})]
+    model, _ = tiny("hunyuan_video15")
+    enable_ssta(model, SSTAConfig(tile_thw=(1, 4, 4)), warmup=True)        # CPU model: nothing to warm
+    assert len(seen) == 1

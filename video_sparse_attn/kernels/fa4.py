@@ -12,15 +12,15 @@ plan, share it), on the device, with no host synchronisation:
   one with none is dropped, and so is every Q sub-block with no real row (``q_valid``).
 
 Rows past ``q_valid`` return out 0 and lse -inf, and take no gradient, as the plan defines.
-FA4 compiles each kernel variant on first use; set ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1``
-(this module sets it unless you did) to keep compiled kernels on disk across processes.
+FA4 compiles each kernel variant on first use; ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1`` keeps
+compiled kernels on disk across processes (the registry sets it before FA4 is first imported, unless
+you chose otherwise; ``FLASH_ATTENTION_CUTE_DSL_CACHE_DIR`` moves the cache).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -29,7 +29,6 @@ import torch
 __all__ = ["block_sparse_attention_fa4", "fa4_block_lists", "fa4_forward", "fa4_backward", "FA4BlockLists",
            "FA4_BLOCK"]
 
-os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
 
 FA4_BLOCK = 128     # FA4's sparse block along q and k at head dims 64 / 128 on sm90 and sm100
 _CACHE_ATTR = "_fa4_block_lists"

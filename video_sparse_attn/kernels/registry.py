@@ -139,6 +139,9 @@ def triton_importable() -> Optional[str]:
 
 
 def fa4_importable() -> Optional[str]:
+    # FA4 reads its compile-cache switch when first imported: turn the disk cache on (unless the user
+    # chose) before this probe imports it, so that compiled kernels outlive the process
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
     return _import_reason("flash_attn.cute.interface", "fa4")
 
 

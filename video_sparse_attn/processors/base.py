@@ -17,7 +17,7 @@ from ..attention import ssta_attention
 from ..kernels.registry import AttentionCall, backend_names, select_backend
 from ..config import SSTAConfig
 from ..families import family_of
-from ..validation import check_tiles
+from ..validation import check_text_mask_prefix, check_tiles
 from .grid_hook import (LAYER_ATTR, RUNTIME_ATTR, SSTARuntime, find_calling_transformer, install_grid_hook,
                         runtime_of)
 from .schedule import SSTASchedule
@@ -80,6 +80,7 @@ class SSTAAttnProcessor:
         self.stats = stats
         self.strict_tiles = strict_tiles
         self._stock_processors: dict = {}
+        self._checked_text_masks: set = set()
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(config={self.config}, schedule={self.schedule}, "
@@ -158,6 +159,16 @@ class SSTAAttnProcessor:
         if self.strict_tiles:
             check_tiles(config, thw)
 
+    def _check_text_mask_once(self, text_mask: Optional[torch.Tensor]) -> None:
+        """Refuse a non-prefix text mask, reading its values once per mask shape and device (one host
+        synchronisation on a GPU per new shape; later calls of that shape trust the model)."""
+        if text_mask is None or torch.compiler.is_compiling():
+            return
+        key = (tuple(text_mask.shape), str(text_mask.device))
+        if key not in self._checked_text_masks:
+            check_text_mask_prefix(text_mask.bool())
+            self._checked_text_masks.add(key)
+
     def attend(self, attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                text_len: int = 0, text_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """SSTA over diffusers-layout ``query, key, value [B, S, H, D]`` (``S = t*h*w + text_len``,
@@ -167,6 +178,7 @@ class SSTAAttnProcessor:
         plus the whole text, and `parallel.ulysses_attention` exchanges the tokens around the op.
         """
         runtime, layer = self._runtime_for(attn)
+        self._check_text_mask_once(text_mask)
         if self._parallel_config is not None:
             from .parallel import ulysses_attention, ulysses_group
 

@@ -42,6 +42,7 @@ def enable_ssta(
     stats: Union[bool, SSTAStats, None] = None,
     scheduler: Any = None,
     strict_tiles: bool = True,
+    warmup: bool = False,
 ) -> SSTARuntime:
     """Replace a transformer's video attention with SSTA processors and install the grid hook.
 
@@ -56,6 +57,9 @@ def enable_ssta(
         scheduler: the scheduler whose ``step_index`` is the denoising step (default: the pipeline's);
             without one, the step follows the timesteps the transformer receives.
         strict_tiles: see `SSTAAttnProcessor`.
+        warmup: compile (and tune) the attention kernels now for the transformer's heads, head dim,
+            dtype and the config's tile, so that the first denoising step does not stall (CUDA only;
+            see `video_sparse_attn.warmup`).
 
     Returns:
         The `SSTARuntime` of the (first) transformer: ``.thw``, ``.step``, ``.set_step``, ``.stats``.
@@ -109,7 +113,22 @@ def enable_ssta(
         transformer.set_attn_processor(mapping)
         install_grid_hook(transformer, runtime)
         runtimes.append(runtime)
+        if warmup:
+            _warm_kernels(transformer, config, backend)
     return runtimes[0]
+
+
+def _warm_kernels(transformer: torch.nn.Module, config: SSTAConfig, backend: str) -> None:
+    """Run `video_sparse_attn.warmup` for the shapes ``transformer`` will call attention with."""
+    param = next(transformer.parameters(), None)
+    if param is None or param.device.type != "cuda":
+        return
+    from ..warmup import warmup as warm
+
+    cfg = transformer.config
+    heads, head_dim = int(cfg.num_attention_heads), int(cfg.attention_head_dim)
+    block = config.block_size            # the image tile of the caller rules keeps this volume
+    warm((1, heads, 8 * block, head_dim, param.dtype, block), backend=backend, device=param.device)
 
 
 def disable_ssta(target: Any) -> None:
