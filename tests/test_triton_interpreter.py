@@ -138,11 +138,11 @@ def test_every_element_written():
 def test_input_errors():
     plan = BlockSparsePlan.dense(1, 1, 2, 2, 16, device=DEV)
     q = torch.randn(1, 1, 32, 16, device=DEV)
-    with pytest.raises(TypeError, match="float64"):
+    with pytest.raises(ValueError, match="float64"):
         attn(q.double(), q.double(), q.double(), plan)
     with pytest.raises(ValueError, match="plan covers"):
         attn(q[:, :, :16], q[:, :, :16], q[:, :, :16], plan)
-    with pytest.raises(ValueError, match="scale must be positive"):
+    with pytest.raises(ValueError, match="scale must be a finite positive float"):
         attn(q, q, q, plan, scale=-1.0)
     big = torch.randn(1, 1, 32, 272, device=DEV)
     with pytest.raises(ValueError, match="head dim 272"):

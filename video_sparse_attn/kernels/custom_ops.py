@@ -93,9 +93,9 @@ def triton_entry(q: Tensor, k: Tensor, v: Tensor, plan: BlockSparsePlan,
     if torch.compiler.is_compiling():
         tensors, qb, kb = _plan_args(plan)
         return _triton_fwd(q, k, v, tensors, qb, kb, _scale(q, scale))
-    from .triton_op import block_sparse_attention_triton
+    from .triton_op import run_triton
 
-    return block_sparse_attention_triton(q, k, v, plan, scale)
+    return run_triton(q, k, v, plan, _scale(q, scale))     # inputs checked by the public op
 
 
 # ---------------------------------------------------------------------------------------------- FA4

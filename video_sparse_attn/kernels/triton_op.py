@@ -7,8 +7,6 @@ process environment.
 
 from __future__ import annotations
 
-import math
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -17,44 +15,25 @@ from .triton_bwd import attention_backward
 from .triton_common import KernelOptions, resolve_kernel_options
 from .triton_fwd import attention_forward
 
-__all__ = ["block_sparse_attention_triton", "MAX_HEAD_DIM", "KernelOptions"]
-
-MAX_HEAD_DIM = 256
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+__all__ = ["block_sparse_attention_triton", "run_triton", "KernelOptions"]
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [B, H, S, D], got {getattr(x, 'shape', type(x))}")
-        if x.dtype not in _DTYPES:
-            raise TypeError(f"{name}: the Triton kernels take float16/bfloat16/float32, got {x.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device == plan.device):
-        raise ValueError(f"q, k, v and the plan must share a device: {q.device}, {k.device}, {v.device}, {plan.device}")
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
-    B, H, Sq, D = q.shape
-    if k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D:
-        raise ValueError(f"k and v must be [B={B}, H={H}, Sk, D={D}], got {tuple(k.shape)} and {tuple(v.shape)}")
-    if D > MAX_HEAD_DIM:
-        raise ValueError(f"head dim {D} is larger than the kernels support ({MAX_HEAD_DIM})")
-    Mq, Nk = plan.num_q_blocks, plan.num_k_blocks
-    if Sq != Mq * plan.q_block or k.shape[2] != Nk * plan.k_block:
-        raise ValueError(
-            f"plan covers Sq={Mq}*{plan.q_block}, Sk={Nk}*{plan.k_block} but q has {Sq} rows and k has {k.shape[2]}"
-        )
-    Bp, Hp = plan.kv_count.shape[:2]
-    if Bp not in (1, B) or Hp not in (1, H) or plan.k_valid.shape[0] not in (1, B) or plan.q_valid.shape[0] not in (1, B):
-        raise ValueError(
-            f"plan batch/head dims ({Bp}, {Hp}), k_valid batch {plan.k_valid.shape[0]} and q_valid batch "
-            f"{plan.q_valid.shape[0]} must be 1 or match q's ({B}, {H})"
-        )
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: Optional[float]) -> float:
+    """Checks for direct callers (the public ops check once at their entry and skip these): shapes,
+    plan and scale as for every backend (`validation.validate_block_inputs`), what this backend runs
+    (the registry's `BackendSpec`), and the plan's index layout the kernels read. Returns the scale."""
+    from ..validation import validate_block_inputs
+    from .registry import BACKENDS, AttentionCall
+
+    scale = validate_block_inputs(q, k, v, plan, scale)
+    why = BACKENDS["triton"].unsupported(AttentionCall.of(q, plan))
+    if why is not None:
+        raise ValueError(f"the Triton kernels cannot run this call: {why}")
     for name in ("kv_count", "kv_index", "q_count", "q_index", "row_order", "col_order", "k_valid", "q_valid"):
         t = getattr(plan, name)
         if t.dtype != torch.int32 or t.stride(-1) != 1:
             raise ValueError(f"plan.{name} must be int32 with a unit last stride, got {t.dtype}, strides {t.stride()}")
+    return scale
 
 
 #: The backward that runs when the caller does not choose. On an H200 at the HunyuanVideo-1.5 720p SSTA
@@ -115,9 +94,13 @@ def block_sparse_attention_triton(
         out 0 for rows that see no key). Both differentiable in q, k, v.
     """
     options = resolve_kernel_options(kernel_options)
-    _check(q, k, v, plan)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale}")
+    scale = _check(q, k, v, plan, scale)
+    return run_triton(q, k, v, plan, scale, options, deterministic)
+
+
+def run_triton(q, k, v, plan, scale: float, options: Optional[dict] = None,
+               deterministic: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`block_sparse_attention_triton` without its input checks (for callers that validated already)."""
+    options = resolve_kernel_options(options)
     deterministic = DEFAULT_DETERMINISTIC if deterministic is None else bool(deterministic)
     return _BlockSparseAttention.apply(q, k, v, plan, scale, options, deterministic)
