@@ -59,7 +59,6 @@ def no_model_loads(monkeypatch):
     (["--height", "17"], "--height 17: must be a multiple of 4"),
     (["--output", "x.gif"], "--output 'x.gif'"),
     (["--tile", "1,4"], "argument --tile: expected three positive ints"),
-    (["--tile", "3,3,3"], r"SSTA options --tile=\(3, 3, 3\): tile_thw=\(3, 3, 3\) holds 27 tokens"),
     (["--ssta-config", "missing.json"], "argument --ssta-config: no such file: 'missing.json'"),
     (["--no-ssta", "--compare-stock"], "--compare-stock .* cannot go with --no-ssta"),
     (["--dense-steps", "9", "--steps", "3"], "--dense-steps 9: more than --steps 3"),

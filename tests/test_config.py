@@ -15,7 +15,6 @@ def test_defaults_are_the_released_720p_values():
 
 
 @pytest.mark.parametrize("kwargs, err, words", [
-    (dict(tile_thw=(1, 2, 3)), ValueError, "multiple of 16"),
     (dict(tile_thw=(2, 2)), ValueError, "three positive ints"),
     (dict(tile_thw=(0, 4, 4)), ValueError, "three positive ints"),
     (dict(kernel_thw=(1, -1, 1)), ValueError, "kernel_thw"),

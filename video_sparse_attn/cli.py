@@ -113,7 +113,7 @@ def add_ssta_arguments(parser: argparse.ArgumentParser, backend_default: str = "
     g.add_argument("--sparse-type", choices=SPARSE_TYPES, default=None,
                    help="ssta = window + top-k + text; sta = window + text; block_attn = top-k + text; dense")
     g.add_argument("--tile", action=_TripleAction, nargs="+", default=None, metavar="T,H,W",
-                   help="tile (= attention block) in latent tokens; its volume must be a multiple of 16")
+                   help="tile (= attention block) in latent tokens t,h,w (any size; multiples of 16 tokens waste no slots)")
     g.add_argument("--window", dest="window", action=_TripleAction, nargs="+", default=None,
                    metavar="T,H,W", help="STA window (kernel_thw) in tiles")
     g.add_argument("--topk", type=positive_int, default=None, help="key tiles selected per query tile")

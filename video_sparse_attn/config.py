@@ -17,7 +17,6 @@ SPARSE_TYPES = ("ssta", "sta", "block_attn", "dense")
 SAMPLING_TYPES = ("importance", "similarity")
 PAD_TYPES = ("zero", "repeat", "mask")
 METADATA_KEY = "ssta_config"
-MIN_BLOCK = 16  # kernels tile in multiples of 16 tokens
 
 Triple = Tuple[int, int, int]
 
@@ -54,8 +53,9 @@ class SSTAConfig:
     """Selective and Sliding Tile Attention settings.
 
     Attributes:
-        tile_thw: tile (= attention block) size in latent tokens along (t, h, w); its volume must be
-            a multiple of 16. Default (6, 8, 8) = 384 tokens.
+        tile_thw: tile (= attention block) size in latent tokens along (t, h, w), any size; a tile
+            whose volume is not a multiple of 16 is stored in a block rounded up to 16 slots, the
+            tail masked. Default (6, 8, 8) = 384 tokens.
         kernel_thw: STA window in *tiles* along (t, h, w). Even sizes act like the next odd size;
             a window larger than the tile grid covers the whole axis.
         topk: key tiles selected per query tile by the importance / similarity scores.
@@ -97,12 +97,6 @@ class SSTAConfig:
         set_("kernel_thw", _triple("kernel_thw", self.kernel_thw))
         if self.adaptive_pool is not None:
             set_("adaptive_pool", _triple("adaptive_pool", self.adaptive_pool))
-        bs = math.prod(self.tile_thw)
-        if bs < MIN_BLOCK or bs % MIN_BLOCK:
-            raise ValueError(
-                f"tile_thw={self.tile_thw} holds {bs} tokens; a tile must hold a multiple of "
-                f"{MIN_BLOCK} tokens (>= {MIN_BLOCK}) so that it maps onto kernel blocks"
-            )
         if isinstance(self.topk, bool) or not isinstance(self.topk, int):
             raise TypeError(f"topk must be an int, got {type(self.topk).__name__}")
         if self.topk < 1:

@@ -36,38 +36,56 @@ def _build_indices(grid: Triple, tile: Triple, text_len: int, pad_type: str,
                    device: torch.device | str = "cpu") -> Dict[str, torch.Tensor]:
     """Index tensors for one layout (see `TileLayout.indices` for their meaning).
 
+    A tile of ``bs_t = Tt*Th*Tw`` tokens is stored in a block of ``bs = bs_t`` rounded up to 16 slots:
+    real tokens first, then the tile's grid padding, then the storage tail (zeros, never a key or a
+    query). Text blocks hold ``bs_t`` text tokens (the last repeated) and the same tail.
     Static-shape tensor ops only (sizes follow from the Python ints), so `torch.compile` traces it.
     """
     t, h, w = grid
     Tt, Th, Tw = tile
     nt, nh, nw = (-(-g // s) for g, s in zip(grid, tile))
-    bs = Tt * Th * Tw
-    n_video, n_real = nt * nh * nw * bs, t * h * w
+    bs_t = Tt * Th * Tw
+    bs = -(-bs_t // 16) * 16
+    tail = bs - bs_t
+    Nv = nt * nh * nw
+    n_real = t * h * w
     # coordinates of every padded-grid position, then tile order
     T = torch.arange(nt * Tt, device=device).view(-1, 1, 1).expand(nt * Tt, nh * Th, nw * Tw)
     Y = torch.arange(nh * Th, device=device).view(1, -1, 1).expand_as(T)
     X = torch.arange(nw * Tw, device=device).view(1, 1, -1).expand_as(T)
     to_tiles = "(nt tt) (nh th) (nw tw) -> (nt nh nw) (tt th tw)"
-    T, Y, X = (rearrange(c, to_tiles, tt=Tt, th=Th, tw=Tw) for c in (T, Y, X))   # [Nv, bs]
+    T, Y, X = (rearrange(c, to_tiles, tt=Tt, th=Th, tw=Tw) for c in (T, Y, X))   # [Nv, bs_t]
     valid = (T < t) & (Y < h) & (X < w)
     if pad_type == "repeat":
         src = T.clamp(max=t - 1) * h * w + Y.clamp(max=h - 1) * w + X.clamp(max=w - 1)
     else:
         src = torch.where(valid, T * h * w + Y * w + X, torch.zeros_like(T))
-    slot_raster = torch.arange(bs, device=device).expand_as(T)  # raster position inside the tile of each slot
-    # real tokens first inside each tile (stable: raster order kept among them)
-    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
-    src, valid, slot_raster = (torch.gather(x, 1, order) for x in (src, valid, slot_raster))
-    Nv = nt * nh * nw
-    Nt = -(-text_len // bs)
-    text_src = n_real + torch.arange(Nt * bs, device=device).clamp(max=max(text_len - 1, 0))
+    slot_raster = torch.arange(bs_t, device=device).expand_as(T)  # raster position inside the tile of each slot
+    semantic = torch.ones_like(valid)                              # a slot of the tile (not storage tail)
+    if tail:
+        def widen(x, value):
+            return torch.cat([x, torch.full((Nv, tail), value, dtype=x.dtype, device=device)], dim=1)
+        src, valid, semantic = widen(src, 0), widen(valid, False), widen(semantic, False)
+        slot_raster = widen(slot_raster, bs_t)                     # bs_t: "no raster position"
+    # real tokens first, then the tile's padding, then the tail (stable: raster order kept)
+    rank = torch.where(valid, 0, torch.where(semantic, 1, 2)).to(torch.int8)
+    order = torch.sort(rank, dim=1, stable=True).indices
+    src, valid, semantic, slot_raster = (torch.gather(x, 1, order) for x in (src, valid, semantic, slot_raster))
+    Nt = -(-text_len // bs_t)
+    pos = torch.arange(Nt * bs, device=device)
+    text_tok = (pos // bs) * bs_t + pos % bs                       # text token of each text slot
+    text_semantic = pos % bs < bs_t
+    text_src = n_real + torch.where(text_semantic, text_tok.clamp(max=max(text_len - 1, 0)), 0)
     src_all = torch.cat([src.flatten(), text_src])
     flat_valid = valid.flatten()
-    n_pad = 0 if pad_type == "repeat" else n_video - n_real     # slots filled with zeros (a static count)
-    zero_pos = torch.nonzero_static(~flat_valid, size=n_pad).flatten()
+    zero_video = ~flat_valid if pad_type != "repeat" else ~semantic.flatten()
+    zero_all = torch.cat([zero_video, ~text_semantic])
+    n_zero = (Nv * bs - n_real if pad_type != "repeat" else Nv * tail) + Nt * tail   # a static count
+    zero_pos = torch.nonzero_static(zero_all, size=n_zero).flatten()
     real_pos = torch.nonzero_static(flat_valid, size=n_real).flatten()       # slot of every video token
+    text_ids = torch.arange(text_len, device=device)
     inverse = torch.cat([torch.empty(n_real, dtype=torch.long, device=device).index_put_(
-        (src.flatten()[real_pos],), real_pos), Nv * bs + torch.arange(text_len, device=device)])
+        (src.flatten()[real_pos],), real_pos), Nv * bs + (text_ids // bs_t) * bs + text_ids % bs_t])
     kernel_src = src_all.index_fill(0, zero_pos, -1)
     return {
         "src": src_all, "zero_pos": zero_pos, "inverse": inverse, "kernel_src": kernel_src,
@@ -120,7 +138,8 @@ def _gather_rows(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor
 
 class _GatherRows(torch.autograd.Function):
     """``y = x.index_select(dim, index)`` with rows ``zero_pos`` of y set to 0, plus (optionally)
-    the float32 means of the first ``n_means`` groups of ``group`` rows of y (not differentiable).
+    the float32 means of the first ``n_means`` groups of ``group`` rows of y, each sum divided by
+    ``mean_div`` (the tile volume: a storage tail of zeros does not count; not differentiable).
 
     On CUDA one Triton pass copies the rows and sums the groups; elsewhere PyTorch ops do.
     Backward: duplicated sources (repeat padding, text padding copies) sum their gradients. With
@@ -130,11 +149,11 @@ class _GatherRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, dim, index, zero_pos, kernel_src, group, n_means, dups=None):
+    def forward(ctx, x, dim, index, zero_pos, kernel_src, group, n_means, mean_div=1, dups=None):
         if kernel_src is not None and x.dim() == 4 and dim == 2 and triton_runs_on(x):
             from .kernels.triton_gather import gather_rows_with_means
 
-            y, means = gather_rows_with_means(x, kernel_src, group, n_means)
+            y, means = gather_rows_with_means(x, kernel_src, group, n_means, mean_div)
         else:
             y = _gather_rows(x, dim, index)
             if zero_pos.numel():
@@ -142,7 +161,7 @@ class _GatherRows(torch.autograd.Function):
             means = None
             if n_means:
                 head = y.narrow(dim, 0, n_means * group)
-                means = head.unflatten(dim, (n_means, group)).mean(dim=dim + 1, dtype=torch.float32)
+                means = head.unflatten(dim, (n_means, group)).sum(dim=dim + 1, dtype=torch.float32) / mean_div
         ctx.save_for_backward(index, zero_pos, *(dups or ()))
         ctx.dim, ctx.shape, ctx.has_dups = dim, x.shape, dups is not None
         if means is None:
@@ -160,12 +179,12 @@ class _GatherRows(torch.autograd.Function):
             if dup_slots.numel():
                 acc = gx.index_select(dim, targets).float().index_add_(dim, local, gy.index_select(dim, dup_slots).float())
                 gx.index_copy_(dim, targets, acc.to(gx.dtype))
-            return gx, None, None, None, None, None, None, None
+            return gx, None, None, None, None, None, None, None, None
         if zero_pos.numel():
             gy = gy.index_fill(dim, zero_pos, 0)
         acc_dtype = torch.float32 if half else gy.dtype
         gx = gy.new_zeros(ctx.shape, dtype=acc_dtype).index_add_(dim, index, gy.to(acc_dtype))
-        return gx.to(gy.dtype), None, None, None, None, None, None, None
+        return gx.to(gy.dtype), None, None, None, None, None, None, None, None
 
 
 def _dups(idx: Dict[str, torch.Tensor]):
@@ -191,7 +210,8 @@ class TileLayout:
 
     Attributes:
         grid_thw: unpadded latent grid (t, h, w).
-        tile_thw: tile size (Tt, Th, Tw); ``block_size = Tt*Th*Tw`` tokens.
+        tile_thw: tile size (Tt, Th, Tw) of ``tile_volume = Tt*Th*Tw`` tokens (any size); each tile is
+            an attention block of ``block_size`` slots (the volume rounded up to 16).
         text_len: number of text tokens L.
         pad_type: ``zero`` | ``repeat`` | ``mask``.
     Derived: ``tiles_thw`` (nt, nh, nw); ``num_video_blocks`` Nv; ``num_text_blocks`` Nt;
@@ -217,8 +237,15 @@ class TileLayout:
 
     # ------------------------------------------------------------------ sizes
     @property
-    def block_size(self) -> int:
+    def tile_volume(self) -> int:
+        """Tokens of one tile (``Tt*Th*Tw``): the semantic block of SSTA."""
         return math.prod(self.tile_thw)
+
+    @property
+    def block_size(self) -> int:
+        """Slots of one attention block: the tile volume rounded up to 16 (the kernels' granularity);
+        slots past the tile volume are a zero tail that takes part in nothing."""
+        return -(-self.tile_volume // 16) * 16
 
     @property
     def tiles_thw(self) -> Triple:
@@ -238,7 +265,7 @@ class TileLayout:
 
     @property
     def num_text_blocks(self) -> int:
-        return -(-self.text_len // self.block_size)
+        return -(-self.text_len // self.tile_volume)
 
     @property
     def num_blocks(self) -> int:
@@ -275,7 +302,7 @@ class TileLayout:
         self._check_seq_len(x.shape[seq_dim])
         idx = self.indices(x.device)
         return _GatherRows.apply(x, seq_dim % x.dim(), idx["src"], idx["zero_pos"], idx["kernel_src"],
-                                 self.block_size, 0, _dups(idx))[0]
+                                 self.block_size, 0, 1, _dups(idx))[0]
 
     def tile_with_means(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """`tile` of ``x [B, H, S, D]`` plus the float32 mean of every video tile ``[B, H, Nv, D]``
@@ -285,21 +312,21 @@ class TileLayout:
         self._check_seq_len(x.shape[2])
         idx = self.indices(x.device)
         return _GatherRows.apply(x, 2, idx["src"], idx["zero_pos"], idx["kernel_src"], self.block_size,
-                                 self.num_video_blocks, _dups(idx))
+                                 self.num_video_blocks, self.tile_volume, _dups(idx))
 
     def untile(self, y: torch.Tensor, seq_dim: int = 2) -> torch.Tensor:
         """Inverse of `tile`: block order ``[..., N*bs, ...]`` → ``[..., S, ...]`` (padding dropped)."""
         if y.shape[seq_dim] != self.padded_len:
             raise ValueError(f"expected {self.padded_len} block-ordered tokens, got {y.shape[seq_dim]}")
         idx = self.indices(y.device)
-        return _GatherRows.apply(y, seq_dim % y.dim(), idx["inverse"], idx["zero_pos"][:0], None, 1, 0)[0]
+        return _GatherRows.apply(y, seq_dim % y.dim(), idx["inverse"], idx["zero_pos"][:0], None, 1, 0, 1)[0]
 
     # ------------------------------------------------------------------ validity per block
     def query_valid(self, device: torch.device | str) -> torch.Tensor:
         """Real query rows per block, int32 ``[1, N]`` (a `BlockSparsePlan.q_valid`): video tiles count
         their real tokens, text blocks their tokens before the padding copies. Rows past the count
         are dropped by `untile`, so they need not be computed."""
-        bs, Nt = self.block_size, self.num_text_blocks
+        bs, Nt = self.tile_volume, self.num_text_blocks
         video = self.indices(device)["video_valid"]
         # static per layout: Python ints (a constant under torch.compile, no index arithmetic to lower)
         text = torch.tensor([min(bs, self.text_len - j * bs) for j in range(Nt)], dtype=torch.int32, device=device)
@@ -312,9 +339,10 @@ class TileLayout:
         ``pad_type="mask"`` excludes padded video tokens, text padding copies and, when ``text_mask``
         ``[B, L]`` is given, the tokens past its valid count (a valid prefix). ``zero`` with
         ``padding_free`` skips the zero-padded video keys (their exact effect is restored by
-        `zero_keys`). Otherwise every token is a key (``repeat`` copies are real keys).
+        `zero_keys`). Otherwise every token of a tile is a key (``repeat`` copies are real keys); the
+        storage tail past the tile volume never is.
         """
-        bs, Nv, Nt = self.block_size, self.num_video_blocks, self.num_text_blocks
+        bs, Nv, Nt = self.tile_volume, self.num_video_blocks, self.num_text_blocks
         if self.pad_type == "repeat" or (self.pad_type == "zero" and not padding_free):
             return torch.full((1, Nv + Nt), bs, dtype=torch.int32, device=device)
         video = self.indices(device)["video_valid"][None]
@@ -333,5 +361,5 @@ class TileLayout:
         N = self.num_blocks
         if self.pad_type != "zero":
             return torch.zeros(N, dtype=torch.float32, device=device)
-        pad = self.block_size - self.indices(device)["video_valid"].float()
+        pad = self.tile_volume - self.indices(device)["video_valid"].float()
         return torch.cat([pad, torch.zeros(self.num_text_blocks, device=device)])

@@ -19,7 +19,7 @@ def _gather_rows_kernel(
     X, Y, SRC, MEAN,
     sxb, sxh, sxs, sxd,          # x strides [B, H, S, D] (any)
     syb, syh, sys_,              # y is [B, H, R, D] contiguous in D
-    H, num_mean_groups,
+    H, num_mean_groups, inv_mean_div,     # means = group sums * inv_mean_div
     D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
     WANT_MEAN: tl.constexpr,
 ):
@@ -43,14 +43,16 @@ def _gather_rows_kernel(
             acc += tl.sum(x.to(tl.float32), axis=0)
     if WANT_MEAN:
         if g < num_mean_groups:
-            tl.store(MEAN + (bh.to(tl.int64) * num_mean_groups + g) * D + offs_d, acc / GROUP, mask=d_ok)
+            tl.store(MEAN + (bh.to(tl.int64) * num_mean_groups + g) * D + offs_d, acc * inv_mean_div, mask=d_ok)
 
 
-def gather_rows_with_means(x: torch.Tensor, src: torch.Tensor, group: int, num_mean_groups: int):
+def gather_rows_with_means(x: torch.Tensor, src: torch.Tensor, group: int, num_mean_groups: int,
+                           mean_div: int = 0):
     """Gather rows of ``x [B, H, S, D]`` (any strides) by ``src [R]`` (int64, -1 → zero row).
 
-    Returns ``y [B, H, R, D]`` (contiguous) and, when ``num_mean_groups > 0``, the float32 means of
-    the first ``num_mean_groups`` groups of ``group`` rows, ``[B, H, num_mean_groups, D]``.
+    Returns ``y [B, H, R, D]`` (contiguous) and, when ``num_mean_groups > 0``, the float32 sums of
+    the first ``num_mean_groups`` groups of ``group`` rows divided by ``mean_div`` (default ``group``:
+    their means), ``[B, H, num_mean_groups, D]``.
     ``R`` must be a multiple of ``group``; ``group`` a multiple of 16.
     """
     B, H, S, D = x.shape
@@ -68,6 +70,6 @@ def gather_rows_with_means(x: torch.Tensor, src: torch.Tensor, group: int, num_m
             break
     _gather_rows_kernel[(R // group, B * H)](
         x, y, src, mean, *x.stride(), y.stride(0), y.stride(1), y.stride(2), H, num_mean_groups,
-        D=D, D_PAD=d_pad, GROUP=group, BLOCK_R=block_r, WANT_MEAN=want, num_warps=4,
+        1.0 / (mean_div or group), D=D, D_PAD=d_pad, GROUP=group, BLOCK_R=block_r, WANT_MEAN=want, num_warps=4,
     )
     return y, (mean if want else None)

@@ -56,7 +56,7 @@ def block_mask_from_tiled(q_t: torch.Tensor, k_t: torch.Tensor, layout: TileLayo
             video = sel if video is None else (video | sel)
     mask = assemble_with_text(video, Nt)
     if config.use_text_mask and text_mask is not None and Nt > 0:
-        mask = apply_text_validity(mask, Nv, layout.block_size, text_mask.to(dev),
+        mask = apply_text_validity(mask, Nv, layout.tile_volume, text_mask.to(dev),
                                    exact=config.pad_type == "mask")
     return mask
 

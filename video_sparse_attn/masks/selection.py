@@ -50,14 +50,16 @@ def tile_representatives(x_video: torch.Tensor, layout, pool: Optional[Tuple[int
     B, H, _, D = x_video.shape
     Nv, bs = layout.num_video_blocks, layout.block_size
     xb = x_video.reshape(B, H, Nv, bs, D)
-    if pool is None:
-        reps = xb.mean(dim=3, dtype=torch.float32)
+    if pool is None:   # sums over the block divided by the tile volume: a storage tail adds zeros
+        reps = xb.sum(dim=3, dtype=torch.float32) / layout.tile_volume
     else:
         if torch.compiler.is_compiling():   # the cache is eager-only; in a graph it is a few small ops
             w = _pool_matrix.__wrapped__(layout.tile_thw, tuple(pool)).to(x_video.device)
         else:
             w = _pool_matrix_on(layout.tile_thw, tuple(pool), str(x_video.device))     # [P, bs]
-        # slots are permuted inside each tile (real tokens first): permute the weights alike
+        # slots are permuted inside each tile (real tokens first): permute the weights alike; the
+        # storage tail (raster position = tile volume) gets weight 0
+        w = torch.cat([w, w.new_zeros(w.shape[0], 1)], dim=1)
         w = w[:, layout.indices(x_video.device)["slot_raster"]].transpose(0, 1)      # [Nv, P, bs]
         reps = torch.einsum("npk,bhnkd->bhnpd", w, xb.float())
         reps = reps.reshape(B, H, Nv, -1)
