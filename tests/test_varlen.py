@@ -1,0 +1,85 @@
+"""`block_sparse_attention_varlen`: packed sequences of any lengths against float64 dense references."""
+
+import math
+
+import pytest
+import torch
+
+from helpers import rel_l2
+from video_sparse_attn import block_sparse_attention_varlen
+
+
+def _reference(q, k, v, cq, ck, masks, qb, kb):
+    """Per sequence: float64 attention with its block mask expanded to tokens (k/v heads repeated)."""
+    H = q.shape[1]
+    outs, lses = [], []
+    for i in range(len(cq) - 1):
+        qi = q[cq[i]:cq[i + 1]].double().transpose(0, 1)
+        ki, vi = (x[ck[i]:ck[i + 1]].double().transpose(0, 1).repeat_interleave(H // x.shape[1], 0) for x in (k, v))
+        s = qi @ ki.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if masks is not None:
+            tok = masks[i].repeat_interleave(qb, -2).repeat_interleave(kb, -1)[..., : qi.shape[1], : ki.shape[1]]
+            s = s.masked_fill(~tok, float("-inf"))
+        lse = torch.logsumexp(s, -1) if s.shape[-1] else torch.full(s.shape[:-1], float("-inf"), dtype=s.dtype)
+        p = torch.exp(s - torch.where(torch.isinf(lse), 0, lse)[..., None])
+        outs.append((p @ vi).transpose(0, 1))
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses, dim=-1)
+
+
+LENGTHS = [  # (q lengths, k lengths): empty sequences, 1, 17, block - 1, block + 1, q != k
+    ([1, 17, 0, 31, 33], [5, 17, 3, 40, 33]),
+    ([16, 0, 64], [16, 10, 0]),
+]
+
+
+@pytest.mark.parametrize("lq, lk", LENGTHS)
+@pytest.mark.parametrize("Hk", [4, 1])
+@pytest.mark.parametrize("with_masks", [False, True])
+def test_varlen_matches_per_sequence_dense(lq, lk, Hk, with_masks):
+    torch.manual_seed(sum(lq) + Hk)
+    H, D, qb, kb = 4, 8, 16, 32
+    cq = [0] + list(torch.tensor(lq).cumsum(0).tolist())
+    ck = [0] + list(torch.tensor(lk).cumsum(0).tolist())
+    q = torch.randn(cq[-1], H, D, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(ck[-1], Hk, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    masks = None
+    if with_masks:
+        masks = [torch.rand(H, -(-a // qb), -(-b // kb)) < 0.6 for a, b in zip(lq, lk)]
+    out, lse = block_sparse_attention_varlen(q, k, v, cq, ck, masks, q_block=qb, k_block=kb, backend="torch")
+    ref, ref_lse = _reference(q, k, v, cq, ck, masks, qb, kb)
+    assert out.shape == (cq[-1], H, D) and lse.shape == (H, cq[-1])
+    ok = torch.isfinite(ref_lse)
+    assert rel_l2(out, ref) < 1e-12 and torch.equal(torch.isfinite(lse), ok)
+    if ok.any():
+        assert rel_l2(lse[ok], ref_lse[ok]) < 1e-12
+    g = torch.randn_like(out)
+    got = torch.autograd.grad((out * g).sum(), (q, k, v))
+    exp = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    for a, b in zip(got, exp):
+        assert rel_l2(a, b) < 1e-10
+
+
+def test_varlen_errors_name_the_values():
+    q = torch.randn(10, 2, 8)
+    with pytest.raises(ValueError, match="offsets end at 9"):
+        block_sparse_attention_varlen(q, q, q, [0, 9], [0, 10], q_block=16)
+    with pytest.raises(ValueError, match="2 sequences but cu_seqlens_k 1"):
+        block_sparse_attention_varlen(q, q, q, [0, 4, 10], [0, 10], q_block=16)
+    with pytest.raises(ValueError, match=r"block_masks\[0\] must be bool \[\.\.\., 1, 1\]"):
+        block_sparse_attention_varlen(q, q, q, [0, 10], [0, 10], [torch.ones(2, 2, dtype=torch.bool)], q_block=16)
+
+
+@pytest.mark.interpreter
+def test_varlen_through_triton_interpreter():
+    torch.manual_seed(0)
+    lq, lk = [17, 0, 33], [20, 5, 16]
+    cq, ck = [0, 17, 17, 50], [0, 20, 25, 41]
+    q = torch.randn(50, 2, 16, requires_grad=True)
+    k, v = (torch.randn(41, 2, 16, requires_grad=True) for _ in range(2))
+    out, lse = block_sparse_attention_varlen(q, k, v, cq, ck, q_block=16, backend="triton")
+    ref, _ = _reference(q, k, v, cq, ck, None, 16, 16)
+    assert rel_l2(out, ref) < 1e-5
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), torch.autograd.grad((ref * g.double()).sum(), (q, k, v))):
+        assert rel_l2(a, b) < 1e-5

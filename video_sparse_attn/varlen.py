@@ -1,0 +1,119 @@
+"""`block_sparse_attention_varlen`: packed sequences of any lengths (``cu_seqlens``) in one call.
+
+Each sequence is laid out in its own whole blocks (its last q / k block ragged: ``q_valid`` /
+``k_valid``), the per-sequence block masks sit on the diagonal of one block mask, and one
+`block_sparse_attention` runs them all on any backend. Lengths are host-side facts (Python ints or
+CPU tensors, as flash-attention's ``max_seqlen``): building the layout reads no device memory.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .attention import block_sparse_attention
+from .plan import BlockSparsePlan
+
+__all__ = ["block_sparse_attention_varlen"]
+
+Lengths = Union[Sequence[int], torch.Tensor]
+
+
+def _offsets(cu: Lengths, name: str) -> List[int]:
+    if isinstance(cu, torch.Tensor):
+        if cu.device.type != "cpu":
+            raise ValueError(f"{name} must be a Python sequence or a CPU tensor (lengths are host facts; "
+                             f"a {cu.device} tensor would need a host synchronisation)")
+        cu = cu.tolist()
+    cu = [int(x) for x in cu]
+    if len(cu) < 2 or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"{name} must start at 0 and never decrease (n + 1 offsets), got {cu}")
+    return cu
+
+
+def _packed_slots(cu: List[int], block: int, device) -> Tuple[torch.Tensor, List[int], List[int]]:
+    """Slot of every packed token in the block layout, blocks per sequence, valid tokens per block."""
+    slots, blocks, valid, start = [], [], [], 0
+    for a, b in zip(cu, cu[1:]):
+        n = b - a
+        m = -(-n // block)
+        slots.append(torch.arange(n) + start)
+        blocks.append(m)
+        valid += [min(block, n - i * block) for i in range(m)]
+        start += m * block
+    return torch.cat(slots).to(device), blocks, valid
+
+
+def block_sparse_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: Lengths,
+    cu_seqlens_k: Lengths,
+    block_masks: Optional[Sequence[torch.Tensor]] = None,
+    q_block: int = 128,
+    k_block: Optional[int] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention of packed sequences.
+
+    Args:
+        q: ``[Tq, H, D]`` (sequences concatenated); k, v: ``[Tk, H_kv, D]`` (``H % H_kv == 0``).
+        cu_seqlens_q, cu_seqlens_k: ``n + 1`` offsets (Python ints or a CPU int tensor); sequence ``i``
+            is ``q[cu_q[i]:cu_q[i+1]]`` against ``k[cu_k[i]:cu_k[i+1]]``; any lengths, 0 included.
+        block_masks: ``n`` bool masks ``[Mq_i, Nk_i]`` or ``[H or 1, Mq_i, Nk_i]`` with
+            ``Mq_i = ceil(len_q_i / q_block)``, ``Nk_i = ceil(len_k_i / k_block)``; None: dense.
+        q_block, k_block: tokens per block (multiples of 16; ``k_block`` defaults to ``q_block``).
+
+    Returns:
+        ``out [Tq, H, D]`` and ``lse [H, Tq]`` float32 (natural log; rows that see no key: out 0,
+        lse -inf); both differentiable.
+    """
+    k_block = q_block if k_block is None else k_block
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"{name} must be a packed [T, H, D] tensor, got {getattr(x, 'shape', type(x))}")
+    cq, ck = _offsets(cu_seqlens_q, "cu_seqlens_q"), _offsets(cu_seqlens_k, "cu_seqlens_k")
+    n = len(cq) - 1
+    if len(ck) - 1 != n:
+        raise ValueError(f"cu_seqlens_q holds {n} sequences but cu_seqlens_k {len(ck) - 1}")
+    if cq[-1] != q.shape[0] or ck[-1] != k.shape[0] or v.shape[0] != k.shape[0]:
+        raise ValueError(f"the offsets end at {cq[-1]} / {ck[-1]} but q has {q.shape[0]} tokens, k {k.shape[0]}, "
+                         f"v {v.shape[0]}")
+    if block_masks is not None and len(block_masks) != n:
+        raise ValueError(f"{len(block_masks)} block masks for {n} sequences")
+    dev, H = q.device, q.shape[1]
+    q_slots, mq, q_valid = _packed_slots(cq, q_block, dev)
+    k_slots, nk, k_valid = _packed_slots(ck, k_block, dev)
+    Mt, Nt = sum(mq), sum(nk)
+    heads = 1
+    if block_masks is not None:
+        heads = max((m.shape[0] if m.dim() == 3 else 1) for m in block_masks) if n else 1
+    mask = torch.zeros(heads, max(Mt, 1), max(Nt, 1), dtype=torch.bool, device=dev)
+    r0 = c0 = 0
+    for i in range(n):
+        if block_masks is None:
+            mask[:, r0:r0 + mq[i], c0:c0 + nk[i]] = True
+        else:
+            m = block_masks[i]
+            if m.dtype != torch.bool or tuple(m.shape[-2:]) != (mq[i], nk[i]):
+                raise ValueError(f"block_masks[{i}] must be bool [..., {mq[i]}, {nk[i]}] (lengths {cq[i + 1] - cq[i]} "
+                                 f"and {ck[i + 1] - ck[i]} in blocks of {q_block} / {k_block}), got "
+                                 f"{m.dtype} {tuple(m.shape)}")
+            mask[:, r0:r0 + mq[i], c0:c0 + nk[i]] = m.to(dev)
+        r0, c0 = r0 + mq[i], c0 + nk[i]
+    Sq, Sk = max(Mt, 1) * q_block, max(Nt, 1) * k_block
+
+    def to_blocks(x: torch.Tensor, slots: torch.Tensor, length: int) -> torch.Tensor:
+        padded = x.new_zeros(length, *x.shape[1:]).index_copy(0, slots, x)      # zeros in ragged tails
+        return padded.permute(1, 0, 2)[None]                                     # [1, H, S, D] view
+
+    def counts(valid, blocks):
+        return torch.tensor(valid or [0], dtype=torch.int32, device=dev)[None][:, :max(blocks, 1)]
+
+    plan = BlockSparsePlan.from_block_mask(mask[None], q_block, k_block, counts(k_valid, Nt), counts(q_valid, Mt))
+    out, lse = block_sparse_attention(to_blocks(q, q_slots, Sq), to_blocks(k, k_slots, Sk), to_blocks(v, k_slots, Sk),
+                                      plan, scale, backend)
+    return out[0].permute(1, 0, 2).index_select(0, q_slots), lse[0].index_select(1, q_slots)
