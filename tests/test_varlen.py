@@ -73,7 +73,6 @@ def test_varlen_errors_name_the_values():
 @pytest.mark.interpreter
 def test_varlen_through_triton_interpreter():
     torch.manual_seed(0)
-    lq, lk = [17, 0, 33], [20, 5, 16]
     cq, ck = [0, 17, 17, 50], [0, 20, 25, 41]
     q = torch.randn(50, 2, 16, requires_grad=True)
     k, v = (torch.randn(41, 2, 16, requires_grad=True) for _ in range(2))

@@ -84,7 +84,7 @@ def block_sparse_attention_varlen(
                          f"v {v.shape[0]}")
     if block_masks is not None and len(block_masks) != n:
         raise ValueError(f"{len(block_masks)} block masks for {n} sequences")
-    dev, H = q.device, q.shape[1]
+    dev = q.device
     q_slots, mq, q_valid = _packed_slots(cq, q_block, dev)
     k_slots, nk, k_valid = _packed_slots(ck, k_block, dev)
     Mt, Nt = sum(mq), sum(nk)
