@@ -24,12 +24,21 @@ def setup_context_parallel(args: argparse.Namespace, transformer: torch.nn.Modul
     if degree <= 1:
         return 1
     if args.no_ssta:
-        raise ValueError("--cp trains with SSTA only (the stock HunyuanVideo-1.5 processor has no "
+        from ..cli import UsageError
+
+        raise UsageError("--cp trains with SSTA only (the stock HunyuanVideo-1.5 processor has no "
                          "context-parallel path in diffusers 0.42.1); drop --no-ssta")
     if accelerator.num_processes != degree:
-        raise ValueError(f"--cp {degree} needs exactly {degree} processes (launched: "
+        import os
+
+        hint = ""
+        if int(os.environ.get("WORLD_SIZE", "1")) == degree and not torch.cuda.is_available():
+            hint = "; on CPUs accelerate joins the launched processes only with ACCELERATE_USE_CPU=1 set"
+        from ..cli import UsageError
+
+        raise UsageError(f"--cp {degree} needs exactly {degree} processes (launched: "
                          f"{accelerator.num_processes}); data parallelism on top of context parallelism is "
-                         "not supported")
+                         f"not supported{hint}")
     from accelerate.utils import DistributedDataParallelKwargs
 
     from ..processors import enable_ulysses
