@@ -2,6 +2,8 @@
 interpreter on the CPU (backend ``aot_eager``); the same values as eager, forward and backward (lse
 gradient included)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -9,13 +11,15 @@ from video_sparse_attn import BlockSparsePlan, block_sparse_attention
 
 
 @pytest.mark.interpreter
-def test_triton_custom_ops_compile_fullgraph_and_match_eager():
+@pytest.mark.parametrize("causal_offset", [None, 16])
+def test_triton_custom_ops_compile_fullgraph_and_match_eager(causal_offset):
     torch._dynamo.reset()
     torch.manual_seed(0)
     mask = torch.rand(1, 2, 3, 4) < 0.6
     mask[..., 0, :] = True
     plan = BlockSparsePlan.from_block_mask(mask, 16, 16, torch.tensor([[16, 16, 9, 16]]),
                                            torch.tensor([[16, 5, 16]]))
+    plan = dataclasses.replace(plan, causal_offset=causal_offset)
     q, k, v = (torch.randn(1, 2, n, 16) for n in (48, 64, 64))
 
     def f(q, k, v, plan):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
@@ -74,6 +75,7 @@ def block_sparse_attention(
     *,
     q_block: Optional[int] = None,
     k_block: Optional[int] = None,
+    causal: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention of ``q [B, H, Sq, D]`` and ``k, v [B, H_kv, Sk, D]``.
 
@@ -87,6 +89,10 @@ def block_sparse_attention(
             ``torch``), or a backend of `kernels.registry.BACKENDS` by name (never falls back; raises
             one line naming what it lacks).
         H_kv < H: grouped-query attention (``H % H_kv == 0``).
+        causal: token-level causality inside the kept blocks, bottom-right aligned as in
+            flash-attention: query ``i`` sees key ``j`` only if ``j <= i + Sk - Sq`` (block-causal
+            patterns need no flag: give the mask). Backends without it (``fa4``) are skipped by
+            ``auto``; a plan's own ``causal_offset`` is used when this is False.
 
     Returns ``(out [B,H,Sq,D], lse [B,H,Sq] float32, natural log)``; gradients flow to q, k, v through
     both (lse is differentiable, so chunks can be merged by their LSE). Rows that see no key: out 0,
@@ -102,6 +108,8 @@ def block_sparse_attention(
     if not from_mask and (Sq, Sk) != (Mq, Nk):
         raise ValueError(f"the plan covers Sq={plan.num_q_blocks}*{plan.q_block}, Sk={plan.num_k_blocks}*"
                          f"{plan.k_block} but q has {Sq} rows and k {Sk}")
+    if causal:
+        plan = dataclasses.replace(plan, causal_offset=Sk - Sq)
     q, k, v = _pad_rows(q, Mq), _pad_rows(k, Nk), _pad_rows(v, Nk)
     scale = validate_block_inputs(q, k, v, plan, scale)   # the same checks for every backend
     spec = select_backend(backend, AttentionCall.of(q, plan))

@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["BlockSparsePlan", "TENSOR_FIELDS"]
+__all__ = ["BlockSparsePlan", "TENSOR_FIELDS", "STATIC_FIELDS"]
 
 
 def _compress(mask: torch.Tensor):
@@ -71,6 +71,9 @@ class BlockSparsePlan:
         row_order [B', H', Mq]      col_order [B', H', Nk]
         k_valid  [Bv, Nk]           density  [] float32 (mean of the block mask)
         q_valid  [Bq, Mq]           (Bv, Bq in {1, B})
+    ``causal_offset`` (a Python int, or None): token-level causality on top of the blocks — query row
+    ``i`` sees key ``j`` only if ``j <= i + causal_offset`` (positions in the block layout;
+    ``Sk - Sq`` aligns the last query with the last key, as flash-attention defines it).
     """
 
     kv_count: torch.Tensor
@@ -84,6 +87,7 @@ class BlockSparsePlan:
     q_block: int
     k_block: int
     q_valid: Optional[torch.Tensor] = None
+    causal_offset: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("q_block", "k_block"):
@@ -104,6 +108,9 @@ class BlockSparsePlan:
                                                            device=self.kv_count.device))
         if self.q_valid.dim() != 2 or self.q_valid.shape[1] != Mq:
             raise ValueError(f"q_valid must be [B or 1, {Mq}], got {tuple(self.q_valid.shape)}")
+        if self.causal_offset is not None and (isinstance(self.causal_offset, bool)
+                                               or not isinstance(self.causal_offset, int)):
+            raise TypeError(f"causal_offset must be an int or None, got {self.causal_offset!r}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -207,16 +214,19 @@ class BlockSparsePlan:
         return "\n".join("".join("#" if x else "." for x in row) for row in m.tolist())
 
 
-# The tensor fields (pytree leaves, and the order custom ops take a plan in); q_valid is always set.
-TENSOR_FIELDS = tuple(f.name for f in fields(BlockSparsePlan) if f.name not in ("q_block", "k_block"))
+# The static fields (Python ints: pytree context, custom-op arguments) and the tensor fields (pytree
+# leaves, and the order custom ops take a plan in); q_valid is always set.
+STATIC_FIELDS = ("q_block", "k_block", "causal_offset")
+TENSOR_FIELDS = tuple(f.name for f in fields(BlockSparsePlan) if f.name not in STATIC_FIELDS)
 
 
 def _flatten(plan: BlockSparsePlan):
-    return [getattr(plan, n) for n in TENSOR_FIELDS], (plan.q_block, plan.k_block)
+    return [getattr(plan, n) for n in TENSOR_FIELDS], tuple(getattr(plan, n) for n in STATIC_FIELDS)
 
 
 def _flatten_with_keys(plan: BlockSparsePlan):
-    return [(pytree.GetAttrKey(n), getattr(plan, n)) for n in TENSOR_FIELDS], (plan.q_block, plan.k_block)
+    return ([(pytree.GetAttrKey(n), getattr(plan, n)) for n in TENSOR_FIELDS],
+            tuple(getattr(plan, n) for n in STATIC_FIELDS))
 
 
 def _unflatten(leaves, context) -> BlockSparsePlan:
@@ -224,8 +234,8 @@ def _unflatten(leaves, context) -> BlockSparsePlan:
     plan = object.__new__(BlockSparsePlan)
     for name, leaf in zip(TENSOR_FIELDS, leaves):
         object.__setattr__(plan, name, leaf)
-    object.__setattr__(plan, "q_block", context[0])
-    object.__setattr__(plan, "k_block", context[1])
+    for name, value in zip(STATIC_FIELDS, context):
+        object.__setattr__(plan, name, value)
     return plan
 
 

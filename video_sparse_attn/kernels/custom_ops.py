@@ -26,12 +26,14 @@ __all__ = ["triton_entry", "fa4_entry"]
 Tensor = torch.Tensor
 
 
-def _plan(tensors: List[Tensor], q_block: int, k_block: int) -> BlockSparsePlan:
-    return BlockSparsePlan(**dict(zip(TENSOR_FIELDS, tensors)), q_block=q_block, k_block=k_block)
+def _plan(tensors: List[Tensor], q_block: int, k_block: int, causal_offset: Optional[int] = None
+          ) -> BlockSparsePlan:
+    return BlockSparsePlan(**dict(zip(TENSOR_FIELDS, tensors)), q_block=q_block, k_block=k_block,
+                           causal_offset=causal_offset)
 
 
 def _plan_args(plan: BlockSparsePlan):
-    return [getattr(plan, name) for name in TENSOR_FIELDS], plan.q_block, plan.k_block
+    return [getattr(plan, name) for name in TENSOR_FIELDS], plan.q_block, plan.k_block, plan.causal_offset
 
 
 def _scale(q: Tensor, scale: Optional[float]) -> float:
@@ -40,48 +42,48 @@ def _scale(q: Tensor, scale: Optional[float]) -> float:
 
 # ---------------------------------------------------------------------------------------------- Triton
 @torch.library.custom_op("vsa::triton_attention", mutates_args=())
-def _triton_fwd(q: Tensor, k: Tensor, v: Tensor, plan_tensors: List[Tensor], q_block: int, k_block: int,
+def _triton_fwd(q: Tensor, k: Tensor, v: Tensor, plan_tensors: List[Tensor], q_block: int, k_block: int, causal_offset: Optional[int],
                 scale: float) -> Tuple[Tensor, Tensor]:
     from .triton_common import resolve_kernel_options
     from .triton_fwd import attention_forward
 
-    return attention_forward(q, k, v, _plan(plan_tensors, q_block, k_block), scale, resolve_kernel_options(None))
+    return attention_forward(q, k, v, _plan(plan_tensors, q_block, k_block, causal_offset), scale, resolve_kernel_options(None))
 
 
 @_triton_fwd.register_fake
-def _(q, k, v, plan_tensors, q_block, k_block, scale):
+def _(q, k, v, plan_tensors, q_block, k_block, causal_offset, scale):
     B, H, Sq, _ = q.shape
     return torch.empty_like(q), q.new_empty(B, H, Sq, dtype=torch.float32)
 
 
 @torch.library.custom_op("vsa::triton_attention_bwd", mutates_args=())
 def _triton_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                plan_tensors: List[Tensor], q_block: int, k_block: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                plan_tensors: List[Tensor], q_block: int, k_block: int, causal_offset: Optional[int], scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     from .triton_bwd import attention_backward
     from .triton_common import resolve_kernel_options
     from .triton_op import DEFAULT_DETERMINISTIC
 
-    return attention_backward(q, k, v, out, lse, dout, _plan(plan_tensors, q_block, k_block), scale,
+    return attention_backward(q, k, v, out, lse, dout, _plan(plan_tensors, q_block, k_block, causal_offset), scale,
                               resolve_kernel_options(None), deterministic=DEFAULT_DETERMINISTIC, dlse=dlse)
 
 
 @_triton_bwd.register_fake
-def _(dout, dlse, q, k, v, out, lse, plan_tensors, q_block, k_block, scale):
+def _(dout, dlse, q, k, v, out, lse, plan_tensors, q_block, k_block, causal_offset, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _triton_setup(ctx, inputs, output):
-    q, k, v, plan_tensors, q_block, k_block, scale = inputs
+    q, k, v, plan_tensors, q_block, k_block, causal_offset, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *plan_tensors)
-    ctx.static = (q_block, k_block, scale)
+    ctx.static = (q_block, k_block, causal_offset, scale)
 
 
 def _triton_vjp(ctx, dout, dlse):
     q, k, v, out, lse, *plan_tensors = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout
     dq, dk, dv = _triton_bwd(dout, dlse, q, k, v, out, lse, plan_tensors, *ctx.static)
-    return dq, dk, dv, [None] * len(plan_tensors), None, None, None
+    return dq, dk, dv, [None] * len(plan_tensors), None, None, None, None
 
 
 _triton_fwd.register_autograd(_triton_vjp, setup_context=_triton_setup)
@@ -91,8 +93,8 @@ def triton_entry(q: Tensor, k: Tensor, v: Tensor, plan: BlockSparsePlan,
                  scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     """The Triton backend: its autograd function in eager mode, the custom ops under `torch.compile`."""
     if torch.compiler.is_compiling():
-        tensors, qb, kb = _plan_args(plan)
-        return _triton_fwd(q, k, v, tensors, qb, kb, _scale(q, scale))
+        tensors, qb, kb, causal = _plan_args(plan)
+        return _triton_fwd(q, k, v, tensors, qb, kb, causal, _scale(q, scale))
     from .triton_op import run_triton
 
     return run_triton(q, k, v, plan, _scale(q, scale))     # inputs checked by the public op

@@ -75,9 +75,9 @@ def _delta_kernel(
 @triton.jit
 def _dkdv_step(
     k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, row0, rem, key_ok, offs_m, offs_d, d_ok,
-    sqs, sqd, sds, sdd, qk_scale,
+    sqs, sqd, sds, sdd, qk_scale, offs_n, causal_off,
     D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, DQ_MODE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One (query sub-tile, key sub-tile) pair: dV += Pᵀ·dO, dK += dSᵀ·Q and (DQ_MODE ≠ 0) dQ += dS·K.
 
@@ -97,6 +97,8 @@ def _dkdv_step(
     pt = tl.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse2[None, :])   # Pᵀ [N, M]
     if rem < BLOCK_N:
         pt = tl.where(key_ok[:, None], pt, 0.0)
+    if CAUSAL:                                                          # key offs_n seen from row only if <= row + off
+        pt = tl.where(offs_n[:, None] <= rows[None, :] + causal_off, pt, 0.0)
     dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)             # dPᵀ [N, M]
     dst = pt * (dpt - delta[None, :])                                   # dSᵀ [N, M]
@@ -117,10 +119,10 @@ def _dkdv_kernel(
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     s_dkb, s_dkh, s_dks, s_dkd, s_dvb, s_dvh, s_dvs, s_dvd,
     s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_n, s_ord_b, s_ord_h, s_val_b, s_qv_b,
-    H, Sq, Sk, sm_scale, qk_scale,
+    H, Sq, Sk, sm_scale, qk_scale, causal_off,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, DQ_MODE: tl.constexpr, SKIP_PAD_Q: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Grid: (key sub-tiles of all key blocks in col_order rank, B*H); one program = BLOCK_N keys.
     # DQ_MODE: 0 no dQ (deterministic path), 1 dQ by pointer atomics, 2 dQ by TMA reduce-add.
@@ -168,15 +170,15 @@ def _dkdv_kernel(
             for sub in range(0, n_sub):
                 dk, dv = _dkdv_step(
                     k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, q_blk * Q_BLOCK + sub * BLOCK_M,
-                    rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale,
-                    D_PAD, DOT_PREC, USE_TMA, DQ_MODE, BLOCK_M, BLOCK_N)
+                    rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale, offs_n, causal_off,
+                    D_PAD, DOT_PREC, USE_TMA, DQ_MODE, CAUSAL, BLOCK_M, BLOCK_N)
     else:
         for it in range(0, count * SUB_M):
             q_blk = tl.load(idx_ptr + it // SUB_M)
             dk, dv = _dkdv_step(
                 k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, q_blk * Q_BLOCK + (it % SUB_M) * BLOCK_M,
-                rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale,
-                D_PAD, DOT_PREC, USE_TMA, DQ_MODE, BLOCK_M, BLOCK_N)
+                rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale, offs_n, causal_off,
+                D_PAD, DOT_PREC, USE_TMA, DQ_MODE, CAUSAL, BLOCK_M, BLOCK_N)
 
     dk = dk * sm_scale
     tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dks + offs_d[None, :] * s_dkd,
@@ -209,9 +211,10 @@ def _dq_kernel(
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     s_dqb, s_dqh, s_dqs, s_dqd,
     s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b, s_qv_b,
-    H, Sq, Sk, sm_scale, qk_scale,
+    H, Sq, Sk, sm_scale, qk_scale, causal_off,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
-    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # Grid: (query sub-tiles in row_order rank, B*H); one program = BLOCK_M query rows (as the forward).
     tile = tl.program_id(0)
@@ -257,6 +260,8 @@ def _dq_kernel(
         p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse2[:, None])
         if rem < BLOCK_N:
             p = tl.where((offs_n < rem)[None, :], p, 0.0)
+        if CAUSAL:
+            p = tl.where((row0 + offs_n)[None, :] <= offs_m[:, None] + causal_off, p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
@@ -299,16 +304,18 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
     # measured faster with pointer loads (H200, 720p SSTA: 186 vs 241 ms), unless dQ is reduced by TMA
     use_tma_q = tma_usable(D, q, dout, enabled=options["tma"] and (deterministic or options["dq_reduce"] == "tma"))
     skip = options["skip_padded_queries"]
+    causal = plan.causal_offset is not None
+    tag = ".causal" if causal else ""
 
     if deterministic:
         dq_mode, dq_acc = 0, dk                          # DQ_ACC unused
-        kernel = tuned_kernel("dkdv", _dkdv_kernel, DKDV_CONFIGS[table], variant=f"tma{use_tma_q:d}.skip{skip:d}",
+        kernel = tuned_kernel("dkdv", _dkdv_kernel, DKDV_CONFIGS[table], variant=f"tma{use_tma_q:d}.skip{skip:d}" + tag,
                               tune_key=("D_PAD", "USE_TMA", "DQ_MODE", "SKIP_PAD_Q"), **tune)
     else:
         dq_mode = 2 if (options["dq_reduce"] == "tma" and use_tma_q) else 1
         dq_acc = torch.zeros(B * H, Sq, d_pad, device=q.device, dtype=torch.float32)
         kernel = tuned_kernel("bwd1", _dkdv_kernel, ONE_PASS_CONFIGS[table],
-                              variant=f"tma{use_tma_q:d}.dq{'tma' if dq_mode == 2 else 'atomic'}.skip{skip:d}",
+                              variant=f"tma{use_tma_q:d}.dq{'tma' if dq_mode == 2 else 'atomic'}.skip{skip:d}" + tag,
                               tune_key=("D_PAD", "USE_TMA", "DQ_MODE", "SKIP_PAD_Q"), reset_to_zero=["DQ_ACC"], **tune)
 
     cs, ix, co = plan_strides(plan.q_count, B, H), plan_strides(plan.q_index, B, H), plan_strides(plan.col_order, B, H)
@@ -317,7 +324,8 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
         plan.q_count, plan.q_index, plan.col_order, plan.k_valid, plan.q_valid,
         *io_strides, *dk.stride(), *dv.stride(),
         cs[0], cs[1], ix[0], ix[1], ix[2], co[0], co[1], val_b, qv_b,
-        H, Sq, Sk, scale, scale * LOG2E, USE_TMA=use_tma_q, DQ_MODE=dq_mode, SKIP_PAD_Q=skip, **common,
+        H, Sq, Sk, scale, scale * LOG2E, plan.causal_offset or 0, USE_TMA=use_tma_q, DQ_MODE=dq_mode,
+        SKIP_PAD_Q=skip, CAUSAL=causal, **common,
     )
 
     if not deterministic:
@@ -328,13 +336,13 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
 
     use_tma_k = tma_usable(D, k, v, enabled=options["tma"])
     cs, ix, ro = plan_strides(plan.kv_count, B, H), plan_strides(plan.kv_index, B, H), plan_strides(plan.row_order, B, H)
-    tuned_kernel("dq", _dq_kernel, DQ_CONFIGS[table], variant=f"tma{use_tma_k:d}", tune_key=("D_PAD", "USE_TMA"), **tune)[
+    tuned_kernel("dq", _dq_kernel, DQ_CONFIGS[table], variant=f"tma{use_tma_k:d}" + tag, tune_key=("D_PAD", "USE_TMA"), **tune)[
         lambda meta: (plan.num_q_blocks * (plan.q_block // meta["BLOCK_M"]), B * H)
     ](
         q, k, v, dout, lse, delta, dq,
         plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid, plan.q_valid,
         *io_strides, *dq.stride(),
         cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b, qv_b,
-        H, Sq, Sk, scale, scale * LOG2E, USE_TMA=use_tma_k, **common,
+        H, Sq, Sk, scale, scale * LOG2E, plan.causal_offset or 0, USE_TMA=use_tma_k, CAUSAL=causal, **common,
     )
     return dq, dk, dv

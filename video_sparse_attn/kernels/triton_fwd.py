@@ -76,12 +76,13 @@ def _fwd_kernel(
     KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID, Q_VALID,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
     s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b, s_qv_b,
-    H, Sq, Sk, qk_scale,
+    H, Sq, Sk, qk_scale, causal_off,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, USE_WS: tl.constexpr, PEEL: tl.constexpr, LAZY: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Grid: (query sub-tiles of all query blocks in row_order rank, B*H); one program = BLOCK_M rows.
+    # CAUSAL: key position j is seen from row i only if j <= i + causal_off (token level, every tile).
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -124,6 +125,8 @@ def _fwd_kernel(
             kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PREC)                    # unscaled: scale folds into one FMA
+        if CAUSAL:
+            s = tl.where((row0 + offs_n)[None, :] <= offs_m[:, None] + causal_off, s, float("-inf"))
         if PEEL:                                                        # ragged sub-tiles: whole tile off here
             skip = tl.where(rem < BLOCK_N, float("inf"), 0.0)
         else:
@@ -150,6 +153,8 @@ def _fwd_kernel(
                 v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
                 s = tl.dot(q, kt, input_precision=DOT_PREC)
                 s = tl.where((offs_n < kv1 % BLOCK_N)[None, :], s, float("-inf"))
+                if CAUSAL:
+                    s = tl.where(rows[None, :] <= offs_m[:, None] + causal_off, s, float("-inf"))
                 m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, LAZY, DOT_PREC)
 
     # out = acc / l; lse = ln(l) + m·ln2 (m is in log2 units). No key, or a padded row: 0 and -inf.
@@ -177,10 +182,11 @@ def attention_forward(q, k, v, plan, scale: float, options: dict):
     use_tma = tma_usable(D, k, v, enabled=options["tma"])
     use_ws = use_tma and D == 128 and options["warp_specialize"]
     peel, lazy = options["fwd_peel"], options["fwd_lazy"]
+    causal = plan.causal_offset is not None
     rows = FWD_CONFIGS["ws" if use_ws else "large_d" if d_pad > 128 else "small_d"]
     kernel = tuned_kernel(
         "fwd", _fwd_kernel, rows, q_block=plan.q_block, k_block=plan.k_block, dtype=q.dtype, head_dim=D,
-        device=q.device, variant=f"tma{use_tma:d}.ws{use_ws:d}.peel{peel:d}.lazy{lazy:d}",
+        device=q.device, variant=f"tma{use_tma:d}.ws{use_ws:d}.peel{peel:d}.lazy{lazy:d}" + (".causal" if causal else ""),
         autotune=options["autotune"], tune_key=("D_PAD", "USE_TMA", "USE_WS", "PEEL", "LAZY"))
 
     def grid(meta):
@@ -191,8 +197,8 @@ def attention_forward(q, k, v, plan, scale: float, options: dict):
         plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid, plan.q_valid,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b, qv_b,
-        H, Sq, k.shape[2], scale * LOG2E,
+        H, Sq, k.shape[2], scale * LOG2E, plan.causal_offset or 0,
         D=D, D_PAD=d_pad, Q_BLOCK=plan.q_block, K_BLOCK=plan.k_block, DOT_PREC=dot_precision(q.dtype),
-        USE_TMA=use_tma, USE_WS=use_ws, PEEL=peel, LAZY=lazy,
+        USE_TMA=use_tma, USE_WS=use_ws, PEEL=peel, LAZY=lazy, CAUSAL=causal,
     )
     return out, lse
