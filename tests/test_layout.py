@@ -146,3 +146,12 @@ def test_half_precision_gradients_of_copied_tokens_are_summed_in_float32(pad):
     assert err < 8e-3, float(err)                                    # one bf16 rounding of the sum
     copies = 253 + (250 if pad == "repeat" else 0)                  # text padding (+ repeated video)
     assert lay.indices("cpu")["dup_slots"].numel() == copies
+
+
+def test_block_slots_and_video_padding_are_static_facts():
+    from video_sparse_attn.layout import block_slots
+
+    assert [block_slots(n) for n in (1, 16, 18, 384)] == [16, 16, 32, 384]
+    assert not TileLayout((6, 8, 8), (6, 8, 8), 5).has_video_padding
+    assert TileLayout((5, 8, 8), (6, 8, 8), 5).has_video_padding
+    assert TileLayout((2, 3, 3), (2, 3, 3)).block_size == 32 and not TileLayout((2, 3, 3), (2, 3, 3)).has_video_padding

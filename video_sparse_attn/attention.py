@@ -197,7 +197,7 @@ def ssta_attention(
         layout.query_valid(dev) if padding_free else None,
     )
     out_t, lse = _run(spec, q_t, k_t, v_t, plan, scale)
-    if padding_free and config.pad_type == "zero":
+    if padding_free and config.pad_type == "zero" and layout.has_video_padding:
         out_t, lse = add_zero_keys(out_t, lse, zero_keys_per_row_block(block_mask, layout.zero_keys(dev)), bs)
     out = layout.untile(out_t)
     extra = ((layout.untile(lse),) if return_lse else ()) + ((SSTAInfo(block_mask, plan, plan.density, layout),)

@@ -27,7 +27,7 @@ from einops import rearrange
 from .config import PAD_TYPES
 from .kernels.registry import triton_runs_on
 
-__all__ = ["TileLayout"]
+__all__ = ["TileLayout", "block_slots"]
 
 Triple = Tuple[int, int, int]
 
@@ -194,6 +194,12 @@ def _dups(idx: Dict[str, torch.Tensor]):
     return idx["inverse"], idx["dup_slots"], idx["dup_targets"], idx["dup_local"]
 
 
+def block_slots(tile_volume: int) -> int:
+    """Slots of the attention block that holds a tile of ``tile_volume`` tokens: the volume rounded up
+    to 16 (the kernels' granularity); slots past the volume are a zero tail that takes part in nothing."""
+    return -(-tile_volume // 16) * 16
+
+
 def _is_int_triple(value) -> bool:
     """Whether ``value`` is a tuple / list of three positive integers (bools and strings refused)."""
     if not isinstance(value, (tuple, list)) or len(value) != 3:
@@ -243,9 +249,13 @@ class TileLayout:
 
     @property
     def block_size(self) -> int:
-        """Slots of one attention block: the tile volume rounded up to 16 (the kernels' granularity);
-        slots past the tile volume are a zero tail that takes part in nothing."""
-        return -(-self.tile_volume // 16) * 16
+        """Slots of one attention block (`block_slots` of the tile volume)."""
+        return block_slots(self.tile_volume)
+
+    @property
+    def has_video_padding(self) -> bool:
+        """Whether some tile overhangs the grid (a static fact of the shapes)."""
+        return self.num_video_blocks * self.tile_volume != self.num_video_tokens
 
     @property
     def tiles_thw(self) -> Triple:

@@ -37,14 +37,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> list:
+    from ..layout import block_slots
     from ..warmup import warmup
 
     if not torch.cuda.is_available():
         raise UsageError("warmup compiles GPU kernels: no CUDA device on this machine")
-    block = math.prod(args.tile)
+    block = block_slots(math.prod(args.tile))
     seq = args.seq or 8 * block
-    seconds = warmup((1, args.heads, seq, args.head_dim, args.dtype, block), backend=args.backend,
-                     backward=not args.no_backward)
+    try:
+        seconds = warmup((1, args.heads, seq, args.head_dim, args.dtype, block), backend=args.backend,
+                         backward=not args.no_backward)
+    except ValueError as e:   # e.g. a backend that cannot run this head dim or dtype
+        raise UsageError(str(e)) from None
     print(f"warmed {args.backend} for H={args.heads} D={args.head_dim} {args.dtype} block {block}: "
           f"{seconds[0]:.1f} s")
     return seconds

@@ -127,8 +127,9 @@ def _warm_kernels(transformer: torch.nn.Module, config: SSTAConfig, backend: str
 
     cfg = transformer.config
     heads, head_dim = int(cfg.num_attention_heads), int(cfg.attention_head_dim)
-    block = -(-config.block_size // 16) * 16     # the attention block holding one tile (the image
-                                                 # tile of the caller rules keeps the volume)
+    from ..layout import block_slots
+
+    block = block_slots(config.block_size)       # the image tile of the caller rules keeps the volume
     warm((1, heads, 8 * block, head_dim, param.dtype, block), backend=backend, device=param.device)
 
 
