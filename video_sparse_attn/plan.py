@@ -38,19 +38,25 @@ import torch.utils._pytree as pytree
 __all__ = ["BlockSparsePlan", "TENSOR_FIELDS", "STATIC_FIELDS"]
 
 
+def compact(values: torch.Tensor, keep: torch.Tensor):
+    """Stable left-compaction along the last dim: ``(count int32 [...], values int32 [..., W])`` with
+    the kept values first, in order; slots past the count hold 0. A cumulative sum gives each kept
+    value its slot; one scatter writes them (no sort). ``values`` may be an expanded view."""
+    W = values.shape[-1]
+    count = keep.sum(dim=-1, dtype=torch.int32)
+    slot = torch.where(keep, keep.cumsum(-1, dtype=torch.int32) - 1, W).long()     # dropped → spare slot W
+    out = torch.zeros(*keep.shape[:-1], W + 1, dtype=torch.int32, device=keep.device)
+    return count, out.scatter(-1, slot, values.to(torch.int32).expand_as(keep))[..., :W]
+
+
 def _compress(mask: torch.Tensor):
     """bool [..., R, C] → (count int32 [..., R], ascending index int32 [..., R, C]).
 
-    Kept column ids come first in ascending order; the tail repeats the last kept id (or 0 for an
-    empty row) so that a kernel that over-reads a padded slot still loads a valid block.
-    A cumulative sum gives each kept id its slot; one scatter writes them (no sort).
+    Kept column ids come first in ascending order (`compact`); the tail repeats the last kept id (or 0
+    for an empty row) so that a kernel that over-reads a padded slot still loads a valid block.
     """
     C = mask.shape[-1]
-    count = mask.sum(dim=-1, dtype=torch.int32)
-    slot = torch.where(mask, mask.cumsum(-1, dtype=torch.int32) - 1, C)        # dropped ids → spare column C
-    ids = torch.arange(C, device=mask.device, dtype=torch.int32).expand_as(mask)
-    index = torch.zeros(*mask.shape[:-1], C + 1, dtype=torch.int32, device=mask.device)
-    index = index.scatter(-1, slot.long(), ids)[..., :C]
+    count, index = compact(torch.arange(C, device=mask.device, dtype=torch.int32), mask)
     last = torch.gather(index, -1, (count.long() - 1).clamp(min=0).unsqueeze(-1))
     in_row = torch.arange(C, device=mask.device, dtype=torch.int32) < count.unsqueeze(-1)
     return count, torch.where(in_row, index, last)

@@ -25,6 +25,8 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from ..plan import compact
+
 
 __all__ = ["block_sparse_attention_fa4", "fa4_block_lists", "fa4_forward", "fa4_backward", "FA4BlockLists",
            "FA4_BLOCK"]
@@ -46,16 +48,6 @@ def _sub_valid(valid: torch.Tensor, ratio: int) -> torch.Tensor:
     """Valid tokens per 128-token sub-block: ``[Bv, N]`` → ``[Bv, N * ratio]``."""
     starts = torch.arange(ratio, device=valid.device, dtype=torch.int32) * FA4_BLOCK
     return (valid[..., None] - starts).clamp(0, FA4_BLOCK).flatten(-2)
-
-
-def _compact(values: torch.Tensor, keep: torch.Tensor):
-    """Stable left-compaction along the last dim: (count int32 ``[...]``, kept values first ``[..., W]``).
-    Slots past the count are undefined (FA4 reads ``0 .. count-1`` only)."""
-    W = values.shape[-1]
-    count = keep.sum(-1, dtype=torch.int32)
-    slot = torch.where(keep, keep.cumsum(-1, dtype=torch.int32) - 1, W).long()       # dropped → spare slot W
-    out = torch.zeros(*values.shape[:-1], W + 1, dtype=torch.int32, device=values.device)
-    return count, out.scatter_(-1, slot, values.to(torch.int32))[..., :W]
 
 
 def _sub_lists(count, index, valid_self, valid_other, r_self, r_other):
@@ -89,8 +81,8 @@ def fa4_block_lists(plan, batch: int, cache: bool = True) -> FA4BlockLists:
 
     # forward: per query block, its KV sub-blocks split into full / masked, then one row per Q sub-block
     cand, exists, v = _sub_lists(plan.kv_count, plan.kv_index, plan.q_valid, kv, rq, rk)
-    f_cnt, f_idx = _compact(cand, exists & (v == FA4_BLOCK))
-    m_cnt, m_idx = _compact(cand, exists & (v < FA4_BLOCK))
+    f_cnt, f_idx = compact(cand, exists & (v == FA4_BLOCK))
+    m_cnt, m_idx = compact(cand, exists & (v < FA4_BLOCK))
     q_live = (qv > 0).view(qv.shape[0], 1, -1, rq)                                     # [Bq, 1, Mq, rq]
 
     def rows(cnt, idx):   # [Bx, H', Mq] / [Bx, H', Mq, W] → one row per Q sub-block, empty where no real row
@@ -102,7 +94,7 @@ def fa4_block_lists(plan, batch: int, cache: bool = True) -> FA4BlockLists:
 
     # backward: per key block, its live Q sub-blocks; a KV sub-block is wholly full or wholly masked
     cand, exists, _ = _sub_lists(plan.q_count, plan.q_index, plan.k_valid, qv, rk, rq)
-    b_cnt, b_idx = _compact(cand, exists)                                                # [Bx, H', Nk, ...]
+    b_cnt, b_idx = compact(cand, exists)                                                # [Bx, H', Nk, ...]
     b_cnt = b_cnt[..., None].expand(*b_cnt.shape, rk).flatten(-2)                       # [Bx, H', Nk*rk]
     b_idx = b_idx[..., None, :].expand(*b_idx.shape[:-1], rk, b_idx.shape[-1]).flatten(-3, -2).contiguous()
     kv_b = kv[:, None, :]
