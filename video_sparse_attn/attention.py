@@ -196,6 +196,7 @@ def ssta_attention(
         block_mask, bs, bs, layout.key_valid(text_mask, dev, padding_free),
         layout.query_valid(dev) if padding_free else None,
     )
+    plan = dataclasses.replace(plan, zero_q_tail=False)     # untile drops those rows, its backward passes 0 there
     out_t, lse = _run(spec, q_t, k_t, v_t, plan, scale)
     if padding_free and config.pad_type == "zero" and layout.has_video_padding:
         n_zero = zero_keys_per_row_block(block_mask, layout.zero_keys(dev))

@@ -137,6 +137,16 @@ def _gather_rows(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor
     return _row_view(x).index_select(dim, index).view(x.dtype)
 
 
+def _select_rows(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(dim, index)``; on CUDA for ``[B, H, S, D]`` along S, the Triton row gather
+    (any strides of x, one pass)."""
+    if x.dim() == 4 and dim == 2 and triton_runs_on(x) and not torch.compiler.is_compiling():
+        from .kernels.triton_gather import gather_rows_with_means
+
+        return gather_rows_with_means(x, index, 64, 0)[0]
+    return x.index_select(dim, index)
+
+
 class _GatherRows(torch.autograd.Function):
     """``y = x.index_select(dim, index)`` with rows ``zero_pos`` of y set to 0, plus (optionally)
     the float32 means of the first ``n_means`` groups of ``group`` rows of y, each sum divided by
@@ -177,7 +187,7 @@ class _GatherRows(torch.autograd.Function):
         dim, half = ctx.dim, gy.dtype in (torch.float16, torch.bfloat16)
         if ctx.has_dups and half:
             inverse, (dup_slots, targets, local) = dups[0], dups[1:]
-            gx = gy.index_select(dim, inverse)                       # every token's own slot
+            gx = _select_rows(gy, dim, inverse)                      # every token's own slot
             if dup_slots.numel():
                 acc = gx.index_select(dim, targets).float().index_add_(dim, local, gy.index_select(dim, dup_slots).float())
                 gx.index_copy_(dim, targets, acc.to(gx.dtype))

@@ -80,6 +80,10 @@ class BlockSparsePlan:
     ``causal_offset`` (a Python int, or None): token-level causality on top of the blocks — query row
     ``i`` sees key ``j`` only if ``j <= i + causal_offset`` (positions in the block layout;
     ``Sk - Sq`` aligns the last query with the last key, as flash-attention defines it).
+    ``zero_q_tail`` (default True): rows past ``q_valid`` return out 0 / lse -inf and their output
+    gradient is ignored. False: a caller that drops those rows (and passes zero gradients there, as
+    `ssta_attention`'s untile does) lets a backend skip that masking pass (FA4: two passes over the
+    output and its gradient).
     """
 
     kv_count: torch.Tensor
@@ -94,6 +98,7 @@ class BlockSparsePlan:
     k_block: int
     q_valid: Optional[torch.Tensor] = None
     causal_offset: Optional[int] = None
+    zero_q_tail: bool = True
 
     def __post_init__(self) -> None:
         for name in ("q_block", "k_block"):
@@ -220,9 +225,9 @@ class BlockSparsePlan:
         return "\n".join("".join("#" if x else "." for x in row) for row in m.tolist())
 
 
-# The static fields (Python ints: pytree context, custom-op arguments) and the tensor fields (pytree
+# The static fields (Python ints / bools: pytree context, custom-op arguments) and the tensor fields (pytree
 # leaves, and the order custom ops take a plan in); q_valid is always set.
-STATIC_FIELDS = ("q_block", "k_block", "causal_offset")
+STATIC_FIELDS = ("q_block", "k_block", "causal_offset", "zero_q_tail")
 TENSOR_FIELDS = tuple(f.name for f in fields(BlockSparsePlan) if f.name not in STATIC_FIELDS)
 
 
