@@ -8,7 +8,9 @@ int or ``(q_block, k_block)``). For every shape the forward and (unless ``backwa
 backward run once on random data over a banded block mask at the given length: Triton compiles each
 kernel variant, and kernel families that neither the on-disk tuning cache nor the shipped table know
 are autotuned and recorded (see `video_sparse_attn.kernels.tuning`), so later processes skip tuning
-too. Compilation results land in Triton's own cache (``~/.triton/cache``). With the FlashAttention-4
+too; the row gathers that `ssta_attention` reorders q, k, v with are compiled as well. The kernels do
+not specialise on the sequence length or the plan's strides, so the variants compiled here are the
+ones a real call of any length selects. Compilation results land in Triton's own cache (``~/.triton/cache``). With the FlashAttention-4
 backend, its CuTe kernels are compiled for the shape's dtype and head dim and kept in FA4's disk
 cache (``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1``, set by the backend unless you chose otherwise;
 ``FLASH_ATTENTION_CUTE_DSL_CACHE_DIR`` moves it). Tuning keys never include the sequence length, so

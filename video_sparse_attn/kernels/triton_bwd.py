@@ -290,7 +290,8 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
     pc.wait()                                   # background compiles of these kernels, if any, first
     delta = pc.empty(B, H, Sq, device=q.device, dtype=torch.float32)
     pc.launch(
-        _delta_kernel, (B * H, triton.cdiv(Sq, _ROWS)), out, dout, delta, *out.stride(), *dout.stride(), H, Sq, D=D, D_PAD=d_pad, ROWS=_ROWS,
+        _delta_kernel, (B * H, triton.cdiv(Sq, _ROWS)),
+        out, dout, delta, *out.stride(), *dout.stride(), H, Sq, D=D, D_PAD=d_pad, ROWS=_ROWS,
     )
     if dlse is not None:
         delta.sub_(dlse)
@@ -322,7 +323,8 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
 
     cs, ix, co = plan_strides(plan.q_count, B, H), plan_strides(plan.q_index, B, H), plan_strides(plan.col_order, B, H)
     pc.launch(
-        kernel, lambda meta: (plan.num_k_blocks * (plan.k_block // meta["BLOCK_N"]), B * H), q, k, v, dout, lse, delta, dk, dv, dq_acc,
+        kernel, lambda meta: (plan.num_k_blocks * (plan.k_block // meta["BLOCK_N"]), B * H),
+        q, k, v, dout, lse, delta, dk, dv, dq_acc,
         plan.q_count, plan.q_index, plan.col_order, plan.k_valid, plan.q_valid,
         *io_strides, *dk.stride(), *dv.stride(),
         cs[0], cs[1], ix[0], ix[1], ix[2], co[0], co[1], val_b, qv_b,
@@ -332,15 +334,18 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
 
     if not deterministic:
         pc.launch(
-            _dq_convert_kernel, (triton.cdiv(Sq, _ROWS), B * H), dq_acc, dq, *dq.stride(), H, Sq, scale, D=D, D_PAD=d_pad, ROWS=_ROWS,
+            _dq_convert_kernel, (triton.cdiv(Sq, _ROWS), B * H),
+            dq_acc, dq, *dq.stride(), H, Sq, scale, D=D, D_PAD=d_pad, ROWS=_ROWS,
         )
         return dq, dk, dv
 
     use_tma_k = tma_usable(D, k, v, enabled=options["tma"])
     cs, ix, ro = plan_strides(plan.kv_count, B, H), plan_strides(plan.kv_index, B, H), plan_strides(plan.row_order, B, H)
     pc.launch(
-        tuned_kernel("dq", _dq_kernel, DQ_CONFIGS[table], variant=f"tma{use_tma_k:d}" + tag, tune_key=("D_PAD", "USE_TMA"), **tune),
-        lambda meta: (plan.num_q_blocks * (plan.q_block // meta["BLOCK_M"]), B * H), q, k, v, dout, lse, delta, dq,
+        tuned_kernel("dq", _dq_kernel, DQ_CONFIGS[table], variant=f"tma{use_tma_k:d}" + tag,
+                     tune_key=("D_PAD", "USE_TMA"), **tune),
+        lambda meta: (plan.num_q_blocks * (plan.q_block // meta["BLOCK_M"]), B * H),
+        q, k, v, dout, lse, delta, dq,
         plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid, plan.q_valid,
         *io_strides, *dq.stride(),
         cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b, qv_b,

@@ -71,7 +71,8 @@ def gather_rows_with_means(x: torch.Tensor, src: torch.Tensor, group: int, num_m
             block_r = cand
             break
     pc.launch(
-        _gather_rows_kernel, (R // group, B * H), x, y, src, mean, *x.stride(), y.stride(0), y.stride(1), y.stride(2), H, num_mean_groups,
+        _gather_rows_kernel, (R // group, B * H),
+        x, y, src, mean, *x.stride(), y.stride(0), y.stride(1), y.stride(2), H, num_mean_groups,
         1.0 / (mean_div or group), D=D, D_PAD=d_pad, GROUP=group, BLOCK_R=block_r, WANT_MEAN=want, num_warps=4,
     )
     return y, (mean if want else None)
