@@ -11,10 +11,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import precompile as pc
+
 __all__ = ["gather_rows_with_means"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "R", "num_mean_groups"])
 def _gather_rows_kernel(
     X, Y, SRC, MEAN,
     sxb, sxh, sxs, sxd,          # x strides [B, H, S, D] (any)
@@ -60,16 +62,17 @@ def gather_rows_with_means(x: torch.Tensor, src: torch.Tensor, group: int, num_m
     R = src.numel()
     if group % 16 or (num_mean_groups > 0 and R % group):
         raise ValueError(f"{R} rows do not split into groups of {group} (a multiple of 16)")
-    y = torch.empty(B, H, R, D, device=x.device, dtype=x.dtype)
+    y = pc.empty(B, H, R, D, device=x.device, dtype=x.dtype)
     want = num_mean_groups > 0
-    mean = torch.empty(B, H, max(num_mean_groups, 1), D, device=x.device, dtype=torch.float32)
+    mean = pc.empty(B, H, max(num_mean_groups, 1), D, device=x.device, dtype=torch.float32)
     d_pad = max(16, triton.next_power_of_2(D))
     block_r = 16
     for cand in (64, 32):
         if group % cand == 0 and cand * d_pad <= 8192:
             block_r = cand
             break
-    _gather_rows_kernel[(triton.cdiv(R, group), B * H)](
+    pc.launch(
+        _gather_rows_kernel, (triton.cdiv(R, group), B * H),
         x, y, src, mean, *x.stride(), y.stride(0), y.stride(1), y.stride(2), H, R, num_mean_groups,
         1.0 / (mean_div or group), D=D, D_PAD=d_pad, GROUP=group, BLOCK_R=block_r, WANT_MEAN=want, num_warps=4,
     )
