@@ -44,6 +44,12 @@ def compact(values: torch.Tensor, keep: torch.Tensor):
     value its slot; one scatter writes them (no sort). ``values`` may be an expanded view."""
     W = values.shape[-1]
     count = keep.sum(dim=-1, dtype=torch.int32)
+    if torch.compiler.is_compiling():
+        # Inductor's CUDA lowering of this scan fails at 720p sizes (a split scan over [1, 16, 366, 1098]
+        # int32, torch 2.11); a stable sort of the drop flags puts the kept positions first, in order
+        order = torch.sort(keep.logical_not().to(torch.uint8), dim=-1, stable=True).indices
+        kept = torch.gather(values.to(torch.int32).expand_as(keep), -1, order)
+        return count, torch.where(torch.arange(W, device=keep.device) < count.unsqueeze(-1), kept, 0)
     slot = torch.where(keep, keep.cumsum(-1, dtype=torch.int32) - 1, W).long()     # dropped → spare slot W
     out = torch.zeros(*keep.shape[:-1], W + 1, dtype=torch.int32, device=keep.device)
     return count, out.scatter(-1, slot, values.to(torch.int32).expand_as(keep))[..., :W]
