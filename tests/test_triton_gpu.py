@@ -200,8 +200,8 @@ def test_every_single_pass_config(index, reduce, tmp_path):
 
     bm, bn, warps, stages = ONE_PASS_CONFIGS["small_d"][index]
     plan, q, k, v = _case(2, 2, 8, 8, 384, 384, 128, torch.bfloat16, 0.4)
-    tma = tma_usable(128, q, q)
-    mode = "tma" if (reduce == "tma" and tma) else "atomic"
+    tma = tma_usable(128, q, q) and reduce == "tma"     # the single pass loads Q/dO by pointer unless dQ goes by TMA
+    mode = "tma" if tma else "atomic"
     key = tuning.cache_key(torch.cuda.get_device_name(), "bwd1", torch.bfloat16, 128, 384, 384, f"tma{tma:d}.dq{mode}.skip1")
     cache = tmp_path / "tuning.json"
     tuning.record(key, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}, cache_path=cache)

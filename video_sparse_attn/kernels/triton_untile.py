@@ -34,7 +34,7 @@ def _row_scale(LSE, N, b, h, p, ok, slb, slh, sls, snb, snh, sns, bs):
     return 1.0 / (1.0 + n * tl.exp(tl.where(n > 0, -lse, 0.0)))
 
 
-@triton.jit(do_not_specialize=["sxb", "slb", "snb", "snh", "syb", "H", "S", "bs"])
+@triton.jit(do_not_specialize=["slb", "snb", "snh", "H", "S", "bs"])   # data strides stay specialised: vector loads
 def _untile_scaled_fwd_kernel(
     X, LSE, N, INV, Y,
     sxb, sxh, sxs, sxd, slb, slh, sls, snb, snh, sns, syb, syh, sys_, syd,
@@ -56,7 +56,7 @@ def _untile_scaled_fwd_kernel(
     tl.store(Y + b * syb + h * syh + rows[:, None] * sys_ + offs_d[None, :] * syd, y.to(Y.dtype.element_ty), mask=io)
 
 
-@triton.jit(do_not_specialize=["sgb", "sxb", "slb", "snb", "snh", "sdb", "H", "P", "bs"])
+@triton.jit(do_not_specialize=["slb", "snb", "snh", "H", "P", "bs"])
 def _untile_scaled_bwd_kernel(
     G, X, LSE, N, OWN, DX, DLSE,
     sgb, sgh, sgs, sgd, sxb, sxh, sxs, sxd, slb, slh, sls, snb, snh, sns,
