@@ -134,7 +134,7 @@ def test_causal_through_triton_interpreter(deterministic):
     ref, ref_lse = _causal_reference(q, k, v, mask, qb, kb)
     from video_sparse_attn.attention import _plan_for_mask
 
-    plan = dataclasses.replace(_plan_for_mask(mask, Sq, Sk, qb, kb), causal_offset=Sk - Sq)
+    plan = dataclasses.replace(_plan_for_mask(mask, Sq, Sk, qb, kb), window_hi=Sk - Sq)
     out, lse = block_sparse_attention_triton(q, k, v, plan, deterministic=deterministic)
     assert rel_l2(out, ref) < 1e-5
     g = torch.randn_like(out)
