@@ -104,7 +104,8 @@ def triton_entry(q: Tensor, k: Tensor, v: Tensor, plan: BlockSparsePlan,
 def _fa4_lists(lists: List[Tensor]):
     from .fa4 import FA4BlockLists
 
-    return FA4BlockLists(fwd=tuple(lists[0:4]), bwd=tuple(lists[4:8]), key_ok=lists[8])
+    return FA4BlockLists(fwd=tuple(lists[0:4]), bwd=tuple(lists[4:8]), key_ok=lists[8],
+                         row_bounds=tuple(lists[9:11]) if len(lists) > 9 else None)
 
 
 @torch.library.custom_op("vsa::fa4_attention", mutates_args=())
@@ -162,6 +163,6 @@ def fa4_entry(q: Tensor, k: Tensor, v: Tensor, plan: BlockSparsePlan,
     if not torch.compiler.is_compiling():
         return block_sparse_attention_fa4(q, k, v, plan, scale)
     lists = fa4_block_lists(plan, q.shape[0], cache=False)
-    flat = [*lists.fwd, *lists.bwd, lists.key_ok]
+    flat = [*lists.fwd, *lists.bwd, lists.key_ok, *(lists.row_bounds or ())]
     out, lse, _, _ = _fa4_fwd(q, k, v, flat, ~plan.query_valid(), _scale(q, scale))
     return out, lse
