@@ -124,13 +124,14 @@ def test_auto_picks_fa4_on_sm90():
     assert resolve_backend("auto", q, small) == "triton"                   # 16-token blocks: not fa4
 
 
-def test_fa4_custom_ops_compile_fullgraph():
+@pytest.mark.parametrize("window_hi", [None, 0])
+def test_fa4_custom_ops_compile_fullgraph(window_hi):
     """Under torch.compile(fullgraph=True) the FA4 backend runs as custom ops (block lists built in the
-    graph): the same output, lse and gradients as eager."""
+    graph, with the window's row bounds when causal): the same output, lse and gradients as eager."""
     _skip_unless_fa4()
     torch._dynamo.reset()
     torch.manual_seed(3)
-    plan = _random_plan(1, 2, 4, 4, 128, 128, 0.6, "cuda", False)
+    plan = dataclasses.replace(_random_plan(1, 2, 4, 4, 128, 128, 0.6, "cuda", False), window_hi=window_hi)
     q, k, v = (torch.randn(1, 2, 512, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 
     def f(q, k, v, plan):
