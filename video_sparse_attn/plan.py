@@ -285,8 +285,9 @@ class BlockSparsePlan:
 
     def __repr__(self) -> str:
         Bp, Hp, Mq, Nk = self.shape
+        window = f", window=({self.window_lo}, {self.window_hi})" if self.has_window else ""
         return (f"BlockSparsePlan(shape=(B={Bp}, H={Hp}, Mq={Mq}, Nk={Nk}), q_block={self.q_block}, "
-                f"k_block={self.k_block}, k_valid={tuple(self.k_valid.shape)}, device={self.device})")
+                f"k_block={self.k_block}, k_valid={tuple(self.k_valid.shape)}{window}, device={self.device})")
 
     def to_string(self, b: int = 0, h: int = 0, max_blocks: int = 64) -> str:
         """A picture of one (b, h) block mask: '#' kept, '.' skipped (host sync: for humans)."""
