@@ -20,8 +20,8 @@ inner loop), and forward variants ``ws`` / ``v3`` / ``peel`` / ``lazy``. A varia
 forward options. Every variant's output and gradients are compared with FlexAttention's.
 
 Parity cases (the public ops on ``--backend``, each beside compiled FlexAttention over the same token
-mask: Flex's `BlockMask` is built by `create_block_mask` from a ``mask_mod`` that reads the same block
-masks and adds the same token terms), SSTA masks (tiles 6×8×8, topk 32), H=32, D=128:
+mask: Flex's `BlockMask` is built by `create_block_mask`, at Flex's 128-token blocks, from a
+``mask_mod`` that reads the same block masks and adds the same token terms), SSTA masks (tiles 6×8×8, topk 32), H=32, D=128:
   plain    one video (30,48,32), non-causal, H_kv = H           (the yardstick)
   gqa      the same with H_kv = 8 (grouped-query attention)
   causal   the same with causal=True (token-level, diagonal blocks partial, blocks above dropped)
@@ -190,6 +190,7 @@ PARITY = {
     "varlen": dict(grids=[(30, 48, 32), (18, 32, 32), (12, 24, 40), (6, 16, 16)], kv_heads=32, causal=False),
 }
 PARITY_HEADS, PARITY_TILE, PARITY_TOPK = 32, (6, 8, 8), 32
+FLEX_BLOCK = 128   # Flex's own block: it skips 128-token sub-blocks above a causal diagonal, as fa4 does
 # --dry-run: the same cases scaled down (16-token tiles, 4 heads) so that they build on a CPU
 TINY = dict(heads=4, kv_heads={8: 2, 32: 4}, tile=(2, 2, 4), topk=2,
             grids={(30, 48, 32): (6, 4, 8), (18, 32, 32): (4, 4, 4), (12, 24, 40): (2, 6, 8), (6, 16, 16): (2, 2, 4)})
@@ -283,7 +284,7 @@ def run_parity_case(name: str, args) -> dict:
     st = parity_setup(name, "cuda", getattr(torch, args.dtype), args.dim, backend=args.backend)
     qf, kf, vf = st["flex_qkv"]
     H, S, bs = qf.shape[1], st["S"], st["block"]
-    block_mask = create_block_mask(st["mask_mod"], 1, H, S, S, device="cuda", BLOCK_SIZE=bs)
+    block_mask = create_block_mask(st["mask_mod"], 1, H, S, S, device="cuda", BLOCK_SIZE=FLEX_BLOCK, _compile=True)
     flex = torch.compile(flex_attention, dynamic=False)
     ins = [x.detach().requires_grad_() for x in (st["q"], st["k"], st["v"])]
     fins = [x.detach().requires_grad_() for x in (qf, kf, vf)]

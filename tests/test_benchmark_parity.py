@@ -34,3 +34,17 @@ def test_parity_relative_times(bench):
              "flex_fwd_us_per_kblock": 3.0, "flex_fwdbwd_us_per_kblock": 12.0}]
     bench.add_relative(rows)
     assert rows[1]["ours_fwd_vs_plain"] == 1.5 and rows[1]["flex_fwdbwd_vs_plain"] == 2.0
+
+
+@pytest.mark.parametrize("name", ["gqa", "causal", "varlen"])
+def test_parity_case_equals_flex_over_its_mask_mod(bench, name):
+    """FlexAttention (eager, CPU) over the case's mask_mod computes what our op does."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    st = bench.parity_setup(name, device="cpu", dtype=torch.float32, dim=16, tiny=True, backend="torch")
+    q, k, v = st["flex_qkv"]
+    mask = create_block_mask(st["mask_mod"], 1, q.shape[1], st["S"], st["S"], device="cpu")
+    ref = flex_attention(q, k, v, block_mask=mask, enable_gqa=st["gqa"])
+    out = st["to_flex"](st["ours"]())
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
