@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write every row here")
     ap.add_argument("--backends", default="fa4,triton", help="comma-separated kernel backends to time")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    ap.add_argument("--profile", default=None, metavar="FILE",
+                    help="also profile one padding-free fwd+bwd of ssta_attention per backend; CUDA kernel table here")
     args = ap.parse_args()
     torch.manual_seed(0)
     H, D, dt, dev = args.heads, 128, torch.bfloat16, "cuda"
@@ -112,7 +114,7 @@ def main() -> None:
     # ---- the parts of ssta_attention around the kernel (forward)
     import dataclasses
 
-    from video_sparse_attn.padding_free import add_zero_keys, zero_keys_per_row_block
+    from video_sparse_attn.padding_free import add_zero_keys, untile_with_zero_keys, zero_keys_per_row_block
 
     with torch.no_grad():
         qd, kd, vd = q.detach(), k.detach(), v.detach()
@@ -130,6 +132,7 @@ def main() -> None:
         n = zero_keys_per_row_block(mask, layout.zero_keys(dev))
         add("part/zero-key correction", bench(lambda: add_zero_keys(o_t, l_t, n, bs)))
         add("part/untile", bench(lambda: layout.untile(o_t)))
+        add("part/untile + zero-key correction, fused", bench(lambda: untile_with_zero_keys(layout, o_t, l_t, n, q)))
 
     # ---- end to end
     g = torch.randn_like(q)
@@ -140,6 +143,22 @@ def main() -> None:
             with torch.no_grad():
                 add(f"ssta/{be}/{label}/fwd", bench(f))
             add(f"ssta/{be}/{label}/fwd+bwd", bench(fwd_bwd(f, (q, k, v), g)))
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with open(args.profile, "w") as fh:
+            for be in backends:
+                f = fwd_bwd(lambda b=be: ssta_attention(q, k, v, THW, cfg, TEXT, tm, backend=b), (q, k, v), g)
+                f()
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    f()
+                    torch.cuda.synchronize()
+                fh.write(f"## {be}: one padding-free ssta_attention fwd+bwd\n")
+                fh.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+                fh.write("\n\n")
+        print(f"profile written to {args.profile}")
 
     # ---- exact dense baseline: cuDNN over the valid tokens
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -115,3 +115,35 @@ def test_bf16_padding_free_gradients_on_gpu(pad):
     exp = torch.autograd.grad((ref * g.double()).sum(), (qd, kd, vd))
     for a, b in zip(got, exp):
         assert rel_l2(a, b) < 2e-2
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("grid, tile, L, D, bshd", [((3, 5, 6), (2, 4, 4), 7, 16, False),
+                                                    ((2, 3, 5), (2, 3, 3), 20, 24, True)])
+def test_fused_untile_with_zero_keys_kernels(grid, tile, L, D, bshd):
+    """The fused Triton untile + zero-key correction (interpreted, fp32) equals `untile(add_zero_keys(...))`
+    in float64, forward and both gradients; keyless rows (lse = -inf), head-broadcast counts, and a
+    ``[B, S, H, D]``-strided result when asked for."""
+    from video_sparse_attn import TileLayout
+    from video_sparse_attn.kernels.triton_untile import untile_scaled_bwd, untile_scaled_fwd
+
+    lay = TileLayout(grid, tile, L, "zero")
+    B, H, P, bs = 2, 3, lay.padded_len, lay.block_size
+    x = torch.randn(B, P, H, D, dtype=torch.float64).transpose(1, 2) if bshd else torch.randn(B, H, P, D).double()
+    lse = torch.randn(B, H, P, dtype=torch.float64)
+    lse[0, 0, :5] = float("-inf")
+    n = torch.randint(0, 5, (1, H, P // bs)).double()
+    x.requires_grad_()
+    lse.requires_grad_()
+    idx = lay.indices("cpu")
+    like = torch.empty(B, lay.seq_len, H, D).transpose(1, 2) if bshd else torch.empty(B, H, lay.seq_len, D)
+    y = untile_scaled_fwd(x.detach().float(), lse.detach().float(), n.float(), idx["inverse"], bs, like)
+    ref = lay.untile(add_zero_keys(x, lse, n, bs)[0])
+    assert y.stride() == like.stride()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(ref)
+    dx_ref, dl_ref = torch.autograd.grad(ref, (x, lse), g)
+    dx, dl = untile_scaled_bwd(g.float(), x.detach().float(), lse.detach().float(), n.float(), idx["owner"], bs)
+    assert dx.stride() == x.stride()
+    torch.testing.assert_close(dx.double(), dx_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dl.double(), dl_ref, rtol=1e-5, atol=1e-6)

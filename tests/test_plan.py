@@ -49,3 +49,18 @@ def test_dense_plan_and_repr():
     assert moved is not plan and moved.device.type == "meta" and plan.device.type == "cpu"  # a copy
     assert moved.shape == plan.shape and (moved.q_block, moved.k_block) == (plan.q_block, plan.k_block)
     assert all(getattr(moved, n).device.type == "meta" for n in ("kv_index", "q_index", "k_valid", "q_valid"))
+
+
+def test_compact_compiled_equals_eager():
+    """`compact` under torch.compile (a sort, not a scan) equals its eager form, expanded values too."""
+    from video_sparse_attn.plan import compact
+
+    torch.manual_seed(0)
+    keep = torch.rand(2, 3, 5, 37) < 0.4
+    keep[0, 0, 0] = False                      # an empty row
+    keep[1, 2, 4] = True                       # a full row
+    values = (torch.arange(37, dtype=torch.int32) * 3)[None, None, None].expand(2, 3, 5, 37)
+    c_eager, v_eager = compact(values, keep)
+    c_comp, v_comp = torch.compile(compact, backend="aot_eager", fullgraph=True)(values, keep)
+    assert torch.equal(c_eager, c_comp) and torch.equal(v_eager, v_comp)
+    assert int(c_eager[1, 2, 4]) == 37 and int(c_eager[0, 0, 0]) == 0

@@ -38,3 +38,15 @@ def test_tile_with_means_on_cuda_matches_cpu():
     xc = x.detach().cpu().double().requires_grad_()
     (gref,) = torch.autograd.grad((lay.tile(xc) * g.cpu().double()).sum(), xc)
     torch.testing.assert_close(gx.cpu().double(), gref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("R", [1, 50, 130])
+def test_gather_rows_any_count_without_means(R):
+    """Without means the gather takes any number of rows (the last group ragged): equals index_select."""
+    from video_sparse_attn.kernels.triton_gather import gather_rows_with_means
+
+    x = torch.randn(2, 3, 40, 24, device=DEVICE).transpose(1, 2).contiguous().transpose(1, 2)
+    src = torch.randint(-1, 40, (R,), device=DEVICE)
+    y, means = gather_rows_with_means(x, src, 64, 0)
+    ref = x.index_select(2, src.clamp(min=0)) * (src >= 0)[:, None].to(x.dtype)
+    assert means is None and torch.equal(y, ref)

@@ -11,7 +11,7 @@ from .config import SSTAConfig
 from .kernels.registry import AttentionCall, BackendSpec, select_backend
 from .layout import TileLayout
 from .masks.build import block_mask_from_tiled
-from .padding_free import add_zero_keys, zero_keys_per_row_block
+from .padding_free import add_zero_keys, untile_with_zero_keys, zero_keys_per_row_block
 from .plan import BlockSparsePlan, window_offsets
 from .validation import check_qkv, check_scale, validate_block_inputs, validate_inputs
 
@@ -206,10 +206,17 @@ def ssta_attention(
         block_mask, bs, bs, layout.key_valid(text_mask, dev, padding_free),
         layout.query_valid(dev) if padding_free else None,
     )
+    plan = dataclasses.replace(plan, zero_q_tail=False)     # untile drops those rows, its backward passes 0 there
     out_t, lse = _run(spec, q_t, k_t, v_t, plan, scale)
     if padding_free and config.pad_type == "zero" and layout.has_video_padding:
-        out_t, lse = add_zero_keys(out_t, lse, zero_keys_per_row_block(block_mask, layout.zero_keys(dev)), bs)
-    out = layout.untile(out_t)
+        n_zero = zero_keys_per_row_block(block_mask, layout.zero_keys(dev))
+        if not return_lse:
+            out = untile_with_zero_keys(layout, out_t, lse, n_zero, like=q)
+        else:
+            out_t, lse = add_zero_keys(out_t, lse, n_zero, bs)
+            out = layout.untile(out_t)
+    else:
+        out = layout.untile(out_t)
     extra = ((layout.untile(lse),) if return_lse else ()) + ((SSTAInfo(block_mask, plan, plan.density, layout),)
                                                              if return_info else ())
     return (out, *extra) if extra else out

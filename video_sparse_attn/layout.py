@@ -87,8 +87,9 @@ def _build_indices(grid: Triple, tile: Triple, text_len: int, pad_type: str,
     inverse = torch.cat([torch.empty(n_real, dtype=torch.long, device=device).index_put_(
         (src.flatten()[real_pos],), real_pos), Nv * bs + (text_ids // bs_t) * bs + text_ids % bs_t])
     kernel_src = src_all.index_fill(0, zero_pos, -1)
+    owner = torch.full_like(src_all, -1).index_copy_(0, inverse, torch.arange(inverse.numel(), device=device))
     return {
-        "src": src_all, "zero_pos": zero_pos, "inverse": inverse, "kernel_src": kernel_src,
+        "src": src_all, "zero_pos": zero_pos, "inverse": inverse, "kernel_src": kernel_src, "owner": owner,
         "video_valid": valid.sum(1).to(torch.int32), "slot_raster": slot_raster,
     }
 
@@ -136,6 +137,16 @@ def _gather_rows(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor
     return _row_view(x).index_select(dim, index).view(x.dtype)
 
 
+def _select_rows(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(dim, index)``; on CUDA for ``[B, H, S, D]`` along S, the Triton row gather
+    (any strides of x, one pass)."""
+    if x.dim() == 4 and dim == 2 and triton_runs_on(x) and not torch.compiler.is_compiling():
+        from .kernels.triton_gather import gather_rows_with_means
+
+        return gather_rows_with_means(x, index, 64, 0)[0]
+    return x.index_select(dim, index)
+
+
 class _GatherRows(torch.autograd.Function):
     """``y = x.index_select(dim, index)`` with rows ``zero_pos`` of y set to 0, plus (optionally)
     the float32 means of the first ``n_means`` groups of ``group`` rows of y, each sum divided by
@@ -145,11 +156,12 @@ class _GatherRows(torch.autograd.Function):
     Backward: duplicated sources (repeat padding, text padding copies) sum their gradients. With
     ``dups`` (`_duplicates`: which slots are copies, where they go) each token takes its own slot's
     gradient and the copies are summed in float32 (a token can have hundreds of copies: summing them
-    in bf16 would lose most of their digits); without, one ``index_add`` in float32 for half types.
+    in bf16 would lose most of their digits); without, one ``index_add`` in float32 for half types;
+    with ``unique`` (no row taken twice, as in `untile`) a plain scatter.
     """
 
     @staticmethod
-    def forward(ctx, x, dim, index, zero_pos, kernel_src, group, n_means, mean_div=1, dups=None):
+    def forward(ctx, x, dim, index, zero_pos, kernel_src, group, n_means, mean_div=1, dups=None, unique=False):
         if kernel_src is not None and x.dim() == 4 and dim == 2 and triton_runs_on(x):
             from .kernels.triton_gather import gather_rows_with_means
 
@@ -163,7 +175,7 @@ class _GatherRows(torch.autograd.Function):
                 head = y.narrow(dim, 0, n_means * group)
                 means = head.unflatten(dim, (n_means, group)).sum(dim=dim + 1, dtype=torch.float32) / mean_div
         ctx.save_for_backward(index, zero_pos, *(dups or ()))
-        ctx.dim, ctx.shape, ctx.has_dups = dim, x.shape, dups is not None
+        ctx.dim, ctx.shape, ctx.has_dups, ctx.unique = dim, x.shape, dups is not None, unique
         if means is None:
             return y, x.new_empty(0, dtype=torch.float32)
         ctx.mark_non_differentiable(means)
@@ -175,16 +187,19 @@ class _GatherRows(torch.autograd.Function):
         dim, half = ctx.dim, gy.dtype in (torch.float16, torch.bfloat16)
         if ctx.has_dups and half:
             inverse, (dup_slots, targets, local) = dups[0], dups[1:]
-            gx = gy.index_select(dim, inverse)                       # every token's own slot
+            gx = _select_rows(gy, dim, inverse)                      # every token's own slot
             if dup_slots.numel():
                 acc = gx.index_select(dim, targets).float().index_add_(dim, local, gy.index_select(dim, dup_slots).float())
                 gx.index_copy_(dim, targets, acc.to(gx.dtype))
-            return gx, None, None, None, None, None, None, None, None
+            return gx, None, None, None, None, None, None, None, None, None
+        if ctx.unique:    # every source row taken at most once (untile): a scatter, no sums
+            return (gy.new_zeros(ctx.shape).index_copy_(dim, index, gy), None, None, None, None, None, None, None,
+                    None, None)
         if zero_pos.numel():
             gy = gy.index_fill(dim, zero_pos, 0)
         acc_dtype = torch.float32 if half else gy.dtype
         gx = gy.new_zeros(ctx.shape, dtype=acc_dtype).index_add_(dim, index, gy.to(acc_dtype))
-        return gx.to(gy.dtype), None, None, None, None, None, None, None, None
+        return gx.to(gy.dtype), None, None, None, None, None, None, None, None, None
 
 
 def _dups(idx: Dict[str, torch.Tensor]):
@@ -292,8 +307,9 @@ class TileLayout:
     def indices(self, device: torch.device | str) -> Dict[str, torch.Tensor]:
         """Cached index tensors on ``device``:
         ``src [padded_len]`` source token of every block-ordered slot; ``zero_pos`` slots filled with
-        zeros; ``kernel_src`` = src with -1 at the zero slots; ``inverse [seq_len]`` slot of every original token; ``video_valid [Nv]`` real tokens
-        per video tile; ``slot_raster [Nv, bs]`` raster position inside its tile of each slot.
+        zeros; ``kernel_src`` = src with -1 at the zero slots; ``inverse [seq_len]`` slot of every
+        original token; ``owner [padded_len]`` its inverse (the token a slot holds, -1 for padding and
+        copies); ``video_valid [Nv]`` real tokens per video tile; ``slot_raster [Nv, bs]`` raster position inside its tile of each slot.
         """
         if torch.compiler.is_compiling():   # built in the graph (a few small static-shape ops), not cached
             return _build_indices(self.grid_thw, self.tile_thw, self.text_len, self.pad_type, device)
@@ -329,7 +345,8 @@ class TileLayout:
         if y.shape[seq_dim] != self.padded_len:
             raise ValueError(f"expected {self.padded_len} block-ordered tokens, got {y.shape[seq_dim]}")
         idx = self.indices(y.device)
-        return _GatherRows.apply(y, seq_dim % y.dim(), idx["inverse"], idx["zero_pos"][:0], None, 1, 0, 1)[0]
+        return _GatherRows.apply(y, seq_dim % y.dim(), idx["inverse"], idx["zero_pos"][:0], None, 1, 0, 1, None,
+                                 True)[0]
 
     # ------------------------------------------------------------------ validity per block
     def query_valid(self, device: torch.device | str) -> torch.Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["zero_keys_per_row_block", "add_zero_keys"]
+__all__ = ["zero_keys_per_row_block", "add_zero_keys", "untile_with_zero_keys"]
 
 
 def zero_keys_per_row_block(block_mask: torch.Tensor, zero_keys: torch.Tensor) -> torch.Tensor:
@@ -73,3 +73,39 @@ def add_zero_keys(out: torch.Tensor, lse: torch.Tensor, n: torch.Tensor, block: 
     n_rows = n.to(lse.dtype)[..., None].expand(-1, -1, -1, block).reshape(n.shape[0], n.shape[1], S)
     new_out, new_lse = _AddZeroKeys.apply(out, lse, n_rows.expand(B, H, S))
     return new_out, new_lse
+
+
+class _UntileZeroKeys(torch.autograd.Function):
+    """`untile` ∘ `add_zero_keys` (output only) as one Triton pass each way (see `kernels.triton_untile`)."""
+
+    @staticmethod
+    def forward(ctx, out, lse, n, inverse, owner, block, like):
+        from .kernels.triton_untile import untile_scaled_fwd
+
+        ctx.save_for_backward(out, lse, n, owner)
+        ctx.block = block
+        return untile_scaled_fwd(out, lse, n, inverse, block, like)
+
+    @staticmethod
+    def backward(ctx, g):
+        from .kernels.triton_untile import untile_scaled_bwd
+
+        out, lse, n, owner = ctx.saved_tensors
+        d_out, d_lse = untile_scaled_bwd(g, out, lse, n, owner, ctx.block)
+        return d_out, d_lse, None, None, None, None, None
+
+
+def untile_with_zero_keys(layout, out: torch.Tensor, lse: torch.Tensor, n: torch.Tensor, like: torch.Tensor):
+    """``layout.untile(add_zero_keys(out, lse, n)[0])``: block-ordered ``out [B, H, P, D]``, ``lse [B, H, P]``
+    and zero keys per query block ``n [B', H', P // block]`` → ``[B, H, S, D]``.
+
+    On CUDA (eager) one fused Triton pass each way, writing the result with ``like``'s layout (q's:
+    diffusers' ``[B, S, H, D]`` storage stays so); elsewhere the two steps as PyTorch ops.
+    """
+    from .kernels.registry import triton_runs_on
+
+    if triton_runs_on(out) and not torch.compiler.is_compiling():
+        idx = layout.indices(out.device)
+        return _UntileZeroKeys.apply(out, lse, n.to(torch.float32), idx["inverse"], idx["owner"],
+                                     layout.block_size, like)
+    return layout.untile(add_zero_keys(out, lse, n, layout.block_size)[0])

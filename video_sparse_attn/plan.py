@@ -86,6 +86,12 @@ def compact(values: torch.Tensor, keep: torch.Tensor):
     value its slot; one scatter writes them (no sort). ``values`` may be an expanded view."""
     W = values.shape[-1]
     count = keep.sum(dim=-1, dtype=torch.int32)
+    if torch.compiler.is_compiling():
+        # Inductor's CUDA lowering of this scan fails at 720p sizes (a split scan over [1, 16, 366, 1098]
+        # int32, torch 2.11); a stable sort of the drop flags puts the kept positions first, in order
+        order = torch.sort(keep.logical_not().to(torch.uint8), dim=-1, stable=True).indices
+        kept = torch.gather(values.to(torch.int32).expand_as(keep), -1, order)
+        return count, torch.where(torch.arange(W, device=keep.device) < count.unsqueeze(-1), kept, 0)
     slot = torch.where(keep, keep.cumsum(-1, dtype=torch.int32) - 1, W).long()     # dropped → spare slot W
     out = torch.zeros(*keep.shape[:-1], W + 1, dtype=torch.int32, device=keep.device)
     return count, out.scatter(-1, slot, values.to(torch.int32).expand_as(keep))[..., :W]
@@ -123,6 +129,10 @@ class BlockSparsePlan:
     the blocks — query row ``i`` sees key ``j`` only if ``window_lo <= j - i - shift <= window_hi``
     (positions in the block layout, ``shift = window_shift`` of the row's block). Causal
     (bottom-right aligned, as flash-attention) is ``window_hi = Sk - Sq``.
+    ``zero_q_tail`` (default True): rows past ``q_valid`` return out 0 / lse -inf and their output
+    gradient is ignored. False: a caller that drops those rows (and passes zero gradients there, as
+    `ssta_attention`'s untile does) lets a backend skip that masking pass (FA4: two passes over the
+    output and its gradient).
     """
 
     kv_count: torch.Tensor
@@ -139,6 +149,7 @@ class BlockSparsePlan:
     window_shift: Optional[torch.Tensor] = None
     window_lo: Optional[int] = None
     window_hi: Optional[int] = None
+    zero_q_tail: bool = True
 
     def __post_init__(self) -> None:
         for name in ("q_block", "k_block"):
@@ -295,9 +306,9 @@ class BlockSparsePlan:
         return "\n".join("".join("#" if x else "." for x in row) for row in m.tolist())
 
 
-# The static fields (Python ints: pytree context, custom-op arguments) and the tensor fields (pytree
+# The static fields (Python ints / bools: pytree context, custom-op arguments) and the tensor fields (pytree
 # leaves, and the order custom ops take a plan in); q_valid is always set.
-STATIC_FIELDS = ("q_block", "k_block", "window_lo", "window_hi")
+STATIC_FIELDS = ("q_block", "k_block", "window_lo", "window_hi", "zero_q_tail")
 TENSOR_FIELDS = tuple(f.name for f in fields(BlockSparsePlan) if f.name not in STATIC_FIELDS)
 
 

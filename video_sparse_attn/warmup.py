@@ -8,7 +8,9 @@ int or ``(q_block, k_block)``). For every shape the forward and (unless ``backwa
 backward run once on random data over a banded block mask at the given length: Triton compiles each
 kernel variant, and kernel families that neither the on-disk tuning cache nor the shipped table know
 are autotuned and recorded (see `video_sparse_attn.kernels.tuning`), so later processes skip tuning
-too. Compilation results land in Triton's own cache (``~/.triton/cache``). With the FlashAttention-4
+too; the row gathers that `ssta_attention` reorders q, k, v with are compiled as well. The kernels do
+not specialise on the sequence length or the plan's strides, so the variants compiled here are the
+ones a real call of any length selects. Compilation results land in Triton's own cache (``~/.triton/cache``). With the FlashAttention-4
 backend, its CuTe kernels are compiled for the shape's dtype and head dim and kept in FA4's disk
 cache (``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1``, set by the backend unless you chose otherwise;
 ``FLASH_ATTENTION_CUTE_DSL_CACHE_DIR`` moves it). Tuning keys never include the sequence length, so
@@ -62,6 +64,22 @@ def _plan(S: int, qb: int, kb: int, device, width: int = 32) -> BlockSparsePlan:
     return BlockSparsePlan.from_block_mask(mask, qb, kb, k_valid, q_valid)
 
 
+def _compile_gathers(x: torch.Tensor, block: int, device: torch.device) -> None:
+    """Compile (not run) the row gathers `ssta_attention` reorders q, k (with tile means) and v
+    (without) by, for blocks of ``block`` tokens (their variant does not depend on the length)."""
+    from .kernels.registry import triton_runs_on
+
+    if device.type != "cuda" or not triton_runs_on(x):
+        return
+    from .kernels.precompile import compile_only
+    from .kernels.triton_gather import gather_rows_with_means
+
+    src = torch.arange(x.shape[2], device=device)
+    with compile_only():
+        gather_rows_with_means(x, src, block, 1 + x.shape[2] // block, block)
+        gather_rows_with_means(x, src, block, 0)
+
+
 def warmup(*shapes: Shape, kernel_options: Optional[dict] = None, deterministic: Optional[bool] = None,
            backward: bool = True, bshd: bool = False, device: Union[str, torch.device, None] = None,
            backend: str = "auto") -> list:
@@ -88,6 +106,7 @@ def warmup(*shapes: Shape, kernel_options: Optional[dict] = None, deterministic:
 
         q, k, v = make(Sq), make(Sk), make(Sk)
         start = time.perf_counter()
+        _compile_gathers(q, qb, device)
         if resolve_backend(backend, q, plan) == "triton":
             from .kernels.triton_op import block_sparse_attention_triton
 

@@ -186,10 +186,11 @@ def _mask_mod(lists: FA4BlockLists):
     return _window_mask_mod(), [lists.key_ok, *lists.row_bounds]
 
 
-def fa4_forward(q, k, v, lists: FA4BlockLists, q_pad: torch.Tensor, scale: float):
+def fa4_forward(q, k, v, lists: FA4BlockLists, q_pad: torch.Tensor, scale: float, zero_tail: bool = True):
     """FA4 forward. ``q_pad [Bq, Sq]`` bool marks rows past ``q_valid``.
 
-    Returns ``(out [B, H, Sq, D], lse [B, H, Sq])`` with padded rows set to 0 / -inf, and FA4's own
+    Returns ``(out [B, H, Sq, D], lse [B, H, Sq])`` with padded rows set to 0 / -inf (``out`` left as
+    computed unless ``zero_tail``: then it is a view of ``out_raw``), and FA4's own
     ``(out_raw [B, Sq, H, D], lse_raw)``, which its backward needs."""
     from flash_attn.cute.interface import _flash_attn_fwd
 
@@ -199,19 +200,23 @@ def fa4_forward(q, k, v, lists: FA4BlockLists, q_pad: torch.Tensor, scale: float
         q_, k_, v_, softmax_scale=scale, mask_mod=mask_mod, block_sparse_tensors=_fa4_tensors(lists.fwd),
         return_lse=True, aux_tensors=aux,
     )
-    out = out_raw.transpose(1, 2).masked_fill(q_pad[:, None, :, None], 0.0)
+    out = out_raw.transpose(1, 2)
+    if zero_tail:
+        out = out.masked_fill(q_pad[:, None, :, None], 0.0)
     lse = lse_raw.masked_fill(q_pad[:, None, :], float("-inf"))
     return out, lse, out_raw, lse_raw
 
 
-def fa4_backward(dout, dlse, q, k, v, out_raw, lse_raw, lists: FA4BlockLists, q_pad: torch.Tensor, scale: float):
+def fa4_backward(dout, dlse, q, k, v, out_raw, lse_raw, lists: FA4BlockLists, q_pad: torch.Tensor, scale: float,
+                 zero_tail: bool = True):
     """dq, dk, dv of `fa4_forward` given ``dout [B, H, Sq, D]`` and ``dlse [B, H, Sq]`` (either may be
-    None); padded rows take no gradient."""
+    None); padded rows take no gradient (``zero_tail=False``: the caller's ``dout`` is already 0 there)."""
     from flash_attn.cute.interface import _flash_attn_bwd
 
     if dout is None:
         dout = torch.zeros_like(out_raw).transpose(1, 2)
-    dout = dout.masked_fill(q_pad[:, None, :, None], 0.0)
+    if zero_tail:
+        dout = dout.masked_fill(q_pad[:, None, :, None], 0.0)
     if dlse is not None:
         dlse = dlse.masked_fill(q_pad[:, None, :], 0.0).contiguous()
     q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))
@@ -231,16 +236,16 @@ class _FA4BlockSparse(torch.autograd.Function):
     def forward(ctx, q, k, v, plan, scale):
         lists = fa4_block_lists(plan, q.shape[0])
         q_pad = ~plan.query_valid()
-        out, lse, out_raw, lse_raw = fa4_forward(q, k, v, lists, q_pad, scale)
+        out, lse, out_raw, lse_raw = fa4_forward(q, k, v, lists, q_pad, scale, plan.zero_q_tail)
         ctx.save_for_backward(q, k, v, out_raw, lse_raw, q_pad)
-        ctx.scale, ctx.lists = scale, lists
+        ctx.scale, ctx.lists, ctx.zero_tail = scale, lists, plan.zero_q_tail
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out_raw, lse_raw, q_pad = ctx.saved_tensors
-        dq, dk, dv = fa4_backward(dout, dlse, q, k, v, out_raw, lse_raw, ctx.lists, q_pad, ctx.scale)
+        dq, dk, dv = fa4_backward(dout, dlse, q, k, v, out_raw, lse_raw, ctx.lists, q_pad, ctx.scale, ctx.zero_tail)
         return dq, dk, dv, None, None
 
 

@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import C_LOG2E, LOG2E, dot_precision, plan_strides, query_tile, tma_usable
+from . import precompile as pc
+from .triton_common import SHAPE_ARGS_M, SHAPE_ARGS_N, C_LOG2E, LOG2E, dot_precision, plan_strides, query_tile, tma_usable
 from .tuning import tuned_kernel
 
 __all__ = ["attention_backward", "DKDV_CONFIGS", "DQ_CONFIGS", "ONE_PASS_CONFIGS"]
@@ -54,7 +55,7 @@ ONE_PASS_CONFIGS = {
 _ROWS = 64          # rows per program of the delta and dQ-convert kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H"])
 def _delta_kernel(
     O, DO, DELTA, sob, soh, sos, sod, sdb, sdh, sds, sdd, H, Sq,
     D: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr,
@@ -113,7 +114,7 @@ def _dkdv_step(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SHAPE_ARGS_N)
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
     Q_COUNT, Q_INDEX, COL_ORDER, K_VALID, Q_VALID, Q_SHIFT,
@@ -195,7 +196,7 @@ def _dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H"])
 def _dq_convert_kernel(
     DQ_ACC, DQ, s_dqb, s_dqh, s_dqs, s_dqd, H, Sq, sm_scale,
     D: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr,
@@ -212,7 +213,7 @@ def _dq_convert_kernel(
              (acc * sm_scale).to(DQ.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SHAPE_ARGS_M)
 def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID, Q_VALID, Q_SHIFT,
@@ -298,13 +299,15 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
     d_pad = max(16, triton.next_power_of_2(D))
     table = "large_d" if d_pad > 128 else "small_d"
     prec = dot_precision(q.dtype)
-    delta = torch.empty(B, H, Sq, device=q.device, dtype=torch.float32)
-    _delta_kernel[(B * H, triton.cdiv(Sq, _ROWS))](
+    pc.wait()                                   # background compiles of these kernels, if any, first
+    delta = pc.empty(B, H, Sq, device=q.device, dtype=torch.float32)
+    pc.launch(
+        _delta_kernel, (B * H, triton.cdiv(Sq, _ROWS)),
         out, dout, delta, *out.stride(), *dout.stride(), H, Sq, D=D, D_PAD=d_pad, ROWS=_ROWS,
     )
     if dlse is not None:
         delta.sub_(dlse)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = pc.empty_like(q), pc.empty_like(k), pc.empty_like(v)
     val_b = plan.k_valid.expand(B, -1).stride(0)
     qv_b = plan.q_valid.expand(B, -1).stride(0)
     sh_b = plan.window_shift.expand(B, -1).stride(0)
@@ -327,13 +330,14 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
                               tune_key=("D_PAD", "USE_TMA", "DQ_MODE", "SKIP_PAD_Q"), **tune)
     else:
         dq_mode = 2 if (options["dq_reduce"] == "tma" and use_tma_q) else 1
-        dq_acc = torch.zeros(B * H, Sq, d_pad, device=q.device, dtype=torch.float32)
+        dq_acc = pc.zeros(B * H, Sq, d_pad, device=q.device, dtype=torch.float32)
         kernel = tuned_kernel("bwd1", _dkdv_kernel, ONE_PASS_CONFIGS[table],
                               variant=f"tma{use_tma_q:d}.dq{'tma' if dq_mode == 2 else 'atomic'}.skip{skip:d}" + tag,
                               tune_key=("D_PAD", "USE_TMA", "DQ_MODE", "SKIP_PAD_Q"), reset_to_zero=["DQ_ACC"], **tune)
 
     cs, ix, co = plan_strides(plan.q_count, B, H), plan_strides(plan.q_index, B, H), plan_strides(plan.col_order, B, H)
-    kernel[lambda meta: (plan.num_k_blocks * (plan.k_block // meta["BLOCK_N"]), B * H)](
+    pc.launch(
+        kernel, lambda meta: (plan.num_k_blocks * (plan.k_block // meta["BLOCK_N"]), B * H),
         q, k, v, dout, lse, delta, dk, dv, dq_acc,
         plan.q_count, plan.q_index, plan.col_order, plan.k_valid, plan.q_valid, plan.window_shift,
         *io_strides, *dk.stride(), *dv.stride(),
@@ -343,16 +347,18 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
     )
 
     if not deterministic:
-        _dq_convert_kernel[(triton.cdiv(Sq, _ROWS), B * H)](
+        pc.launch(
+            _dq_convert_kernel, (triton.cdiv(Sq, _ROWS), B * H),
             dq_acc, dq, *dq.stride(), H, Sq, scale, D=D, D_PAD=d_pad, ROWS=_ROWS,
         )
         return dq, dk, dv
 
     use_tma_k = tma_usable(D, k, v, enabled=options["tma"])
     cs, ix, ro = plan_strides(plan.kv_count, B, H), plan_strides(plan.kv_index, B, H), plan_strides(plan.row_order, B, H)
-    tuned_kernel("dq", _dq_kernel, DQ_CONFIGS[table], variant=f"tma{use_tma_k:d}" + tag, tune_key=("D_PAD", "USE_TMA"), **tune)[
-        lambda meta: (plan.num_q_blocks * (plan.q_block // meta["BLOCK_M"]), B * H)
-    ](
+    pc.launch(
+        tuned_kernel("dq", _dq_kernel, DQ_CONFIGS[table], variant=f"tma{use_tma_k:d}" + tag,
+                     tune_key=("D_PAD", "USE_TMA"), **tune),
+        lambda meta: (plan.num_q_blocks * (plan.q_block // meta["BLOCK_M"]), B * H),
         q, k, v, dout, lse, delta, dq,
         plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid, plan.q_valid, plan.window_shift,
         *io_strides, *dq.stride(),

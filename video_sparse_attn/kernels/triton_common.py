@@ -17,7 +17,7 @@ import triton.language as tl
 
 __all__ = [
     "INTERPRET", "LOG2E", "LN2", "C_LOG2E", "C_LN2", "KernelOptions", "resolve_kernel_options", "kernel_configs",
-    "dot_precision", "plan_strides", "tma_usable", "query_tile",
+    "dot_precision", "plan_strides", "tma_usable", "query_tile", "SHAPE_ARGS_M", "SHAPE_ARGS_N",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # read once at import: Triton itself does the same
@@ -25,6 +25,17 @@ LOG2E = 1.4426950408889634                               # exp(x) = exp2(x * LOG
 LN2 = 0.6931471805599453                                 # ln(x) = log2(x) * LN2
 C_LOG2E = tl.constexpr(LOG2E)                            # the same, for use inside kernels
 C_LN2 = tl.constexpr(LN2)
+
+# Integer arguments Triton must not specialise on (``do_not_specialize``): by default it compiles a
+# separate variant for an int equal to 1 and records whether it is divisible by 16. These change with
+# the sequence length and the mask layout (the plan's strides grow with the block counts, 0 where
+# broadcast), so each new video size would compile the kernels again; they only feed scalar address
+# arithmetic and loop bounds, where the specialisation buys nothing. (Sq stays specialised: it
+# addresses the lse / delta / dQ-buffer rows, and it is a multiple of the block size anyway.)
+_SHAPE_ARGS = ("s_cnt_b", "s_cnt_h", "s_idx_b", "s_idx_h", "s_ord_b", "s_ord_h", "s_val_b", "s_qv_b",
+               "s_sh_b", "H", "Sk", "win_lo", "win_hi")
+SHAPE_ARGS_M = [*_SHAPE_ARGS, "s_idx_m"]     # kernels that walk kv_index (forward, deterministic dQ)
+SHAPE_ARGS_N = [*_SHAPE_ARGS, "s_idx_n"]     # the dK/dV kernels (q_index)
 
 
 class KernelOptions(TypedDict, total=False):

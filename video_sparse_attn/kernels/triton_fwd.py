@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import C_LN2, LOG2E, dot_precision, plan_strides, query_tile, tma_usable
+from . import precompile as pc
+from .triton_common import SHAPE_ARGS_M, C_LN2, LOG2E, dot_precision, plan_strides, query_tile, tma_usable
 from .tuning import tuned_kernel
 
 __all__ = ["attention_forward", "FWD_CONFIGS"]
@@ -70,7 +71,7 @@ def _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, LAZY: tl.constexpr, DOT_P
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SHAPE_ARGS_M)
 def _fwd_kernel(
     Q, K, V, O, LSE,
     KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID, Q_VALID, Q_SHIFT,
@@ -179,8 +180,8 @@ def attention_forward(q, k, v, plan, scale: float, options: dict):
     Returns ``out`` (q's dtype and strides where dense, else contiguous) and ``lse [B,H,Sq]`` float32.
     """
     B, H, Sq, D = q.shape
-    out = torch.empty_like(q)
-    lse = torch.empty(B, H, Sq, device=q.device, dtype=torch.float32)
+    out = pc.empty_like(q)
+    lse = pc.empty(B, H, Sq, device=q.device, dtype=torch.float32)
     d_pad = max(16, triton.next_power_of_2(D))
     cs, ix, ro = plan_strides(plan.kv_count, B, H), plan_strides(plan.kv_index, B, H), plan_strides(plan.row_order, B, H)
     val_b = plan.k_valid.expand(B, -1).stride(0)
@@ -199,8 +200,8 @@ def attention_forward(q, k, v, plan, scale: float, options: dict):
     def grid(meta):
         return (plan.num_q_blocks * (plan.q_block // meta["BLOCK_M"]), B * H)
 
-    kernel[grid](
-        q, k, v, out, lse,
+    pc.launch(
+        kernel, grid, q, k, v, out, lse,
         plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid, plan.q_valid, plan.window_shift,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b, qv_b, sh_b,

@@ -11,15 +11,17 @@ import torch
 import triton
 import triton.language as tl
 
+from . import precompile as pc
+
 __all__ = ["gather_rows_with_means"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "R", "num_mean_groups"])
 def _gather_rows_kernel(
     X, Y, SRC, MEAN,
     sxb, sxh, sxs, sxd,          # x strides [B, H, S, D] (any)
     syb, syh, sys_,              # y is [B, H, R, D] contiguous in D
-    H, num_mean_groups, inv_mean_div,     # means = group sums * inv_mean_div
+    H, R, num_mean_groups, inv_mean_div,  # R output rows; means = group sums * inv_mean_div
     D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
     WANT_MEAN: tl.constexpr,
 ):
@@ -35,10 +37,11 @@ def _gather_rows_kernel(
     acc = tl.zeros([D_PAD], dtype=tl.float32)
     for r0 in range(0, GROUP, BLOCK_R):
         rows = g.to(tl.int64) * GROUP + r0 + tl.arange(0, BLOCK_R)
-        src = tl.load(SRC + rows)
+        in_r = rows < R
+        src = tl.load(SRC + rows, mask=in_r, other=-1)
         keep = (src >= 0)[:, None] & d_ok[None, :]
         x = tl.load(x_base + src[:, None] * sxs + offs_d[None, :] * sxd, mask=keep, other=0.0)
-        tl.store(y_base + rows[:, None] * sys_ + offs_d[None, :], x, mask=d_ok[None, :])
+        tl.store(y_base + rows[:, None] * sys_ + offs_d[None, :], x, mask=in_r[:, None] & d_ok[None, :])
         if WANT_MEAN:
             acc += tl.sum(x.to(tl.float32), axis=0)
     if WANT_MEAN:
@@ -53,23 +56,24 @@ def gather_rows_with_means(x: torch.Tensor, src: torch.Tensor, group: int, num_m
     Returns ``y [B, H, R, D]`` (contiguous) and, when ``num_mean_groups > 0``, the float32 sums of
     the first ``num_mean_groups`` groups of ``group`` rows divided by ``mean_div`` (default ``group``:
     their means), ``[B, H, num_mean_groups, D]``.
-    ``R`` must be a multiple of ``group``; ``group`` a multiple of 16.
+    ``group`` must be a multiple of 16, and of ``R`` when means are asked for.
     """
     B, H, S, D = x.shape
     R = src.numel()
-    if R % group or group % 16:
+    if group % 16 or (num_mean_groups > 0 and R % group):
         raise ValueError(f"{R} rows do not split into groups of {group} (a multiple of 16)")
-    y = torch.empty(B, H, R, D, device=x.device, dtype=x.dtype)
+    y = pc.empty(B, H, R, D, device=x.device, dtype=x.dtype)
     want = num_mean_groups > 0
-    mean = torch.empty(B, H, max(num_mean_groups, 1), D, device=x.device, dtype=torch.float32)
+    mean = pc.empty(B, H, max(num_mean_groups, 1), D, device=x.device, dtype=torch.float32)
     d_pad = max(16, triton.next_power_of_2(D))
     block_r = 16
     for cand in (64, 32):
         if group % cand == 0 and cand * d_pad <= 8192:
             block_r = cand
             break
-    _gather_rows_kernel[(R // group, B * H)](
-        x, y, src, mean, *x.stride(), y.stride(0), y.stride(1), y.stride(2), H, num_mean_groups,
+    pc.launch(
+        _gather_rows_kernel, (triton.cdiv(R, group), B * H),
+        x, y, src, mean, *x.stride(), y.stride(0), y.stride(1), y.stride(2), H, R, num_mean_groups,
         1.0 / (mean_div or group), D=D, D_PAD=d_pad, GROUP=group, BLOCK_R=block_r, WANT_MEAN=want, num_warps=4,
     )
     return y, (mean if want else None)

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .precompile import precompile_backward_async
 from .triton_bwd import attention_backward
 from .triton_common import KernelOptions, resolve_kernel_options
 from .triton_fwd import attention_forward
@@ -48,6 +49,8 @@ class _BlockSparseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scale, options, deterministic):
+        if any(ctx.needs_input_grad[:3]):   # first call of a kind: the backward compiles beside the forward
+            precompile_backward_async(q, k, v, plan, scale, options, deterministic)
         out, lse = attention_forward(q, k, v, plan, scale, options)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale, ctx.options, ctx.deterministic = plan, scale, options, deterministic

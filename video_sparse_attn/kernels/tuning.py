@@ -169,6 +169,10 @@ class _TunedKernel:
                 self.key = None
         return launch
 
+    def warmup(self, *args, grid, **kwargs):
+        """Compile the configs a launch would run (the known one, or every candidate) without running."""
+        return self.tuner.warmup(*args, grid=grid, **kwargs)
+
 
 def tuned_kernel(name: str, kernel, rows, *, q_block: int, k_block: int, dtype, head_dim: int, device,
                  variant: str, autotune: bool, tune_key, reset_to_zero=None):

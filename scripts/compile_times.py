@@ -1,0 +1,171 @@
+"""Compile seconds of every Triton kernel variant one `ssta_attention` call compiles, for an sm90 GPU,
+on a machine without one (Triton compiles for a given target; ptxas ships with it).
+
+The variants come from the launch code itself: the call's forward and backward run inside
+`kernels.precompile.compile_only` (launches only compile, buffers are meta tensors), with the
+decisions a Hopper GPU would take (tensor descriptors usable, the shipped table's configs for the GPU
+named by ``--gpu``). Each variant is compiled into a fresh, empty Triton cache.
+
+    python scripts/compile_times.py                      # one variant after another
+    python scripts/compile_times.py --overlap            # also: forward on this thread, backward beside it
+
+Prints one line per variant (kernel, constexprs, seconds, of which ptxas) and the totals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpu", default="NVIDIA H200", help="GPU name for the tuned-config lookup")
+    p.add_argument("--thw", default="31,45,80")
+    p.add_argument("--text-len", type=int, default=1985)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--overlap", action="store_true",
+                   help="after the sequential pass, compile again (fresh cache) with the backward in a thread")
+    args = p.parse_args()
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    os.environ.pop("TRITON_INTERPRET", None)
+
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class Sm90:                                   # what Triton asks the driver for when it only compiles
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 0
+
+    driver.set_active(Sm90())
+
+    from video_sparse_attn import SSTAConfig
+    from video_sparse_attn.kernels import precompile as pc
+    from video_sparse_attn.kernels import triton_bwd, triton_common, triton_fwd, tuning
+    from video_sparse_attn.kernels.triton_common import resolve_kernel_options
+    from video_sparse_attn.kernels.triton_gather import gather_rows_with_means
+    from video_sparse_attn.layout import TileLayout
+    from video_sparse_attn.plan import BlockSparsePlan
+
+    def tma_usable(D, *tensors, enabled=True):   # as on an sm90 GPU (the tensors here are meta)
+        return enabled and D == triton.next_power_of_2(D) and D >= 16 and all(
+            t.stride(-1) == 1 and all((st * t.element_size()) % 16 == 0 and st for st in t.stride()[:-1])
+            for t in tensors)
+
+    real_tuned = tuning.tuned_kernel
+
+    def tuned_kernel(*a, **kw):
+        return real_tuned(*a, **{**kw, "device": torch.device("cuda", 0)})
+
+    tuning.gpu_name = lambda index: args.gpu
+    for m in (triton_fwd, triton_bwd):
+        m.tma_usable, m.tuned_kernel = tma_usable, tuned_kernel
+    triton_common.INTERPRET = False
+
+    import triton.backends.nvidia.compiler as nv
+
+    ptxas = threading.local()
+    real_run = nv.subprocess.run
+
+    def timed_run(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return real_run(*a, **kw)
+        finally:
+            ptxas.s = getattr(ptxas, "s", 0.0) + time.perf_counter() - t
+
+    nv.subprocess.run = timed_run
+    rows, lock = [], threading.Lock()
+    real_launch = pc.launch
+
+    def launch(kernel, grid, *a, **kw):
+        name = getattr(getattr(kernel, "tuner", kernel), "fn", kernel)
+        name = getattr(name, "__name__", None) or getattr(getattr(name, "fn", None), "__name__", str(name))
+        ptxas.s = 0.0
+        t = time.perf_counter()
+        real_launch(kernel, grid, *a, **kw)
+        consts = {k: v for k, v in kw.items() if k not in ("D", "D_PAD", "DOT_PREC")}
+        with lock:
+            rows.append((name, consts, time.perf_counter() - t, ptxas.s, threading.current_thread().name))
+
+    pc.launch = launch
+
+    thw = tuple(int(x) for x in args.thw.split(","))
+    cfg = SSTAConfig().for_thw(thw)
+    layout = TileLayout(thw, cfg.tile_thw, args.text_len, cfg.pad_type)
+    bs, N, H, D = layout.block_size, layout.num_blocks, args.heads, args.head_dim
+    idx = layout.indices("cpu")
+    band = (torch.arange(N)[None, :] - torch.arange(N)[:, None]).abs() <= 16
+    mask = band.expand(1, H, N, N).contiguous()                       # per head, as SSTA's selection
+    plan = BlockSparsePlan.from_block_mask(mask, bs, bs, layout.key_valid(None, "cpu", True), layout.query_valid("cpu"))
+    x = torch.empty(1, H, layout.seq_len, D, dtype=torch.bfloat16, device="meta")
+    t_ = torch.empty(1, H, N * bs, D, dtype=torch.bfloat16, device="meta")
+    opts = resolve_kernel_options(None)
+    scale = D ** -0.5
+
+    def forward():
+        gather_rows_with_means(x, idx["kernel_src"], bs, layout.num_video_blocks, layout.tile_volume)
+        gather_rows_with_means(x, idx["kernel_src"], bs, 0)
+        triton_fwd.attention_forward(t_, t_, t_, plan, scale, opts)
+
+    def backward():
+        pc.precompile_backward(t_, t_, t_, plan, scale, opts, False)
+
+    def fresh_cache():
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="vsa-compile-")
+        for fn in (triton_fwd._fwd_kernel, triton_bwd._dkdv_kernel, triton_bwd._delta_kernel,
+                   triton_bwd._dq_convert_kernel, triton_bwd._dq_kernel):
+            fn.device_caches.clear()
+        from video_sparse_attn.kernels import triton_gather
+        triton_gather._gather_rows_kernel.device_caches.clear()
+        tuning._kernels.clear()
+
+    # one throw-away compile first: process-wide start-up (LLVM / MLIR initialisation), not per variant
+    fresh_cache()
+    with pc.compile_only():
+        gather_rows_with_means(torch.empty(1, 1, 64, 16, device="meta"), idx["kernel_src"][:64], 16, 0)
+    rows.clear()
+
+    fresh_cache()
+    t0 = time.perf_counter()
+    with pc.compile_only():
+        forward()
+        t_fwd = time.perf_counter() - t0
+        backward()
+    total = time.perf_counter() - t0
+    print(f"sm90 compile seconds on this machine (Triton {triton.__version__}, {os.cpu_count()} CPUs), "
+          f"B=1 H={H} S={layout.seq_len} D={D} bf16, block {bs}, {args.gpu} configs")
+    for name, consts, s, px, _ in rows:
+        print(f"  {name:20s} {s:6.2f} s  (ptxas {px:5.2f} s)  {consts}")
+    print(f"sequential: forward kernels {t_fwd:.2f} s, all {total:.2f} s")
+
+    if args.overlap:
+        rows.clear()
+        fresh_cache()
+        t0 = time.perf_counter()
+        th = threading.Thread(target=backward, name="bwd")
+        th.start()
+        with pc.compile_only():
+            forward()
+        t_fwd = time.perf_counter() - t0
+        th.join()
+        total = time.perf_counter() - t0
+        for name, consts, s, px, who in rows:
+            print(f"  [{who:10s}] {name:20s} {s:6.2f} s  (ptxas {px:5.2f} s)")
+        print(f"overlapped (backward in a thread): forward kernels {t_fwd:.2f} s, all {total:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
