@@ -19,11 +19,26 @@ query block up to q_valid; the benchmark masks have no padded queries, so this i
 inner loop), and forward variants ``ws`` / ``v3`` / ``peel`` / ``lazy``. A variant's forward is timed once per distinct set of
 forward options. Every variant's output and gradients are compared with FlexAttention's.
 
+Parity cases (the public ops on ``--backend``, each beside compiled FlexAttention over the same token
+mask: Flex's `BlockMask` is built by `create_block_mask`, at Flex's 128-token blocks, from a
+``mask_mod`` that reads the same block masks and adds the same token terms), SSTA masks (tiles 6×8×8, topk 32), H=32, D=128:
+  plain    one video (30,48,32), non-causal, H_kv = H           (the yardstick)
+  gqa      the same with H_kv = 8 (grouped-query attention)
+  causal   the same with causal=True (token-level, diagonal blocks partial, blocks above dropped)
+  varlen   4 videos of different grids packed (`block_sparse_attention_varlen`), one SSTA mask each
+Each reports forward and forward+backward time, the kept blocks (summed over q heads, after
+dropping) and the time per kept block relative to ``plain`` (1.0 = as efficient as the plain case).
+``varlen`` times the whole public call (packing and its plan included); the others reuse one plan.
+``--dry-run`` builds the parity cases at tiny shapes on the CPU (torch backend; masks, plans and the
+Flex token mask checked against each other) without timing anything.
+
 Tuning: the shipped table of tuned configs is used as users get it, and families it lacks are
 autotuned into a fresh ``--tuning-cache`` (picks printed at the end in the shipped table's format);
 ``--retune`` bypasses the table and autotunes every family.
 
     python scripts/benchmark_kernels.py --csv bench.csv --plot bench.png
+    python scripts/benchmark_kernels.py --cases plain gqa causal varlen --csv parity.csv
+    python scripts/benchmark_kernels.py --dry-run
 """
 
 from __future__ import annotations
@@ -167,6 +182,154 @@ def run_case(name: str, args) -> dict:
     return row
 
 
+# ------------------------------------------------------------------------------------- parity cases
+PARITY = {
+    "plain": dict(grids=[(30, 48, 32)], kv_heads=32, causal=False),
+    "gqa": dict(grids=[(30, 48, 32)], kv_heads=8, causal=False),
+    "causal": dict(grids=[(30, 48, 32)], kv_heads=32, causal=True),
+    "varlen": dict(grids=[(30, 48, 32), (18, 32, 32), (12, 24, 40), (6, 16, 16)], kv_heads=32, causal=False),
+}
+PARITY_HEADS, PARITY_TILE, PARITY_TOPK = 32, (6, 8, 8), 32
+FLEX_BLOCK = 128   # Flex's own block: it skips 128-token sub-blocks above a causal diagonal, as fa4 does
+# --dry-run: the same cases scaled down (16-token tiles, 4 heads) so that they build on a CPU
+TINY = dict(heads=4, kv_heads={8: 2, 32: 4}, tile=(2, 2, 4), topk=2,
+            grids={(30, 48, 32): (6, 4, 8), (18, 32, 32): (4, 4, 4), (12, 24, 40): (2, 6, 8), (6, 16, 16): (2, 2, 4)})
+
+
+def parity_setup(name: str, device="cuda", dtype=torch.bfloat16, dim: int = 128, tiny: bool = False,
+                 backend: str = "auto") -> dict:
+    """Inputs, our call and FlexAttention's for a parity case (grids are whole tiles, so each video
+    is whole blocks and the packed varlen layout is the concatenation).
+
+    Returns a dict: ``q, k, v`` (``[1, H, S, D]`` / ``[1, H_kv, S, D]``; varlen: packed ``[T, H, D]``),
+    ``ours()`` → out in q's layout, ``flex_qkv`` (``[1, H|H_kv, S, D]`` views), ``mask_mod``, ``S``,
+    ``block``, ``kept`` (kept blocks summed over q heads, after dropping), ``gqa``, ``to_flex(out)``.
+    """
+    from video_sparse_attn import block_sparse_attention, block_sparse_attention_varlen
+
+    case = PARITY[name]
+    H, Hk = (TINY["heads"], TINY["kv_heads"][case["kv_heads"]]) if tiny else (PARITY_HEADS, case["kv_heads"])
+    tile, topk = (TINY["tile"], TINY["topk"]) if tiny else (PARITY_TILE, PARITY_TOPK)
+    grids = [TINY["grids"][g] for g in case["grids"]] if tiny else case["grids"]
+    config = SSTAConfig(tile_thw=tile, sparse_type="ssta", topk=topk, caller_rules=False)
+    bs = math.prod(tile)
+    lengths = [math.prod(g) for g in grids]
+    S = sum(lengths)
+    q = torch.randn(1, H, S, dim, device=device, dtype=dtype)
+    k, v = (torch.randn(1, Hk, S, dim, device=device, dtype=dtype) for _ in range(2))
+    masks, r0 = [], 0
+    for g, n in zip(grids, lengths):   # one SSTA mask per video, from its own q and (head-repeated) k
+        kk = k[:, :, r0:r0 + n].repeat_interleave(H // Hk, 1)
+        masks.append(build_block_mask(q[:, :, r0:r0 + n], kk, g, config)[0].expand(H, -1, -1))
+        r0 += n
+    N = S // bs
+    full = torch.zeros(H, N, N, dtype=torch.bool, device=device)      # block-diagonal over the videos
+    b0 = 0
+    for m in masks:
+        full[:, b0:b0 + m.shape[-1], b0:b0 + m.shape[-1]] = m
+        b0 += m.shape[-1]
+    causal = case["causal"]
+    plan = BlockSparsePlan.from_block_mask(full[None], bs, bs, window_hi=0 if causal else None)
+    if name == "varlen":
+        cu = [0] + [sum(lengths[:i + 1]) for i in range(len(lengths))]
+        qp, kp, vp = (x[0].transpose(0, 1).contiguous() for x in (q, k, v))     # packed [T, H, D]
+
+        def ours(qp=qp, kp=kp, vp=vp):
+            return block_sparse_attention_varlen(qp, kp, vp, cu, cu, masks, q_block=bs, backend=backend)[0]
+
+        inputs, to_flex = (qp, kp, vp), (lambda out: out.transpose(0, 1)[None])
+    else:
+        def ours(q=q, k=k, v=v):
+            return block_sparse_attention(q, k, v, plan, backend=backend)[0]
+
+        inputs, to_flex = (q, k, v), (lambda out: out)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = full[h, q_idx // bs, kv_idx // bs]
+        return keep & (kv_idx <= q_idx) if causal else keep
+
+    return dict(q=inputs[0], k=inputs[1], v=inputs[2], ours=ours, flex_qkv=(q, k, v), mask_mod=mask_mod, S=S,
+                block=bs, kept=int(plan.kv_count.sum()), gqa=Hk != H, heads=H, to_flex=to_flex)
+
+
+def token_mask(setup: dict) -> torch.Tensor:
+    """bool ``[H, S, S]``: the mask_mod FlexAttention is given, evaluated everywhere (small cases)."""
+    S, H, dev = setup["S"], setup["heads"], setup["flex_qkv"][0].device
+    idx = torch.arange(S, device=dev)
+    return setup["mask_mod"](0, torch.arange(H, device=dev)[:, None, None], idx[None, :, None], idx[None, None, :])
+
+
+def dry_run(backend: str = "torch") -> list:
+    """Build every parity case at tiny shapes on the CPU and check ours against dense attention over
+    FlexAttention's token mask (float32). Returns ``(name, kept blocks, rel. error)`` rows."""
+    rows = []
+    for name in PARITY:
+        st = parity_setup(name, device="cpu", dtype=torch.float32, dim=16, tiny=True, backend=backend)
+        q, k, v = st["flex_qkv"]
+        H = q.shape[1]
+        k, v = (x.repeat_interleave(H // x.shape[1], 1) for x in (k, v))
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        s = s.masked_fill(~token_mask(st)[None], float("-inf"))
+        ref = torch.softmax(s, -1).nan_to_num(0.0) @ v
+        out = st["to_flex"](st["ours"]())
+        err = float((out - ref).norm() / ref.norm())
+        rows.append((name, st["kept"], err))
+    return rows
+
+
+def run_parity_case(name: str, args) -> dict:
+    """Ours (the public op on ``--backend``) and compiled FlexAttention over the same token mask."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    st = parity_setup(name, "cuda", getattr(torch, args.dtype), args.dim, backend=args.backend)
+    qf, kf, vf = st["flex_qkv"]
+    H, S, bs = qf.shape[1], st["S"], st["block"]
+    block_mask = create_block_mask(st["mask_mod"], 1, H, S, S, device="cuda", BLOCK_SIZE=FLEX_BLOCK, _compile=True)
+    flex = torch.compile(flex_attention, dynamic=False)
+    ins = [x.detach().requires_grad_() for x in (st["q"], st["k"], st["v"])]
+    fins = [x.detach().requires_grad_() for x in (qf, kf, vf)]
+
+    def ours():
+        return st["ours"](*ins)
+
+    def theirs():
+        return flex(*fins, block_mask=block_mask, enable_gqa=st["gqa"])
+
+    row = {"case": name, "S": S, "heads": H, "kept_blocks": st["kept"], "block": bs}
+    out, ref = ours(), theirs()
+    row["flex_vs_ours_rel_l2"] = float((st["to_flex"](out).float() - ref.float()).norm() / ref.float().norm())
+    for who, fn, xs in (("ours", ours, ins), ("flex", theirs, fins)):
+        row[f"{who}_fwd_ms"] = bench(fn)
+        if not args.fwd_only:
+            out = fn()
+            dout = torch.randn_like(out)
+            row[f"{who}_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(fn(), xs, dout))
+        else:
+            row[f"{who}_fwdbwd_ms"] = float("nan")
+        for phase in ("fwd", "fwdbwd"):   # µs per 1000 kept blocks (per q head)
+            row[f"{who}_{phase}_us_per_kblock"] = row[f"{who}_{phase}_ms"] / st["kept"] * 1e6
+    return row
+
+
+def add_relative(rows) -> None:
+    """Time per kept block of each parity row relative to the ``plain`` row (when it was run)."""
+    base = next((r for r in rows if r["case"] == "plain"), None)
+    for r in rows:
+        if r["case"] not in PARITY:
+            continue
+        for who in ("ours", "flex"):
+            for phase in ("fwd", "fwdbwd"):
+                key = f"{who}_{phase}_us_per_kblock"
+                r[f"{who}_{phase}_vs_plain"] = r[key] / base[key] if base else float("nan")
+
+
+def print_parity(row) -> None:
+    print(f"{row['case']:7s} S={row['S']:6d} kept={row['kept_blocks']:7d} | "
+          + " | ".join(f"{who} fwd {row[who + '_fwd_ms']:7.2f} ms fwd+bwd {row[who + '_fwdbwd_ms']:7.2f} ms"
+                       for who in ("ours", "flex"))
+          + f" | ours~flex {row['flex_vs_ours_rel_l2']:.1e}", flush=True)
+
+
 def print_table(row, variants) -> None:
     """One case: ms, effective TFLOP/s and FlexAttention time / ours, per variant."""
     print(f"\n{row['case']}  S={row['S']}  density={row['density']:.3f}")
@@ -201,6 +364,13 @@ def plot(rows, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _write_csv(path, rows) -> None:
+    with open(path, "w", newline="") as f:          # rewritten after every case
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
+        w.writeheader()
+        w.writerows(rows)
+
+
 def main() -> None:
     # the backward is timed by repeating autograd.grad(..., retain_graph=True) over one forward; a
     # compiled FlexAttention backward refuses that with donated buffers (torch >= 2.11)
@@ -208,7 +378,9 @@ def main() -> None:
 
     functorch_config.donated_buffer = False
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES) + list(PARITY))
+    p.add_argument("--backend", default="auto", help="parity cases: backend of the public ops (auto, fa4, triton)")
+    p.add_argument("--dry-run", action="store_true", help="build the parity cases at tiny shapes on the CPU and check them")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
@@ -223,6 +395,10 @@ def main() -> None:
     p.add_argument("--csv", default="benchmark_kernels.csv")
     p.add_argument("--plot", default="benchmark_kernels.png")
     args = p.parse_args()
+    if args.dry_run:
+        for name, kept, err in dry_run():
+            print(f"{name:7s} kept blocks {kept:5d}  ours vs dense over Flex's token mask: rel. error {err:.1e}")
+        return
     if not torch.cuda.is_available():
         raise SystemExit("benchmark_kernels.py needs a CUDA device")
     from video_sparse_attn.kernels import tuning
@@ -233,6 +409,12 @@ def main() -> None:
     tuning.configure(cache_path=cache, use_shipped_table=not args.retune)
     rows = []
     for name in args.cases:
+        if name in PARITY:
+            rows.append(run_parity_case(name, args))
+            add_relative(rows)
+            print_parity(rows[-1])
+            _write_csv(args.csv, rows)
+            continue
         row = run_case(name, args)
         rows.append(row)
         print(f"{name:9s} S={row['S']:6d} dens={row['density']:.3f} | fwd ours {row['ours_fwd_ms']:7.2f} ms "
@@ -242,11 +424,15 @@ def main() -> None:
               f"x{row['bwd_vs_flex']:.2f} | flex~ours {row['flex_vs_ours_rel_l2']:.1e} | "
               + " ".join(f"{x} {row[x + '_fwd_ms']:.2f}/{row[x + '_bwd_ms']:.2f}" for x in args.variants), flush=True)
         print_table(row, args.variants)
-        with open(args.csv, "w", newline="") as f:          # rewritten after every case
-            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
-            w.writeheader()
-            w.writerows(rows)
-    plot(rows, args.plot)
+        _write_csv(args.csv, rows)
+    parity = [r for r in rows if r["case"] in PARITY]
+    if parity:
+        print("\ntime per kept block relative to plain (ours / flex; fwd, fwd+bwd):")
+        for r in parity:
+            print(f"  {r['case']:7s} ours {r['ours_fwd_vs_plain']:.2f} / {r['ours_fwdbwd_vs_plain']:.2f}   "
+                  f"flex {r['flex_fwd_vs_plain']:.2f} / {r['flex_fwdbwd_vs_plain']:.2f}")
+    if any(r["case"] not in PARITY for r in rows):
+        plot([r for r in rows if r["case"] not in PARITY], args.plot)
     gpu = torch.cuda.get_device_name()
     picked = {k: c for k, c in tuning.load_table(cache).items() if k.startswith(gpu + "|")}
     print(f"\nautotuned configs ({len(picked)}, {cache}; format of kernels/tuned_configs.json):")

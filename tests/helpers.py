@@ -81,3 +81,24 @@ def load_golden(path):
         pad_type=params["pad"], mask_share_within_head=params["share"], caller_rules=False,
     )
     return tensors, params, config
+
+
+def block_window_reference(q, k, v, mask, qb, kb, causal=False, window_size=(-1, -1)):
+    """float64 attention of ``q [B,H,Sq,D]``, ``k, v [B,H_kv,Sk,D]`` over a block mask ``[.., Mq, Nk]``
+    expanded to tokens and flash-attention's bottom-right aligned ``causal`` / ``window_size``.
+    Returns ``(out, lse)``; rows that see no key: out 0, lse -inf."""
+    Sq, Sk = q.shape[2], k.shape[2]
+    H, Hk = q.shape[1], k.shape[1]
+    k, v = (x.double().repeat_interleave(H // Hk, 1) for x in (k, v))
+    tok = mask.repeat_interleave(qb, -2).repeat_interleave(kb, -1)[..., :Sq, :Sk].to(q.device)
+    left, right = window_size
+    right = 0 if causal else right
+    d = torch.arange(Sk, device=q.device)[None, :] - torch.arange(Sq, device=q.device)[:, None] - (Sk - Sq)
+    if left >= 0:
+        tok = tok & (d >= -left)
+    if right >= 0:
+        tok = tok & (d <= right)
+    s = (q.double() @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~tok, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return torch.exp(s - torch.where(torch.isinf(lse), 0, lse)[..., None]) @ v, lse

@@ -52,8 +52,8 @@ def test_custom_op_equals_reference_forward_and_backward():
         for a, b in zip(out + list(g), ref + list(ref_g)):
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     tensors = [getattr(plan, n) for n in TENSOR_FIELDS]
-    torch.library.opcheck(torch.ops.vsa.block_sparse_attention_torch.default, (q, k, v, tensors, 16, 16, None, 0.3))
-    torch.library.opcheck(torch.ops.vsa.block_sparse_attention_torch.default, (q, k, v, tensors, 16, 16, 3, 0.3))
+    torch.library.opcheck(torch.ops.vsa.block_sparse_attention_torch.default, (q, k, v, tensors, 16, 16, None, None, 0.3))
+    torch.library.opcheck(torch.ops.vsa.block_sparse_attention_torch.default, (q, k, v, tensors, 16, 16, -5, 3, 0.3))
 
 
 def test_plan_is_a_pytree_that_crosses_the_compile_boundary():

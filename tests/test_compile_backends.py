@@ -11,15 +11,15 @@ from video_sparse_attn import BlockSparsePlan, block_sparse_attention
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("causal_offset", [None, 16])
-def test_triton_custom_ops_compile_fullgraph_and_match_eager(causal_offset):
+@pytest.mark.parametrize("window_hi", [None, 16])
+def test_triton_custom_ops_compile_fullgraph_and_match_eager(window_hi):
     torch._dynamo.reset()
     torch.manual_seed(0)
     mask = torch.rand(1, 2, 3, 4) < 0.6
     mask[..., 0, :] = True
     plan = BlockSparsePlan.from_block_mask(mask, 16, 16, torch.tensor([[16, 16, 9, 16]]),
                                            torch.tensor([[16, 5, 16]]))
-    plan = dataclasses.replace(plan, causal_offset=causal_offset)
+    plan = dataclasses.replace(plan, window_hi=window_hi)
     q, k, v = (torch.randn(1, 2, n, 16) for n in (48, 64, 64))
 
     def f(q, k, v, plan):

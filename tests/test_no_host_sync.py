@@ -62,3 +62,38 @@ def test_cuda_path_makes_no_sync(config):
         _mask_and_plan(q, k, thw, config, L, tm)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def _window_plan_and_lists(device):
+    from video_sparse_attn.attention import _plan_for_mask
+    from video_sparse_attn.kernels.fa4 import fa4_block_lists
+    from video_sparse_attn.plan import window_offsets
+
+    mask = torch.rand(2, 3, 5, 4, device=device) < 0.7
+    plan = _plan_for_mask(mask, 600, 500, 128, 128, window_offsets(600, 500, True, (300, -1)))
+    return plan, fa4_block_lists(plan, 2, cache=False)
+
+
+def test_window_plan_and_fa4_lists_read_no_values_on_the_host(monkeypatch):
+    """The window's block dropping and FA4's window lists are pure tensor ops (CPU proxy of the GPU check)."""
+    _window_plan_and_lists("cpu")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read of a tensor value on the window plan path")
+
+    for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    plan, lists = _window_plan_and_lists("cpu")
+    monkeypatch.undo()
+    assert plan.window_hi == -100 and plan.window_lo == -400 and lists.row_bounds is not None
+
+
+@pytest.mark.gpu
+def test_window_plan_and_fa4_lists_make_no_sync():
+    _window_plan_and_lists("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _window_plan_and_lists("cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

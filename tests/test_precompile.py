@@ -55,7 +55,7 @@ def _recorded_backward(monkeypatch, deterministic, options=None):
     q = torch.randn(1, 2, 128, 16)
     k = torch.randn(1, 2, 112, 16)
     inputs = [q, k, *(getattr(plan, f) for f in ("kv_count", "kv_index", "q_count", "q_index", "row_order",
-                                                "col_order", "k_valid", "q_valid"))]
+                                                "col_order", "k_valid", "q_valid", "window_shift"))]
     pc.precompile_backward(q, k, k, plan, 0.25, resolve_kernel_options(options), deterministic)
     return names
 

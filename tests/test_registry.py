@@ -31,7 +31,7 @@ def test_auto_order_follows_capabilities(gpu):
     assert select_backend("auto", _call(D=96)).name == "triton"                     # fa4: D 64 / 128
     assert select_backend("auto", _call(block=48)).name == "triton"                 # fa4: 128-token blocks
     assert select_backend("auto", _call(deterministic=True)).name == "triton"       # fa4: no deterministic bwd
-    assert select_backend("auto", _call(causal=True)).name == "triton"              # fa4: no causal mask_mod yet
+    assert select_backend("auto", _call(window=True)).name == "fa4"                 # causal / window: mask_mod
     assert select_backend("auto", _call(dtype=torch.float64)).name == "torch"
     assert select_backend("auto", _call(D=512)).name == "torch"
     gpu["major"] = 8                                                                 # Ampere: no fa4
@@ -60,7 +60,6 @@ def test_named_backend_never_falls_back(gpu, monkeypatch):
         (_call(D=96), "fa4.*head dims 64..128 \\(multiples of 64\\), got head dim 96"),
         (_call(block=48), "fa4.*multiples of 128, got q_block=48"),
         (_call(deterministic=True), "fa4.*no deterministic backward"),
-        (_call(causal=True), "fa4.*does not run token-level causal masks"),
     ]:
         with pytest.raises(ValueError, match=pattern) as e:
             select_backend("fa4", call)

@@ -9,8 +9,9 @@ from helpers import rel_l2
 from video_sparse_attn import block_sparse_attention_varlen
 
 
-def _reference(q, k, v, cq, ck, masks, qb, kb):
-    """Per sequence: float64 attention with its block mask expanded to tokens (k/v heads repeated)."""
+def _reference(q, k, v, cq, ck, masks, qb, kb, causal=False, window_size=(-1, -1)):
+    """Per sequence: float64 attention with its block mask expanded to tokens (k/v heads repeated) and
+    the window bottom-right aligned within the sequence."""
     H = q.shape[1]
     outs, lses = [], []
     for i in range(len(cq) - 1):
@@ -20,6 +21,12 @@ def _reference(q, k, v, cq, ck, masks, qb, kb):
         if masks is not None:
             tok = masks[i].repeat_interleave(qb, -2).repeat_interleave(kb, -1)[..., : qi.shape[1], : ki.shape[1]]
             s = s.masked_fill(~tok, float("-inf"))
+        left, right = window_size[0], 0 if causal else window_size[1]
+        d = torch.arange(ki.shape[1])[None, :] - torch.arange(qi.shape[1])[:, None] - (ki.shape[1] - qi.shape[1])
+        if left >= 0:
+            s = s.masked_fill(d < -left, float("-inf"))
+        if right >= 0:
+            s = s.masked_fill(d > right, float("-inf"))
         lse = torch.logsumexp(s, -1) if s.shape[-1] else torch.full(s.shape[:-1], float("-inf"), dtype=s.dtype)
         p = torch.exp(s - torch.where(torch.isinf(lse), 0, lse)[..., None])
         outs.append((p @ vi).transpose(0, 1))
@@ -82,3 +89,42 @@ def test_varlen_through_triton_interpreter():
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), torch.autograd.grad((ref * g.double()).sum(), (q, k, v))):
         assert rel_l2(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("lq, lk", LENGTHS + [([15, 1, 40], [33, 17, 0])])
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(window_size=(20, 5)), dict(causal=True, window_size=(7, -1))])
+def test_varlen_window_per_sequence(lq, lk, kw):
+    """causal / sliding windows bottom-right aligned per sequence (as flash-attention's varlen), with
+    empty sequences, lengths 1, block ± 1 and H_kv = 1, forward and backward vs float64."""
+    torch.manual_seed(sum(lq) + sum(lk))
+    H, Hk, D, qb, kb = 2, 1, 8, 16, 32
+    cq = [0] + list(torch.tensor(lq).cumsum(0).tolist())
+    ck = [0] + list(torch.tensor(lk).cumsum(0).tolist())
+    q = torch.randn(cq[-1], H, D, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(ck[-1], Hk, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    masks = [torch.rand(H, -(-a // qb), -(-b // kb)) < 0.8 for a, b in zip(lq, lk)]
+    out, lse = block_sparse_attention_varlen(q, k, v, cq, ck, masks, q_block=qb, k_block=kb, backend="torch", **kw)
+    ref, ref_lse = _reference(q, k, v, cq, ck, masks, qb, kb, **kw)
+    ok = torch.isfinite(ref_lse)
+    assert rel_l2(out, ref) < 1e-12 and torch.equal(torch.isfinite(lse), ok)
+    if ok.any():
+        assert rel_l2(lse[ok], ref_lse[ok]) < 1e-12
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), torch.autograd.grad((ref * g).sum(), (q, k, v))):
+        assert rel_l2(a, b) < 1e-10
+
+
+@pytest.mark.interpreter
+def test_varlen_causal_window_through_triton_interpreter():
+    torch.manual_seed(3)
+    cq, ck = [0, 17, 17, 50, 51], [0, 20, 25, 41, 41]
+    q = torch.randn(51, 2, 16, requires_grad=True)
+    k, v = (torch.randn(41, 1, 16, requires_grad=True) for _ in range(2))
+    for kw in (dict(causal=True), dict(window_size=(9, 3))):
+        out, _ = block_sparse_attention_varlen(q, k, v, cq, ck, q_block=16, backend="triton", **kw)
+        ref, _ = _reference(q, k, v, cq, ck, None, 16, 16, **kw)
+        assert rel_l2(out, ref) < 1e-5
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)),
+                        torch.autograd.grad((ref * g.double()).sum(), (q, k, v))):
+            assert rel_l2(a, b) < 1e-5

@@ -12,7 +12,7 @@ from .kernels.registry import AttentionCall, BackendSpec, select_backend
 from .layout import TileLayout
 from .masks.build import block_mask_from_tiled
 from .padding_free import add_zero_keys, untile_with_zero_keys, zero_keys_per_row_block
-from .plan import BlockSparsePlan
+from .plan import BlockSparsePlan, window_offsets
 from .validation import check_qkv, check_scale, validate_block_inputs, validate_inputs
 
 __all__ = ["block_sparse_attention", "ssta_attention", "SSTAInfo", "resolve_backend"]
@@ -44,9 +44,10 @@ def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _plan_for_mask(block_mask: torch.Tensor, Sq: int, Sk: int, q_block: Optional[int],
-                   k_block: Optional[int]) -> BlockSparsePlan:
+                   k_block: Optional[int], window=(None, None)) -> BlockSparsePlan:
     """A plan for a bool block mask ``[Mq, Nk]`` or ``[B or 1, H or 1, Mq, Nk]`` over sequences of any
-    length: the last blocks are ragged (``q_valid`` / ``k_valid``)."""
+    length: the last blocks are ragged (``q_valid`` / ``k_valid``); blocks wholly outside the token
+    ``window`` ``(lo, hi)`` are dropped."""
     if q_block is None:
         raise ValueError("a block mask needs q_block (and k_block, default q_block): the tokens per block")
     k_block = q_block if k_block is None else k_block
@@ -62,7 +63,7 @@ def _plan_for_mask(block_mask: torch.Tensor, Sq: int, Sk: int, q_block: Optional
         return v
 
     return BlockSparsePlan.from_block_mask(block_mask, q_block, k_block, last_ragged(Nk, k_block, Sk),
-                                           last_ragged(Mq, q_block, Sq))
+                                           last_ragged(Mq, q_block, Sq), *window)
 
 
 def block_sparse_attention(
@@ -76,6 +77,7 @@ def block_sparse_attention(
     q_block: Optional[int] = None,
     k_block: Optional[int] = None,
     causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention of ``q [B, H, Sq, D]`` and ``k, v [B, H_kv, Sk, D]``.
 
@@ -91,8 +93,11 @@ def block_sparse_attention(
         H_kv < H: grouped-query attention (``H % H_kv == 0``).
         causal: token-level causality inside the kept blocks, bottom-right aligned as in
             flash-attention: query ``i`` sees key ``j`` only if ``j <= i + Sk - Sq`` (block-causal
-            patterns need no flag: give the mask). Backends without it (``fa4``) are skipped by
-            ``auto``; a plan's own ``causal_offset`` is used when this is False.
+            patterns need no flag: give the mask).
+        window_size: ``(left, right)`` token sliding window as in flash-attention (-1: unbounded),
+            bottom-right aligned: query ``i`` sees keys ``i + Sk - Sq - left .. i + Sk - Sq + right``;
+            ``causal`` sets ``right = 0``. Blocks wholly outside are dropped from a mask; a given
+            plan keeps its own window (``plan.window_lo`` / ``window_hi``) unless one is set here.
 
     Returns ``(out [B,H,Sq,D], lse [B,H,Sq] float32, natural log)``; gradients flow to q, k, v through
     both (lse is differentiable, so chunks can be merged by their LSE). Rows that see no key: out 0,
@@ -102,14 +107,19 @@ def block_sparse_attention(
     k, v = _expand_kv_heads(q, k, v)
     Sq, Sk = q.shape[2], k.shape[2]
     from_mask = isinstance(plan, torch.Tensor)
+    window = None
+    if causal or tuple(window_size) != (-1, -1):
+        if len(window_size) != 2:
+            raise ValueError(f"window_size must be (left, right), got {window_size!r}")
+        window = window_offsets(Sq, Sk, causal, window_size)
     if from_mask:
-        plan = _plan_for_mask(plan, Sq, Sk, q_block, k_block)
+        plan = _plan_for_mask(plan, Sq, Sk, q_block, k_block, window or (None, None))
+    elif window is not None:
+        plan = dataclasses.replace(plan, window_lo=window[0], window_hi=window[1])
     Mq, Nk = plan.num_q_blocks * plan.q_block, plan.num_k_blocks * plan.k_block
     if not from_mask and (Sq, Sk) != (Mq, Nk):
         raise ValueError(f"the plan covers Sq={plan.num_q_blocks}*{plan.q_block}, Sk={plan.num_k_blocks}*"
                          f"{plan.k_block} but q has {Sq} rows and k {Sk}")
-    if causal:
-        plan = dataclasses.replace(plan, causal_offset=Sk - Sq)
     q, k, v = _pad_rows(q, Mq), _pad_rows(k, Nk), _pad_rows(v, Nk)
     scale = validate_block_inputs(q, k, v, plan, scale)   # the same checks for every backend
     spec = select_backend(backend, AttentionCall.of(q, plan))

@@ -15,6 +15,13 @@ Query validity (padding-free compute):
     q_valid[b, i]                query rows ``i*q_block + r`` with ``r >= q_valid[b, i]`` are padding:
                                  backends need not compute them; they return out 0, lse -inf and
                                  dq 0 there, and such rows add nothing to dk / dv
+Token window (optional, on top of the blocks):
+    window_lo, window_hi         static ints or None (unbounded): query row ``i`` of block ``m`` sees
+                                 key ``j`` only if ``window_lo <= j - (i + window_shift[b, m]) <= window_hi``
+    window_shift[b, m]           int32, shifts a query block's positions (per-sequence alignment in
+                                 packed layouts; 0 by default). Causal bottom-right aligned is
+                                 ``window_hi = Sk - Sq``; flash-attention's ``window_size=(left, right)``
+                                 is ``(Sk - Sq - left, Sk - Sq + right)``
 Schedules (heavy rows first, so long dense text rows do not form a tail):
     row_order[b, h, :]           query blocks sorted by descending kv_count
     col_order[b, h, :]           key blocks sorted by descending q_count
@@ -35,7 +42,42 @@ from typing import Optional
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["BlockSparsePlan", "TENSOR_FIELDS", "STATIC_FIELDS"]
+__all__ = ["BlockSparsePlan", "TENSOR_FIELDS", "STATIC_FIELDS", "window_reach", "window_offsets"]
+
+#: an unbounded window side, as the kernels see it (positions stay far below it)
+WINDOW_INF = 1 << 30
+
+
+def window_offsets(Sq: int, Sk: int, causal: bool = False, window_size=(-1, -1)):
+    """``(window_lo, window_hi)`` of flash-attention's ``causal`` / ``window_size=(left, right)``
+    (-1: unbounded), bottom-right aligned: query ``i`` sees keys ``i + Sk - Sq - left ..
+    i + Sk - Sq + right``; causal is ``right = 0``."""
+    left, right = (int(x) for x in window_size)
+    if causal:
+        right = 0
+    off = Sk - Sq
+    return (None if left < 0 else off - left), (None if right < 0 else off + right)
+
+
+def window_reach(q_valid: torch.Tensor, k_valid: torch.Tensor, q_block: int, k_block: int,
+                 lo: Optional[int], hi: Optional[int], shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """bool ``[Bx, Mq, Nk]``: whether query block ``m`` and key block ``n`` hold a valid pair
+    ``(i, j)`` with ``lo <= j - i - shift[m] <= hi`` (valid counts ``q_valid [Bq, Mq]``,
+    ``k_valid [Bv, Nk]``; empty blocks reach nothing)."""
+    dev = q_valid.device
+    Mq, Nk = q_valid.shape[-1], k_valid.shape[-1]
+    qv, kv = q_valid.long()[:, :, None], k_valid.long().to(dev)[:, None, :]
+    i0 = torch.arange(Mq, device=dev)[None, :, None] * q_block
+    if shift is not None:
+        i0 = i0 + shift.long().to(dev)[:, :, None]
+    j0 = torch.arange(Nk, device=dev)[None, None, :] * k_block
+    d_min, d_max = j0 - (i0 + qv - 1), (j0 + kv - 1) - i0
+    ok = (qv > 0) & (kv > 0)
+    if lo is not None:
+        ok = ok & (d_max >= lo)
+    if hi is not None:
+        ok = ok & (d_min <= hi)
+    return ok
 
 
 def compact(values: torch.Tensor, keep: torch.Tensor):
@@ -82,10 +124,11 @@ class BlockSparsePlan:
         q_count  [B', H', Nk]       q_index  [B', H', Nk, Mq]
         row_order [B', H', Mq]      col_order [B', H', Nk]
         k_valid  [Bv, Nk]           density  [] float32 (mean of the block mask)
-        q_valid  [Bq, Mq]           (Bv, Bq in {1, B})
-    ``causal_offset`` (a Python int, or None): token-level causality on top of the blocks — query row
-    ``i`` sees key ``j`` only if ``j <= i + causal_offset`` (positions in the block layout;
-    ``Sk - Sq`` aligns the last query with the last key, as flash-attention defines it).
+        q_valid  [Bq, Mq]           window_shift [Bq, Mq]       (Bv, Bq in {1, B})
+    ``window_lo`` / ``window_hi`` (Python ints, or None: unbounded): a token-level window on top of
+    the blocks — query row ``i`` sees key ``j`` only if ``window_lo <= j - i - shift <= window_hi``
+    (positions in the block layout, ``shift = window_shift`` of the row's block). Causal
+    (bottom-right aligned, as flash-attention) is ``window_hi = Sk - Sq``.
     ``zero_q_tail`` (default True): rows past ``q_valid`` return out 0 / lse -inf and their output
     gradient is ignored. False: a caller that drops those rows (and passes zero gradients there, as
     `ssta_attention`'s untile does) lets a backend skip that masking pass (FA4: two passes over the
@@ -103,7 +146,9 @@ class BlockSparsePlan:
     q_block: int
     k_block: int
     q_valid: Optional[torch.Tensor] = None
-    causal_offset: Optional[int] = None
+    window_shift: Optional[torch.Tensor] = None
+    window_lo: Optional[int] = None
+    window_hi: Optional[int] = None
     zero_q_tail: bool = True
 
     def __post_init__(self) -> None:
@@ -125,9 +170,15 @@ class BlockSparsePlan:
                                                            device=self.kv_count.device))
         if self.q_valid.dim() != 2 or self.q_valid.shape[1] != Mq:
             raise ValueError(f"q_valid must be [B or 1, {Mq}], got {tuple(self.q_valid.shape)}")
-        if self.causal_offset is not None and (isinstance(self.causal_offset, bool)
-                                               or not isinstance(self.causal_offset, int)):
-            raise TypeError(f"causal_offset must be an int or None, got {self.causal_offset!r}")
+        if self.window_shift is None:
+            object.__setattr__(self, "window_shift", torch.zeros((1, Mq), dtype=torch.int32,
+                                                                 device=self.kv_count.device))
+        if self.window_shift.dim() != 2 or self.window_shift.shape[1] != Mq:
+            raise ValueError(f"window_shift must be [B or 1, {Mq}], got {tuple(self.window_shift.shape)}")
+        for name in ("window_lo", "window_hi"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise TypeError(f"{name} must be an int or None, got {v!r}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -138,11 +189,15 @@ class BlockSparsePlan:
         k_block: Optional[int] = None,
         k_valid: Optional[torch.Tensor] = None,
         q_valid: Optional[torch.Tensor] = None,
+        window_lo: Optional[int] = None,
+        window_hi: Optional[int] = None,
+        window_shift: Optional[torch.Tensor] = None,
     ) -> "BlockSparsePlan":
         """Build a plan from a bool block mask ``[B or 1, H or 1, Mq, Nk]`` (or ``[Mq, Nk]``).
 
         ``k_valid`` (int ``[B or 1, Nk]``) and ``q_valid`` (int ``[B or 1, Mq]``) default to full
-        blocks. No host synchronisation.
+        blocks. With a window (``window_lo`` / ``window_hi`` / ``window_shift [B or 1, Mq]``, see the
+        class), blocks with no valid (query, key) pair inside it are dropped. No host synchronisation.
         """
         k_block = q_block if k_block is None else k_block
         if block_mask.dtype != torch.bool:
@@ -152,8 +207,6 @@ class BlockSparsePlan:
         if block_mask.dim() != 4:
             raise ValueError(f"block_mask must be [B, H, Mq, Nk] or [Mq, Nk], got {tuple(block_mask.shape)}")
         Nk = block_mask.shape[-1]
-        kv_count, kv_index = _compress(block_mask)
-        q_count, q_index = _compress(block_mask.transpose(-1, -2))
         if k_valid is None:
             k_valid = torch.full((1, Nk), k_block, dtype=torch.int32, device=block_mask.device)
         # clamp in the caller's dtype first: a cast to int32 would wrap large counts (2**40 → 0)
@@ -163,11 +216,22 @@ class BlockSparsePlan:
         if q_valid is not None:
             q_valid = q_valid.to(device=block_mask.device)
             q_valid = (q_valid[None] if q_valid.dim() == 1 else q_valid).clamp(0, q_block).to(torch.int32).contiguous()
+        if window_shift is not None:
+            window_shift = window_shift.to(device=block_mask.device)
+            window_shift = (window_shift[None] if window_shift.dim() == 1 else window_shift).to(torch.int32).contiguous()
+        if window_lo is not None or window_hi is not None:
+            qv = q_valid if q_valid is not None else torch.full((1, block_mask.shape[-2]), q_block, dtype=torch.int32,
+                                                                device=block_mask.device)
+            reach = window_reach(qv, k_valid, q_block, k_block, window_lo, window_hi, window_shift)
+            block_mask = block_mask & reach[:, None]
+        kv_count, kv_index = _compress(block_mask)
+        q_count, q_index = _compress(block_mask.transpose(-1, -2))
         return cls(
             kv_count=kv_count, kv_index=kv_index, q_count=q_count, q_index=q_index,
             row_order=_heavy_first(kv_count), col_order=_heavy_first(q_count),
             k_valid=k_valid.contiguous(),
             density=block_mask.float().mean(), q_block=int(q_block), k_block=int(k_block), q_valid=q_valid,
+            window_shift=window_shift, window_lo=window_lo, window_hi=window_hi,
         )
 
     @classmethod
@@ -179,6 +243,16 @@ class BlockSparsePlan:
         return cls.from_block_mask(mask, q_block, k_block, k_valid)
 
     # ------------------------------------------------------------------ inspection
+    @property
+    def has_window(self) -> bool:
+        """Whether a token window (``window_lo`` / ``window_hi``) applies."""
+        return self.window_lo is not None or self.window_hi is not None
+
+    def window_bounds(self) -> tuple:
+        """``(lo, hi)`` as ints, unbounded sides as ``∓WINDOW_INF`` (what the kernels take)."""
+        return (-WINDOW_INF if self.window_lo is None else self.window_lo,
+                WINDOW_INF if self.window_hi is None else self.window_hi)
+
     @property
     def num_q_blocks(self) -> int:
         return self.kv_count.shape[-1]
@@ -222,8 +296,9 @@ class BlockSparsePlan:
 
     def __repr__(self) -> str:
         Bp, Hp, Mq, Nk = self.shape
+        window = f", window=({self.window_lo}, {self.window_hi})" if self.has_window else ""
         return (f"BlockSparsePlan(shape=(B={Bp}, H={Hp}, Mq={Mq}, Nk={Nk}), q_block={self.q_block}, "
-                f"k_block={self.k_block}, k_valid={tuple(self.k_valid.shape)}, device={self.device})")
+                f"k_block={self.k_block}, k_valid={tuple(self.k_valid.shape)}{window}, device={self.device})")
 
     def to_string(self, b: int = 0, h: int = 0, max_blocks: int = 64) -> str:
         """A picture of one (b, h) block mask: '#' kept, '.' skipped (host sync: for humans)."""
@@ -233,7 +308,7 @@ class BlockSparsePlan:
 
 # The static fields (Python ints / bools: pytree context, custom-op arguments) and the tensor fields (pytree
 # leaves, and the order custom ops take a plan in); q_valid is always set.
-STATIC_FIELDS = ("q_block", "k_block", "causal_offset", "zero_q_tail")
+STATIC_FIELDS = ("q_block", "k_block", "window_lo", "window_hi", "zero_q_tail")
 TENSOR_FIELDS = tuple(f.name for f in fields(BlockSparsePlan) if f.name not in STATIC_FIELDS)
 
 

@@ -136,10 +136,12 @@ def validate_block_inputs(q, k, v, plan, scale: Optional[float]) -> float:
             f"plan covers Sq={Mq}*{plan.q_block}, Sk={Nk}*{plan.k_block} but q has {Sq} rows and k has {k.shape[2]}"
         )
     Bp, Hp = plan.kv_count.shape[:2]
-    if Bp not in (1, B) or Hp not in (1, H) or plan.k_valid.shape[0] not in (1, B) or plan.q_valid.shape[0] not in (1, B):
+    shift_b = plan.window_shift.shape[0]
+    if (Bp not in (1, B) or Hp not in (1, H) or plan.k_valid.shape[0] not in (1, B) or plan.q_valid.shape[0] not in (1, B)
+            or shift_b not in (1, B)):
         raise ValueError(
-            f"plan batch/head dims ({Bp}, {Hp}), k_valid batch {plan.k_valid.shape[0]} and q_valid batch "
-            f"{plan.q_valid.shape[0]} must be 1 or match q's ({B}, {H})"
+            f"plan batch/head dims ({Bp}, {Hp}), k_valid batch {plan.k_valid.shape[0]}, q_valid batch "
+            f"{plan.q_valid.shape[0]} and window_shift batch {shift_b} must be 1 or match q's ({B}, {H})"
         )
     return check_scale(scale, D)
 

@@ -56,6 +56,8 @@ def block_sparse_attention_varlen(
     k_block: Optional[int] = None,
     scale: Optional[float] = None,
     backend: str = "auto",
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention of packed sequences.
 
@@ -66,6 +68,10 @@ def block_sparse_attention_varlen(
         block_masks: ``n`` bool masks ``[Mq_i, Nk_i]`` or ``[H or 1, Mq_i, Nk_i]`` with
             ``Mq_i = ceil(len_q_i / q_block)``, ``Nk_i = ceil(len_k_i / k_block)``; None: dense.
         q_block, k_block: tokens per block (multiples of 16; ``k_block`` defaults to ``q_block``).
+        causal, window_size: token-level causality / sliding window ``(left, right)`` (-1: unbounded)
+            as in flash-attention's varlen, bottom-right aligned per sequence: query ``i`` of a
+            sequence sees its keys ``i + len_k - len_q - left .. i + len_k - len_q + right``
+            (``causal``: ``right = 0``). Blocks wholly outside are dropped.
 
     Returns:
         ``out [Tq, H, D]`` and ``lse [H, Tq]`` float32 (natural log; rows that see no key: out 0,
@@ -113,7 +119,20 @@ def block_sparse_attention_varlen(
     def counts(valid, blocks):
         return torch.tensor(valid or [0], dtype=torch.int32, device=dev)[None][:, :max(blocks, 1)]
 
-    plan = BlockSparsePlan.from_block_mask(mask[None], q_block, k_block, counts(k_valid, Nt), counts(q_valid, Mt))
+    lo = hi = shift = None
+    if causal or tuple(window_size) != (-1, -1):
+        left, right = (int(x) for x in window_size)
+        right = 0 if causal else right
+        lo, hi = (None if left < 0 else -left), (None if right < 0 else right)
+        # per sequence: query i sees key j iff lo <= (j - K_start) - (i - Q_start) - (len_k - len_q) <= hi,
+        # so the rows of each query block are shifted by K_start - Q_start + len_k - len_q
+        shifts, q0, k0 = [], 0, 0
+        for i in range(n):
+            shifts += [k0 - q0 + (ck[i + 1] - ck[i]) - (cq[i + 1] - cq[i])] * mq[i]
+            q0, k0 = q0 + mq[i] * q_block, k0 + nk[i] * k_block
+        shift = torch.tensor(shifts or [0], dtype=torch.int32, device=dev)[None, :max(Mt, 1)]
+    plan = BlockSparsePlan.from_block_mask(mask[None], q_block, k_block, counts(k_valid, Nt), counts(q_valid, Mt),
+                                           lo, hi, shift)
     out, lse = block_sparse_attention(to_blocks(q, q_slots, Sq), to_blocks(k, k_slots, Sk), to_blocks(v, k_slots, Sk),
                                       plan, scale, backend)
     return out[0].permute(1, 0, 2).index_select(0, q_slots), lse[0].index_select(1, q_slots)

@@ -26,14 +26,14 @@ __all__ = ["triton_entry", "fa4_entry"]
 Tensor = torch.Tensor
 
 
-def _plan(tensors: List[Tensor], q_block: int, k_block: int, causal_offset: Optional[int] = None
-          ) -> BlockSparsePlan:
+def _plan(tensors: List[Tensor], q_block: int, k_block: int, window_lo: Optional[int] = None,
+          window_hi: Optional[int] = None) -> BlockSparsePlan:
     return BlockSparsePlan(**dict(zip(TENSOR_FIELDS, tensors)), q_block=q_block, k_block=k_block,
-                           causal_offset=causal_offset)
+                           window_lo=window_lo, window_hi=window_hi)
 
 
 def _plan_args(plan: BlockSparsePlan):
-    return [getattr(plan, name) for name in TENSOR_FIELDS], plan.q_block, plan.k_block, plan.causal_offset
+    return [getattr(plan, name) for name in TENSOR_FIELDS], plan.q_block, plan.k_block, plan.window_lo, plan.window_hi
 
 
 def _scale(q: Tensor, scale: Optional[float]) -> float:
@@ -42,48 +42,48 @@ def _scale(q: Tensor, scale: Optional[float]) -> float:
 
 # ---------------------------------------------------------------------------------------------- Triton
 @torch.library.custom_op("vsa::triton_attention", mutates_args=())
-def _triton_fwd(q: Tensor, k: Tensor, v: Tensor, plan_tensors: List[Tensor], q_block: int, k_block: int, causal_offset: Optional[int],
+def _triton_fwd(q: Tensor, k: Tensor, v: Tensor, plan_tensors: List[Tensor], q_block: int, k_block: int, window_lo: Optional[int], window_hi: Optional[int],
                 scale: float) -> Tuple[Tensor, Tensor]:
     from .triton_common import resolve_kernel_options
     from .triton_fwd import attention_forward
 
-    return attention_forward(q, k, v, _plan(plan_tensors, q_block, k_block, causal_offset), scale, resolve_kernel_options(None))
+    return attention_forward(q, k, v, _plan(plan_tensors, q_block, k_block, window_lo, window_hi), scale, resolve_kernel_options(None))
 
 
 @_triton_fwd.register_fake
-def _(q, k, v, plan_tensors, q_block, k_block, causal_offset, scale):
+def _(q, k, v, plan_tensors, q_block, k_block, window_lo, window_hi, scale):
     B, H, Sq, _ = q.shape
     return torch.empty_like(q), q.new_empty(B, H, Sq, dtype=torch.float32)
 
 
 @torch.library.custom_op("vsa::triton_attention_bwd", mutates_args=())
 def _triton_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                plan_tensors: List[Tensor], q_block: int, k_block: int, causal_offset: Optional[int], scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                plan_tensors: List[Tensor], q_block: int, k_block: int, window_lo: Optional[int], window_hi: Optional[int], scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     from .triton_bwd import attention_backward
     from .triton_common import resolve_kernel_options
     from .triton_op import DEFAULT_DETERMINISTIC
 
-    return attention_backward(q, k, v, out, lse, dout, _plan(plan_tensors, q_block, k_block, causal_offset), scale,
+    return attention_backward(q, k, v, out, lse, dout, _plan(plan_tensors, q_block, k_block, window_lo, window_hi), scale,
                               resolve_kernel_options(None), deterministic=DEFAULT_DETERMINISTIC, dlse=dlse)
 
 
 @_triton_bwd.register_fake
-def _(dout, dlse, q, k, v, out, lse, plan_tensors, q_block, k_block, causal_offset, scale):
+def _(dout, dlse, q, k, v, out, lse, plan_tensors, q_block, k_block, window_lo, window_hi, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _triton_setup(ctx, inputs, output):
-    q, k, v, plan_tensors, q_block, k_block, causal_offset, scale = inputs
+    q, k, v, plan_tensors, q_block, k_block, window_lo, window_hi, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *plan_tensors)
-    ctx.static = (q_block, k_block, causal_offset, scale)
+    ctx.static = (q_block, k_block, window_lo, window_hi, scale)
 
 
 def _triton_vjp(ctx, dout, dlse):
     q, k, v, out, lse, *plan_tensors = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout
     dq, dk, dv = _triton_bwd(dout, dlse, q, k, v, out, lse, plan_tensors, *ctx.static)
-    return dq, dk, dv, [None] * len(plan_tensors), None, None, None, None
+    return dq, dk, dv, [None] * len(plan_tensors), None, None, None, None, None
 
 
 _triton_fwd.register_autograd(_triton_vjp, setup_context=_triton_setup)
@@ -93,8 +93,8 @@ def triton_entry(q: Tensor, k: Tensor, v: Tensor, plan: BlockSparsePlan,
                  scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     """The Triton backend: its autograd function in eager mode, the custom ops under `torch.compile`."""
     if torch.compiler.is_compiling():
-        tensors, qb, kb, causal = _plan_args(plan)
-        return _triton_fwd(q, k, v, tensors, qb, kb, causal, _scale(q, scale))
+        tensors, qb, kb, lo, hi = _plan_args(plan)
+        return _triton_fwd(q, k, v, tensors, qb, kb, lo, hi, _scale(q, scale))
     from .triton_op import run_triton
 
     return run_triton(q, k, v, plan, _scale(q, scale))     # inputs checked by the public op
@@ -104,7 +104,8 @@ def triton_entry(q: Tensor, k: Tensor, v: Tensor, plan: BlockSparsePlan,
 def _fa4_lists(lists: List[Tensor]):
     from .fa4 import FA4BlockLists
 
-    return FA4BlockLists(fwd=tuple(lists[0:4]), bwd=tuple(lists[4:8]), key_ok=lists[8])
+    return FA4BlockLists(fwd=tuple(lists[0:4]), bwd=tuple(lists[4:8]), key_ok=lists[8],
+                         row_bounds=tuple(lists[9:11]) if len(lists) > 9 else None)
 
 
 @torch.library.custom_op("vsa::fa4_attention", mutates_args=())
@@ -162,6 +163,6 @@ def fa4_entry(q: Tensor, k: Tensor, v: Tensor, plan: BlockSparsePlan,
     if not torch.compiler.is_compiling():
         return block_sparse_attention_fa4(q, k, v, plan, scale)
     lists = fa4_block_lists(plan, q.shape[0], cache=False)
-    flat = [*lists.fwd, *lists.bwd, lists.key_ok]
+    flat = [*lists.fwd, *lists.bwd, lists.key_ok, *(lists.row_bounds or ())]
     out, lse, _, _ = _fa4_fwd(q, k, v, flat, ~plan.query_valid(), _scale(q, scale))
     return out, lse

@@ -7,9 +7,11 @@ lists once and cached on the plan (forward and backward of one call, and repeate
 plan, share it), on the device, with no host synchronisation:
 
 - every kept ``q_block × k_block`` block becomes ``(q_block/128) × (k_block/128)`` sub-blocks;
-- a KV sub-block with every key valid (``k_valid``) is a full block; one with some valid keys is a
-  mask block, whose ``mask_mod`` reads a per-token validity tensor (so ragged keys are exact);
-  one with none is dropped, and so is every Q sub-block with no real row (``q_valid``).
+- a (Q, KV) sub-block pair whose valid rows all see all 128 keys is a full block; one with some
+  visible (row, key) pairs is a mask block, whose ``mask_mod`` reads a per-token key-validity
+  tensor (ragged keys) and, with a token window (causal / sliding, ``plan.window_lo`` /
+  ``window_hi``), per-row key bounds; one with none is dropped, and so is every Q sub-block with no
+  real row (``q_valid``). So causal runs the diagonal sub-blocks masked and the ones below it full.
 
 Rows past ``q_valid`` return out 0 and lse -inf, and take no gradient, as the plan defines.
 FA4 compiles each kernel variant on first use; ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1`` keeps
@@ -42,6 +44,7 @@ class FA4BlockLists(NamedTuple):
     fwd: tuple              # (mask_cnt, mask_idx, full_cnt, full_idx): Q sub-block rows → KV sub-blocks
     bwd: tuple              # the same, KV sub-block columns → Q sub-blocks
     key_ok: torch.Tensor    # int32 [B, Sk]: 1 where a key token takes part (read by the mask_mod)
+    row_bounds: Optional[tuple] = None   # with a window: (lo, hi) int32 [B, Sq], row i sees keys lo[i]..hi[i]
 
 
 def _sub_valid(valid: torch.Tensor, ratio: int) -> torch.Tensor:
@@ -50,60 +53,85 @@ def _sub_valid(valid: torch.Tensor, ratio: int) -> torch.Tensor:
     return (valid[..., None] - starts).clamp(0, FA4_BLOCK).flatten(-2)
 
 
-def _sub_lists(count, index, valid_self, valid_other, r_self, r_other):
-    """Expand block lists to 128-token sub-blocks.
-
-    ``count [B', H', R]`` / ``index [B', H', R, C]`` list, for each of R blocks, the kept blocks of the
-    other side; ``valid_other [Bo, C * r_other]`` are the valid tokens of the other side's sub-blocks.
-    Returns the candidate sub-block ids ``[Bx, H', R, C * r_other]`` (ascending), which of them exist
-    (kept block, sub-block not empty) and their valid counts.
-    """
+def _candidates(count, index, r_self, r_other):
+    """Block lists → sub-block candidates: ``count [B', H', R]`` / ``index [B', H', R, C]`` list, for
+    each of R blocks, the kept blocks of the other side. Returns the other side's sub-block ids
+    ``[B', H', R * r_self, C * r_other]`` (ascending per row) and which of them are kept."""
     C = index.shape[-1]
     sub = torch.arange(r_other, device=index.device, dtype=torch.int32)
     cand = (index[..., None] * r_other + sub).flatten(-2)                                # [B', H', R, C*r]
-    in_row = (torch.arange(C, device=index.device) < count[..., None].long())
-    in_row = in_row[..., None].expand(*in_row.shape, r_other).flatten(-2)
-    Bx = max(cand.shape[0], valid_other.shape[0], valid_self.shape[0])
-    cand = cand.expand(Bx, *cand.shape[1:])
-    v = torch.gather(valid_other[:, None, None, :].expand(Bx, cand.shape[1], cand.shape[2], -1), -1, cand.long())
-    return cand, in_row & (v > 0), v
+    kept = torch.arange(C, device=index.device) < count[..., None].long()
+    kept = kept[..., None].expand(*kept.shape, r_other).flatten(-2)
+
+    def rows(x):
+        return x[..., None, :].expand(*x.shape[:-1], r_self, x.shape[-1]).flatten(-3, -2)
+
+    return rows(cand), rows(kept)
+
+
+def _classify(q_sub, k_sub, kept, qv, kv, shift, lo, hi):
+    """Which (Q sub-block, KV sub-block) pairs run, and which of those need no mask.
+
+    ``q_sub`` / ``k_sub``: broadcastable sub-block ids ``[Bx, H', R, W]``; ``qv [Bq, Rq]`` / ``kv
+    [Bv, Rk]``: valid tokens per sub-block; ``shift [Bs, Rq]``: window shift of the Q sub-block. A
+    pair is live when kept with a valid (row, key) pair inside the window; full when every valid row
+    sees all 128 keys (so the mask_mod can be skipped)."""
+    Bx = kept.shape[0]
+
+    def take(t, ids):
+        t = t.expand(Bx, -1)[:, None, None, :].expand(Bx, *ids.shape[1:-1], -1)
+        return torch.gather(t, -1, ids.long().expand(Bx, *ids.shape[1:]))
+
+    q_sub, k_sub = q_sub.expand_as(kept), k_sub.expand_as(kept)
+    nq, nk = take(qv, q_sub).long(), take(kv, k_sub).long()
+    live = kept & (nq > 0) & (nk > 0)
+    full = live & (nk == FA4_BLOCK)
+    if lo is not None or hi is not None:
+        i0 = q_sub.long() * FA4_BLOCK + take(shift, q_sub).long()
+        j0 = k_sub.long() * FA4_BLOCK
+        d_min, d_max = j0 - (i0 + nq - 1), (j0 + nk - 1) - i0          # over valid rows and valid keys
+        if lo is not None:
+            live, full = live & (d_max >= lo), full & (d_min >= lo)
+        if hi is not None:
+            live, full = live & (d_min <= hi), full & (d_max <= hi)
+    return live & ~full, full
 
 
 def fa4_block_lists(plan, batch: int, cache: bool = True) -> FA4BlockLists:
     """Convert ``plan`` to FA4's forward / backward block lists (cached on the plan unless ``cache`` is
-    False; no host sync)."""
+    False; no host sync). With a token window (``plan.window_lo`` / ``window_hi``), sub-blocks wholly
+    outside it are dropped, wholly inside are full blocks, and the rest mask blocks."""
     cached = getattr(plan, _CACHE_ATTR, None) if cache else None
     if cached is not None and cached[0] == batch:
         return cached[1]
     rq, rk = plan.q_block // FA4_BLOCK, plan.k_block // FA4_BLOCK
     kv = _sub_valid(plan.k_valid, rk)                                                    # [Bv, Nk*rk]
     qv = _sub_valid(plan.q_valid, rq)                                                    # [Bq, Mq*rq]
+    shift = plan.window_shift.repeat_interleave(rq, -1)                                  # [Bs, Mq*rq]
+    lo, hi = plan.window_lo, plan.window_hi
+    Bx = max(plan.kv_count.shape[0], kv.shape[0], qv.shape[0], shift.shape[0])
 
-    # forward: per query block, its KV sub-blocks split into full / masked, then one row per Q sub-block
-    cand, exists, v = _sub_lists(plan.kv_count, plan.kv_index, plan.q_valid, kv, rq, rk)
-    f_cnt, f_idx = compact(cand, exists & (v == FA4_BLOCK))
-    m_cnt, m_idx = compact(cand, exists & (v < FA4_BLOCK))
-    q_live = (qv > 0).view(qv.shape[0], 1, -1, rq)                                     # [Bq, 1, Mq, rq]
+    def lists(count, index, r_self, r_other, transpose):
+        cand, kept = _candidates(count, index, r_self, r_other)
+        kept = kept.expand(Bx, *kept.shape[1:])
+        own = torch.arange(cand.shape[-2], device=cand.device, dtype=torch.int32)[:, None]
+        q_sub, k_sub = (cand, own) if transpose else (own, cand)
+        mask, full = _classify(q_sub, k_sub, kept, qv, kv, shift, lo, hi)
+        (m_cnt, m_idx), (f_cnt, f_idx) = compact(cand, mask), compact(cand, full)
+        return tuple(t.contiguous() for t in (m_cnt, m_idx, f_cnt, f_idx))
 
-    def rows(cnt, idx):   # [Bx, H', Mq] / [Bx, H', Mq, W] → one row per Q sub-block, empty where no real row
-        cnt = (cnt[..., None] * q_live).flatten(-2).to(torch.int32).contiguous()
-        idx = idx[..., None, :].expand(*idx.shape[:-1], rq, idx.shape[-1]).flatten(-3, -2).contiguous()
-        return cnt, idx
-
-    (f_cnt, f_idx), (m_cnt, m_idx) = rows(f_cnt, f_idx), rows(m_cnt, m_idx)
-
-    # backward: per key block, its live Q sub-blocks; a KV sub-block is wholly full or wholly masked
-    cand, exists, _ = _sub_lists(plan.q_count, plan.q_index, plan.k_valid, qv, rk, rq)
-    b_cnt, b_idx = compact(cand, exists)                                                # [Bx, H', Nk, ...]
-    b_cnt = b_cnt[..., None].expand(*b_cnt.shape, rk).flatten(-2)                       # [Bx, H', Nk*rk]
-    b_idx = b_idx[..., None, :].expand(*b_idx.shape[:-1], rk, b_idx.shape[-1]).flatten(-3, -2).contiguous()
-    kv_b = kv[:, None, :]
-    fb_cnt = (b_cnt * (kv_b == FA4_BLOCK)).to(torch.int32).contiguous()
-    mb_cnt = (b_cnt * ((kv_b > 0) & (kv_b < FA4_BLOCK))).to(torch.int32).contiguous()
+    window = plan.has_window
+    row_bounds = None
+    if window:
+        w_lo, w_hi = plan.window_bounds()
+        pos = (torch.arange(plan.num_q_blocks * plan.q_block, device=plan.device, dtype=torch.int32)
+               + plan.window_shift.repeat_interleave(plan.q_block, -1)).expand(batch, -1)
+        row_bounds = ((pos + w_lo).contiguous(), (pos + w_hi).contiguous())
     out = FA4BlockLists(
-        fwd=(m_cnt, m_idx, f_cnt, f_idx),
-        bwd=(mb_cnt, b_idx, fb_cnt, b_idx),
+        fwd=lists(plan.kv_count, plan.kv_index, rq, rk, False),
+        bwd=lists(plan.q_count, plan.q_index, rk, rq, True),
         key_ok=plan.token_valid().to(torch.int32).expand(batch, -1).contiguous(),
+        row_bounds=row_bounds,
     )
     if cache:
         object.__setattr__(plan, _CACHE_ATTR, (batch, out))
@@ -132,6 +160,32 @@ def _key_mask_mod():
     return key_valid_mask
 
 
+@functools.lru_cache(maxsize=None)
+def _window_mask_mod():
+    """The ``mask_mod`` of mask blocks with a token window: key ``n`` takes part for row ``m`` iff
+    ``key_ok[b, n]`` and ``lo[b, m] <= n <= hi[b, m]`` (aux tensors: key_ok, lo, hi)."""
+    import cutlass
+    import cutlass.cute as cute
+    from flash_attn.cute import utils
+
+    @cute.jit
+    def key_window_mask(batch, head, m_idx, n_idx, seqlen_info, aux_tensors):
+        key_ok, row_lo, row_hi = aux_tensors[0], aux_tensors[1], aux_tensors[2]
+        ok = utils.scalar_to_ssa(key_ok[batch[0], n_idx[0]], cutlass.Int32)
+        lo = utils.scalar_to_ssa(row_lo[batch[0], m_idx[0]], cutlass.Int32)
+        hi = utils.scalar_to_ssa(row_hi[batch[0], m_idx[0]], cutlass.Int32)
+        return (ok > utils.scalar_to_ssa(0, cutlass.Int32)) & (n_idx >= lo) & (n_idx <= hi)
+
+    return key_window_mask
+
+
+def _mask_mod(lists: FA4BlockLists):
+    """``(mask_mod, aux_tensors)`` for ``lists``: key validity, and the window when there is one."""
+    if lists.row_bounds is None:
+        return _key_mask_mod(), [lists.key_ok]
+    return _window_mask_mod(), [lists.key_ok, *lists.row_bounds]
+
+
 def fa4_forward(q, k, v, lists: FA4BlockLists, q_pad: torch.Tensor, scale: float, zero_tail: bool = True):
     """FA4 forward. ``q_pad [Bq, Sq]`` bool marks rows past ``q_valid``.
 
@@ -141,9 +195,10 @@ def fa4_forward(q, k, v, lists: FA4BlockLists, q_pad: torch.Tensor, scale: float
     from flash_attn.cute.interface import _flash_attn_fwd
 
     q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))
+    mask_mod, aux = _mask_mod(lists)
     out_raw, lse_raw, *_ = _flash_attn_fwd(
-        q_, k_, v_, softmax_scale=scale, mask_mod=_key_mask_mod(), block_sparse_tensors=_fa4_tensors(lists.fwd),
-        return_lse=True, aux_tensors=[lists.key_ok],
+        q_, k_, v_, softmax_scale=scale, mask_mod=mask_mod, block_sparse_tensors=_fa4_tensors(lists.fwd),
+        return_lse=True, aux_tensors=aux,
     )
     out = out_raw.transpose(1, 2)
     if zero_tail:
@@ -165,9 +220,10 @@ def fa4_backward(dout, dlse, q, k, v, out_raw, lse_raw, lists: FA4BlockLists, q_
     if dlse is not None:
         dlse = dlse.masked_fill(q_pad[:, None, :], 0.0).contiguous()
     q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))
+    mask_mod, aux = _mask_mod(lists)
     dq, dk, dv = _flash_attn_bwd(
         q_, k_, v_, out_raw, dout.transpose(1, 2), lse_raw, softmax_scale=scale,
-        mask_mod=_key_mask_mod(), aux_tensors=[lists.key_ok], block_sparse_tensors=_fa4_tensors(lists.bwd),
+        mask_mod=mask_mod, aux_tensors=aux, block_sparse_tensors=_fa4_tensors(lists.bwd),
         dlse=dlse,
     )[:3]
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)

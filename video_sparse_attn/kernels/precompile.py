@@ -114,7 +114,7 @@ def wait() -> None:
 
 def _signature(q, k, v, plan, options, deterministic):
     return (q.device, q.dtype, tuple(q.shape), q.stride(), k.stride(), v.stride(), plan.q_block, plan.k_block,
-            plan.causal_offset is not None, tuple(sorted(options.items())), bool(deterministic))
+            plan.has_window, tuple(sorted(options.items())), bool(deterministic))
 
 
 def precompile_backward(q, k, v, plan, scale: float, options: dict, deterministic: bool) -> None:

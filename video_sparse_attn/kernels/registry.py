@@ -40,13 +40,13 @@ class AttentionCall:
     k_block: int = 0
     gqa: bool = False
     deterministic: bool = False
-    causal: bool = False
+    window: bool = False
 
     @classmethod
     def of(cls, q: torch.Tensor, plan=None, gqa: bool = False, deterministic: bool = False) -> "AttentionCall":
         qb, kb = (plan.q_block, plan.k_block) if plan is not None else (0, 0)
-        causal = plan is not None and plan.causal_offset is not None
-        return cls(q.device, q.dtype, int(q.shape[-1]), qb, kb, gqa, deterministic, causal)
+        window = plan is not None and plan.has_window
+        return cls(q.device, q.dtype, int(q.shape[-1]), qb, kb, gqa, deterministic, window)
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class BackendSpec:
         ragged_keys: honours ``plan.k_valid`` below the block size.
         gqa: k / v with fewer heads than q.
         deterministic_bwd: a bit-reproducible backward is available.
-        causal: token-level causality (``plan.causal_offset``).
+        window: token-level windows (causal, sliding window: ``plan.window_lo`` / ``window_hi``).
         capabilities: CUDA compute capability majors it runs on; None: any device, CPU included.
         importable: ``() -> reason or None``: why it cannot be imported here.
     """
@@ -77,7 +77,7 @@ class BackendSpec:
     ragged_keys: bool
     gqa: bool
     deterministic_bwd: bool
-    causal: bool
+    window: bool
     capabilities: Optional[Tuple[int, ...]]
     importable: Callable[[], Optional[str]]
 
@@ -110,8 +110,8 @@ class BackendSpec:
             return "it does not run grouped-query attention (k/v with fewer heads than q)"
         if call.deterministic and not self.deterministic_bwd:
             return "it has no deterministic backward"
-        if call.causal and not self.causal:
-            return "it does not run token-level causal masks (causal=True)"
+        if call.window and not self.window:
+            return "it does not run token-level windows (causal=True / window_size)"
         return None
 
     def load(self) -> Callable:
@@ -162,13 +162,13 @@ BACKENDS: Dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
         BackendSpec("fa4", fa4_entry, _HALF, (64, 128, 64), 128,
-                    ragged_keys=True, gqa=False, deterministic_bwd=False, causal=False, capabilities=(9, 10),
+                    ragged_keys=True, gqa=False, deterministic_bwd=False, window=True, capabilities=(9, 10),
                     importable=fa4_importable),
         BackendSpec("triton", triton_entry, _HALF + (torch.float32,), (1, 256, 1), 16,
-                    ragged_keys=True, gqa=False, deterministic_bwd=True, causal=True, capabilities=(8, 9, 10, 12),
+                    ragged_keys=True, gqa=False, deterministic_bwd=True, window=True, capabilities=(8, 9, 10, 12),
                     importable=triton_importable),
         BackendSpec("torch", block_sparse_attention_torch_traceable, _HALF + (torch.float32, torch.float64),
-                    (1, 1 << 16, 1), 16, ragged_keys=True, gqa=False, deterministic_bwd=True, causal=True, capabilities=None,
+                    (1, 1 << 16, 1), 16, ragged_keys=True, gqa=False, deterministic_bwd=True, window=True, capabilities=None,
                     importable=_always),
     )
 }

@@ -3,7 +3,7 @@ opaque node instead of the reference's data-dependent loop width (a host read of
 
 ``vsa::block_sparse_attention_torch`` (forward) and ``vsa::block_sparse_attention_torch_bwd`` (its
 vector-Jacobian product, recomputing the forward) take the plan as its list of tensor fields plus the
-static ints ``q_block`` / ``k_block``; `register_fake` gives their output shapes and
+static ints ``q_block`` / ``k_block`` / ``window_lo`` / ``window_hi``; `register_fake` gives their output shapes and
 `register_autograd` links the two. `block_sparse_attention_torch_op` has the signature of
 `block_sparse_attention_torch` and returns the same values, forward and backward.
 """
@@ -21,22 +21,22 @@ from .torch_ref import block_sparse_attention_torch as _reference
 __all__ = ["block_sparse_attention_torch_op", "block_sparse_attention_torch_traceable"]
 
 
-def _plan(tensors: List[torch.Tensor], q_block: int, k_block: int, causal_offset: Optional[int] = None
-          ) -> BlockSparsePlan:
+def _plan(tensors: List[torch.Tensor], q_block: int, k_block: int, window_lo: Optional[int] = None,
+          window_hi: Optional[int] = None) -> BlockSparsePlan:
     return BlockSparsePlan(**dict(zip(TENSOR_FIELDS, tensors)), q_block=q_block, k_block=k_block,
-                           causal_offset=causal_offset)
+                           window_lo=window_lo, window_hi=window_hi)
 
 
 @torch.library.custom_op("vsa::block_sparse_attention_torch", mutates_args=())
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan_tensors: List[torch.Tensor],
-             q_block: int, k_block: int, causal_offset: Optional[int], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+             q_block: int, k_block: int, window_lo: Optional[int], window_hi: Optional[int], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        out, lse = _reference(q, k, v, _plan(plan_tensors, q_block, k_block, causal_offset), scale)
+        out, lse = _reference(q, k, v, _plan(plan_tensors, q_block, k_block, window_lo, window_hi), scale)
     return out.contiguous(), lse.contiguous()
 
 
 @_forward.register_fake
-def _forward_fake(q, k, v, plan_tensors, q_block, k_block, causal_offset, scale):
+def _forward_fake(q, k, v, plan_tensors, q_block, k_block, window_lo, window_hi, scale):
     B, H, Sq, D = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32   # the reference's compute dtype
     return q.new_empty(B, H, Sq, D), q.new_empty(B, H, Sq, dtype=lse_dtype)
@@ -44,9 +44,9 @@ def _forward_fake(q, k, v, plan_tensors, q_block, k_block, causal_offset, scale)
 
 @torch.library.custom_op("vsa::block_sparse_attention_torch_bwd", mutates_args=())
 def _backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
-              v: torch.Tensor, plan_tensors: List[torch.Tensor], q_block: int, k_block: int, causal_offset: Optional[int],
+              v: torch.Tensor, plan_tensors: List[torch.Tensor], q_block: int, k_block: int, window_lo: Optional[int], window_hi: Optional[int],
               scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    plan = _plan(plan_tensors, q_block, k_block, causal_offset)
+    plan = _plan(plan_tensors, q_block, k_block, window_lo, window_hi)
     use_lse = grad_lse is not None and bool(grad_lse.any())   # as eager: lse joins only when it is used
 
     def f(q_, k_, v_):
@@ -59,20 +59,20 @@ def _backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch
 
 
 @_backward.register_fake
-def _backward_fake(grad_out, grad_lse, q, k, v, plan_tensors, q_block, k_block, causal_offset, scale):
+def _backward_fake(grad_out, grad_lse, q, k, v, plan_tensors, q_block, k_block, window_lo, window_hi, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, plan_tensors, q_block, k_block, causal_offset, scale = inputs
+    q, k, v, plan_tensors, q_block, k_block, window_lo, window_hi, scale = inputs
     ctx.save_for_backward(q, k, v, *plan_tensors)
-    ctx.blocks_scale = (q_block, k_block, causal_offset, scale)
+    ctx.blocks_scale = (q_block, k_block, window_lo, window_hi, scale)
 
 
 def _vjp(ctx, grad_out, grad_lse):
     q, k, v, *plan_tensors = ctx.saved_tensors
     dq, dk, dv = _backward(grad_out, grad_lse, q, k, v, plan_tensors, *ctx.blocks_scale)
-    return dq, dk, dv, [None] * len(plan_tensors), None, None, None, None
+    return dq, dk, dv, [None] * len(plan_tensors), None, None, None, None, None
 
 
 _forward.register_autograd(_vjp, setup_context=_setup_context)
@@ -84,7 +84,7 @@ def block_sparse_attention_torch_op(q: torch.Tensor, k: torch.Tensor, v: torch.T
     → ``(out [B, H, Sq, D], lse [B, H, Sq] float32)``; traceable by `torch.compile` with ``fullgraph=True``."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     tensors = [getattr(plan, name) for name in TENSOR_FIELDS]
-    return _forward(q, k, v, tensors, plan.q_block, plan.k_block, plan.causal_offset, scale)
+    return _forward(q, k, v, tensors, plan.q_block, plan.k_block, plan.window_lo, plan.window_hi, scale)
 
 
 def block_sparse_attention_torch_traceable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

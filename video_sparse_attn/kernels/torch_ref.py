@@ -59,7 +59,7 @@ def block_sparse_attention_torch(
     Returns:
         out ``[B, H, Sq, D]`` (q's dtype) and lse ``[B, H, Sq]`` float32 (float64 for float64 inputs;
         natural log). Rows that see no key, and rows past ``plan.q_valid``, give out 0 and lse -inf.
-        ``plan.causal_offset`` (when set) drops keys past ``row + offset``.
+        ``plan.window_lo`` / ``window_hi`` (when set) drop keys outside the token window.
         Computed in float32 (float64 stays float64).
 
     Host synchronisation: one copy of ``plan.kv_count`` to the host, to size the buckets.
@@ -105,10 +105,14 @@ def block_sparse_attention_torch(
         vw = v_blocks[bh * Nk + ids].reshape(n, width * kb, D)
         s = torch.einsum("nqd,nkd->nqk", q_rows[rd], kw) * scale
         s = s.masked_fill(~ok.reshape(n, 1, width * kb), float("-inf"))
-        if plan.causal_offset is not None:   # key position <= query position + offset
-            q_pos = m[rows].to(dev)[:, None] * qb + torch.arange(qb, device=dev)                   # [n, qb]
+        if plan.has_window:   # lo <= key position - (query position + shift) <= hi
+            bq = (b[rows] if plan.window_shift.shape[0] > 1 else torch.zeros_like(rows)).to(dev)
+            shift = plan.window_shift[bq, m[rows].to(dev)].long()                                  # [n]
+            q_pos = (m[rows].to(dev) * qb + shift)[:, None] + torch.arange(qb, device=dev)       # [n, qb]
             k_pos = (ids[..., None] * kb + torch.arange(kb, device=dev)).reshape(n, width * kb)  # [n, W*kb]
-            s = s.masked_fill(k_pos[:, None, :] > q_pos[:, :, None] + plan.causal_offset, float("-inf"))
+            d = k_pos[:, None, :] - q_pos[:, :, None]
+            lo, hi = plan.window_bounds()
+            s = s.masked_fill((d < lo) | (d > hi), float("-inf"))
         lse = torch.logsumexp(s, dim=-1)                                                    # [n, qb]
         p = torch.exp(s - torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)[..., None])
         outs.append(torch.einsum("nqk,nkd->nqd", p, vw))

@@ -76,9 +76,9 @@ def _delta_kernel(
 @triton.jit
 def _dkdv_step(
     k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, row0, rem, key_ok, offs_m, offs_d, d_ok,
-    sqs, sqd, sds, sdd, qk_scale, offs_n, causal_off,
+    sqs, sqd, sds, sdd, qk_scale, offs_n, q_shift, win_lo, win_hi,
     D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, DQ_MODE: tl.constexpr,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One (query sub-tile, key sub-tile) pair: dV += Pᵀ·dO, dK += dSᵀ·Q and (DQ_MODE ≠ 0) dQ += dS·K.
 
@@ -98,8 +98,9 @@ def _dkdv_step(
     pt = tl.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse2[None, :])   # Pᵀ [N, M]
     if rem < BLOCK_N:
         pt = tl.where(key_ok[:, None], pt, 0.0)
-    if CAUSAL:                                                          # key offs_n seen from row only if <= row + off
-        pt = tl.where(offs_n[:, None] <= rows[None, :] + causal_off, pt, 0.0)
+    if WINDOW:                                                          # win_lo <= key - (row + shift) <= win_hi
+        d = offs_n[:, None] - (rows + q_shift)[None, :]
+        pt = tl.where((d >= win_lo) & (d <= win_hi), pt, 0.0)
     dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)             # dPᵀ [N, M]
     dst = pt * (dpt - delta[None, :])                                   # dSᵀ [N, M]
@@ -116,14 +117,14 @@ def _dkdv_step(
 @triton.jit(do_not_specialize=SHAPE_ARGS_N)
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
-    Q_COUNT, Q_INDEX, COL_ORDER, K_VALID, Q_VALID,
+    Q_COUNT, Q_INDEX, COL_ORDER, K_VALID, Q_VALID, Q_SHIFT,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     s_dkb, s_dkh, s_dks, s_dkd, s_dvb, s_dvh, s_dvs, s_dvd,
-    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_n, s_ord_b, s_ord_h, s_val_b, s_qv_b,
-    H, Sq, Sk, sm_scale, qk_scale, causal_off,
+    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_n, s_ord_b, s_ord_h, s_val_b, s_qv_b, s_sh_b,
+    H, Sq, Sk, sm_scale, qk_scale, win_lo, win_hi,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, DQ_MODE: tl.constexpr, SKIP_PAD_Q: tl.constexpr,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Grid: (key sub-tiles of all key blocks in col_order rank, B*H); one program = BLOCK_N keys.
     # DQ_MODE: 0 no dQ (deterministic path), 1 dQ by pointer atomics, 2 dQ by TMA reduce-add.
@@ -143,6 +144,7 @@ def _dkdv_kernel(
     count = tl.where(rem > 0, count, 0)                                       # all-padding tile: zeros
     idx_ptr = Q_INDEX + b * s_idx_b + h * s_idx_h + k_blk * s_idx_n
     qv_ptr = Q_VALID + b * s_qv_b
+    sh_ptr = Q_SHIFT + b * s_sh_b
 
     offs_n = k_blk * K_BLOCK + (tile % SUB_N) * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = tl.arange(0, BLOCK_N) < rem
@@ -168,18 +170,24 @@ def _dkdv_kernel(
         for j in range(0, count):
             q_blk = tl.load(idx_ptr + j)
             n_sub = tl.cdiv(tl.load(qv_ptr + q_blk), BLOCK_M)               # sub-tiles with a valid row
+            q_shift = 0
+            if WINDOW:
+                q_shift = tl.load(sh_ptr + q_blk)
             for sub in range(0, n_sub):
                 dk, dv = _dkdv_step(
                     k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, q_blk * Q_BLOCK + sub * BLOCK_M,
-                    rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale, offs_n, causal_off,
-                    D_PAD, DOT_PREC, USE_TMA, DQ_MODE, CAUSAL, BLOCK_M, BLOCK_N)
+                    rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale, offs_n, q_shift, win_lo, win_hi,
+                    D_PAD, DOT_PREC, USE_TMA, DQ_MODE, WINDOW, BLOCK_M, BLOCK_N)
     else:
         for it in range(0, count * SUB_M):
             q_blk = tl.load(idx_ptr + it // SUB_M)
+            q_shift = 0
+            if WINDOW:
+                q_shift = tl.load(sh_ptr + q_blk)
             dk, dv = _dkdv_step(
                 k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, q_blk * Q_BLOCK + (it % SUB_M) * BLOCK_M,
-                rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale, offs_n, causal_off,
-                D_PAD, DOT_PREC, USE_TMA, DQ_MODE, CAUSAL, BLOCK_M, BLOCK_N)
+                rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale, offs_n, q_shift, win_lo, win_hi,
+                D_PAD, DOT_PREC, USE_TMA, DQ_MODE, WINDOW, BLOCK_M, BLOCK_N)
 
     dk = dk * sm_scale
     tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dks + offs_d[None, :] * s_dkd,
@@ -208,13 +216,13 @@ def _dq_convert_kernel(
 @triton.jit(do_not_specialize=SHAPE_ARGS_M)
 def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
-    KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID, Q_VALID,
+    KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID, Q_VALID, Q_SHIFT,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     s_dqb, s_dqh, s_dqs, s_dqd,
-    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b, s_qv_b,
-    H, Sq, Sk, sm_scale, qk_scale, causal_off,
+    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b, s_qv_b, s_sh_b,
+    H, Sq, Sk, sm_scale, qk_scale, win_lo, win_hi,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
-    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # Grid: (query sub-tiles in row_order rank, B*H); one program = BLOCK_M query rows (as the forward).
@@ -228,6 +236,9 @@ def _dq_kernel(
         tile, b, h, ROW_ORDER, KV_COUNT, KV_INDEX, Q_VALID, s_ord_b, s_ord_h, s_cnt_b, s_cnt_h,
         s_idx_b, s_idx_h, s_idx_m, s_qv_b, Q_BLOCK, BLOCK_M)
     row_ok = tl.arange(0, BLOCK_M) < n_rows
+    q_pos = offs_m
+    if WINDOW:
+        q_pos = offs_m + tl.load(Q_SHIFT + b * s_sh_b + q_blk)
     valid_ptr = K_VALID + b * s_val_b
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -261,8 +272,9 @@ def _dq_kernel(
         p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse2[:, None])
         if rem < BLOCK_N:
             p = tl.where((offs_n < rem)[None, :], p, 0.0)
-        if CAUSAL:
-            p = tl.where((row0 + offs_n)[None, :] <= offs_m[:, None] + causal_off, p, 0.0)
+        if WINDOW:
+            d = (row0 + offs_n)[None, :] - q_pos[:, None]
+            p = tl.where((d >= win_lo) & (d <= win_hi), p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
@@ -298,6 +310,7 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
     dq, dk, dv = pc.empty_like(q), pc.empty_like(k), pc.empty_like(v)
     val_b = plan.k_valid.expand(B, -1).stride(0)
     qv_b = plan.q_valid.expand(B, -1).stride(0)
+    sh_b = plan.window_shift.expand(B, -1).stride(0)
     common = dict(D=D, D_PAD=d_pad, Q_BLOCK=plan.q_block, K_BLOCK=plan.k_block, DOT_PREC=prec)
     tune = dict(q_block=plan.q_block, k_block=plan.k_block, dtype=q.dtype, head_dim=D, device=q.device,
                 autotune=options["autotune"])
@@ -307,8 +320,9 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
     # measured faster with pointer loads (H200, 720p SSTA: 186 vs 241 ms), unless dQ is reduced by TMA
     use_tma_q = tma_usable(D, q, dout, enabled=options["tma"] and (deterministic or options["dq_reduce"] == "tma"))
     skip = options["skip_padded_queries"]
-    causal = plan.causal_offset is not None
-    tag = ".causal" if causal else ""
+    window = plan.has_window
+    tag = ".window" if window else ""
+    lo, hi = plan.window_bounds()
 
     if deterministic:
         dq_mode, dq_acc = 0, dk                          # DQ_ACC unused
@@ -325,11 +339,11 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
     pc.launch(
         kernel, lambda meta: (plan.num_k_blocks * (plan.k_block // meta["BLOCK_N"]), B * H),
         q, k, v, dout, lse, delta, dk, dv, dq_acc,
-        plan.q_count, plan.q_index, plan.col_order, plan.k_valid, plan.q_valid,
+        plan.q_count, plan.q_index, plan.col_order, plan.k_valid, plan.q_valid, plan.window_shift,
         *io_strides, *dk.stride(), *dv.stride(),
-        cs[0], cs[1], ix[0], ix[1], ix[2], co[0], co[1], val_b, qv_b,
-        H, Sq, Sk, scale, scale * LOG2E, plan.causal_offset or 0, USE_TMA=use_tma_q, DQ_MODE=dq_mode,
-        SKIP_PAD_Q=skip, CAUSAL=causal, **common,
+        cs[0], cs[1], ix[0], ix[1], ix[2], co[0], co[1], val_b, qv_b, sh_b,
+        H, Sq, Sk, scale, scale * LOG2E, lo, hi, USE_TMA=use_tma_q, DQ_MODE=dq_mode,
+        SKIP_PAD_Q=skip, WINDOW=window, **common,
     )
 
     if not deterministic:
@@ -346,9 +360,9 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
                      tune_key=("D_PAD", "USE_TMA"), **tune),
         lambda meta: (plan.num_q_blocks * (plan.q_block // meta["BLOCK_M"]), B * H),
         q, k, v, dout, lse, delta, dq,
-        plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid, plan.q_valid,
+        plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid, plan.q_valid, plan.window_shift,
         *io_strides, *dq.stride(),
-        cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b, qv_b,
-        H, Sq, Sk, scale, scale * LOG2E, plan.causal_offset or 0, USE_TMA=use_tma_k, CAUSAL=causal, **common,
+        cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b, qv_b, sh_b,
+        H, Sq, Sk, scale, scale * LOG2E, lo, hi, USE_TMA=use_tma_k, WINDOW=window, **common,
     )
     return dq, dk, dv

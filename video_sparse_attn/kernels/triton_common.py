@@ -33,7 +33,7 @@ C_LN2 = tl.constexpr(LN2)
 # arithmetic and loop bounds, where the specialisation buys nothing. (Sq stays specialised: it
 # addresses the lse / delta / dQ-buffer rows, and it is a multiple of the block size anyway.)
 _SHAPE_ARGS = ("s_cnt_b", "s_cnt_h", "s_idx_b", "s_idx_h", "s_ord_b", "s_ord_h", "s_val_b", "s_qv_b",
-               "H", "Sk", "causal_off")
+               "s_sh_b", "H", "Sk", "win_lo", "win_hi")
 SHAPE_ARGS_M = [*_SHAPE_ARGS, "s_idx_m"]     # kernels that walk kv_index (forward, deterministic dQ)
 SHAPE_ARGS_N = [*_SHAPE_ARGS, "s_idx_n"]     # the dK/dV kernels (q_index)
 

@@ -74,16 +74,17 @@ def _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, LAZY: tl.constexpr, DOT_P
 @triton.jit(do_not_specialize=SHAPE_ARGS_M)
 def _fwd_kernel(
     Q, K, V, O, LSE,
-    KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID, Q_VALID,
+    KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID, Q_VALID, Q_SHIFT,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
-    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b, s_qv_b,
-    H, Sq, Sk, qk_scale, causal_off,
+    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b, s_qv_b, s_sh_b,
+    H, Sq, Sk, qk_scale, win_lo, win_hi,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, USE_WS: tl.constexpr, PEEL: tl.constexpr, LAZY: tl.constexpr,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Grid: (query sub-tiles of all query blocks in row_order rank, B*H); one program = BLOCK_M rows.
-    # CAUSAL: key position j is seen from row i only if j <= i + causal_off (token level, every tile).
+    # WINDOW: key j is seen from row i only if win_lo <= j - (i + shift) <= win_hi (token level, every
+    # tile; shift = Q_SHIFT of the row's block).
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -94,6 +95,9 @@ def _fwd_kernel(
         tile, b, h, ROW_ORDER, KV_COUNT, KV_INDEX, Q_VALID, s_ord_b, s_ord_h, s_cnt_b, s_cnt_h,
         s_idx_b, s_idx_h, s_idx_m, s_qv_b, Q_BLOCK, BLOCK_M)
     row_ok = tl.arange(0, BLOCK_M) < n_rows                           # padded query rows: q = 0, out 0
+    q_pos = offs_m
+    if WINDOW:
+        q_pos = offs_m + tl.load(Q_SHIFT + b * s_sh_b + q_blk)
     valid_ptr = K_VALID + b * s_val_b
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -126,8 +130,9 @@ def _fwd_kernel(
             kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PREC)                    # unscaled: scale folds into one FMA
-        if CAUSAL:
-            s = tl.where((row0 + offs_n)[None, :] <= offs_m[:, None] + causal_off, s, float("-inf"))
+        if WINDOW:
+            d = (row0 + offs_n)[None, :] - q_pos[:, None]
+            s = tl.where((d >= win_lo) & (d <= win_hi), s, float("-inf"))
         if PEEL:                                                        # ragged sub-tiles: whole tile off here
             skip = tl.where(rem < BLOCK_N, float("inf"), 0.0)
         else:
@@ -154,8 +159,9 @@ def _fwd_kernel(
                 v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
                 s = tl.dot(q, kt, input_precision=DOT_PREC)
                 s = tl.where((offs_n < kv1 % BLOCK_N)[None, :], s, float("-inf"))
-                if CAUSAL:
-                    s = tl.where(rows[None, :] <= offs_m[:, None] + causal_off, s, float("-inf"))
+                if WINDOW:
+                    d = rows[None, :] - q_pos[:, None]
+                    s = tl.where((d >= win_lo) & (d <= win_hi), s, float("-inf"))
                 m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, LAZY, DOT_PREC)
 
     # out = acc / l; lse = ln(l) + m·ln2 (m is in log2 units). No key, or a padded row: 0 and -inf.
@@ -180,14 +186,15 @@ def attention_forward(q, k, v, plan, scale: float, options: dict):
     cs, ix, ro = plan_strides(plan.kv_count, B, H), plan_strides(plan.kv_index, B, H), plan_strides(plan.row_order, B, H)
     val_b = plan.k_valid.expand(B, -1).stride(0)
     qv_b = plan.q_valid.expand(B, -1).stride(0)
+    sh_b = plan.window_shift.expand(B, -1).stride(0)
     use_tma = tma_usable(D, k, v, enabled=options["tma"])
     use_ws = use_tma and D == 128 and options["warp_specialize"]
     peel, lazy = options["fwd_peel"], options["fwd_lazy"]
-    causal = plan.causal_offset is not None
+    window = plan.has_window
     rows = FWD_CONFIGS["ws" if use_ws else "large_d" if d_pad > 128 else "small_d"]
     kernel = tuned_kernel(
         "fwd", _fwd_kernel, rows, q_block=plan.q_block, k_block=plan.k_block, dtype=q.dtype, head_dim=D,
-        device=q.device, variant=f"tma{use_tma:d}.ws{use_ws:d}.peel{peel:d}.lazy{lazy:d}" + (".causal" if causal else ""),
+        device=q.device, variant=f"tma{use_tma:d}.ws{use_ws:d}.peel{peel:d}.lazy{lazy:d}" + (".window" if window else ""),
         autotune=options["autotune"], tune_key=("D_PAD", "USE_TMA", "USE_WS", "PEEL", "LAZY"))
 
     def grid(meta):
@@ -195,11 +202,11 @@ def attention_forward(q, k, v, plan, scale: float, options: dict):
 
     pc.launch(
         kernel, grid, q, k, v, out, lse,
-        plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid, plan.q_valid,
+        plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid, plan.q_valid, plan.window_shift,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b, qv_b,
-        H, Sq, k.shape[2], scale * LOG2E, plan.causal_offset or 0,
+        cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b, qv_b, sh_b,
+        H, Sq, k.shape[2], scale * LOG2E, *plan.window_bounds(),
         D=D, D_PAD=d_pad, Q_BLOCK=plan.q_block, K_BLOCK=plan.k_block, DOT_PREC=dot_precision(q.dtype),
-        USE_TMA=use_tma, USE_WS=use_ws, PEEL=peel, LAZY=lazy, CAUSAL=causal,
+        USE_TMA=use_tma, USE_WS=use_ws, PEEL=peel, LAZY=lazy, WINDOW=window,
     )
     return out, lse

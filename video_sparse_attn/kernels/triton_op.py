@@ -30,7 +30,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: Optio
     why = BACKENDS["triton"].unsupported(AttentionCall.of(q, plan))
     if why is not None:
         raise ValueError(f"the Triton kernels cannot run this call: {why}")
-    for name in ("kv_count", "kv_index", "q_count", "q_index", "row_order", "col_order", "k_valid", "q_valid"):
+    for name in ("kv_count", "kv_index", "q_count", "q_index", "row_order", "col_order", "k_valid", "q_valid", "window_shift"):
         t = getattr(plan, name)
         if t.dtype != torch.int32 or t.stride(-1) != 1:
             raise ValueError(f"plan.{name} must be int32 with a unit last stride, got {t.dtype}, strides {t.stride()}")
