@@ -57,10 +57,9 @@ def _plan_for_mask(block_mask: torch.Tensor, Sq: int, Sk: int, q_block: Optional
                          f"q_block={q_block}, k_block={k_block} make ({Mq}, {Nk})")
     dev = block_mask.device
 
-    def last_ragged(n_blocks, block, length):
-        v = torch.full((1, n_blocks), block, dtype=torch.int32, device=dev)
-        v[0, -1] = length - (n_blocks - 1) * block
-        return v
+    def last_ragged(n_blocks, block, length):   # device ops only (an item assignment copies from the host)
+        last = torch.arange(n_blocks, device=dev) == n_blocks - 1
+        return torch.where(last, length - (n_blocks - 1) * block, block).to(torch.int32)[None]
 
     return BlockSparsePlan.from_block_mask(block_mask, q_block, k_block, last_ragged(Nk, k_block, Sk),
                                            last_ragged(Mq, q_block, Sq), *window)
