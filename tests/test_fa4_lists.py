@@ -123,3 +123,26 @@ def test_causal_lists_skip_blocks_above_the_diagonal():
     part, full = _dense(m_cnt, m_idx, 4)[0, 0], _dense(f_cnt, f_idx, 4)[0, 0]
     assert torch.equal(part, torch.eye(4, dtype=torch.bool))
     assert torch.equal(full, torch.ones(4, 4, dtype=torch.bool).tril(-1))
+
+
+@pytest.mark.parametrize("qb, kb", [(384, 384), (256, 128)])
+def test_unwindowed_lists_equal_the_windowed_classification(qb, kb):
+    """The per-block fast path (no window) lists exactly what the per-sub-block classification lists
+    for a window that excludes nothing."""
+    import dataclasses
+
+    torch.manual_seed(qb + kb)
+    B, Mq, Nk = 2, 6, 5
+    mask = torch.rand(1, 3, Mq, Nk) < 0.5
+    plan = BlockSparsePlan.from_block_mask(mask, qb, kb, torch.randint(0, kb + 1, (B, Nk), dtype=torch.int32),
+                                           torch.randint(0, qb + 1, (1, Mq), dtype=torch.int32))
+    fast = fa4_block_lists(plan, B, cache=False)
+    wide = fa4_block_lists(dataclasses.replace(plan, window_lo=-(10 ** 9), window_hi=10 ** 9), B, cache=False)
+
+    def listed(cnt, idx):
+        return torch.where(torch.arange(idx.shape[-1]) < cnt[..., None], idx, -1)
+
+    for a, b in ((fast.fwd, wide.fwd), (fast.bwd, wide.bwd)):
+        for i in (0, 2):
+            assert torch.equal(a[i].expand_as(b[i]), b[i])
+            assert torch.equal(listed(a[i], a[i + 1]).expand_as(listed(b[i], b[i + 1])), listed(b[i], b[i + 1]))

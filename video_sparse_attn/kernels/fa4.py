@@ -97,6 +97,38 @@ def _classify(q_sub, k_sub, kept, qv, kv, shift, lo, hi):
     return live & ~full, full
 
 
+def _unwindowed_lists(plan, kv, qv, rq, rk, Bx):
+    """Forward / backward lists of a plan without a window, compacted per block and then repeated per
+    sub-block (3× fewer elements to compact than `_classify`'s per-sub-block rows at 384-token blocks;
+    1.1 vs 4.2 ms at 720p on the H200). Without a window a pair's class depends only on its KV
+    sub-block (full when all 128 keys are valid) and whether the Q sub-block has a real row."""
+    def candidates(count, index, valid_other, r_other):
+        C = index.shape[-1]
+        sub = torch.arange(r_other, device=index.device, dtype=torch.int32)
+        cand = (index[..., None] * r_other + sub).flatten(-2)                            # [B', H', R, C*r]
+        in_row = torch.arange(C, device=index.device) < count[..., None].long()
+        in_row = in_row[..., None].expand(*in_row.shape, r_other).flatten(-2)
+        cand = cand.expand(Bx, *cand.shape[1:])
+        v = torch.gather(valid_other[:, None, None, :].expand(Bx, *cand.shape[1:3], -1), -1, cand.long())
+        return cand, in_row & (v > 0), v
+
+    def per_sub_row(cnt, idx, r, live):   # one row per sub-block of the owning block; 0 where not live
+        cnt = (cnt[..., None] * live).flatten(-2).to(torch.int32).contiguous()
+        return cnt, idx[..., None, :].expand(*idx.shape[:-1], r, idx.shape[-1]).flatten(-3, -2).contiguous()
+
+    cand, exists, v = candidates(plan.kv_count, plan.kv_index, kv, rk)
+    q_live = (qv > 0).view(qv.shape[0], 1, -1, rq)
+    fwd_f = per_sub_row(*compact(cand, exists & (v == FA4_BLOCK)), rq, q_live)
+    fwd_m = per_sub_row(*compact(cand, exists & (v < FA4_BLOCK)), rq, q_live)
+    cand, exists, _ = candidates(plan.q_count, plan.q_index, qv, rq)
+    b_cnt, b_idx = per_sub_row(*compact(cand, exists), rk, torch.ones_like(kv, dtype=torch.bool).view(
+        kv.shape[0], 1, -1, rk))
+    kv_b = kv[:, None, :]
+    fb_cnt = (b_cnt * (kv_b == FA4_BLOCK)).to(torch.int32).contiguous()
+    mb_cnt = (b_cnt * ((kv_b > 0) & (kv_b < FA4_BLOCK))).to(torch.int32).contiguous()
+    return (fwd_m[0], fwd_m[1], fwd_f[0], fwd_f[1]), (mb_cnt, b_idx, fb_cnt, b_idx)
+
+
 def fa4_block_lists(plan, batch: int, cache: bool = True) -> FA4BlockLists:
     """Convert ``plan`` to FA4's forward / backward block lists (cached on the plan unless ``cache`` is
     False; no host sync). With a token window (``plan.window_lo`` / ``window_hi``), sub-blocks wholly
@@ -127,9 +159,13 @@ def fa4_block_lists(plan, batch: int, cache: bool = True) -> FA4BlockLists:
         pos = (torch.arange(plan.num_q_blocks * plan.q_block, device=plan.device, dtype=torch.int32)
                + plan.window_shift.repeat_interleave(plan.q_block, -1)).expand(batch, -1)
         row_bounds = ((pos + w_lo).contiguous(), (pos + w_hi).contiguous())
+    if window:
+        fwd, bwd = lists(plan.kv_count, plan.kv_index, rq, rk, False), lists(plan.q_count, plan.q_index, rk, rq, True)
+    else:
+        fwd, bwd = _unwindowed_lists(plan, kv, qv, rq, rk, Bx)
     out = FA4BlockLists(
-        fwd=lists(plan.kv_count, plan.kv_index, rq, rk, False),
-        bwd=lists(plan.q_count, plan.q_index, rk, rq, True),
+        fwd=fwd,
+        bwd=bwd,
         key_ok=plan.token_valid().to(torch.int32).expand(batch, -1).contiguous(),
         row_bounds=row_bounds,
     )
