@@ -66,7 +66,8 @@ def _plan(S: int, qb: int, kb: int, device, width: int = 32) -> BlockSparsePlan:
 
 def _compile_gathers(x: torch.Tensor, block: int, device: torch.device) -> None:
     """Compile (not run) the row gathers `ssta_attention` reorders q, k (with tile means) and v
-    (without) by, for blocks of ``block`` tokens (their variant does not depend on the length)."""
+    (without) by, and its fused untile (forward, backward), for blocks of ``block`` tokens (their
+    variants do not depend on the length)."""
     from .kernels.registry import triton_runs_on
 
     if device.type != "cuda" or not triton_runs_on(x):
@@ -74,10 +75,18 @@ def _compile_gathers(x: torch.Tensor, block: int, device: torch.device) -> None:
     from .kernels.precompile import compile_only
     from .kernels.triton_gather import gather_rows_with_means
 
+    from .kernels.triton_untile import untile_scaled_bwd, untile_scaled_fwd
+
     src = torch.arange(x.shape[2], device=device)
+    B, H, S, _ = x.shape
+    lse = torch.empty(B, H, S, device=device)
+    n = torch.empty(1, 1, S // block, device=device)
     with compile_only():
         gather_rows_with_means(x, src, block, 1 + x.shape[2] // block, block)
         gather_rows_with_means(x, src, block, 0)
+        # the last pass of padding-free SSTA: untile with the zero-key correction, and its backward
+        y = untile_scaled_fwd(x, lse, n, src, block, like=x)
+        untile_scaled_bwd(y, x, lse, n, src, block)
 
 
 def warmup(*shapes: Shape, kernel_options: Optional[dict] = None, deterministic: Optional[bool] = None,

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import precompile as pc
+
 __all__ = ["untile_scaled_fwd", "untile_scaled_bwd"]
 
 
@@ -103,11 +105,12 @@ def untile_scaled_fwd(x: torch.Tensor, lse: torch.Tensor, n: torch.Tensor, inver
     float32, ``inverse [S]`` int64."""
     B, H, _, D = x.shape
     S = inverse.numel()
-    y = torch.empty((B, H, S, D), dtype=x.dtype, device=x.device)
+    y = pc.empty((B, H, S, D), dtype=x.dtype, device=x.device)
     if like.shape == y.shape and like.stride(1) == D and like.stride(2) == H * D:
-        y = torch.empty((B, S, H, D), dtype=x.dtype, device=x.device).transpose(1, 2)
+        y = pc.empty((B, S, H, D), dtype=x.dtype, device=x.device).transpose(1, 2)
     d_pad, block_r = _meta(D)
-    _untile_scaled_fwd_kernel[(triton.cdiv(S, block_r), B * H)](
+    pc.launch(
+        _untile_scaled_fwd_kernel, (triton.cdiv(S, block_r), B * H),
         x, lse, n, inverse, y, *x.stride(), *lse.stride(), *_n_strides(n), *y.stride(), H, S, block,
         D=D, D_PAD=d_pad, BLOCK_R=block_r, num_warps=4,
     )
@@ -119,10 +122,11 @@ def untile_scaled_bwd(g: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, n: to
     """Gradients of `untile_scaled_fwd` w.r.t. ``x`` (``[B, H, P, D]``, x's strides) and ``lse``
     (``[B, H, P]`` float32) given ``g [B, H, S, D]``; ``owner [P]`` int64 = token of each slot or -1."""
     B, H, P, D = x.shape
-    dx = torch.empty_like(x)
-    dlse = torch.empty((B, H, P), dtype=torch.float32, device=x.device)
+    dx = pc.empty_like(x)
+    dlse = pc.empty((B, H, P), dtype=torch.float32, device=x.device)
     d_pad, block_r = _meta(D)
-    _untile_scaled_bwd_kernel[(triton.cdiv(P, block_r), B * H)](
+    pc.launch(
+        _untile_scaled_bwd_kernel, (triton.cdiv(P, block_r), B * H),
         g, x, lse, n, owner, dx, dlse, *g.stride(), *x.stride(), *lse.stride(), *_n_strides(n), *dx.stride(),
         H, P, block, D=D, D_PAD=d_pad, BLOCK_R=block_r, num_warps=4,
     )
