@@ -37,6 +37,7 @@ def _reference(q, k, v, cq, ck, masks, qb, kb, causal=False, window_size=(-1, -1
 LENGTHS = [  # (q lengths, k lengths): empty sequences, 1, 17, block - 1, block + 1, q != k
     ([1, 17, 0, 31, 33], [5, 17, 3, 40, 33]),
     ([16, 0, 64], [16, 10, 0]),
+    ([32, 0, 16], [64, 0, 32]),     # whole blocks only: the packing is the block layout (no copies)
 ]
 
 

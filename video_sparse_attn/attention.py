@@ -61,8 +61,9 @@ def _plan_for_mask(block_mask: torch.Tensor, Sq: int, Sk: int, q_block: Optional
         last = torch.arange(n_blocks, device=dev) == n_blocks - 1
         return torch.where(last, length - (n_blocks - 1) * block, block).to(torch.int32)[None]
 
-    return BlockSparsePlan.from_block_mask(block_mask, q_block, k_block, last_ragged(Nk, k_block, Sk),
+    plan = BlockSparsePlan.from_block_mask(block_mask, q_block, k_block, last_ragged(Nk, k_block, Sk),
                                            last_ragged(Mq, q_block, Sq), *window)
+    return dataclasses.replace(plan, zero_q_tail=False)     # rows past Sq are sliced off (gradient 0)
 
 
 def block_sparse_attention(
