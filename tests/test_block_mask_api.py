@@ -22,6 +22,19 @@ def _dense_reference(q, k, v, mask, qb, kb):
     return p @ v, lse
 
 
+def _assert_equal_f64(out, lse, ref, ref_lse, inputs):
+    """out and the finite lse equal the float64 reference, and so do the gradients through both."""
+    ok = torch.isfinite(ref_lse)
+    assert rel_l2(out, ref) < 1e-12 and torch.equal(torch.isfinite(lse), ok)
+    if ok.any():
+        assert rel_l2(lse[ok], ref_lse[ok]) < 1e-12
+    g, gl = torch.randn_like(out), torch.randn_like(lse).masked_fill(~ok, 0)
+    got = torch.autograd.grad((out * g).sum() + (lse.masked_fill(~ok, 0) * gl).sum(), inputs)
+    exp = torch.autograd.grad((ref * g).sum() + (ref_lse.masked_fill(~ok, 0) * gl).sum(), inputs)
+    for a, b in zip(got, exp):
+        assert rel_l2(a, b) < 1e-10
+
+
 @pytest.mark.parametrize("Sq, Sk, qb, kb", [(1, 1, 16, 16), (17, 33, 16, 32), (47, 48, 48, 16),
                                             (100, 70, 32, 64), (64, 64, 64, 64)])
 @pytest.mark.parametrize("Hk", [4, 2, 1])
@@ -37,14 +50,7 @@ def test_mask_given_directly_matches_dense(Sq, Sk, qb, kb, Hk):
     out, lse = block_sparse_attention(q, k, v, mask, q_block=qb, k_block=kb, backend="torch")
     ref, ref_lse = _dense_reference(q, k, v, mask, qb, kb)
     assert out.shape == (B, H, Sq, D) and lse.shape == (B, H, Sq)
-    ok = torch.isfinite(ref_lse)
-    assert rel_l2(out, ref) < 1e-12 and torch.equal(torch.isfinite(lse), ok)
-    assert rel_l2(lse[ok], ref_lse[ok]) < 1e-12
-    g, gl = torch.randn_like(out), torch.randn_like(lse).masked_fill(~ok, 0)
-    got = torch.autograd.grad((out * g).sum() + (lse.masked_fill(~ok, 0) * gl).sum(), (q, k, v))
-    exp = torch.autograd.grad((ref * g).sum() + (ref_lse.masked_fill(~ok, 0) * gl).sum(), (q, k, v))
-    for a, b in zip(got, exp):
-        assert rel_l2(a, b) < 1e-10
+    _assert_equal_f64(out, lse, ref, ref_lse, (q, k, v))
 
 
 def test_mask_shape_and_gqa_errors_name_the_values():
@@ -159,15 +165,7 @@ def test_window_matches_dense_torch(Sq, Sk, qb, kb, kw):
     mask = torch.rand(B, H, -(-Sq // qb), -(-Sk // kb)) < 0.8
     out, lse = block_sparse_attention(q, k, v, mask, q_block=qb, k_block=kb, backend="torch", **kw)
     ref, ref_lse = block_window_reference(q, k, v, mask, qb, kb, **kw)
-    ok = torch.isfinite(ref_lse)
-    assert rel_l2(out, ref) < 1e-12 and torch.equal(torch.isfinite(lse), ok)
-    if ok.any():
-        assert rel_l2(lse[ok], ref_lse[ok]) < 1e-12
-    g, gl = torch.randn_like(out), torch.randn_like(lse).masked_fill(~ok, 0)
-    got = torch.autograd.grad((out * g).sum() + (lse.masked_fill(~ok, 0) * gl).sum(), (q, k, v))
-    exp = torch.autograd.grad((ref * g).sum() + (ref_lse.masked_fill(~ok, 0) * gl).sum(), (q, k, v))
-    for a, b in zip(got, exp):
-        assert rel_l2(a, b) < 1e-10
+    _assert_equal_f64(out, lse, ref, ref_lse, (q, k, v))
 
 
 def test_window_drops_blocks_outside_and_keeps_a_plans_own():

@@ -27,6 +27,17 @@ def _expected(plan, batch):
     return full, live & ~full
 
 
+def _assert_lists(lists, full, part):
+    """FA4's forward lists hold the full / mask sub-block pairs ``[B, H, Rq, Rk]``, the backward lists the same transposed."""
+    Rq, Rk = full.shape[-2:]
+    m_cnt, m_idx, f_cnt, f_idx = lists.fwd
+    assert torch.equal(_dense(f_cnt, f_idx, Rk).expand_as(full), full)
+    assert torch.equal(_dense(m_cnt, m_idx, Rk).expand_as(part), part)
+    mb_cnt, mb_idx, fb_cnt, fb_idx = lists.bwd
+    assert torch.equal(_dense(fb_cnt, fb_idx, Rq).expand_as(full.transpose(-1, -2)), full.transpose(-1, -2))
+    assert torch.equal(_dense(mb_cnt, mb_idx, Rq).expand_as(part.transpose(-1, -2)), part.transpose(-1, -2))
+
+
 @pytest.mark.parametrize("qb, kb", [(128, 128), (384, 384), (256, 384), (384, 128)])
 @pytest.mark.parametrize("broadcast", [False, True])
 def test_lists_equal_dense_construction(qb, kb, broadcast):
@@ -42,13 +53,9 @@ def test_lists_equal_dense_construction(qb, kb, broadcast):
     plan = BlockSparsePlan.from_block_mask(mask, qb, kb, k_valid, q_valid)
     lists = fa4_block_lists(plan, B)
     full, part = _expected(plan, B)
-    Rq, Rk = full.shape[-2:]
+    _assert_lists(lists, full, part)
     m_cnt, m_idx, f_cnt, f_idx = lists.fwd
-    assert torch.equal(_dense(f_cnt, f_idx, Rk).expand_as(full), full)
-    assert torch.equal(_dense(m_cnt, m_idx, Rk).expand_as(part), part)
     mb_cnt, mb_idx, fb_cnt, fb_idx = lists.bwd
-    assert torch.equal(_dense(fb_cnt, fb_idx, Rq).expand_as(full.transpose(-1, -2)), full.transpose(-1, -2))
-    assert torch.equal(_dense(mb_cnt, mb_idx, Rq).expand_as(part.transpose(-1, -2)), part.transpose(-1, -2))
     for t in lists.fwd + lists.bwd:
         assert t.dtype == torch.int32 and t.is_contiguous()
     # ids ascending within each list (FA4 walks them in order)
@@ -99,13 +106,7 @@ def test_window_lists_equal_token_mask_classes(qb, kb, window):
     plan = BlockSparsePlan.from_block_mask(mask, qb, kb, k_valid, q_valid, *window, shift)
     lists = fa4_block_lists(plan, B, cache=False)
     part, full, seen = _expected_from_tokens(plan, B)
-    Rq, Rk = full.shape[-2:]
-    m_cnt, m_idx, f_cnt, f_idx = lists.fwd
-    assert torch.equal(_dense(f_cnt, f_idx, Rk).expand_as(full), full)
-    assert torch.equal(_dense(m_cnt, m_idx, Rk).expand_as(part), part)
-    mb_cnt, mb_idx, fb_cnt, fb_idx = lists.bwd
-    assert torch.equal(_dense(fb_cnt, fb_idx, Rq).expand_as(full.transpose(-1, -2)), full.transpose(-1, -2))
-    assert torch.equal(_dense(mb_cnt, mb_idx, Rq).expand_as(part.transpose(-1, -2)), part.transpose(-1, -2))
+    _assert_lists(lists, full, part)
     assert part.any()                         # the window cuts through some sub-blocks
     # the mask_mod's per-row bounds: row i sees keys lo[i]..hi[i]
     lo, hi = lists.row_bounds

@@ -29,6 +29,14 @@ __all__ = ["untile_scaled_fwd", "untile_scaled_bwd"]
 
 
 @triton.jit
+def _program_rows(H, BLOCK_R: tl.constexpr, D_PAD: tl.constexpr):
+    """This program's (b, h) and its BLOCK_R rows; grid (row groups, B*H)."""
+    bh = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return (bh // H).to(tl.int64), (bh % H).to(tl.int64), rows, tl.arange(0, D_PAD)
+
+
+@triton.jit
 def _row_scale(LSE, N, b, h, p, ok, slb, slh, sls, snb, snh, sns, bs):
     """s = e^lse / (e^lse + n) of slots ``p`` (1 where n == 0; 0 where lse = -inf and n > 0)."""
     lse = tl.load(LSE + b * slb + h * slh + p * sls, mask=ok, other=0.0)
@@ -44,11 +52,7 @@ def _untile_scaled_fwd_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # Grid: (row groups of the original sequence, B*H).
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, D_PAD)
+    b, h, rows, offs_d = _program_rows(H, BLOCK_R, D_PAD)
     ok = rows < S
     io = ok[:, None] & (offs_d < D)[None, :]
     p = tl.load(INV + rows, mask=ok, other=0)
@@ -67,11 +71,7 @@ def _untile_scaled_bwd_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # Grid: (slot groups of the block order, B*H). Padding slots get zero gradients.
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    p = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, D_PAD)
+    b, h, p, offs_d = _program_rows(H, BLOCK_R, D_PAD)
     d_ok = (offs_d < D)[None, :]
     ok = p < P
     i = tl.load(OWN + p, mask=ok, other=-1)
@@ -85,7 +85,7 @@ def _untile_scaled_bwd_kernel(
     dlse = s * (1.0 - s) * tl.sum(g * x, axis=1)
     tl.store(DX + b * sdb + h * sdh + p[:, None] * sds + offs_d[None, :] * sdd, dx.to(DX.dtype.element_ty),
              mask=ok[:, None] & d_ok)
-    tl.store(DLSE + bh.to(tl.int64) * P + p, tl.where(has, dlse, 0.0), mask=ok)
+    tl.store(DLSE + (b * H + h) * P + p, tl.where(has, dlse, 0.0), mask=ok)
 
 
 def _meta(D: int):
