@@ -75,14 +75,18 @@ def main() -> None:
         q_t, k_t, v_t = (layout.tile(x.detach()) for x in (q, k, v))
         mask = block_mask_from_tiled(q_t, k_t, layout, cfg, tm)
     padded = BlockSparsePlan.from_block_mask(mask, bs, bs, layout.key_valid(tm, dev))
-    free = BlockSparsePlan.from_block_mask(mask, bs, bs, layout.key_valid(tm, dev, True), layout.query_valid(dev))
+
+    def padding_free_plan(be):   # zero keys loaded by the backend's whole key tiles (`BackendSpec.key_tile`)
+        return BlockSparsePlan.from_block_mask(mask, bs, bs, layout.key_valid(tm, dev, True, BACKENDS[be].key_tile),
+                                               layout.query_valid(dev))
+
     kept = int(mask.expand(1, H, -1, -1).sum())
     flop = 4.0 * kept * bs * bs * D
     print(f"density {float(mask.float().mean()):.3f}, blocks {mask.shape[-1]}, padded S {layout.padded_len}")
     tq, tk, tv = (x.detach().requires_grad_() for x in (q_t, k_t, v_t))
     g_t = torch.randn_like(tq)
     for be in backends:
-        for label, plan in (("padded", padded), ("padding-free", free)):
+        for label, plan in (("padded", padded), ("padding-free", padding_free_plan(be))):
             f = lambda p=plan, b=be: block_sparse_attention(tq, tk, tv, p, backend=b)[0]   # noqa: E731
             with torch.no_grad():
                 add(f"kernel/{be}/{label}/fwd", bench(f), flop)
@@ -122,14 +126,14 @@ def main() -> None:
                                                                 layout.tile(vd))))
         q_m, k_m = layout.tile_with_means(qd)[1], layout.tile_with_means(kd)[1]
         add("part/block mask", bench(lambda: block_mask_from_tiled(q_t, k_t, layout, cfg, tm, q_m, k_m)))
-        add("part/plan", bench(lambda: BlockSparsePlan.from_block_mask(
-            mask, bs, bs, layout.key_valid(tm, dev, True), layout.query_valid(dev))))
+        add("part/plan", bench(lambda: padding_free_plan(backends[0])))
         if "fa4" in backends:
             from video_sparse_attn.kernels.fa4 import fa4_block_lists
 
+            free = padding_free_plan("fa4")
             add("part/fa4 block lists", bench(lambda: fa4_block_lists(dataclasses.replace(free), 1)))
-        o_t, l_t = block_sparse_attention(q_t, k_t, v_t, free, backend=backends[0])
-        n = zero_keys_per_row_block(mask, layout.zero_keys(dev))
+        o_t, l_t = block_sparse_attention(q_t, k_t, v_t, padding_free_plan(backends[0]), backend=backends[0])
+        n = zero_keys_per_row_block(mask, layout.zero_keys(dev, BACKENDS[backends[0]].key_tile))
         add("part/zero-key correction", bench(lambda: add_zero_keys(o_t, l_t, n, bs)))
         add("part/untile", bench(lambda: layout.untile(o_t)))
         add("part/untile + zero-key correction, fused", bench(lambda: untile_with_zero_keys(layout, o_t, l_t, n, q)))

@@ -147,3 +147,47 @@ def test_fused_untile_with_zero_keys_kernels(grid, tile, L, D, bshd):
     assert dx.stride() == x.stride()
     torch.testing.assert_close(dx.double(), dx_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dl.double(), dl_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("key_tile", [16, 32])
+def test_zero_keys_loaded_by_whole_key_tiles_stay_exact(monkeypatch, key_tile):
+    """A backend that computes keys in tiles (`BackendSpec.key_tile`, FA4: 128) loads the zero keys of a
+    tile it loads anyway and skips the rest: still equal to the padded computation (float64)."""
+    import dataclasses
+
+    from video_sparse_attn.kernels import registry
+
+    monkeypatch.setitem(registry.BACKENDS, "torch", dataclasses.replace(registry.BACKENDS["torch"], key_tile=key_tile))
+    thw, tile, L = (3, 5, 7), (2, 4, 4), 11          # tiles of 32 keys holding 8 to 32 real tokens
+    q, k, v = _inputs(thw, L)
+    cfg = SSTAConfig(tile_thw=tile, kernel_thw=(1, 3, 3), topk=2, pad_type="zero", caller_rules=False)
+    out = ssta_attention(q, k, v, thw, cfg, L, backend="torch")
+    ref = ssta_attention(q, k, v, thw, cfg, L, backend="torch", padding_free=False)
+    assert rel_l2(out, ref) < 1e-12
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), torch.autograd.grad((ref * g).sum(), (q, k, v))):
+        assert rel_l2(a, b) < 1e-12
+
+
+def test_fa4_loads_whole_key_tiles_so_video_keys_need_no_mask_blocks():
+    """At 720p/121f with 384-token tiles (3 FA4 sub-blocks), loading zero keys by whole 128-token tiles
+    leaves no partly valid video key sub-block: FA4 runs no mask block (with single keys it runs many)."""
+    from video_sparse_attn import BlockSparsePlan, TileLayout
+    from video_sparse_attn.kernels.fa4 import fa4_block_lists
+    from video_sparse_attn.kernels.registry import BACKENDS
+
+    thw = (31, 45, 80)
+    cfg = SSTAConfig().for_thw(thw)
+    lay = TileLayout(thw, cfg.tile_thw, 1985, cfg.pad_type)
+    N, bs = lay.num_blocks, lay.block_size
+    mask = torch.rand(1, 1, N, N) < 0.2
+    mask[..., N - lay.num_text_blocks:] = True
+    counts = {}
+    for key_tile in (1, BACKENDS["fa4"].key_tile):
+        plan = BlockSparsePlan.from_block_mask(mask, bs, bs, lay.key_valid(None, "cpu", True, key_tile),
+                                               lay.query_valid("cpu"))
+        lists = fa4_block_lists(plan, 1, cache=False)
+        counts[key_tile] = (int(lists.fwd[0].sum()), int(lists.bwd[0].sum()))
+        assert torch.equal(lay.zero_keys("cpu", key_tile)[: lay.num_video_blocks],
+                           (lay.tile_volume - plan.k_valid[0, : lay.num_video_blocks]).float())
+    assert counts[128] == (0, 0) and min(counts[1]) > 0

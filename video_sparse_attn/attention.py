@@ -203,13 +203,13 @@ def ssta_attention(
     block_mask = block_mask_from_tiled(q_t, k_t, layout, config, text_mask, q_means, k_means)
     dev = q.device
     plan = BlockSparsePlan.from_block_mask(
-        block_mask, bs, bs, layout.key_valid(text_mask, dev, padding_free),
+        block_mask, bs, bs, layout.key_valid(text_mask, dev, padding_free, spec.key_tile),
         layout.query_valid(dev) if padding_free else None,
     )
     plan = dataclasses.replace(plan, zero_q_tail=False)     # untile drops those rows, its backward passes 0 there
     out_t, lse = _run(spec, q_t, k_t, v_t, plan, scale)
     if padding_free and config.pad_type == "zero" and layout.has_video_padding:
-        n_zero = zero_keys_per_row_block(block_mask, layout.zero_keys(dev))
+        n_zero = zero_keys_per_row_block(block_mask, layout.zero_keys(dev, spec.key_tile))
         if not return_lse:
             out = untile_with_zero_keys(layout, out_t, lse, n_zero, like=q)
         else:

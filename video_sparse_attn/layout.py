@@ -359,14 +359,23 @@ class TileLayout:
         text = torch.tensor([min(bs, self.text_len - j * bs) for j in range(Nt)], dtype=torch.int32, device=device)
         return torch.cat([video, text]).to(torch.int32)[None]
 
+    def _loaded_video_keys(self, device, key_tile: int) -> torch.Tensor:
+        """Keys per video tile that padding-free ``zero`` padding loads: the real tokens, rounded up to
+        whole ``key_tile``s (zero keys inside a tile the kernel loads anyway), at most the tile volume."""
+        valid = self.indices(device)["video_valid"]
+        if key_tile <= 1:
+            return valid
+        return ((valid + key_tile - 1) // key_tile * key_tile).clamp(max=self.tile_volume).to(valid.dtype)
+
     def key_valid(self, text_mask: Optional[torch.Tensor], device: torch.device | str,
-                  padding_free: bool = False) -> torch.Tensor:
+                  padding_free: bool = False, key_tile: int = 1) -> torch.Tensor:
         """Key tokens per block that the kernels load, int32 ``[B or 1, N]`` (a `BlockSparsePlan.k_valid`).
 
         ``pad_type="mask"`` excludes padded video tokens, text padding copies and, when ``text_mask``
         ``[B, L]`` is given, the tokens past its valid count (a valid prefix). ``zero`` with
         ``padding_free`` skips the zero-padded video keys (their exact effect is restored by
-        `zero_keys`). Otherwise every token of a tile is a key (``repeat`` copies are real keys); the
+        `zero_keys`), except those sharing a ``key_tile`` with real tokens (a backend's
+        `BackendSpec.key_tile`: loading them costs nothing and computes them exactly). Otherwise every token of a tile is a key (``repeat`` copies are real keys); the
         storage tail past the tile volume never is.
         """
         bs, Nv, Nt = self.tile_volume, self.num_video_blocks, self.num_text_blocks
@@ -374,6 +383,7 @@ class TileLayout:
             return torch.full((1, Nv + Nt), bs, dtype=torch.int32, device=device)
         video = self.indices(device)["video_valid"][None]
         if self.pad_type == "zero":
+            video = self._loaded_video_keys(device, key_tile)[None]
             return torch.cat([video, torch.full((1, Nt), bs, dtype=torch.int32, device=device)], dim=1)
         if text_mask is None:   # every text token valid: the same counts as the query rows
             return self.query_valid(device)
@@ -382,11 +392,12 @@ class TileLayout:
         text = (n_text - starts).clamp(0, bs)
         return torch.cat([video.expand(text.shape[0], Nv), text], dim=1).to(torch.int32)
 
-    def zero_keys(self, device: torch.device | str) -> torch.Tensor:
+    def zero_keys(self, device: torch.device | str, key_tile: int = 1) -> torch.Tensor:
         """Zero-padded video keys per block, float32 ``[N]`` (0 for text blocks and other pad types):
-        the keys that padding-free compute skips and adds back exactly (logit 0, value 0)."""
+        the keys that padding-free compute skips (`key_valid` with the same ``key_tile``) and adds
+        back exactly (logit 0, value 0)."""
         N = self.num_blocks
         if self.pad_type != "zero":
             return torch.zeros(N, dtype=torch.float32, device=device)
-        pad = self.tile_volume - self.indices(device)["video_valid"].float()
+        pad = self.tile_volume - self._loaded_video_keys(device, key_tile).float()
         return torch.cat([pad, torch.zeros(self.num_text_blocks, device=device)])

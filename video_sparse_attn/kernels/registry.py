@@ -67,6 +67,9 @@ class BackendSpec:
         window: token-level windows (causal, sliding window: ``plan.window_lo`` / ``window_hi``).
         capabilities: CUDA compute capability majors it runs on; None: any device, CPU included.
         importable: ``() -> reason or None``: why it cannot be imported here.
+        key_tile: keys are computed in tiles of this many; a tile with some invalid keys costs at least
+            a whole tile (plus masking). Padding-free SSTA then loads the zero-padded keys of a tile it
+            loads anyway (computing them is exact: logit 0, value 0) instead of masking them.
     """
 
     name: str
@@ -80,6 +83,7 @@ class BackendSpec:
     window: bool
     capabilities: Optional[Tuple[int, ...]]
     importable: Callable[[], Optional[str]]
+    key_tile: int = 1
 
     def unsupported(self, call: AttentionCall, named: bool = True) -> Optional[str]:
         """Why this backend cannot run ``call`` (one phrase), or None when it can. Triton's CPU
@@ -163,7 +167,7 @@ BACKENDS: Dict[str, BackendSpec] = {
     for spec in (
         BackendSpec("fa4", fa4_entry, _HALF, (64, 128, 64), 128,
                     ragged_keys=True, gqa=False, deterministic_bwd=False, window=True, capabilities=(9, 10),
-                    importable=fa4_importable),
+                    importable=fa4_importable, key_tile=128),
         BackendSpec("triton", triton_entry, _HALF + (torch.float32,), (1, 256, 1), 16,
                     ragged_keys=True, gqa=False, deterministic_bwd=True, window=True, capabilities=(8, 9, 10, 12),
                     importable=triton_importable),
