@@ -199,12 +199,12 @@ def ssta_call_variants(heads: int = 16, head_dim: int = 128, thw=(31, 45, 80), t
                        backward: bool = True, batch: int = 1, gpu: str = "NVIDIA H200") -> Dict[str, Set[Variant]]:
     """The variants one `ssta_attention` call compiles on an sm90 GPU (backend ``triton``), by phase:
     ``forward``, ``backward`` (what ``out.backward(dout)`` launches) and ``background`` (what the
-    forward's `precompile.precompile_backward_async` would compile beside it). Defaults: the
+    forward submits to `precompile.precompile_async` to compile beside it: the attention backward,
+    the untile's backward, the gradients' gather). Defaults: the
     HunyuanVideo-1.5 720p/121f call of ``scripts/first_call.py`` (released config for the grid).
     ``bshd``: q, k, v as transposed ``[B, S, H, D]`` views (diffusers' processors)."""
     from .. import SSTAConfig, ssta_attention
     from . import precompile as pc
-    from . import triton_op
 
     config = SSTAConfig().for_thw(tuple(thw)) if config is None else config
     S = thw[0] * thw[1] * thw[2] + text_len
@@ -218,9 +218,9 @@ def ssta_call_variants(heads: int = 16, head_dim: int = 128, thw=(31, 45, 80), t
         tm = None
         if text_valid is not None and text_len:
             tm = torch.zeros(batch, text_len, dtype=torch.bool, device="meta")
-        background = []
-        real_async = triton_op.precompile_backward_async
-        triton_op.precompile_backward_async = lambda *a: background.append(a)
+        background = {}                                  # what the forward submits, once per key
+        real_async = pc.precompile_async
+        pc.precompile_async = lambda key, fn, device: background.setdefault(key, fn)
         try:
             with rec.at("forward"):
                 out = ssta_attention(q, k, v, tuple(thw), config, text_len, tm, backend="triton", validate=False)
@@ -228,10 +228,10 @@ def ssta_call_variants(heads: int = 16, head_dim: int = 128, thw=(31, 45, 80), t
                 with rec.at("backward"):
                     out.backward(torch.empty(batch, heads, S, head_dim, dtype=dtype, device="meta"))
         finally:
-            triton_op.precompile_backward_async = real_async
+            pc.precompile_async = real_async
         with rec.at("background"):
-            for args in background:
-                pc.precompile_backward(*args)
+            for fn in background.values():
+                fn()
     return {p: rec.variants(p) for p in ("forward", "backward", "background")}
 
 
