@@ -202,7 +202,8 @@ def ssta_call_variants(heads: int = 16, head_dim: int = 128, thw=(31, 45, 80), t
     forward submits to `precompile.precompile_async` to compile beside it: the attention backward,
     the untile's backward, the gradients' gather). Defaults: the
     HunyuanVideo-1.5 720p/121f call of ``scripts/first_call.py`` (released config for the grid).
-    ``bshd``: q, k, v as transposed ``[B, S, H, D]`` views (diffusers' processors)."""
+    ``bshd``: q, k, v (and the output gradient) as transposed ``[B, S, H, D]`` views (diffusers'
+    processors: the gradient of their ``out.transpose(1, 2)`` comes back in that layout)."""
     from .. import SSTAConfig, ssta_attention
     from . import precompile as pc
 
@@ -226,7 +227,7 @@ def ssta_call_variants(heads: int = 16, head_dim: int = 128, thw=(31, 45, 80), t
                 out = ssta_attention(q, k, v, tuple(thw), config, text_len, tm, backend="triton", validate=False)
             if backward:
                 with rec.at("backward"):
-                    out.backward(torch.empty(batch, heads, S, head_dim, dtype=dtype, device="meta"))
+                    out.backward(make().detach())      # dout laid out like q (and the output)
         finally:
             pc.precompile_async = real_async
         with rec.at("background"):
