@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections import defaultdict
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
@@ -112,8 +113,6 @@ def recording() -> Iterator[Recorder]:
     rec = Recorder()
     saved = [(k, k.device_caches) for k in kernels()]
     old_hook = knobs.runtime.jit_cache_hook
-    from collections import defaultdict
-
     for k, _ in saved:
         k.device_caches = defaultdict(k.create_binder)
     knobs.runtime.jit_cache_hook = rec.hook
