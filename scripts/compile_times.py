@@ -8,6 +8,12 @@ named by ``--gpu``). Each variant is compiled into a fresh, empty Triton cache.
 
     python scripts/compile_times.py                      # one variant after another
     python scripts/compile_times.py --overlap            # also: forward on this thread, backward beside it
+    python scripts/compile_times.py --variants           # only list variants: warm-up vs a real SSTA call
+
+``--variants`` compiles nothing: it records Triton's specialisation key of every launch
+(`video_sparse_attn.kernels.variants`) of one real ``ssta_attention`` call (forward, backward, and what
+the forward compiles in the background) in both q/k/v layouts, and of `warmup.warmup` for the same
+heads / head dim / tile, and prints the variants the call would still compile after the warm-up.
 
 Prints one line per variant (kernel, constexprs, seconds, of which ptxas) and the totals.
 """
@@ -30,7 +36,11 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--overlap", action="store_true",
                    help="after the sequential pass, compile again (fresh cache) with the backward in a thread")
+    p.add_argument("--variants", action="store_true",
+                   help="list the variants of the call and of the warm-up (no compilation) and exit")
     args = p.parse_args()
+    if args.variants:
+        return list_variants(args)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     os.environ.pop("TRITON_INTERPRET", None)
 
@@ -125,11 +135,9 @@ def main() -> None:
 
     def fresh_cache():
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="vsa-compile-")
-        for fn in (triton_fwd._fwd_kernel, triton_bwd._dkdv_kernel, triton_bwd._delta_kernel,
-                   triton_bwd._dq_convert_kernel, triton_bwd._dq_kernel):
+        from video_sparse_attn.kernels.variants import kernels
+        for fn in kernels():
             fn.device_caches.clear()
-        from video_sparse_attn.kernels import triton_gather
-        triton_gather._gather_rows_kernel.device_caches.clear()
         tuning._kernels.clear()
 
     # one throw-away compile first: process-wide start-up (LLVM / MLIR initialisation), not per variant
@@ -165,6 +173,29 @@ def main() -> None:
         for name, consts, s, px, who in rows:
             print(f"  [{who:10s}] {name:20s} {s:6.2f} s  (ptxas {px:5.2f} s)")
         print(f"overlapped (backward in a thread): forward kernels {t_fwd:.2f} s, all {total:.2f} s")
+
+
+def list_variants(args) -> None:
+    import torch
+
+    from video_sparse_attn.kernels import variants as V
+
+    thw = tuple(int(x) for x in args.thw.split(","))
+    warm = V.warmup_variants((1, args.heads, thw, args.head_dim, torch.bfloat16, 384), gpu=args.gpu)
+    print(f"warm-up ({args.heads} heads, D={args.head_dim}, bf16, tile 6,8,8): {len(warm)} variants")
+    for line in V.describe(warm):
+        print("  ", line)
+    for bshd in (False, True):
+        phases = V.ssta_call_variants(args.heads, args.head_dim, thw, args.text_len, bshd=bshd, gpu=args.gpu)
+        call = set().union(*phases.values())
+        print(f"ssta_attention {thw}+{args.text_len}, q/k/v {'[B,S,H,D] views' if bshd else '[B,H,S,D]'}: "
+              + ", ".join(f"{p} {len(v)}" for p, v in phases.items()))
+        for p, v in phases.items():
+            for line in V.describe(v):
+                print(f"   {p:10s} {line}")
+        print("  compiled by the call after the warm-up:", V.describe(call - warm) or "nothing")
+        late = phases["backward"] - phases["forward"] - phases["background"]
+        print("  compiled by the backward (not by the forward or beside it):", V.describe(late) or "nothing")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ cache; FlashAttention-4's compile cache), the second shows what every later proc
 Prints one JSON line: ``import_s`` (torch + this package), ``setup_s`` (CUDA context, inputs),
 ``first_fwd_s`` / ``first_bwd_s`` (the first call's phases), ``first_call_s`` (their sum: the target),
 and ``second_fwd_s`` / ``second_bwd_s`` (the same call again: kernel time, so that the first call's
-excess over it is compilation, tuning and loading).
+excess over it is compilation, tuning and loading), and ``background_errors`` (background compiles
+that failed, see `kernels.precompile`; then the backward compiled its kernels itself).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ START = time.perf_counter()
 import torch  # noqa: E402
 
 from video_sparse_attn import SSTAConfig, ssta_attention  # noqa: E402
+from video_sparse_attn.kernels.precompile import background_errors  # noqa: E402
 
 
 def main() -> None:
@@ -64,7 +66,8 @@ def main() -> None:
                       "import_s": round(imported, 2), "setup_s": round(setup, 2),
                       "first_fwd_s": round(first_fwd, 2), "first_bwd_s": round(first_bwd, 2),
                       "first_call_s": round(first_fwd + first_bwd, 2),
-                      "second_fwd_s": round(second_fwd, 3), "second_bwd_s": round(second_bwd, 3)}))
+                      "second_fwd_s": round(second_fwd, 3), "second_bwd_s": round(second_bwd, 3),
+                      "background_errors": background_errors()}))
 
 
 if __name__ == "__main__":

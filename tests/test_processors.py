@@ -249,7 +249,8 @@ def test_enable_warmup_warms_the_transformers_shapes(monkeypatch):
         config=types.SimpleNamespace(num_attention_heads=16, attention_head_dim=128),
         parameters=lambda: iter([types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)]))
     enable_module._warm_kernels(fake, SSTAConfig(), "auto")
-    assert seen == [(((1, 16, 8 * 384, 128, torch.bfloat16, 384),), {"backend": "auto", "device": torch.device("cuda", 0)})]
+    assert seen == [(((1, 16, 8 * 384, 128, torch.bfloat16, 384),), {"backend": "auto", "device": torch.device("cuda", 0),
+                                                                "config": SSTAConfig()})]
     model, _ = tiny("hunyuan_video15")
     enable_ssta(model, SSTAConfig(tile_thw=(1, 4, 4)), warmup=True)        # CPU model: nothing to warm
     assert len(seen) == 1

@@ -141,10 +141,14 @@ def _select_rows(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor
     """``x.index_select(dim, index)``; on CUDA for ``[B, H, S, D]`` along S, the Triton row gather
     (any strides of x, one pass)."""
     if x.dim() == 4 and dim == 2 and triton_runs_on(x) and not torch.compiler.is_compiling():
-        from .kernels.triton_gather import gather_rows_with_means
-
-        return gather_rows_with_means(x, index, 64, 0)[0]
+        return _triton_select_rows(x, index)
     return x.index_select(dim, index)
+
+
+def _triton_select_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    from .kernels.triton_gather import gather_rows_with_means
+
+    return gather_rows_with_means(x, index, 64, 0)[0]
 
 
 class _GatherRows(torch.autograd.Function):
@@ -166,6 +170,14 @@ class _GatherRows(torch.autograd.Function):
             from .kernels.triton_gather import gather_rows_with_means
 
             y, means = gather_rows_with_means(x, kernel_src, group, n_means, mean_div)
+            if dups is not None and y.dtype in (torch.float16, torch.bfloat16) and ctx.needs_input_grad[0]:
+                # the backward returns the gradient to token order with the Triton gather (`_select_rows`
+                # of a gradient laid out like y): compile it now, beside the forward (`precompile`)
+                from .kernels import precompile as pc
+
+                inverse = dups[0]
+                key = ("tile_bwd", y.device, y.dtype, y.shape[-1], y.stride(), inverse.shape)
+                pc.precompile_async(key, lambda: _triton_select_rows(pc.empty_like(y), inverse), y.device)
         else:
             y = _gather_rows(x, dim, index)
             if zero_pos.numel():
@@ -186,6 +198,9 @@ class _GatherRows(torch.autograd.Function):
         index, zero_pos, *dups = ctx.saved_tensors
         dim, half = ctx.dim, gy.dtype in (torch.float16, torch.bfloat16)
         if ctx.has_dups and half:
+            from .kernels import precompile as pc
+
+            pc.wait()                        # the background compile of the gather below, if any, first
             inverse, (dup_slots, targets, local) = dups[0], dups[1:]
             gx = _select_rows(gy, dim, inverse)                      # every token's own slot
             if dup_slots.numel():

@@ -84,7 +84,14 @@ class _UntileZeroKeys(torch.autograd.Function):
 
         ctx.save_for_backward(out, lse, n, owner)
         ctx.block = block
-        return untile_scaled_fwd(out, lse, n, inverse, block, like)
+        y = untile_scaled_fwd(out, lse, n, inverse, block, like)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:   # first call of a kind: its backward compiles now
+            from .kernels import precompile as pc
+            from .kernels.triton_untile import untile_scaled_bwd
+
+            key = ("untile_bwd", out.device, out.dtype, y.shape, y.stride(), out.stride(), lse.stride(), n.stride(), block)
+            pc.precompile_async(key, lambda: untile_scaled_bwd(pc.empty_like(y), out, lse, n, owner, block), out.device)
+        return y
 
     @staticmethod
     def backward(ctx, g):

@@ -1,7 +1,9 @@
 """Compile and tune the attention kernels ahead of time (servers, first denoising step without a stall).
 
-Runs the forward and backward of the backend that ``--backend`` picks once per shape; the Triton
-kernels' tuning picks and every compiled kernel go to disk caches, so later processes start warm.
+Runs one small `ssta_attention` call with the given tile (forward and backward; q, k, v as
+``[B, H, S, D]`` tensors and as diffusers' transposed views), which launches every kernel a real SSTA
+call of any size launches, and the block-sparse op once, with the backend that ``--backend`` picks; the
+Triton kernels' tuning picks and every compiled kernel go to disk caches, so later processes start warm.
 Example (HunyuanVideo-1.5: 16 heads × 128, 384-token tiles)::
 
     python -m video_sparse_attn warmup --heads 16 --head-dim 128 --tile 6,8,8 --dtype bfloat16
@@ -31,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=triple, default=(6, 8, 8), help="SSTA tile t,h,w (block = its volume)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16", help="input dtype")
     p.add_argument("--seq", type=positive_int, default=None,
-                   help="tokens (any length warms every length; default 8 blocks)")
+                   help="tokens of the block-sparse op's warm-up (any length warms every length; default 8 blocks)")
     p.add_argument("--backend", choices=backend_names(), default="auto", help="backend to warm (default auto)")
     p.add_argument("--no-backward", action="store_true", help="forward only (inference servers)")
 
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> list:
     seq = args.seq or 8 * block
     try:
         seconds = warmup((1, args.heads, seq, args.head_dim, args.dtype, block), backend=args.backend,
-                         backward=not args.no_backward)
+                         backward=not args.no_backward, tile=args.tile)
     except ValueError as e:   # e.g. a backend that cannot run this head dim or dtype
         raise UsageError(str(e)) from None
     print(f"warmed {args.backend} for H={args.heads} D={args.head_dim} {args.dtype} block {block}: "

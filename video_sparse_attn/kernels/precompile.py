@@ -10,16 +10,22 @@ is no second list of kernels to keep in step with it.
 `precompile_backward_async` uses this at the first forward of a process: while the forward kernel
 compiles on the calling thread, one background thread compiles the backward kernels the call will
 need (Triton's compiler spends much of its time outside the GIL: ptxas runs as a subprocess, and
-most MLIR/LLVM passes run in C++). `wait` (called by the backward before its first launch) joins
-it, so a kernel is never compiled twice at once. Results cannot change: only the same kernels are
-compiled earlier; a failed background compile is dropped and the launch compiles (and reports) it
-itself.
+most MLIR/LLVM passes run in C++). The other backward launches of an SSTA call are submitted the same
+way by their forwards (`precompile_async`): the fused untile's backward (`padding_free`) and the row
+gather that returns the gradients of q, k, v to token order (`layout`). `wait` (called by each of
+these backwards before its first launch) joins them, so a kernel is never compiled twice at once.
+Results cannot change: only the same kernels are compiled earlier; a failed background compile is
+dropped (kept in `background_errors`, logged at debug level) and the launch compiles (and reports)
+it itself. `variants` checks, without a GPU, that each background compile is the variant its
+backward launches.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
+import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, List, Optional
@@ -27,7 +33,9 @@ from typing import Callable, List, Optional
 import torch
 
 __all__ = ["compile_only", "compiling_only", "launch", "empty", "zeros", "empty_like", "submit", "wait",
-           "precompile_backward_async", "precompile_backward"]
+           "precompile_async", "precompile_backward_async", "precompile_backward", "background_errors"]
+
+logger = logging.getLogger(__name__)
 
 _COMPILE_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("vsa_compile_only", default=False)
 _lock = threading.Lock()
@@ -35,6 +43,7 @@ _pool: Optional[ThreadPoolExecutor] = None
 _pending: List[Future] = []
 _seen: set = set()          # backward signatures already submitted in this process
 _MAX_SEEN = 256
+_errors: collections.deque = collections.deque(maxlen=16)
 
 
 @contextlib.contextmanager
@@ -85,10 +94,15 @@ def submit(fn: Callable, device: torch.device) -> Future:
     """Run ``fn()`` inside `compile_only` on a background thread (current CUDA device = ``device``)."""
 
     def task():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        with compile_only():
-            fn()
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            with compile_only():
+                fn()
+        except Exception as e:      # noqa: BLE001 - kept for diagnosis; the launch compiles and reports it
+            _errors.append(f"{type(e).__name__}: {e}")
+            logger.debug("background compile failed", exc_info=True)
+            raise
 
     with _lock:
         future = _executor().submit(task)
@@ -112,6 +126,25 @@ def wait() -> None:
             pass
 
 
+def background_errors() -> list:
+    """The last background compile failures of this process (``"Type: message"``), oldest first."""
+    return list(_errors)
+
+
+def precompile_async(key, fn: Callable, device: torch.device) -> None:
+    """`submit` ``fn`` once per ``key`` and process: CUDA only; a no-op under the Triton interpreter,
+    inside `compile_only` and while `torch.compile` traces."""
+    from .triton_common import INTERPRET
+
+    if INTERPRET or device.type != "cuda" or _COMPILE_ONLY.get() or torch.compiler.is_compiling():
+        return
+    with _lock:
+        if key in _seen or len(_seen) >= _MAX_SEEN:
+            return
+        _seen.add(key)
+    submit(fn, device)
+
+
 def _signature(q, k, v, plan, options, deterministic):
     return (q.device, q.dtype, tuple(q.shape), q.stride(), k.stride(), v.stride(), plan.q_block, plan.k_block,
             plan.has_window, tuple(sorted(options.items())), bool(deterministic))
@@ -132,13 +165,5 @@ def precompile_backward(q, k, v, plan, scale: float, options: dict, deterministi
 def precompile_backward_async(q, k, v, plan, scale: float, options: dict, deterministic: bool) -> None:
     """`precompile_backward` on a background thread, once per call signature and process (CUDA
     tensors only; a no-op under the Triton interpreter or inside `compile_only`)."""
-    from .triton_common import INTERPRET
-
-    if INTERPRET or not q.is_cuda or _COMPILE_ONLY.get():
-        return
-    sig = _signature(q, k, v, plan, options, deterministic)
-    with _lock:
-        if sig in _seen or len(_seen) >= _MAX_SEEN:
-            return
-        _seen.add(sig)
-    submit(lambda: precompile_backward(q, k, v, plan, scale, options, deterministic), q.device)
+    precompile_async(("attention",) + _signature(q, k, v, plan, options, deterministic),
+                     lambda: precompile_backward(q, k, v, plan, scale, options, deterministic), q.device)

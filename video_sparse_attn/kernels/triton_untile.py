@@ -122,6 +122,7 @@ def untile_scaled_bwd(g: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, n: to
     """Gradients of `untile_scaled_fwd` w.r.t. ``x`` (``[B, H, P, D]``, x's strides) and ``lse``
     (``[B, H, P]`` float32) given ``g [B, H, S, D]``; ``owner [P]`` int64 = token of each slot or -1."""
     B, H, P, D = x.shape
+    pc.wait()                                   # its background compile (see `precompile`), if any, first
     dx = pc.empty_like(x)
     dlse = pc.empty((B, H, P), dtype=torch.float32, device=x.device)
     d_pad, block_r = _meta(D)

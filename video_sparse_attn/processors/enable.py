@@ -130,7 +130,7 @@ def _warm_kernels(transformer: torch.nn.Module, config: SSTAConfig, backend: str
     from ..layout import block_slots
 
     block = block_slots(config.block_size)       # the image tile of the caller rules keeps the volume
-    warm((1, heads, 8 * block, head_dim, param.dtype, block), backend=backend, device=param.device)
+    warm((1, heads, 8 * block, head_dim, param.dtype, block), backend=backend, device=param.device, config=config)
 
 
 def disable_ssta(target: Any) -> None:
