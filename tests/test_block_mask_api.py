@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import block_window_reference, rel_l2
-from video_sparse_attn import BlockSparsePlan, SSTAConfig, block_sparse_attention, ssta_attention
+from video_sparse_attn import BlockSparsePlan, SSTAConfig, block_sparse_attention, block_sparse_attention_varlen, ssta_attention
 
 
 def _dense_reference(q, k, v, mask, qb, kb):
@@ -217,3 +217,13 @@ def test_window_through_triton_interpreter(deterministic, Sq, Sk, qb, kb, kw):
     for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)),
                     torch.autograd.grad((ref * g.double()).sum(), (q, k, v))):
         assert rel_l2(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("bad", [(1,), (1.5, 2), "ab", 5, (True, 0)])
+def test_window_size_must_be_two_ints(bad):
+    q = torch.randn(1, 2, 40, 16)
+    with pytest.raises(ValueError, match=r"window_size must be \(left, right\) ints"):
+        block_sparse_attention(q, q, q, torch.ones(3, 3, dtype=torch.bool), q_block=16, backend="torch", window_size=bad)
+    with pytest.raises(ValueError, match=r"window_size must be \(left, right\) ints"):
+        block_sparse_attention_varlen(q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1), [0, 40], [0, 40],
+                                      q_block=16, backend="torch", window_size=bad)

@@ -13,7 +13,7 @@ from .layout import TileLayout
 from .masks.build import block_mask_from_tiled
 from .padding_free import add_zero_keys, untile_with_zero_keys, zero_keys_per_row_block
 from .plan import BlockSparsePlan, window_offsets
-from .validation import check_qkv, check_scale, validate_block_inputs, validate_inputs
+from .validation import check_qkv, check_scale, check_window_size, validate_block_inputs, validate_inputs
 
 __all__ = ["block_sparse_attention", "ssta_attention", "SSTAInfo", "resolve_backend"]
 
@@ -108,9 +108,8 @@ def block_sparse_attention(
     Sq, Sk = q.shape[2], k.shape[2]
     from_mask = isinstance(plan, torch.Tensor)
     window = None
-    if causal or tuple(window_size) != (-1, -1):
-        if len(window_size) != 2:
-            raise ValueError(f"window_size must be (left, right), got {window_size!r}")
+    window_size = check_window_size(window_size)
+    if causal or window_size != (-1, -1):
         window = window_offsets(Sq, Sk, causal, window_size)
     if from_mask:
         plan = _plan_for_mask(plan, Sq, Sk, q_block, k_block, window or (None, None))

@@ -156,3 +156,15 @@ def check_scale(scale: Optional[float], head_dim: int) -> float:
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite positive float, got {scale}")
     return scale
+
+
+def check_window_size(window_size) -> tuple:
+    """``window_size`` as flash-attention takes it: ``(left, right)`` ints, a negative side unbounded.
+    Returns ``(left, right)`` with every negative side as -1; raises one line otherwise."""
+    try:
+        pair = tuple(window_size)
+    except TypeError:
+        pair = None
+    if pair is None or len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair):
+        raise ValueError(f"window_size must be (left, right) ints (-1: unbounded), got {window_size!r}")
+    return tuple(max(x, -1) for x in pair)

@@ -15,6 +15,7 @@ import torch
 
 from .attention import block_sparse_attention
 from .plan import BlockSparsePlan
+from .validation import check_window_size
 
 __all__ = ["block_sparse_attention_varlen"]
 
@@ -123,8 +124,9 @@ def block_sparse_attention_varlen(
         return torch.tensor(valid or [0], dtype=torch.int32, device=dev)[None][:, :max(blocks, 1)]
 
     lo = hi = shift = None
-    if causal or tuple(window_size) != (-1, -1):
-        left, right = (int(x) for x in window_size)
+    window_size = check_window_size(window_size)
+    if causal or window_size != (-1, -1):
+        left, right = window_size
         right = 0 if causal else right
         lo, hi = (None if left < 0 else -left), (None if right < 0 else right)
         # per sequence: query i sees key j iff lo <= (j - K_start) - (i - Q_start) - (len_k - len_q) <= hi,
