@@ -19,7 +19,7 @@ def bench():
 
 def test_parity_cases_dry_run(bench):
     rows = {name: (kept, err) for name, kept, err in bench.dry_run()}
-    assert set(rows) == {"plain", "gqa", "causal", "varlen"}
+    assert set(rows) == {"plain", "gqa", "causal", "varlen", "varlen_plan"}
     for name, (kept, err) in rows.items():
         assert kept > 0 and err < 1e-5, (name, kept, err)
     assert rows["causal"][0] < rows["plain"][0]          # blocks above the diagonal are dropped
@@ -36,7 +36,7 @@ def test_parity_relative_times(bench):
     assert rows[1]["ours_fwd_vs_plain"] == 1.5 and rows[1]["flex_fwdbwd_vs_plain"] == 2.0
 
 
-@pytest.mark.parametrize("name", ["gqa", "causal", "varlen"])
+@pytest.mark.parametrize("name", ["gqa", "causal", "varlen", "varlen_plan"])
 def test_parity_case_equals_flex_over_its_mask_mod(bench, name):
     """FlexAttention (eager, CPU) over the case's mask_mod computes what our op does."""
     import torch
