@@ -22,6 +22,16 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
+def assert_grads_match(out, inputs, ref, tol: float, ref_inputs=None) -> None:
+    """Under one random cotangent, the gradients of ``out`` w.r.t. ``inputs`` equal those of ``ref``
+    w.r.t. ``ref_inputs`` (default: the same inputs) within relative L2 ``tol``."""
+    g = torch.randn_like(out)
+    got = torch.autograd.grad((out * g).sum(), inputs)
+    exp = torch.autograd.grad((ref * g.to(ref.dtype)).sum(), inputs if ref_inputs is None else ref_inputs)
+    for a, b in zip(got, exp):
+        assert rel_l2(a, b) < tol
+
+
 def dense_masked_attention(q, k, v, key_valid=None, scale=None):
     """float64 dense attention ``[B,H,S,D]`` where keys with ``key_valid [B,S] == False`` are excluded."""
     q, k, v = q.double(), k.double(), v.double()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import rel_l2
+from helpers import assert_grads_match, rel_l2
 from video_sparse_attn import SSTAConfig, ssta_attention
 from video_sparse_attn.padding_free import add_zero_keys
 
@@ -90,11 +90,7 @@ def test_padding_free_through_triton_interpreter(pad):
     qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
     ref = ssta_attention(qd, kd, vd, thw, cfg, L, backend="torch", padding_free=False)
     assert rel_l2(out, ref) < 1e-5
-    g = torch.randn_like(out)
-    got = torch.autograd.grad((out * g).sum(), (q, k, v))
-    exp = torch.autograd.grad((ref * g.double()).sum(), (qd, kd, vd))
-    for a, b in zip(got, exp):
-        assert rel_l2(a, b) < 1e-5
+    assert_grads_match(out, (q, k, v), ref, 1e-5, ref_inputs=(qd, kd, vd))
 
 
 @pytest.mark.gpu
@@ -110,11 +106,7 @@ def test_bf16_padding_free_gradients_on_gpu(pad):
     qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
     ref = ssta_attention(qd, kd, vd, thw, cfg, L, backend="torch", padding_free=False)
     assert rel_l2(out, ref) < 1e-2
-    g = torch.randn_like(out)
-    got = torch.autograd.grad((out * g).sum(), (q, k, v))
-    exp = torch.autograd.grad((ref * g.double()).sum(), (qd, kd, vd))
-    for a, b in zip(got, exp):
-        assert rel_l2(a, b) < 2e-2
+    assert_grads_match(out, (q, k, v), ref, 2e-2, ref_inputs=(qd, kd, vd))
 
 
 @pytest.mark.interpreter
@@ -164,9 +156,7 @@ def test_zero_keys_loaded_by_whole_key_tiles_stay_exact(monkeypatch, key_tile):
     out = ssta_attention(q, k, v, thw, cfg, L, backend="torch")
     ref = ssta_attention(q, k, v, thw, cfg, L, backend="torch", padding_free=False)
     assert rel_l2(out, ref) < 1e-12
-    g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), torch.autograd.grad((ref * g).sum(), (q, k, v))):
-        assert rel_l2(a, b) < 1e-12
+    assert_grads_match(out, (q, k, v), ref, 1e-12)
 
 
 def test_fa4_loads_whole_key_tiles_so_video_keys_need_no_mask_blocks():

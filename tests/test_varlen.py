@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from helpers import rel_l2
+from helpers import assert_grads_match, rel_l2
 from video_sparse_attn import block_sparse_attention_varlen
 
 
@@ -61,11 +61,7 @@ def test_varlen_matches_per_sequence_dense(lq, lk, Hk, with_masks):
     assert rel_l2(out, ref) < 1e-12 and torch.equal(torch.isfinite(lse), ok)
     if ok.any():
         assert rel_l2(lse[ok], ref_lse[ok]) < 1e-12
-    g = torch.randn_like(out)
-    got = torch.autograd.grad((out * g).sum(), (q, k, v))
-    exp = torch.autograd.grad((ref * g).sum(), (q, k, v))
-    for a, b in zip(got, exp):
-        assert rel_l2(a, b) < 1e-10
+    assert_grads_match(out, (q, k, v), ref, 1e-10)
 
 
 def test_varlen_errors_name_the_values():
@@ -87,9 +83,7 @@ def test_varlen_through_triton_interpreter():
     out, lse = block_sparse_attention_varlen(q, k, v, cq, ck, q_block=16, backend="triton")
     ref, _ = _reference(q, k, v, cq, ck, None, 16, 16)
     assert rel_l2(out, ref) < 1e-5
-    g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), torch.autograd.grad((ref * g.double()).sum(), (q, k, v))):
-        assert rel_l2(a, b) < 1e-5
+    assert_grads_match(out, (q, k, v), ref, 1e-5)
 
 
 @pytest.mark.parametrize("lq, lk", LENGTHS + [([15, 1, 40], [33, 17, 0])])
@@ -110,9 +104,7 @@ def test_varlen_window_per_sequence(lq, lk, kw):
     assert rel_l2(out, ref) < 1e-12 and torch.equal(torch.isfinite(lse), ok)
     if ok.any():
         assert rel_l2(lse[ok], ref_lse[ok]) < 1e-12
-    g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), torch.autograd.grad((ref * g).sum(), (q, k, v))):
-        assert rel_l2(a, b) < 1e-10
+    assert_grads_match(out, (q, k, v), ref, 1e-10)
 
 
 @pytest.mark.interpreter
@@ -125,7 +117,4 @@ def test_varlen_causal_window_through_triton_interpreter():
         out, _ = block_sparse_attention_varlen(q, k, v, cq, ck, q_block=16, backend="triton", **kw)
         ref, _ = _reference(q, k, v, cq, ck, None, 16, 16, **kw)
         assert rel_l2(out, ref) < 1e-5
-        g = torch.randn_like(out)
-        for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)),
-                        torch.autograd.grad((ref * g.double()).sum(), (q, k, v))):
-            assert rel_l2(a, b) < 1e-5
+        assert_grads_match(out, (q, k, v), ref, 1e-5)
