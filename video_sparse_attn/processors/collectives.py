@@ -36,26 +36,17 @@ def _heads_to_seq(y: torch.Tensor, group) -> torch.Tensor:
     return got.permute(1, 2, 0, 3, 4).reshape(B, S // n, n * h, D)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """``forward_fn(x, group)`` whose adjoint is ``backward_fn`` (the inverse exchange)."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_heads(x, group)
+    def forward(ctx, x, group, forward_fn, backward_fn):
+        ctx.group, ctx.backward_fn = group, backward_fn
+        return forward_fn(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, group):
-        ctx.group = group
-        return _heads_to_seq(y, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.group), None
+        return ctx.backward_fn(grad, ctx.group), None, None, None
 
 
 class _GatherHeads(torch.autograd.Function):
@@ -79,12 +70,12 @@ class _GatherHeads(torch.autograd.Function):
 def seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
     """``[B, S/N, H, D]`` sequence shard, all heads → ``[B, S, H/N, D]`` whole sequence (shards in
     rank order), this rank's heads."""
-    return _SeqToHeads.apply(x, group)
+    return _AllToAll.apply(x, group, _seq_to_heads, _heads_to_seq)
 
 
 def heads_to_seq(y: torch.Tensor, group) -> torch.Tensor:
     """Inverse of `seq_to_heads`: ``[B, S, H/N, D]`` → ``[B, S/N, H, D]``."""
-    return _HeadsToSeq.apply(y, group)
+    return _AllToAll.apply(y, group, _heads_to_seq, _seq_to_heads)
 
 
 def gather_heads(x: torch.Tensor, group) -> torch.Tensor:
