@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from . import precompile as pc
-from .triton_common import SHAPE_ARGS_M, SHAPE_ARGS_N, C_LOG2E, LOG2E, dot_precision, plan_strides, query_tile, tma_usable
+from .triton_common import (SHAPE_ARGS_M, SHAPE_ARGS_N, C_LOG2E, LOG2E, dot_precision, plan_strides, query_tile,
+                            row_program, tma_usable)
 from .tuning import tuned_kernel
 
 __all__ = ["attention_backward", "DKDV_CONFIGS", "DQ_CONFIGS", "ONE_PASS_CONFIGS"]
@@ -60,17 +61,13 @@ def _delta_kernel(
     O, DO, DELTA, sob, soh, sos, sod, sdb, sdh, sds, sdd, H, Sq,
     D: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr,
 ):
-    # Grid: (B*H, row groups of ROWS). delta = rowsum(out * dout) in float32.
-    bh = tl.program_id(0)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
-    offs_d = tl.arange(0, D_PAD)
+    # Grid: (row groups of ROWS, B*H). delta = rowsum(out * dout) in float32.
+    b, h, offs_m, offs_d = row_program(H, ROWS, D_PAD)
     ok = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
     o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod, mask=ok, other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :] * sdd, mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * Sq + offs_m, delta, mask=offs_m < Sq)
+    tl.store(DELTA + (b * H + h) * Sq + offs_m, delta, mask=offs_m < Sq)
 
 
 @triton.jit
@@ -202,13 +199,9 @@ def _dq_convert_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr,
 ):
     # Grid: (row groups of ROWS, B*H). dq = scale · buffer, cast to dq's dtype, written with its strides.
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    offs_d = tl.arange(0, D_PAD)
+    b, h, offs_m, offs_d = row_program(H, ROWS, D_PAD)
     ok = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
-    acc = tl.load(DQ_ACC + (bh.to(tl.int64) * Sq + offs_m[:, None]) * D_PAD + offs_d[None, :], mask=ok, other=0.0)
+    acc = tl.load(DQ_ACC + ((b * H + h) * Sq + offs_m[:, None]) * D_PAD + offs_d[None, :], mask=ok, other=0.0)
     tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqs + offs_d[None, :] * s_dqd,
              (acc * sm_scale).to(DQ.dtype.element_ty), mask=ok)
 
@@ -302,7 +295,7 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
     pc.wait()                                   # background compiles of these kernels, if any, first
     delta = pc.empty(B, H, Sq, device=q.device, dtype=torch.float32)
     pc.launch(
-        _delta_kernel, (B * H, triton.cdiv(Sq, _ROWS)),
+        _delta_kernel, (triton.cdiv(Sq, _ROWS), B * H),
         out, dout, delta, *out.stride(), *dout.stride(), H, Sq, D=D, D_PAD=d_pad, ROWS=_ROWS,
     )
     if dlse is not None:

@@ -17,7 +17,7 @@ import triton.language as tl
 
 __all__ = [
     "INTERPRET", "LOG2E", "LN2", "C_LOG2E", "C_LN2", "KernelOptions", "resolve_kernel_options", "kernel_configs",
-    "dot_precision", "plan_strides", "tma_usable", "query_tile", "SHAPE_ARGS_M", "SHAPE_ARGS_N",
+    "dot_precision", "plan_strides", "tma_usable", "query_tile", "row_program", "SHAPE_ARGS_M", "SHAPE_ARGS_N",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # read once at import: Triton itself does the same
@@ -166,3 +166,12 @@ def query_tile(tile, b, h, ROW_ORDER, KV_COUNT, KV_INDEX, Q_VALID,
     idx_ptr = KV_INDEX + b * s_idx_b + h * s_idx_h + q_blk * s_idx_m
     offs_m = q_blk * Q_BLOCK + sub * BLOCK_M + tl.arange(0, BLOCK_M)
     return q_blk, count, idx_ptr, offs_m, n_rows
+
+
+@triton.jit
+def row_program(H, ROWS: tl.constexpr, D_PAD: tl.constexpr):
+    """Prologue of the row-wise helper kernels, grid (row groups of ROWS, B*H): this program's b, h
+    (int64), its ROWS row ids (int64) and the D_PAD column ids."""
+    bh = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    return (bh // H).to(tl.int64), (bh % H).to(tl.int64), rows, tl.arange(0, D_PAD)

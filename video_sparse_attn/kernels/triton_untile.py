@@ -24,16 +24,9 @@ import triton
 import triton.language as tl
 
 from . import precompile as pc
+from .triton_common import row_program
 
 __all__ = ["untile_scaled_fwd", "untile_scaled_bwd"]
-
-
-@triton.jit
-def _program_rows(H, BLOCK_R: tl.constexpr, D_PAD: tl.constexpr):
-    """This program's (b, h) and its BLOCK_R rows; grid (row groups, B*H)."""
-    bh = tl.program_id(1)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    return (bh // H).to(tl.int64), (bh % H).to(tl.int64), rows, tl.arange(0, D_PAD)
 
 
 @triton.jit
@@ -52,7 +45,7 @@ def _untile_scaled_fwd_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # Grid: (row groups of the original sequence, B*H).
-    b, h, rows, offs_d = _program_rows(H, BLOCK_R, D_PAD)
+    b, h, rows, offs_d = row_program(H, BLOCK_R, D_PAD)
     ok = rows < S
     io = ok[:, None] & (offs_d < D)[None, :]
     p = tl.load(INV + rows, mask=ok, other=0)
@@ -71,7 +64,7 @@ def _untile_scaled_bwd_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # Grid: (slot groups of the block order, B*H). Padding slots get zero gradients.
-    b, h, p, offs_d = _program_rows(H, BLOCK_R, D_PAD)
+    b, h, p, offs_d = row_program(H, BLOCK_R, D_PAD)
     d_ok = (offs_d < D)[None, :]
     ok = p < P
     i = tl.load(OWN + p, mask=ok, other=-1)
