@@ -61,9 +61,9 @@ def _plan_for_mask(block_mask: torch.Tensor, Sq: int, Sk: int, q_block: Optional
         last = torch.arange(n_blocks, device=dev) == n_blocks - 1
         return torch.where(last, length - (n_blocks - 1) * block, block).to(torch.int32)[None]
 
-    plan = BlockSparsePlan.from_block_mask(block_mask, q_block, k_block, last_ragged(Nk, k_block, Sk),
-                                           last_ragged(Mq, q_block, Sq), *window)
-    return dataclasses.replace(plan, zero_q_tail=False)     # rows past Sq are sliced off (gradient 0)
+    return BlockSparsePlan.from_block_mask(block_mask, q_block, k_block, last_ragged(Nk, k_block, Sk),
+                                           last_ragged(Mq, q_block, Sq), *window,
+                                           zero_q_tail=False)     # rows past Sq are sliced off (gradient 0)
 
 
 def block_sparse_attention(
@@ -204,8 +204,8 @@ def ssta_attention(
     plan = BlockSparsePlan.from_block_mask(
         block_mask, bs, bs, layout.key_valid(text_mask, dev, padding_free, spec.key_tile),
         layout.query_valid(dev) if padding_free else None,
+        zero_q_tail=False,      # untile drops those rows, its backward passes 0 there
     )
-    plan = dataclasses.replace(plan, zero_q_tail=False)     # untile drops those rows, its backward passes 0 there
     out_t, lse = _run(spec, q_t, k_t, v_t, plan, scale)
     if padding_free and config.pad_type == "zero" and layout.has_video_padding:
         n_zero = zero_keys_per_row_block(block_mask, layout.zero_keys(dev, spec.key_tile))

@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["BlockSparsePlan", "TENSOR_FIELDS", "STATIC_FIELDS", "window_reach", "window_offsets"]
+__all__ = ["BlockSparsePlan", "TENSOR_FIELDS", "STATIC_FIELDS", "window_pairs", "window_reach", "window_offsets"]
 
 #: an unbounded window side, as the kernels see it (positions stay far below it)
 WINDOW_INF = 1 << 30
@@ -59,6 +59,19 @@ def window_offsets(Sq: int, Sk: int, causal: bool = False, window_size=(-1, -1))
     return (None if left < 0 else off - left), (None if right < 0 else off + right)
 
 
+def window_pairs(i0, nq, j0, nk, lo: Optional[int], hi: Optional[int]):
+    """Query rows ``i0 .. i0+nq-1`` against keys ``j0 .. j0+nk-1`` (broadcastable int tensors, counts
+    > 0): ``(some, every)`` — whether some / every (row, key) pair has ``lo <= j - i <= hi``
+    (None: unbounded side)."""
+    d_min, d_max = j0 - (i0 + nq - 1), (j0 + nk - 1) - i0
+    some = every = torch.ones_like(d_min, dtype=torch.bool)
+    if lo is not None:
+        some, every = some & (d_max >= lo), every & (d_min >= lo)
+    if hi is not None:
+        some, every = some & (d_min <= hi), every & (d_max <= hi)
+    return some, every
+
+
 def window_reach(q_valid: torch.Tensor, k_valid: torch.Tensor, q_block: int, k_block: int,
                  lo: Optional[int], hi: Optional[int], shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """bool ``[Bx, Mq, Nk]``: whether query block ``m`` and key block ``n`` hold a valid pair
@@ -71,13 +84,7 @@ def window_reach(q_valid: torch.Tensor, k_valid: torch.Tensor, q_block: int, k_b
     if shift is not None:
         i0 = i0 + shift.long().to(dev)[:, :, None]
     j0 = torch.arange(Nk, device=dev)[None, None, :] * k_block
-    d_min, d_max = j0 - (i0 + qv - 1), (j0 + kv - 1) - i0
-    ok = (qv > 0) & (kv > 0)
-    if lo is not None:
-        ok = ok & (d_max >= lo)
-    if hi is not None:
-        ok = ok & (d_min <= hi)
-    return ok
+    return (qv > 0) & (kv > 0) & window_pairs(i0, qv, j0, kv, lo, hi)[0]
 
 
 def compact(values: torch.Tensor, keep: torch.Tensor):
@@ -192,12 +199,14 @@ class BlockSparsePlan:
         window_lo: Optional[int] = None,
         window_hi: Optional[int] = None,
         window_shift: Optional[torch.Tensor] = None,
+        zero_q_tail: bool = True,
     ) -> "BlockSparsePlan":
         """Build a plan from a bool block mask ``[B or 1, H or 1, Mq, Nk]`` (or ``[Mq, Nk]``).
 
         ``k_valid`` (int ``[B or 1, Nk]``) and ``q_valid`` (int ``[B or 1, Mq]``) default to full
         blocks. With a window (``window_lo`` / ``window_hi`` / ``window_shift [B or 1, Mq]``, see the
-        class), blocks with no valid (query, key) pair inside it are dropped. No host synchronisation.
+        class), blocks with no valid (query, key) pair inside it are dropped. ``zero_q_tail``: see the
+        class. No host synchronisation.
         """
         k_block = q_block if k_block is None else k_block
         if block_mask.dtype != torch.bool:
@@ -231,7 +240,7 @@ class BlockSparsePlan:
             row_order=_heavy_first(kv_count), col_order=_heavy_first(q_count),
             k_valid=k_valid.contiguous(),
             density=block_mask.float().mean(), q_block=int(q_block), k_block=int(k_block), q_valid=q_valid,
-            window_shift=window_shift, window_lo=window_lo, window_hi=window_hi,
+            window_shift=window_shift, window_lo=window_lo, window_hi=window_hi, zero_q_tail=zero_q_tail,
         )
 
     @classmethod

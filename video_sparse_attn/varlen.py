@@ -8,7 +8,6 @@ CPU tensors, as flash-attention's ``max_seqlen``): building the layout reads no 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -136,10 +135,9 @@ def block_sparse_attention_varlen(
             shifts += [k0 - q0 + (ck[i + 1] - ck[i]) - (cq[i + 1] - cq[i])] * mq[i]
             q0, k0 = q0 + mq[i] * q_block, k0 + nk[i] * k_block
         shift = torch.tensor(shifts or [0], dtype=torch.int32, device=dev)[None, :max(Mt, 1)]
-    plan = BlockSparsePlan.from_block_mask(mask[None], q_block, k_block, counts(k_valid, Nt), counts(q_valid, Mt),
-                                           lo, hi, shift)
     # the rows past q_valid are never read back (and their gradient is 0): no backend needs to zero them
-    plan = dataclasses.replace(plan, zero_q_tail=False)
+    plan = BlockSparsePlan.from_block_mask(mask[None], q_block, k_block, counts(k_valid, Nt), counts(q_valid, Mt),
+                                           lo, hi, shift, zero_q_tail=False)
     out, lse = block_sparse_attention(to_blocks(q, q_slots, Sq), to_blocks(k, k_slots, Sk), to_blocks(v, k_slots, Sk),
                                       plan, scale, backend)
     if Sq == q.shape[0]:

@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from ..plan import compact
+from ..plan import compact, window_pairs
 
 
 __all__ = ["block_sparse_attention_fa4", "fa4_block_lists", "fa4_forward", "fa4_backward", "FA4BlockLists",
@@ -86,14 +86,10 @@ def _classify(q_sub, k_sub, kept, qv, kv, shift, lo, hi):
     nq, nk = take(qv, q_sub).long(), take(kv, k_sub).long()
     live = kept & (nq > 0) & (nk > 0)
     full = live & (nk == FA4_BLOCK)
-    if lo is not None or hi is not None:
+    if lo is not None or hi is not None:   # over valid rows and valid keys
         i0 = q_sub.long() * FA4_BLOCK + take(shift, q_sub).long()
-        j0 = k_sub.long() * FA4_BLOCK
-        d_min, d_max = j0 - (i0 + nq - 1), (j0 + nk - 1) - i0          # over valid rows and valid keys
-        if lo is not None:
-            live, full = live & (d_max >= lo), full & (d_min >= lo)
-        if hi is not None:
-            live, full = live & (d_min <= hi), full & (d_max <= hi)
+        some, every = window_pairs(i0, nq, k_sub.long() * FA4_BLOCK, nk, lo, hi)
+        live, full = live & some, full & every
     return live & ~full, full
 
 
