@@ -324,7 +324,8 @@ class TileLayout:
         ``src [padded_len]`` source token of every block-ordered slot; ``zero_pos`` slots filled with
         zeros; ``kernel_src`` = src with -1 at the zero slots; ``inverse [seq_len]`` slot of every
         original token; ``owner [padded_len]`` its inverse (the token a slot holds, -1 for padding and
-        copies); ``video_valid [Nv]`` real tokens per video tile; ``slot_raster [Nv, bs]`` raster position inside its tile of each slot.
+        copies); ``video_valid [Nv]`` real tokens per video tile; ``slot_raster [Nv, bs]`` raster
+        position inside its tile of each slot.
         """
         if torch.compiler.is_compiling():   # built in the graph (a few small static-shape ops), not cached
             return _build_indices(self.grid_thw, self.tile_thw, self.text_len, self.pad_type, device)
@@ -390,8 +391,9 @@ class TileLayout:
         ``[B, L]`` is given, the tokens past its valid count (a valid prefix). ``zero`` with
         ``padding_free`` skips the zero-padded video keys (their exact effect is restored by
         `zero_keys`), except those sharing a ``key_tile`` with real tokens (a backend's
-        `BackendSpec.key_tile`: loading them costs nothing and computes them exactly). Otherwise every token of a tile is a key (``repeat`` copies are real keys); the
-        storage tail past the tile volume never is.
+        `BackendSpec.key_tile`: loading them costs nothing and computes them exactly). Otherwise
+        every token of a tile is a key (``repeat`` copies are real keys); the storage tail past the
+        tile volume never is.
         """
         bs, Nv, Nt = self.tile_volume, self.num_video_blocks, self.num_text_blocks
         if self.pad_type == "repeat" or (self.pad_type == "zero" and not padding_free):
