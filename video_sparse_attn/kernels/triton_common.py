@@ -17,7 +17,8 @@ import triton.language as tl
 
 __all__ = [
     "INTERPRET", "LOG2E", "LN2", "C_LOG2E", "C_LN2", "KernelOptions", "resolve_kernel_options", "kernel_configs",
-    "dot_precision", "plan_strides", "tma_usable", "query_tile", "row_program", "SHAPE_ARGS_M", "SHAPE_ARGS_N",
+    "dot_precision", "plan_strides", "tma_layout_ok", "tma_usable", "query_tile", "row_program", "SHAPE_ARGS_M",
+    "SHAPE_ARGS_N",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # read once at import: Triton itself does the same
@@ -129,18 +130,25 @@ def _scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def tma_usable(D: int, *tensors: torch.Tensor, enabled: bool = True) -> bool:
-    """Tensor descriptors: enabled, sm90+, unpadded power-of-two D, unit last stride, 16-byte aligned
-    base and strides (never under the interpreter)."""
-    x = tensors[0]
-    if not enabled or INTERPRET or not x.is_cuda:
-        return False
-    if torch.cuda.get_device_capability(x.device)[0] < 9 or D != triton.next_power_of_2(D) or D < 16:
+def tma_layout_ok(D: int, *tensors: torch.Tensor) -> bool:
+    """The layout half of `tma_usable`: unpadded power-of-two D, unit last stride, 16-byte aligned
+    base and strides."""
+    if D != triton.next_power_of_2(D) or D < 16:
         return False
     for t in tensors:
         size = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st == 0 or (st * size) % 16 for st in t.stride()[:-1]):
             return False
+    return True
+
+
+def tma_usable(D: int, *tensors: torch.Tensor, enabled: bool = True) -> bool:
+    """Tensor descriptors: enabled, sm90+ and `tma_layout_ok` (never under the interpreter)."""
+    x = tensors[0]
+    if not enabled or INTERPRET or not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    if not tma_layout_ok(D, *tensors):
+        return False
     triton.set_allocator(_scratch)
     return True
 

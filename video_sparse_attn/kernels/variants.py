@@ -150,16 +150,13 @@ def sm90(gpu: str = "NVIDIA H200"):
     tensor descriptors are usable where the strides allow, tuned configs come from the shipped table
     for ``gpu`` (not from this machine's tuning cache), the Triton gather / untile paths and the
     ``triton`` backend are taken. Restores everything on exit (not thread-safe: patches modules)."""
-    import triton
     from triton.runtime import driver
 
     from .. import layout
     from . import registry, triton_bwd, triton_common, triton_fwd, tuning
 
-    def tma_usable(D, *tensors, enabled=True):
-        return enabled and D == triton.next_power_of_2(D) and D >= 16 and all(
-            t.stride(-1) == 1 and all(st and (st * t.element_size()) % 16 == 0 for st in t.stride()[:-1])
-            for t in tensors)
+    def tma_usable(D, *tensors, enabled=True):     # the device half answered as sm90 would
+        return enabled and triton_common.tma_layout_ok(D, *tensors)
 
     real_tuned = tuning.tuned_kernel
 
