@@ -72,26 +72,26 @@ def _parse(shape: Shape):
 
 def _plan(S: int, qb: int, kb: int, device, width: int = 32) -> BlockSparsePlan:
     """A banded plan (``width`` key blocks per query block) over S tokens, ragged last blocks."""
+    from .attention import _plan_for_mask
+
     Mq, Nk = -(-S // qb), -(-S // kb)
     centre = torch.arange(Mq, device=device) * Nk // Mq
     cols = torch.arange(Nk, device=device)
-    mask = (cols[None, :] - centre[:, None]).abs() <= width // 2
-    k_valid = torch.full((1, Nk), kb, dtype=torch.int32, device=device)
-    k_valid[0, -1] = S - (Nk - 1) * kb
-    q_valid = torch.full((1, Mq), qb, dtype=torch.int32, device=device)
-    q_valid[0, -1] = S - (Mq - 1) * qb
-    return BlockSparsePlan.from_block_mask(mask, qb, kb, k_valid, q_valid)
+    return _plan_for_mask((cols[None, :] - centre[:, None]).abs() <= width // 2, S, S, qb, kb)
 
 
 def _ssta_config(block: int, tile: Optional[Tuple[int, int, int]], config):
     """The SSTA config the warm-up call runs: ``config`` (its tile) or the default config with ``tile``
-    (default: (6, 8, 8) for 384-token blocks, else ``(1, 1, block)``); ``topk`` small (the grid is)."""
+    (default: `SSTAConfig`'s tile when its block is ``block``, else ``(1, 1, block)``); ``topk`` small
+    (the grid is)."""
     from .config import SSTAConfig
     from .layout import block_slots
 
     if config is None:
-        tile = tuple(tile) if tile is not None else ((6, 8, 8) if block == 384 else (1, 1, block))
-        config = SSTAConfig(tile_thw=tile)
+        if tile is None:   # the package's default tile when its block is this one
+            default = SSTAConfig().tile_thw
+            tile = default if block_slots(math.prod(default)) == block else (1, 1, block)
+        config = SSTAConfig(tile_thw=tuple(tile))
     config = config.replace(topk=2, caller_rules=False)
     if block_slots(config.block_size) != block:
         raise ValueError(f"the SSTA tile {config.tile_thw} makes blocks of {block_slots(config.block_size)} "
