@@ -126,3 +126,12 @@ def test_compiled_kernels_do_not_specialise_on_shape_arguments():
     got = {line.split()[0]: set(line.split()[1:]) for line in res.stdout.splitlines()}
     for kernel, names in _kernels():
         assert got[kernel.fn.__name__] == set(names), kernel.fn.__name__
+
+
+def test_warmup_refuses_a_tile_whose_block_is_not_the_shapes():
+    """A warm-up shape with 384-token blocks and a 2x4x4 tile (32-token blocks) would warm the wrong
+    kernels: one clear line, before any device work."""
+    from video_sparse_attn.warmup import warmup
+
+    with pytest.raises(ValueError, match=r"the SSTA tile \(2, 4, 4\) makes blocks of 32 tokens, not the shape's 384"):
+        warmup((1, 2, 1000, 64, torch.float32, 384), tile=(2, 4, 4), device="cpu")
