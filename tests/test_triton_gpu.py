@@ -184,6 +184,13 @@ def test_pointer_path_forced(deterministic):
     _check(plan, q, k, v, torch.bfloat16, deterministic, options={"tma": False, "autotune": False})
 
 
+@pytest.mark.parametrize("reduce", ["atomic", "tma"])
+def test_dq_spread(reduce):
+    """Per-program walk offsets of the single pass (``dq_spread``): the same gradients."""
+    plan, q, k, v = _case(2, 2, 8, 8, 384, 384, 128, torch.bfloat16, 0.6)
+    _check(plan, q, k, v, torch.bfloat16, options={"dq_spread": True, "dq_reduce": reduce})
+
+
 def _single_pass_cases():
     from video_sparse_attn.kernels.triton_bwd import ONE_PASS_CONFIGS
 

@@ -54,6 +54,7 @@ ONE_PASS_CONFIGS = {
     "large_d": [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
 }
 _ROWS = 64          # rows per program of the delta and dQ-convert kernels
+_SPREAD_STRIDE = 37  # dq_spread: walk offset per key sub-tile (prime; neighbours start far apart)
 
 
 @triton.jit(do_not_specialize=["H"])
@@ -121,9 +122,12 @@ def _dkdv_kernel(
     H, Sq, Sk, sm_scale, qk_scale, win_lo, win_hi,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, DQ_MODE: tl.constexpr, SKIP_PAD_Q: tl.constexpr,
-    WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPREAD: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Grid: (key sub-tiles of all key blocks in col_order rank, B*H); one program = BLOCK_N keys.
+    # SPREAD: start the walk over the kept query blocks at (tile · SPREAD) mod count and wrap around, so
+    # programs running side by side (the SUB_N sub-tiles of one key block walk the same list) add their
+    # dQ tiles into different rows at any moment; 0 walks from the first block.
     # DQ_MODE: 0 no dQ (deterministic path), 1 dQ by pointer atomics, 2 dQ by TMA reduce-add.
     # SKIP_PAD_Q: walk each kept query block's sub-tiles only up to q_valid (an inner loop per block,
     # pipelined within the block); else one flat loop over every sub-tile (pipelined across blocks;
@@ -163,9 +167,11 @@ def _dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    start = (tile * SPREAD) % tl.maximum(count, 1)
     if SKIP_PAD_Q:
         for j in range(0, count):
-            q_blk = tl.load(idx_ptr + j)
+            jj = j + start
+            q_blk = tl.load(idx_ptr + tl.where(jj >= count, jj - count, jj))
             n_sub = tl.cdiv(tl.load(qv_ptr + q_blk), BLOCK_M)               # sub-tiles with a valid row
             q_shift = 0
             if WINDOW:
@@ -177,7 +183,8 @@ def _dkdv_kernel(
                     D_PAD, DOT_PREC, USE_TMA, DQ_MODE, WINDOW, BLOCK_M, BLOCK_N)
     else:
         for it in range(0, count * SUB_M):
-            q_blk = tl.load(idx_ptr + it // SUB_M)
+            jj = it // SUB_M + start
+            q_blk = tl.load(idx_ptr + tl.where(jj >= count, jj - count, jj))
             q_shift = 0
             if WINDOW:
                 q_shift = tl.load(sh_ptr + q_blk)
@@ -313,6 +320,7 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
     # measured faster with pointer loads (H200, 720p SSTA: 186 vs 241 ms), unless dQ is reduced by TMA
     use_tma_q = tma_usable(D, q, dout, enabled=options["tma"] and (deterministic or options["dq_reduce"] == "tma"))
     skip = options["skip_padded_queries"]
+    spread = _SPREAD_STRIDE if (options["dq_spread"] and not deterministic) else 0
     window = plan.has_window
     tag = ".window" if window else ""
     lo, hi = plan.window_bounds()
@@ -336,7 +344,7 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
         *io_strides, *dk.stride(), *dv.stride(),
         cs[0], cs[1], ix[0], ix[1], ix[2], co[0], co[1], val_b, qv_b, sh_b,
         H, Sq, Sk, scale, scale * LOG2E, lo, hi, USE_TMA=use_tma_q, DQ_MODE=dq_mode,
-        SKIP_PAD_Q=skip, WINDOW=window, **common,
+        SKIP_PAD_Q=skip, SPREAD=spread, WINDOW=window, **common,
     )
 
     if not deterministic:

@@ -73,6 +73,13 @@ class KernelOptions(TypedDict, total=False):
     reduce on sm90+; falls back to ``"atomic"`` where descriptors are unusable). Default ``"atomic"``.
     Ignored with ``deterministic=True``."""
 
+    dq_spread: bool
+    """Single-pass backward: each program starts its walk over the kept query blocks at its own offset
+    (key sub-tile rank × a stride, modulo the count) instead of at the first one, so the programs that
+    run together — the sub-tiles of one key block share the same list — add into different dQ rows
+    rather than the same ones at the same time. The sum's order changes (the single pass is not
+    bit-reproducible anyway); nothing else. Ignored with ``deterministic=True``. Default ``False``."""
+
     skip_padded_queries: bool
     """dK/dV loops (both backward modes): walk each kept query block's sub-tiles only up to its
     ``q_valid`` (an inner loop per block, software-pipelined within the block). ``False``: one flat
@@ -82,7 +89,7 @@ class KernelOptions(TypedDict, total=False):
 
 _DEFAULTS: KernelOptions = {
     "tma": True, "warp_specialize": False, "fwd_peel": True, "fwd_lazy": True, "autotune": True,
-    "dq_reduce": "atomic", "skip_padded_queries": True,
+    "dq_reduce": "atomic", "dq_spread": False, "skip_padded_queries": True,
 }
 _CHOICES = {"dq_reduce": ("atomic", "tma")}
 
