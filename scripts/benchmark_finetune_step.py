@@ -8,6 +8,8 @@ Default: 2 double-stream blocks (hidden 2048 = 16 heads × 128), bf16 autocast o
 
     python scripts/benchmark_finetune_step.py --layers 2 --steps 3
 
+Modes: ``stock`` (the model's own processors), ``ssta`` (backend ``auto``) and ``ssta:NAME`` (an explicit
+kernel backend, e.g. ``ssta:triton``, ``ssta:fa4``; skipped when that backend is not importable).
 Prints per-mode median step time, peak memory and (SSTA) mean block density; writes JSON to
 ``--json`` when given.
 """
@@ -67,8 +69,8 @@ def step(model, opt, batch, args, i):
     return loss.detach()
 
 
-def run_mode(model, batch, args, config):
-    set_sparse_attention(model, config, "triton" if config is not None else "auto")
+def run_mode(model, batch, args, config, backend):
+    set_sparse_attention(model, config, backend)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=True)
     times, losses = [], []
     torch.cuda.reset_peak_memory_stats()
@@ -84,7 +86,7 @@ def run_mode(model, batch, args, config):
     if config is not None:
         from video_sparse_attn.processors import enable_ssta
 
-        runtime = enable_ssta(model, config, backend="triton", stats=True)
+        runtime = enable_ssta(model, config, backend=backend, stats=True)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             t600 = torch.tensor([600.0], device=batch["latents"].device)
             kw = transformer_inputs(model, batch, batch["latents"], t600, image_tokens=args.image_tokens)
@@ -108,7 +110,7 @@ def main(argv=None):
     p.add_argument("--topk", type=int, default=64, help="before the caller rules (halved for t <= 31)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--modes", default="stock,ssta")
+    p.add_argument("--modes", default="stock,ssta:triton,ssta:fa4", help="comma-separated: stock, ssta, ssta:NAME")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -121,16 +123,25 @@ def main(argv=None):
     print(f"{torch.cuda.get_device_name()}: {args.layers} blocks, {n_params / 1e6:.0f}M params, video tokens "
           f"{t * h * w} ({t},{h},{w}), text+image tokens "
           f"{args.text_len + args.text_len_2 + args.image_tokens}")
+    from video_sparse_attn.kernels.registry import BACKENDS
+
     results = {}
     for mode in args.modes.split(","):
-        config = None if mode == "stock" else SSTAConfig(topk=args.topk)
-        results[mode] = r = run_mode(model, batch, args, config)
+        kind, _, backend = mode.partition(":")
+        if kind not in ("stock", "ssta") or (backend and backend not in BACKENDS):
+            sys.exit(f"unknown mode {mode!r}; expected stock, ssta or ssta:<one of {sorted(BACKENDS)}>")
+        if backend and BACKENDS[backend].importable() is not None:
+            print(f"{mode}: skipped ({BACKENDS[backend].importable()})")
+            continue
+        config = None if kind == "stock" else SSTAConfig(topk=args.topk)
+        results[mode] = r = run_mode(model, batch, args, config, backend or "auto")
         dens = f", density {r['density']:.3f}" if r["density"] is not None else ""
         print(f"{mode:>6}: step {r['median_s'] * 1e3:8.1f} ms (median of {args.steps}; "
               f"{', '.join(f'{x * 1e3:.1f}' for x in r['times_s'])}), peak {r['peak_gib']:.1f} GiB{dens}, "
               f"losses {', '.join(f'{x:.4f}' for x in r['losses'])}", flush=True)
-    if "stock" in results and "ssta" in results:
-        print(f"speed-up per step: {results['stock']['median_s'] / results['ssta']['median_s']:.2f}x")
+    for mode, r in results.items():
+        if "stock" in results and mode != "stock":
+            print(f"speed-up per step, {mode}: {results['stock']['median_s'] / r['median_s']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": {k: v for k, v in vars(args).items()}, "results": results}, f, indent=2)
