@@ -219,3 +219,32 @@ def test_window_size_must_be_two_ints(bad):
     with pytest.raises(ValueError, match=r"window_size must be \(left, right\) ints"):
         block_sparse_attention_varlen(q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1), [0, 40], [0, 40],
                                       q_block=16, backend="torch", window_size=bad)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("options", [{}, {"fwd_peel": False, "skip_padded_queries": False}], ids=["default", "unpeeled"])
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(window_size=(150, 40)), dict(causal=True, window_size=(100, -1))],
+                         ids=["causal", "window", "causal_window"])
+def test_window_sub_tiles_inside_crossing_outside(kw, options, deterministic):
+    """256-token blocks split into several kernel sub-tiles (forward 128 x 128, single-pass backward
+    64 x 128), ragged last blocks: sub-tiles wholly inside the window run unmasked, those crossing its
+    edge masked, those outside not at all; each kind occurs here. fp32 against float64 dense."""
+    from video_sparse_attn.attention import _pad_rows, _plan_for_mask
+    from video_sparse_attn.kernels.triton_op import block_sparse_attention_triton
+    from video_sparse_attn.plan import window_offsets
+
+    torch.manual_seed(7)
+    Sq, Sk, qb, kb = 600, 700, 256, 256
+    q = torch.randn(1, 2, Sq, 16, requires_grad=True)
+    k, v = (torch.randn(1, 2, Sk, 16, requires_grad=True) for _ in range(2))
+    mask = torch.rand(1, 2, -(-Sq // qb), -(-Sk // kb)) < 0.9
+    ref, ref_lse = block_window_reference(q, k, v, mask, qb, kb, **kw)
+    plan = _plan_for_mask(mask, Sq, Sk, qb, kb, window_offsets(Sq, Sk, **kw))
+    Mq, Nk = plan.num_q_blocks * qb, plan.num_k_blocks * kb
+    out, lse = block_sparse_attention_triton(_pad_rows(q, Mq), _pad_rows(k, Nk), _pad_rows(v, Nk), plan,
+                                             kernel_options=options, deterministic=deterministic)
+    out, lse = out[:, :, :Sq], lse[:, :, :Sq]
+    ok = torch.isfinite(ref_lse)
+    assert rel_l2(out, ref) < 1e-5 and torch.equal(torch.isfinite(lse), ok)
+    assert_grads_match(out, (q, k, v), ref, 1e-5)

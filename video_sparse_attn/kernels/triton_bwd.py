@@ -22,6 +22,9 @@ Launches:
 - Deterministic (``deterministic=True``): ``_dkdv_kernel`` with ``DQ_MODE`` 0, then ``_dq_kernel``:
   one program per ``BLOCK_M`` query rows (``row_order``) walks ``kv_index`` like the forward and
   recomputes P and dP (seven block GEMMs per pair; no atomics, bit-reproducible).
+Token windows: ``_dkdv_kernel`` walks the pairs wholly inside the window unmasked (the others get
+probability 0 by an +inf offset on their lse) and then only the pairs crossing its edge, masked;
+``_dq_kernel`` tests the window score by score on every pair.
 Grids put the tile axis fastest (one head at a time, heavy tiles first); tensor descriptors (TMA)
 replace pointer loads of the walked operands on sm90+ when strides allow (see `tma_usable`).
 """
@@ -72,9 +75,17 @@ def _delta_kernel(
 
 
 @triton.jit
+def _outside_off(pos0, key_lo, key_hi, win_lo, win_hi, BLOCK_M: tl.constexpr):
+    """0 if every row ``pos0 .. pos0 + BLOCK_M - 1`` sees every key ``key_lo .. key_hi`` through the
+    window ``win_lo <= key - pos <= win_hi``, else +inf (the pair is left to the masked walk)."""
+    inside = (key_lo - (pos0 + BLOCK_M - 1) >= win_lo) & (key_hi - pos0 <= win_hi)
+    return tl.where(inside, 0.0, float("inf"))
+
+
+@triton.jit
 def _dkdv_step(
     k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, row0, rem, key_ok, offs_m, offs_d, d_ok,
-    sqs, sqd, sds, sdd, qk_scale, offs_n, q_shift, win_lo, win_hi,
+    sqs, sqd, sds, sdd, qk_scale, offs_n, q_shift, win_lo, win_hi, off,
     D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, DQ_MODE: tl.constexpr,
     WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -82,6 +93,8 @@ def _dkdv_step(
 
     ``q_src`` / ``do_src``: tensor descriptors (USE_TMA) or the per-head base pointers; ``dq_dst``: the
     dQ buffer's descriptor (DQ_MODE 2) or base pointer. Rows of the sub-tile start at ``row0``.
+    ``off``: 0, or +inf to make the pair contribute nothing (a scalar); ``WINDOW``: test the window
+    score by score.
     """
     rows = row0 + offs_m
     if USE_TMA:
@@ -91,7 +104,7 @@ def _dkdv_step(
         qt = tl.load(q_src + rows[None, :] * sqs + offs_d[:, None] * sqd, mask=d_ok[:, None], other=0.0)
         do = tl.load(do_src + rows[:, None] * sds + offs_d[None, :] * sdd, mask=d_ok[None, :], other=0.0)
     lse2 = tl.load(LSE + row_base + rows) * C_LOG2E
-    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)          # keyless / padded rows → p = 0
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2) + off    # keyless / padded rows → p = 0
     delta = tl.load(DELTA + row_base + rows)
     pt = tl.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse2[None, :])   # Pᵀ [N, M]
     if rem < BLOCK_N:
@@ -128,6 +141,9 @@ def _dkdv_kernel(
     # SPREAD: start the walk over the kept query blocks at (tile · SPREAD) mod count and wrap around, so
     # programs running side by side (the SUB_N sub-tiles of one key block walk the same list) add their
     # dQ tiles into different rows at any moment; 0 walks from the first block.
+    # WINDOW: the main walk runs only the query sub-tiles whose rows see all of this key sub-tile (no
+    # per-score test; the others are switched off by an +inf offset), a last walk the ones crossing the
+    # window's edge, masked. Sub-tiles wholly outside it contribute nothing.
     # DQ_MODE: 0 no dQ (deterministic path), 1 dQ by pointer atomics, 2 dQ by TMA reduce-add.
     # SKIP_PAD_Q: walk each kept query block's sub-tiles only up to q_valid (an inner loop per block,
     # pipelined within the block); else one flat loop over every sub-tile (pipelined across blocks;
@@ -168,6 +184,8 @@ def _dkdv_kernel(
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     start = (tile * SPREAD) % tl.maximum(count, 1)
+    key_lo = k_blk * K_BLOCK + (tile % SUB_N) * BLOCK_N                # this program's key positions
+    key_hi = key_lo + BLOCK_N - 1
     if SKIP_PAD_Q:
         for j in range(0, count):
             jj = j + start
@@ -177,21 +195,46 @@ def _dkdv_kernel(
             if WINDOW:
                 q_shift = tl.load(sh_ptr + q_blk)
             for sub in range(0, n_sub):
+                row0 = q_blk * Q_BLOCK + sub * BLOCK_M
+                off = 0.0
+                if WINDOW:
+                    off = _outside_off(row0 + q_shift, key_lo, key_hi, win_lo, win_hi, BLOCK_M)
                 dk, dv = _dkdv_step(
-                    k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, q_blk * Q_BLOCK + sub * BLOCK_M,
+                    k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, row0,
                     rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale, offs_n, q_shift, win_lo, win_hi,
-                    D_PAD, DOT_PREC, USE_TMA, DQ_MODE, WINDOW, BLOCK_M, BLOCK_N)
+                    off, D_PAD, DOT_PREC, USE_TMA, DQ_MODE, False, BLOCK_M, BLOCK_N)
     else:
         for it in range(0, count * SUB_M):
             jj = it // SUB_M + start
             q_blk = tl.load(idx_ptr + tl.where(jj >= count, jj - count, jj))
+            row0 = q_blk * Q_BLOCK + (it % SUB_M) * BLOCK_M
             q_shift = 0
+            off = 0.0
             if WINDOW:
                 q_shift = tl.load(sh_ptr + q_blk)
+                off = _outside_off(row0 + q_shift, key_lo, key_hi, win_lo, win_hi, BLOCK_M)
             dk, dv = _dkdv_step(
-                k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, q_blk * Q_BLOCK + (it % SUB_M) * BLOCK_M,
+                k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, row0,
                 rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale, offs_n, q_shift, win_lo, win_hi,
-                D_PAD, DOT_PREC, USE_TMA, DQ_MODE, WINDOW, BLOCK_M, BLOCK_N)
+                off, D_PAD, DOT_PREC, USE_TMA, DQ_MODE, False, BLOCK_M, BLOCK_N)
+
+    if WINDOW:   # the query sub-tiles crossing the window's edge, masked score by score
+        for j in range(0, count):
+            q_blk = tl.load(idx_ptr + j)
+            n_sub = SUB_M
+            if SKIP_PAD_Q:
+                n_sub = tl.cdiv(tl.load(qv_ptr + q_blk), BLOCK_M)
+            q_shift = tl.load(sh_ptr + q_blk)
+            for sub in range(0, n_sub):
+                row0 = q_blk * Q_BLOCK + sub * BLOCK_M
+                lo_d = key_lo - (row0 + q_shift + BLOCK_M - 1)               # least and greatest key - pos
+                hi_d = key_hi - (row0 + q_shift)
+                crossing = ((lo_d < win_lo) | (hi_d > win_hi)) & (hi_d >= win_lo) & (lo_d <= win_hi)
+                if crossing:
+                    dk, dv = _dkdv_step(
+                        k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, row0,
+                        rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale, offs_n, q_shift,
+                        win_lo, win_hi, 0.0, D_PAD, DOT_PREC, USE_TMA, DQ_MODE, True, BLOCK_M, BLOCK_N)
 
     dk = dk * sm_scale
     tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dks + offs_d[None, :] * s_dkd,

@@ -9,6 +9,10 @@ and lazy: the reference max (and the accumulator rescale) moves only when a row'
 than 8. Kernel options ``fwd_peel=False`` / ``fwd_lazy=False`` give back the v3 loop (ragged tail
 masked behind a per-sub-tile branch) / eager rescaling. Rows that see no key write 0 and lse = -inf.
 
+Token windows (causal, sliding): sub-tiles wholly inside the window run in the main loop without a
+per-score test; the others are switched off there like ragged ones, and those crossing the window's
+edge run masked in a last loop (a causal mask's diagonal), so the window costs nothing elsewhere.
+
 Padding-free queries: a sub-tile whose rows all lie at or past ``q_valid`` skips the key loop and
 only stores out 0 / lse -inf; in a partly valid sub-tile the padded rows load q as 0 and are stored
 as 0 / -inf.
@@ -83,8 +87,10 @@ def _fwd_kernel(
     WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Grid: (query sub-tiles of all query blocks in row_order rank, B*H); one program = BLOCK_M rows.
-    # WINDOW: key j is seen from row i only if win_lo <= j - (i + shift) <= win_hi (token level, every
-    # tile; shift = Q_SHIFT of the row's block).
+    # WINDOW: key j is seen from row i only if win_lo <= j - (i + shift) <= win_hi (shift = Q_SHIFT of
+    # the row's block). The main loop runs only the sub-tiles wholly inside the window (no per-score
+    # test); the others are switched off there (+inf offset) and those crossing its edge run masked in
+    # a last loop. Sub-tiles wholly outside it contribute nothing.
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -96,8 +102,12 @@ def _fwd_kernel(
         s_idx_b, s_idx_h, s_idx_m, s_qv_b, Q_BLOCK, BLOCK_M)
     row_ok = tl.arange(0, BLOCK_M) < n_rows                           # padded query rows: q = 0, out 0
     q_pos = offs_m
+    pos_lo = 0
+    pos_hi = 0
     if WINDOW:
         q_pos = offs_m + tl.load(Q_SHIFT + b * s_sh_b + q_blk)
+        pos_lo = tl.min(q_pos, 0)                                       # the rows' window positions
+        pos_hi = tl.max(q_pos, 0)
     valid_ptr = K_VALID + b * s_val_b
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -130,15 +140,15 @@ def _fwd_kernel(
             kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PREC)                    # unscaled: scale folds into one FMA
-        if WINDOW:
-            d = (row0 + offs_n)[None, :] - q_pos[:, None]
-            s = tl.where((d >= win_lo) & (d <= win_hi), s, float("-inf"))
         if PEEL:                                                        # ragged sub-tiles: whole tile off here
             skip = tl.where(rem < BLOCK_N, float("inf"), 0.0)
         else:
             skip = 0.0
             if rem < BLOCK_N:                                           # ragged tail only
                 s = tl.where((offs_n < rem)[None, :], s, float("-inf"))
+        if WINDOW:                                                      # not wholly inside: off here
+            inside = (row0 - pos_hi >= win_lo) & (row0 + BLOCK_N - 1 - pos_lo <= win_hi)
+            skip = skip + tl.where(inside, 0.0, float("inf"))
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, LAZY, DOT_PREC)
 
     if PEEL:   # the ragged sub-tiles skipped above, masked, found 64 kept blocks at a time
@@ -162,6 +172,26 @@ def _fwd_kernel(
                 if WINDOW:
                     d = rows[None, :] - q_pos[:, None]
                     s = tl.where((d >= win_lo) & (d <= win_hi), s, float("-inf"))
+                m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, LAZY, DOT_PREC)
+
+    if WINDOW:   # the sub-tiles crossing the window's edge (ragged ones already ran in the peeled loop)
+        for it in range(0, count * SUB_N):
+            k_blk = tl.load(idx_ptr + it // SUB_N)
+            rem = tl.load(valid_ptr + k_blk) - (it % SUB_N) * BLOCK_N
+            row0 = k_blk * K_BLOCK + (it % SUB_N) * BLOCK_N
+            lo_d = row0 - pos_hi                                        # least and greatest j - pos here
+            hi_d = row0 + BLOCK_N - 1 - pos_lo
+            crossing = (lo_d < win_lo) | (hi_d > win_hi)
+            crossing = crossing & (hi_d >= win_lo) & (lo_d <= win_hi) & (rem > 0)
+            if PEEL:
+                crossing = crossing & (rem >= BLOCK_N)
+            if crossing:
+                rows = row0 + offs_n
+                kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
+                v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
+                s = tl.dot(q, kt, input_precision=DOT_PREC)
+                d = rows[None, :] - q_pos[:, None]
+                s = tl.where((d >= win_lo) & (d <= win_hi) & (offs_n < rem)[None, :], s, float("-inf"))
                 m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, LAZY, DOT_PREC)
 
     # out = acc / l; lse = ln(l) + m·ln2 (m is in log2 units). No key, or a padded row: 0 and -inf.
