@@ -43,10 +43,18 @@ def dense_masked_attention(q, k, v, key_valid=None, scale=None):
 
 
 def plan_token_mask(plan, batch: int, heads: int) -> torch.Tensor:
-    """bool ``[B, H, Sq, Sk]``: the plan's kept blocks expanded to tokens, invalid keys excluded."""
+    """bool ``[B, H, Sq, Sk]``: the plan's kept blocks expanded to tokens, invalid keys excluded, and
+    its token window (``lo <= j - (i + shift) <= hi``) applied when it has one."""
     mask = plan.to_dense().expand(batch, heads, -1, -1)
     mask = mask.repeat_interleave(plan.q_block, 2).repeat_interleave(plan.k_block, 3)
-    return mask & plan.token_valid()[:, None, None, :] & plan.query_valid()[:, None, :, None]
+    mask = mask & plan.token_valid()[:, None, None, :] & plan.query_valid()[:, None, :, None]
+    if plan.has_window:
+        lo, hi = plan.window_bounds()
+        dev = mask.device
+        i = torch.arange(mask.shape[2], device=dev)[None, :] + plan.window_shift.to(dev).repeat_interleave(plan.q_block, 1)
+        d = torch.arange(mask.shape[3], device=dev)[None, None, :] - i[:, :, None]          # [Bw, Sq, Sk]
+        mask = mask & ((d >= lo) & (d <= hi))[:, None]
+    return mask
 
 
 def eager_attention(q, k, v, token_mask, scale=None):

@@ -191,6 +191,18 @@ def test_dq_spread(reduce):
     _check(plan, q, k, v, torch.bfloat16, options={"dq_spread": True, "dq_reduce": reduce})
 
 
+@pytest.mark.parametrize("window", [(None, 0), (-700, 200), (-300, None)], ids=["causal", "band", "left"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["onepass", "det"])
+def test_window_sub_tiles(window, deterministic):
+    """Token windows on 384-token blocks (several kernel sub-tiles per block): the sub-tiles wholly
+    inside run unmasked, the crossing ones masked, bf16 against float64 (shipped configs)."""
+    import dataclasses
+
+    plan, q, k, v = _case(2, 2, 6, 6, 384, 384, 128, torch.bfloat16, 0.7)
+    plan = dataclasses.replace(plan, window_lo=window[0], window_hi=window[1])
+    _check(plan, q, k, v, torch.bfloat16, deterministic)
+
+
 def _single_pass_cases():
     from video_sparse_attn.kernels.triton_bwd import ONE_PASS_CONFIGS
 

@@ -22,9 +22,8 @@ Launches:
 - Deterministic (``deterministic=True``): ``_dkdv_kernel`` with ``DQ_MODE`` 0, then ``_dq_kernel``:
   one program per ``BLOCK_M`` query rows (``row_order``) walks ``kv_index`` like the forward and
   recomputes P and dP (seven block GEMMs per pair; no atomics, bit-reproducible).
-Token windows: ``_dkdv_kernel`` walks the pairs wholly inside the window unmasked (the others get
-probability 0 by an +inf offset on their lse) and then only the pairs crossing its edge, masked;
-``_dq_kernel`` tests the window score by score on every pair.
+Token windows: the dK/dV and dQ walks run the pairs wholly inside the window unmasked (the others get
+probability 0 by an +inf offset on their lse), then only the pairs crossing its edge, masked.
 Grids put the tile axis fastest (one head at a time, heavy tiles first); tensor descriptors (TMA)
 replace pointer loads of the walked operands on sm90+ when strides allow (see `tma_usable`).
 """
@@ -280,8 +279,12 @@ def _dq_kernel(
         s_idx_b, s_idx_h, s_idx_m, s_qv_b, Q_BLOCK, BLOCK_M)
     row_ok = tl.arange(0, BLOCK_M) < n_rows
     q_pos = offs_m
+    pos_lo = 0
+    pos_hi = 0
     if WINDOW:
         q_pos = offs_m + tl.load(Q_SHIFT + b * s_sh_b + q_blk)
+        pos_lo = tl.min(q_pos, 0)
+        pos_hi = tl.max(q_pos, 0)
     valid_ptr = K_VALID + b * s_val_b
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -312,15 +315,34 @@ def _dq_kernel(
             rows = row0 + offs_n
             kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
             vt = tl.load(v_base + rows[None, :] * svs + offs_d[:, None] * svd, mask=d_ok[:, None], other=0.0)
-        p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse2[:, None])
+        off = 0.0
+        if WINDOW:                                  # not wholly inside the window: left to the last loop
+            off = _outside_off(pos_lo, row0, row0 + BLOCK_N - 1, win_lo, win_hi, BLOCK_M)
+        p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - (lse2 + off)[:, None])
         if rem < BLOCK_N:
             p = tl.where((offs_n < rem)[None, :], p, 0.0)
-        if WINDOW:
-            d = (row0 + offs_n)[None, :] - q_pos[:, None]
-            p = tl.where((d >= win_lo) & (d <= win_hi), p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
+
+    if WINDOW:   # the key sub-tiles crossing the window's edge, masked score by score
+        for it in range(0, count * SUB_N):
+            k_blk = tl.load(idx_ptr + it // SUB_N)
+            rem = tl.load(valid_ptr + k_blk) - (it % SUB_N) * BLOCK_N
+            row0 = k_blk * K_BLOCK + (it % SUB_N) * BLOCK_N
+            lo_d = row0 - pos_hi
+            hi_d = row0 + BLOCK_N - 1 - pos_lo
+            crossing = ((lo_d < win_lo) | (hi_d > win_hi)) & (hi_d >= win_lo) & (lo_d <= win_hi) & (rem > 0)
+            if crossing:
+                rows = row0 + offs_n
+                kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
+                vt = tl.load(v_base + rows[None, :] * svs + offs_d[:, None] * svd, mask=d_ok[:, None], other=0.0)
+                p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse2[:, None])
+                d = rows[None, :] - q_pos[:, None]
+                p = tl.where((d >= win_lo) & (d <= win_hi) & (offs_n < rem)[None, :], p, 0.0)
+                dp = tl.dot(do, vt, input_precision=DOT_PREC)
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
 
     dq = dq * sm_scale
     tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqs + offs_d[None, :] * s_dqd,
