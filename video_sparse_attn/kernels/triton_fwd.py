@@ -151,7 +151,7 @@ def _fwd_kernel(
             skip = skip + tl.where(inside, 0.0, float("inf"))
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, LAZY, DOT_PREC)
 
-    if PEEL:   # the ragged sub-tiles skipped above, masked, found 64 kept blocks at a time
+    if PEEL and not WINDOW:   # the ragged sub-tiles skipped above, masked, found 64 kept blocks at a time
         offs_c = tl.arange(0, 64)
         for c in range(0, count, 64):
             in_row = c + offs_c < count
@@ -169,23 +169,21 @@ def _fwd_kernel(
                 v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
                 s = tl.dot(q, kt, input_precision=DOT_PREC)
                 s = tl.where((offs_n < kv1 % BLOCK_N)[None, :], s, float("-inf"))
-                if WINDOW:
-                    d = rows[None, :] - q_pos[:, None]
-                    s = tl.where((d >= win_lo) & (d <= win_hi), s, float("-inf"))
                 m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, LAZY, DOT_PREC)
 
-    if WINDOW:   # the sub-tiles crossing the window's edge (ragged ones already ran in the peeled loop)
+    if WINDOW:   # one scan for every sub-tile skipped above that has a key in the window: those crossing
+                 # its edge and (peeled loop) the ragged ones, masked by both (one loop, not two: the
+                 # 4-warp kernel is at its register limit and a third loop made it spill)
         for it in range(0, count * SUB_N):
             k_blk = tl.load(idx_ptr + it // SUB_N)
             rem = tl.load(valid_ptr + k_blk) - (it % SUB_N) * BLOCK_N
             row0 = k_blk * K_BLOCK + (it % SUB_N) * BLOCK_N
             lo_d = row0 - pos_hi                                        # least and greatest j - pos here
             hi_d = row0 + BLOCK_N - 1 - pos_lo
-            crossing = (lo_d < win_lo) | (hi_d > win_hi)
-            crossing = crossing & (hi_d >= win_lo) & (lo_d <= win_hi) & (rem > 0)
+            todo = (lo_d < win_lo) | (hi_d > win_hi)                    # crossing the edge
             if PEEL:
-                crossing = crossing & (rem >= BLOCK_N)
-            if crossing:
+                todo = todo | (rem < BLOCK_N)                           # or ragged
+            if todo & (hi_d >= win_lo) & (lo_d <= win_hi) & (rem > 0):
                 rows = row0 + offs_n
                 kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
                 v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
