@@ -10,7 +10,7 @@
 #    FlexAttention, per kept block relative to the plain case.           -> $OUT/parity.csv
 # 3. scripts/benchmark_transformer.py --modes cudnn_valid ssta --compile: one HunyuanVideo-1.5 block,
 #    eager and compiled (needs diffusers).                                -> $OUT/block.csv
-# 4. scripts/benchmark_finetune_step.py: one fine-tuning step, stock vs SSTA (needs diffusers).
+# 4. scripts/benchmark_finetune_step.py: one fine-tuning step, stock vs SSTA through Triton and FA4 (needs diffusers).
 set -o pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
