@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from helpers import assert_grads_match, block_window_reference, rel_l2
-from video_sparse_attn import BlockSparsePlan, SSTAConfig, block_sparse_attention, block_sparse_attention_varlen, ssta_attention
+from video_sparse_attn import (BlockSparsePlan, SSTAConfig, TileLayout, block_sparse_attention, block_sparse_attention_varlen,
+                               ssta_attention)
 
 
 def _dense_reference(q, k, v, mask, qb, kb):
@@ -248,3 +249,23 @@ def test_window_sub_tiles_inside_crossing_outside(kw, options, deterministic):
     ok = torch.isfinite(ref_lse)
     assert rel_l2(out, ref) < 1e-5 and torch.equal(torch.isfinite(lse), ok)
     assert_grads_match(out, (q, k, v), ref, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("thw, pad", [((2, 4, 8), "mask"), ((3, 5, 6), "zero")])
+def test_ssta_attention_returns_lse_for_32_and_16_bit_inputs(dtype, thw, pad):
+    """The float32 lse is returned to token order along its last dim (a row gather of 8-byte words
+    over the last dim used to halve it and fail)."""
+    L = 6
+    S = math.prod(thw) + L
+    q, k, v = (torch.randn(1, 2, S, 16).to(dtype) for _ in range(3))
+    cfg = SSTAConfig(tile_thw=(1, 4, 4), sparse_type="dense", pad_type=pad, caller_rules=False)
+    out, lse = ssta_attention(q, k, v, thw, cfg, L, return_lse=True, backend="torch")
+    assert lse.shape == (1, 2, S) and lse.dtype == torch.float32
+    s = (q.double() @ k.double().transpose(-1, -2)) / 4
+    if pad == "zero":   # padding stays visible: zero keys (logit 0) and copies of the last text key
+        layout = TileLayout(thw, cfg.tile_thw, L, pad)
+        n_zero = layout.num_video_blocks * layout.tile_volume - layout.num_video_tokens
+        n_copy = layout.num_text_blocks * layout.tile_volume - L
+        s = torch.cat([s, torch.zeros(*s.shape[:-1], n_zero, dtype=s.dtype), s[..., -1:].expand(-1, -1, -1, n_copy)], -1)
+    assert rel_l2(lse, torch.logsumexp(s, -1)) < 1e-3

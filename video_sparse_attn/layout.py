@@ -134,6 +134,8 @@ def _row_view(x: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_rows(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    if dim == x.dim() - 1:      # elements, not rows (an lse [B, H, S]): the word view would merge them
+        return x.index_select(dim, index)
     return _row_view(x).index_select(dim, index).view(x.dtype)
 
 
