@@ -136,3 +136,75 @@ def test_k_valid_is_clamped_before_the_int32_cast():
     mask = torch.ones(1, 1, 2, 2, dtype=torch.bool)
     plan = BlockSparsePlan.from_block_mask(mask, 16, 16, torch.tensor([[2**40, -5]], dtype=torch.int64))
     assert plan.k_valid.tolist() == [[16, 0]] and plan.k_valid.dtype == torch.int32
+
+
+# ---------------------------------------------------------------- block_sparse_attention's arguments as given
+def _mask_inputs(S=40, Sk=None, H=2, Hk=None, D=16):
+    Sk = S if Sk is None else Sk
+    q = torch.randn(1, H, S, D)
+    k, v = torch.randn(2, 1, Hk or H, Sk, D).unbind(0)
+    return q, k, v, torch.ones(-(-S // 16), -(-Sk // 16), dtype=torch.bool)
+
+
+def test_block_sparse_attention_refuses_k_and_v_of_different_lengths():
+    """v one token short used to be zero-padded to k's blocks and run: a silently wrong answer."""
+    q, k, v, mask = _mask_inputs()
+    with pytest.raises(ValueError, match="k and v have different lengths: 40 and 39"):
+        block_sparse_attention(q, k, v[:, :, :39], mask, q_block=16, backend="torch")
+    with pytest.raises(ValueError, match="k and v shapes differ"):
+        block_sparse_attention(q, k, v[..., :8], mask, q_block=16, backend="torch")
+    with pytest.raises(ValueError, match=r"k has an empty dimension: \(1, 2, 0, 16\)"):
+        block_sparse_attention(q, k[:, :, :0], v[:, :, :0], mask[:, :0], q_block=16, backend="torch")
+
+
+@pytest.mark.parametrize("q_block, k_block, err, words", [
+    (0, None, ValueError, "q_block=0: block sizes must be positive multiples of 16"),
+    (-16, None, ValueError, "q_block=-16: block sizes"),
+    (24, None, ValueError, "q_block=24: block sizes"),
+    (16, 0, ValueError, "k_block=0: block sizes"),
+    (16.0, None, TypeError, "q_block must be an int"),
+    (True, None, TypeError, "q_block must be an int"),
+    ("16", None, TypeError, "q_block must be an int"),
+])
+def test_block_sizes_are_checked_before_use(q_block, k_block, err, words):
+    q, k, v, mask = _mask_inputs()
+    with pytest.raises(err, match=words):
+        block_sparse_attention(q, k, v, mask, q_block=q_block, k_block=k_block, backend="torch")
+    with pytest.raises(err, match=words):
+        BlockSparsePlan.from_block_mask(mask, q_block, k_block)
+
+
+def test_plan_argument_errors_name_the_argument():
+    q, k, v, mask = _mask_inputs(48)
+    for bad in (None, mask.tolist(), mask.numpy()):
+        with pytest.raises(TypeError, match="plan must be a BlockSparsePlan or a bool block mask tensor"):
+            block_sparse_attention(q, k, v, bad, q_block=16, backend="torch")
+    with pytest.raises(TypeError, match="block mask must be bool"):
+        block_sparse_attention(q, k, v, mask.int(), q_block=16, backend="torch")
+    with pytest.raises(ValueError, match=r"block mask \(3, 2, 3, 3\) must be \[B or 1, H or 1, Mq, Nk\]"):
+        block_sparse_attention(q, k, v, mask.expand(3, 2, 3, 3), q_block=16, backend="torch")
+    # block sizes come from a plan: a different q_block beside one used to be ignored
+    plan = BlockSparsePlan.from_block_mask(mask, 16)
+    with pytest.raises(ValueError, match="q_block=32 given with a plan of q_block=16"):
+        block_sparse_attention(q, k, v, plan, q_block=32, backend="torch")
+    block_sparse_attention(q, k, v, plan, q_block=16, backend="torch")
+
+
+@pytest.mark.parametrize("causal", ["no", None, 2])
+def test_causal_must_be_a_bool(causal):
+    """causal="no" is truthy: it used to run causal attention."""
+    q, k, v, mask = _mask_inputs()
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        block_sparse_attention(q, k, v, mask, q_block=16, causal=causal, backend="torch")
+
+
+def test_from_block_mask_checks_its_per_block_tensors():
+    mask = torch.ones(2, 1, 3, 3, dtype=torch.bool)
+    with pytest.raises(TypeError, match="block_mask must be a bool tensor, got list"):
+        BlockSparsePlan.from_block_mask([[True]], 16)
+    with pytest.raises(ValueError, match=r"window_shift must be \[B or 1, 3\].*got \(1, 5\)"):
+        BlockSparsePlan.from_block_mask(mask, 16, window_lo=0, window_shift=torch.zeros(1, 5, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"k_valid must be \[B or 1, 3\].*got \(3, 3\)"):
+        BlockSparsePlan.from_block_mask(mask, 16, 16, torch.full((3, 3), 16))
+    with pytest.raises(ValueError, match="k_valid is on meta"):
+        BlockSparsePlan.from_block_mask(mask, 16, 16, torch.full((1, 3), 16, device="meta"))

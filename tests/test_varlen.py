@@ -118,3 +118,41 @@ def test_varlen_causal_window_through_triton_interpreter():
         ref, _ = _reference(q, k, v, cq, ck, None, 16, 16, **kw)
         assert rel_l2(out, ref) < 1e-5
         assert_grads_match(out, (q, k, v), ref, 1e-5)
+
+
+@pytest.mark.parametrize("cu, err, words", [
+    (torch.tensor([0.0, 20.5, 50.0]), TypeError, "cu_seqlens_q must be a 1-D integer tensor, got torch.float32"),
+    (torch.tensor([[0, 20, 50]]), TypeError, r"1-D integer tensor, got torch.int64 of shape \(1, 3\)"),
+    ([0, 20.5, 50], TypeError, "cu_seqlens_q must hold ints"),
+    ([False, True], TypeError, "cu_seqlens_q must hold ints"),
+    ("0,50", TypeError, "cu_seqlens_q must be a sequence of ints"),
+])
+def test_varlen_offsets_must_be_integers(cu, err, words):
+    """Float offsets used to be truncated by int() (20.5 → 20): a silently different split."""
+    q = torch.randn(50, 2, 16)
+    with pytest.raises(err, match=words):
+        block_sparse_attention_varlen(q, q, q, cu, [0, 20, 50], q_block=16, backend="torch")
+
+
+def test_varlen_argument_errors_name_the_argument():
+    q = torch.randn(50, 2, 16)
+    with pytest.raises(ValueError, match="q_block=0: block sizes must be positive multiples of 16"):
+        block_sparse_attention_varlen(q, q, q, [0, 50], [0, 50], q_block=0, backend="torch")
+    with pytest.raises(ValueError, match="q, k, v are on different devices: cpu, meta, meta"):
+        block_sparse_attention_varlen(q, q.to("meta"), q.to("meta"), [0, 50], [0, 50], q_block=16, backend="torch")
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        block_sparse_attention_varlen(q, q, q, [0, 50], [0, 50], q_block=16, causal="no", backend="torch")
+    with pytest.raises(ValueError, match=r"k and v must be \[Tk, H_kv, D=16\]"):
+        block_sparse_attention_varlen(q, q[..., :8], q[..., :8], [0, 50], [0, 50], q_block=16, backend="torch")
+    for m in (torch.ones(1, 1, 4, 4, dtype=torch.bool), torch.ones(3, 4, 4, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"block_masks\[0\] must be bool \[\.\.\., 4, 4\] \(2-D, or 3-D with H=2"):
+            block_sparse_attention_varlen(q, q, q, [0, 50], [0, 50], [m], q_block=16, backend="torch")
+    with pytest.raises(ValueError, match=r"block_masks\[0\] is on meta"):
+        block_sparse_attention_varlen(q, q, q, [0, 50], [0, 50], [torch.ones(4, 4, dtype=torch.bool, device="meta")],
+                                      q_block=16, backend="torch")
+    with pytest.raises(TypeError, match="block_masks must be a list of 1 bool tensors"):
+        block_sparse_attention_varlen(q, q, q, [0, 50], [0, 50], torch.ones(4, 4, dtype=torch.bool), q_block=16,
+                                      backend="torch")
+    # sequences of length 0, and an empty pack, still run
+    out, lse = block_sparse_attention_varlen(q[:0], q[:0], q[:0], [0, 0], [0, 0], q_block=16, backend="torch")
+    assert out.shape == (0, 2, 16) and lse.shape == (2, 0)

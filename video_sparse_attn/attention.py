@@ -13,7 +13,8 @@ from .layout import TileLayout
 from .masks.build import block_mask_from_tiled
 from .padding_free import add_zero_keys, untile_with_zero_keys, zero_keys_per_row_block
 from .plan import BlockSparsePlan, window_offsets
-from .validation import check_qkv, check_scale, check_window_size, validate_block_inputs, validate_inputs
+from .validation import (check_block_call, check_block_size, check_scale, check_window_size, validate_block_inputs,
+                         validate_inputs)
 
 __all__ = ["block_sparse_attention", "ssta_attention", "SSTAInfo", "resolve_backend"]
 
@@ -28,14 +29,12 @@ def _run(spec: BackendSpec, q, k, v, plan, scale) -> Tuple[torch.Tensor, torch.T
 
 
 def _expand_kv_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """Grouped-query attention: k, v ``[B, H_kv, S, D]`` with ``H % H_kv == 0`` → ``[B, H, S, D]``
-    (each k/v head serves ``H // H_kv`` consecutive q heads; autograd sums dk, dv over the group)."""
+    """Grouped-query attention: k, v ``[B, H_kv, S, D]`` with ``H % H_kv == 0`` (`check_block_call`)
+    → ``[B, H, S, D]`` (each k/v head serves ``H // H_kv`` consecutive q heads; autograd sums dk, dv
+    over the group)."""
     H, Hk = q.shape[1], k.shape[1]
     if Hk == H:
         return k, v
-    if k.shape[1] != v.shape[1] or H % Hk:
-        raise ValueError(f"grouped-query attention needs k and v with the same number of heads dividing q's: "
-                         f"q has {H}, k {k.shape[1]}, v {v.shape[1]}")
     return k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)
 
 
@@ -48,9 +47,8 @@ def _plan_for_mask(block_mask: torch.Tensor, Sq: int, Sk: int, q_block: Optional
     """A plan for a bool block mask ``[Mq, Nk]`` or ``[B or 1, H or 1, Mq, Nk]`` over sequences of any
     length: the last blocks are ragged (``q_valid`` / ``k_valid``); blocks wholly outside the token
     ``window`` ``(lo, hi)`` are dropped."""
-    if q_block is None:
-        raise ValueError("a block mask needs q_block (and k_block, default q_block): the tokens per block")
-    k_block = q_block if k_block is None else k_block
+    q_block = check_block_size("q_block", q_block)
+    k_block = q_block if k_block is None else check_block_size("k_block", k_block)
     Mq, Nk = -(-Sq // q_block), -(-Sk // k_block)
     if tuple(block_mask.shape[-2:]) != (Mq, Nk):
         raise ValueError(f"block mask is {tuple(block_mask.shape[-2:])} blocks but Sq={Sq}, Sk={Sk} with "
@@ -103,7 +101,7 @@ def block_sparse_attention(
     both (lse is differentiable, so chunks can be merged by their LSE). Rows that see no key: out 0,
     lse -inf.
     """
-    check_qkv(q, k, v)
+    check_block_call(q, k, v, plan, q_block, k_block, causal)
     k, v = _expand_kv_heads(q, k, v)
     Sq, Sk = q.shape[2], k.shape[2]
     from_mask = isinstance(plan, torch.Tensor)

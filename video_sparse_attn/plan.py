@@ -42,6 +42,8 @@ from typing import Optional
 import torch
 import torch.utils._pytree as pytree
 
+from .validation import check_plan_args
+
 __all__ = ["BlockSparsePlan", "TENSOR_FIELDS", "STATIC_FIELDS", "window_pairs", "window_reach", "window_offsets"]
 
 #: an unbounded window side, as the kernels see it (positions stay far below it)
@@ -208,13 +210,9 @@ class BlockSparsePlan:
         class), blocks with no valid (query, key) pair inside it are dropped. ``zero_q_tail``: see the
         class. No host synchronisation.
         """
-        k_block = q_block if k_block is None else k_block
-        if block_mask.dtype != torch.bool:
-            raise TypeError(f"block_mask must be bool, got {block_mask.dtype}")
+        q_block, k_block = check_plan_args(block_mask, q_block, k_block, k_valid, q_valid, window_shift)
         if block_mask.dim() == 2:
             block_mask = block_mask[None, None]
-        if block_mask.dim() != 4:
-            raise ValueError(f"block_mask must be [B, H, Mq, Nk] or [Mq, Nk], got {tuple(block_mask.shape)}")
         Nk = block_mask.shape[-1]
         if k_valid is None:
             k_valid = torch.full((1, Nk), k_block, dtype=torch.int32, device=block_mask.device)

@@ -14,23 +14,11 @@ import torch
 
 from .attention import block_sparse_attention
 from .plan import BlockSparsePlan
-from .validation import check_window_size
+from .validation import check_varlen_call, check_window_size
 
 __all__ = ["block_sparse_attention_varlen"]
 
 Lengths = Union[Sequence[int], torch.Tensor]
-
-
-def _offsets(cu: Lengths, name: str) -> List[int]:
-    if isinstance(cu, torch.Tensor):
-        if cu.device.type != "cpu":
-            raise ValueError(f"{name} must be a Python sequence or a CPU tensor (lengths are host facts; "
-                             f"a {cu.device} tensor would need a host synchronisation)")
-        cu = cu.tolist()
-    cu = [int(x) for x in cu]
-    if len(cu) < 2 or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
-        raise ValueError(f"{name} must start at 0 and never decrease (n + 1 offsets), got {cu}")
-    return cu
 
 
 def _packed_slots(cu: List[int], block: int, device) -> Tuple[torch.Tensor, List[int], List[int]]:
@@ -78,19 +66,9 @@ def block_sparse_attention_varlen(
         ``out [Tq, H, D]`` and ``lse [H, Tq]`` float32 (natural log; rows that see no key: out 0,
         lse -inf); both differentiable.
     """
-    k_block = q_block if k_block is None else k_block
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            raise ValueError(f"{name} must be a packed [T, H, D] tensor, got {getattr(x, 'shape', type(x))}")
-    cq, ck = _offsets(cu_seqlens_q, "cu_seqlens_q"), _offsets(cu_seqlens_k, "cu_seqlens_k")
+    cq, ck, q_block, k_block = check_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, block_masks, q_block, k_block,
+                                                 causal)
     n = len(cq) - 1
-    if len(ck) - 1 != n:
-        raise ValueError(f"cu_seqlens_q holds {n} sequences but cu_seqlens_k {len(ck) - 1}")
-    if cq[-1] != q.shape[0] or ck[-1] != k.shape[0] or v.shape[0] != k.shape[0]:
-        raise ValueError(f"the offsets end at {cq[-1]} / {ck[-1]} but q has {q.shape[0]} tokens, k {k.shape[0]}, "
-                         f"v {v.shape[0]}")
-    if block_masks is not None and len(block_masks) != n:
-        raise ValueError(f"{len(block_masks)} block masks for {n} sequences")
     dev = q.device
     q_slots, mq, q_valid = _packed_slots(cq, q_block, dev)
     k_slots, nk, k_valid = _packed_slots(ck, k_block, dev)
@@ -104,12 +82,7 @@ def block_sparse_attention_varlen(
         if block_masks is None:
             mask[:, r0:r0 + mq[i], c0:c0 + nk[i]] = True
         else:
-            m = block_masks[i]
-            if m.dtype != torch.bool or tuple(m.shape[-2:]) != (mq[i], nk[i]):
-                raise ValueError(f"block_masks[{i}] must be bool [..., {mq[i]}, {nk[i]}] (lengths {cq[i + 1] - cq[i]} "
-                                 f"and {ck[i + 1] - ck[i]} in blocks of {q_block} / {k_block}), got "
-                                 f"{m.dtype} {tuple(m.shape)}")
-            mask[:, r0:r0 + mq[i], c0:c0 + nk[i]] = m.to(dev)
+            mask[:, r0:r0 + mq[i], c0:c0 + nk[i]] = block_masks[i].to(dev)
         r0, c0 = r0 + mq[i], c0 + nk[i]
     Sq, Sk = max(Mt, 1) * q_block, max(Nt, 1) * k_block
 
