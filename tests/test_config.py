@@ -81,3 +81,27 @@ def test_json_and_metadata_round_trip(tmp_path):
 def test_as_dense_is_exact_dense():
     d = SSTAConfig(topk=3, pad_type="zero").as_dense()
     assert d.sparse_type == "dense" and d.pad_type == "mask" and d.topk == 3
+
+
+@pytest.mark.parametrize("kwargs, err, words", [
+    (dict(lambda_=None), TypeError, "lambda_ must be a number in \\[0, 1\\], got None"),
+    (dict(lambda_="high"), TypeError, "lambda_ must be a number in \\[0, 1\\], got 'high'"),
+    (dict(lambda_=True), TypeError, "lambda_ must be a number"),
+    (dict(threshold=[0.1]), TypeError, "threshold must be a number in \\[0, 1\\]"),
+    (dict(lambda_=float("nan")), ValueError, "lambda_ must lie in \\[0, 1\\]"),
+])
+def test_numeric_fields_name_themselves(kwargs, err, words):
+    """float(None) / float("high") used to surface as Python's own message, naming no field."""
+    with pytest.raises(err, match=words):
+        SSTAConfig(**kwargs)
+    assert SSTAConfig(lambda_="0.5").lambda_ == 0.5
+
+
+def test_loaders_refuse_what_is_not_a_mapping():
+    """A list used to be read as field names ("unknown SSTAConfig fields [1, 2]")."""
+    with pytest.raises(TypeError, match="an SSTAConfig dict must be a mapping of names to values, got list"):
+        SSTAConfig.from_json("[1, 2]")
+    with pytest.raises(TypeError, match="attn_param must be a mapping"):
+        SSTAConfig.from_hunyuan([("ssta_topk", 32)])
+    with pytest.raises(ValueError, match="an SSTAConfig must be a JSON object, and this is not JSON"):
+        SSTAConfig.from_metadata({"ssta_config": "topk=32"})

@@ -48,6 +48,25 @@ def _triple(name: str, value: Any) -> Triple:
     return out  # type: ignore[return-value]
 
 
+def _unit_float(name: str, value: Any) -> float:
+    """A number in [0, 1] as a float (numeric strings from JSON / attn_param dicts accepted)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= out <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return out
+
+
+def _mapping(what: str, value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a mapping of names to values, got {type(value).__name__}")
+    return value
+
+
 @dataclass(frozen=True)
 class SSTAConfig:
     """Selective and Sliding Tile Attention settings.
@@ -105,12 +124,8 @@ class SSTAConfig:
                               ("pad_type", PAD_TYPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not 0.0 <= float(self.lambda_) <= 1.0:
-            raise ValueError(f"lambda_ must lie in [0, 1], got {self.lambda_}")
-        set_("lambda_", float(self.lambda_))
-        if not 0.0 <= float(self.threshold) <= 1.0:
-            raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
-        set_("threshold", float(self.threshold))
+        for name in ("lambda_", "threshold"):
+            set_(name, _unit_float(name, getattr(self, name)))
         if self.threshold > 0 and self.sampling_type != "similarity":
             raise ValueError(
                 f"threshold={self.threshold} needs sampling_type='similarity' "
@@ -189,6 +204,7 @@ class SSTAConfig:
             "attn_pad_type": "pad_type", "attn_use_text_mask": "use_text_mask",
             "attn_mask_share_within_head": "mask_share_within_head",
         }
+        attn_param = _mapping("attn_param", attn_param)
         unknown = set(attn_param) - set(mapping)
         if unknown:
             raise ValueError(f"unknown HunyuanVideo-1.5 attn_param keys {sorted(unknown)}; known: {sorted(mapping)}")
@@ -221,6 +237,7 @@ class SSTAConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SSTAConfig":
+        d = _mapping("an SSTAConfig dict", d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -232,7 +249,11 @@ class SSTAConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "SSTAConfig":
-        return cls.from_dict(json.loads(text))
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"an SSTAConfig must be a JSON object, and this is not JSON: {e}") from None
+        return cls.from_dict(d)
 
     def save(self, path: str) -> None:
         """Write the config as JSON."""
