@@ -254,3 +254,15 @@ def test_enable_warmup_warms_the_transformers_shapes(monkeypatch):
     model, _ = tiny("hunyuan_video15")
     enable_ssta(model, SSTAConfig(tile_thw=(1, 4, 4)), warmup=True)        # CPU model: nothing to warm
     assert len(seen) == 1
+
+
+def test_enable_ssta_checks_stats_and_flags_before_the_first_forward():
+    """stats="yes" used to be stored and fail inside the first forward; strict_tiles="no" is truthy."""
+    model, _ = tiny("wan")
+    with pytest.raises(TypeError, match="stats must be True, False, None or an SSTAStats, got 'yes'"):
+        enable_ssta(model, SPARSE, stats="yes")
+    with pytest.raises(TypeError, match="strict_tiles must be a bool, got 'no'"):
+        enable_ssta(model, SPARSE, strict_tiles="no")
+    with pytest.raises(TypeError, match="stats must be an SSTAStats or None"):
+        SSTAAttnProcessor(SPARSE, stats=True)
+    assert runtime_of(model) is None       # nothing was installed

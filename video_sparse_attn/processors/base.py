@@ -17,7 +17,7 @@ from ..attention import ssta_attention
 from ..kernels.registry import AttentionCall, backend_names, select_backend
 from ..config import SSTAConfig
 from ..families import family_of
-from ..validation import check_text_mask_prefix, check_tiles
+from ..validation import check_flag, check_text_mask_prefix, check_tiles
 from .grid_hook import (LAYER_ATTR, RUNTIME_ATTR, SSTARuntime, find_calling_transformer, install_grid_hook,
                         runtime_of)
 from .schedule import SSTASchedule
@@ -74,6 +74,9 @@ class SSTAAttnProcessor:
             raise TypeError(f"schedule must be an SSTASchedule or None, got {type(schedule).__name__}")
         if backend not in backend_names():
             raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
+        if stats is not None and not isinstance(stats, SSTAStats):
+            raise TypeError(f"stats must be an SSTAStats or None, got {stats!r}")
+        strict_tiles = check_flag("strict_tiles", strict_tiles)
         self.config = config
         self.schedule = schedule
         self.backend = backend

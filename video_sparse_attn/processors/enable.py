@@ -8,6 +8,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..config import SSTAConfig
+from ..validation import check_flag
 from .base import SSTAAttnProcessor
 from ..families import family_of
 from .grid_hook import SSTARuntime, install_grid_hook, remove_grid_hook, runtime_of
@@ -85,6 +86,9 @@ def enable_ssta(
         stats = SSTAStats()
     elif stats is False:
         stats = None
+    elif stats is not None and not isinstance(stats, SSTAStats):
+        raise TypeError(f"stats must be True, False, None or an SSTAStats, got {stats!r}")
+    check_flag("warmup", warmup)
     runtimes = []
     for transformer in _transformers_of(target):
         family = family_of(transformer)
