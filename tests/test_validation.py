@@ -208,3 +208,11 @@ def test_from_block_mask_checks_its_per_block_tensors():
         BlockSparsePlan.from_block_mask(mask, 16, 16, torch.full((3, 3), 16))
     with pytest.raises(ValueError, match="k_valid is on meta"):
         BlockSparsePlan.from_block_mask(mask, 16, 16, torch.full((1, 3), 16, device="meta"))
+
+
+@pytest.mark.parametrize("flag", ["strict_tiles", "validate", "padding_free", "return_lse", "return_info"])
+def test_ssta_flags_must_be_bools(flag):
+    """validate="no" and strict_tiles="no" are truthy strings: they used to switch the check on."""
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match=f"{flag} must be a bool, got 'no'"):
+        ssta_attention(q, k, v, THW, CFG, L, backend="torch", **{flag: "no"})

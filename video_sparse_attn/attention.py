@@ -13,7 +13,7 @@ from .layout import TileLayout
 from .masks.build import block_mask_from_tiled
 from .padding_free import add_zero_keys, untile_with_zero_keys, zero_keys_per_row_block
 from .plan import BlockSparsePlan, window_offsets
-from .validation import (check_block_call, check_block_size, check_scale, check_window_size, validate_block_inputs,
+from .validation import (check_block_call, check_block_size, check_flag, check_scale, check_window_size, validate_block_inputs,
                          validate_inputs)
 
 __all__ = ["block_sparse_attention", "ssta_attention", "SSTAInfo", "resolve_backend"]
@@ -186,6 +186,8 @@ def ssta_attention(
                              text_mask=mask)
     """
     validate_inputs(q, k, v, thw, config, text_len, text_mask, strict_tiles, validate)
+    for name, flag in (("return_info", return_info), ("padding_free", padding_free), ("return_lse", return_lse)):
+        check_flag(name, flag)
     scale = check_scale(scale, q.shape[-1])
     layout = TileLayout(tuple(thw), config.tile_thw, text_len, config.pad_type)
     bs = layout.block_size

@@ -255,6 +255,9 @@ def validate_inputs(q, k, v, thw, config, text_len, text_mask, strict_tiles: boo
     mask; None = only when it is on the CPU (no host synchronisation on a GPU).
     """
     check_qkv(q, k, v)
+    strict_tiles = check_flag("strict_tiles", strict_tiles)
+    if check_values is not None:
+        check_flag("validate", check_values)
     if not (q.shape == k.shape == v.shape):
         raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not isinstance(config, SSTAConfig):
