@@ -83,7 +83,8 @@ def block_sparse_attention(
         plan: a `BlockSparsePlan` (then ``Sq``, ``Sk`` are whole blocks), or a bool block mask
             ``[Mq, Nk]`` / ``[B or 1, H or 1, Mq, Nk]`` with ``q_block`` / ``k_block`` tokens per block
             (multiples of 16; ``k_block`` defaults to ``q_block``), over sequences of any length
-            (``Mq = ceil(Sq / q_block)``; the last blocks are ragged and handled exactly).
+            (``Mq = ceil(Sq / q_block)``; the last blocks are ragged and handled exactly). With a plan,
+            ``q_block`` / ``k_block`` come from it (given as well, they must equal the plan's).
         scale: softmax scale, default ``1/sqrt(D)``.
         backend: ``"auto"`` (the fastest backend that supports the call: ``fa4`` → ``triton`` →
             ``torch``), or a backend of `kernels.registry.BACKENDS` by name (never falls back; raises
