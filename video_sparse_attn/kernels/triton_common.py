@@ -70,7 +70,8 @@ class KernelOptions(TypedDict, total=False):
     dq_reduce: Literal["atomic", "tma"]
     """Single-pass backward: how dQ contributions reach the float32 dQ buffer. ``"atomic"``: pointer
     ``tl.atomic_add`` (every GPU). ``"tma"``: tensor-descriptor reduce-add (``desc.atomic_add``, a TMA
-    reduce on sm90+; falls back to ``"atomic"`` where descriptors are unusable). Default ``"atomic"``.
+    reduce on sm90+; falls back to ``"atomic"`` where descriptors are unusable; measured 17% slower
+    at 720p on an H200, benchmarks/NOTES.md v7). Default ``"atomic"``.
     Ignored with ``deterministic=True``."""
 
     dq_spread: bool
@@ -78,7 +79,9 @@ class KernelOptions(TypedDict, total=False):
     (key sub-tile rank × a stride, modulo the count) instead of at the first one, so the programs that
     run together — the sub-tiles of one key block share the same list — add into different dQ rows
     rather than the same ones at the same time. The sum's order changes (the single pass is not
-    bit-reproducible anyway); nothing else. Ignored with ``deterministic=True``. Default ``False``."""
+    bit-reproducible anyway); nothing else. Measured 11% slower at 720p on an H200 (programs that walk
+    together share Q / dO in L2; benchmarks/NOTES.md v7). Ignored with ``deterministic=True``. Default
+    ``False``."""
 
     skip_padded_queries: bool
     """dK/dV loops (both backward modes): walk each kept query block's sub-tiles only up to its
