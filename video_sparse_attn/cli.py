@@ -1,8 +1,9 @@
 """Command-line plumbing shared by the scripts and ``python -m video_sparse_attn``.
 
 User mistakes (a bad argument, path, config file or dataset) raise `UsageError`; `run_main` prints
-them as one line and exits with status 2, while bugs keep their traceback. The SSTA options have one
-spelling everywhere (`add_ssta_arguments`).
+them as one line and exits with status 2. A run that stops for a stated reason (training diverged, a
+signal) raises `CommandError`: one line, its own exit status. Bugs keep their traceback. The SSTA
+options have one spelling everywhere (`add_ssta_arguments`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import os
 import sys
 from typing import Callable, Optional, Sequence, Tuple
 
-__all__ = ["UsageError", "OneLineParser", "run_main", "read_json", "triple", "positive_int", "non_negative_int", "positive_float",
+__all__ = ["UsageError", "CommandError", "OneLineParser", "run_main", "read_json", "triple", "positive_int",
+           "non_negative_int", "positive_float",
            "existing_file", "existing_dir", "add_ssta_arguments", "ssta_overrides", "load_ssta_config",
            "SPARSE_TYPES", "PAD_TYPES", "BACKENDS", "SAMPLING_TYPES"]
 
@@ -25,6 +27,15 @@ SAMPLING_TYPES = ("importance", "similarity")
 
 class UsageError(ValueError):
     """A mistake of the person running the command: reported as one line, no traceback."""
+
+
+class CommandError(RuntimeError):
+    """A run that stopped for a reason stated in the message (not a bug): one line on stderr, exit
+    status ``exit_code`` (1 unless given)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -48,13 +59,17 @@ class _TripleAction(argparse.Action):
 def run_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None,
              prog: Optional[str] = None) -> int:
     """Call ``main(argv)``; a `UsageError` (or a missing / unreadable file) becomes
-    ``"<prog>: error: <message>"`` on stderr and exit status 2."""
+    ``"<prog>: error: <message>"`` on stderr and exit status 2; a `CommandError` ``"<prog>: <message>"``
+    and its exit status."""
     prog = prog or os.path.basename(sys.argv[0])
     try:
         main(argv)
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except CommandError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

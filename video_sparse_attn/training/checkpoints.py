@@ -4,7 +4,8 @@ A checkpoint is written into ``.checkpoint-<step>.partial/``, completed with a m
 (``checkpoint_manifest.json``: step and the size of every file), then renamed to ``checkpoint-<step>/``;
 older checkpoints are pruned only after that rename. A ``checkpoint-<step>`` folder without a
 manifest (a crash inside an older version's save, a copy in progress) is never picked by ``latest``
-nor pruned; folders with other names (``checkpoint-best``) are left alone.
+nor pruned; folders with other names (``checkpoint-best``) are left alone. Each checkpoint also holds
+``run_settings.json`` (the settings a resume must keep, see `trainer`), written before the manifest.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = ["MANIFEST", "complete_checkpoints", "latest_checkpoint", "step_of", "save_checkpoint",
-           "prune_checkpoints", "verify_checkpoint", "check_output_dir", "RUN_OUTPUTS"]
+           "prune_checkpoints", "verify_checkpoint", "check_output_dir", "RUN_OUTPUTS", "SETTINGS",
+           "read_settings"]
 
 MANIFEST = "checkpoint_manifest.json"
+SETTINGS = "run_settings.json"
 PREFIX = "checkpoint-"
 RUN_OUTPUTS = ("transformer", "transformer_lora", "train_log.jsonl", "train_log.png", "run_args.json")
 
@@ -94,17 +97,33 @@ def prune_checkpoints(output_dir: str, keep: Optional[int]) -> List[str]:
     return gone
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, keep: Optional[int]) -> str:
-    """``accelerator.save_state`` into a temporary folder, manifest, rename to ``checkpoint-<step>``,
-    then prune to ``keep``. A failure before the rename leaves every earlier checkpoint in place."""
+def read_settings(checkpoint: str) -> Optional[Dict[str, Any]]:
+    """The ``run_settings.json`` of a checkpoint, or None (written by an older version)."""
+    path = os.path.join(checkpoint, SETTINGS)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, keep: Optional[int],
+                    settings: Optional[Dict[str, Any]] = None) -> str:
+    """``accelerator.save_state`` into a temporary folder (plus ``settings`` as ``run_settings.json``),
+    manifest, rename to ``checkpoint-<step>``, then prune to ``keep``. A failure before the rename
+    leaves every earlier checkpoint in place; partial folders of earlier failed saves are removed."""
     final = os.path.join(output_dir, f"{PREFIX}{step}")
     partial = os.path.join(output_dir, f".{PREFIX}{step}.partial")
-    if accelerator.is_main_process and os.path.exists(partial):
-        shutil.rmtree(partial)
+    if accelerator.is_main_process:
+        for name in os.listdir(output_dir):
+            if name.startswith(f".{PREFIX}") and name.endswith(".partial"):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if settings is not None:
+            with open(os.path.join(partial, SETTINGS), "w") as f:
+                json.dump(settings, f, indent=1)
         manifest = _manifest(partial, step)
         with open(os.path.join(partial, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)

@@ -25,7 +25,11 @@ Each sample file holds these tensors (shapes without a batch dimension):
     pooled_prompt_embeds float [P]        optional pooled text vector (HunyuanVideo: CLIP)
 
 HunyuanVideo-1.5 training needs ``prompt_embeds_2``/``prompt_mask_2``; HunyuanVideo needs
-``pooled_prompt_embeds``. Files carry string metadata (``caption``, ``source``: free text).
+``pooled_prompt_embeds``. ``prompt_mask`` must keep at least one token (``prompt_mask_2`` may be all
+zero: HunyuanVideo-1.5's pipeline hands an empty ByT5 mask for prompts without quoted text).
+Opening a dataset reads every sample's header and masks: a missing key, an empty ``prompt_mask`` or
+a truncated file is named then; a sample holding NaN or inf is named when it is read. Files carry
+string metadata (``caption``, ``source``: free text).
 Samples of one batch must share the
 latent shape; text lengths may differ (they are right-padded with mask 0 when batched).
 """
@@ -40,9 +44,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..cli import UsageError
+
 __all__ = [
     "FORMAT_NAME", "REQUIRED_KEYS", "OPTIONAL_KEYS", "LatentVideoDataset", "collate_samples",
     "write_sample", "write_metadata", "make_synthetic_dataset", "read_metadata", "check_sample_header",
+    "FAMILY_TEXT_KEYS", "DatasetError",
 ]
 
 FORMAT_NAME = "video_sparse_attn.latents"
@@ -50,12 +57,19 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = ("latents", "prompt_embeds", "prompt_mask")
 OPTIONAL_KEYS = ("prompt_embeds_2", "prompt_mask_2", "pooled_prompt_embeds")
 _MASK_KEYS = ("prompt_mask", "prompt_mask_2")
+FAMILY_TEXT_KEYS = {"hunyuan_video15": ("prompt_embeds_2", "prompt_mask_2"),
+                    "hunyuan_video": ("pooled_prompt_embeds",)}   # needed beyond REQUIRED_KEYS
 LATENT_SCALING = {
     "hunyuan_video15": "z * vae.config.scaling_factor",
     "hunyuan_video": "z * vae.config.scaling_factor",
     "wan": "(z - vae.config.latents_mean) / vae.config.latents_std",
 }
 _TEXT_PAIRS = (("prompt_embeds", "prompt_mask"), ("prompt_embeds_2", "prompt_mask_2"))
+
+
+class DatasetError(UsageError):
+    """A sample the training cannot use (named by its file); a `UsageError`, so a command reports it as
+    one line."""
 
 
 def _sample_path(root: str, index: int) -> str:
@@ -118,8 +132,14 @@ class LatentVideoDataset(torch.utils.data.Dataset):
         if len(self.files) != self.metadata["num_samples"]:
             raise ValueError(f"{meta_path}: num_samples is {self.metadata['num_samples']} but {samples} holds "
                              f"{len(self.files)} .safetensors files")
-        for path in self.files:  # headers only: cheap, and a truncated file is named before training
-            check_sample_header(path, self.metadata["latent_shape"][0])
+        # headers and masks only: cheap, and a truncated or unusable file is named before training
+        self.text_widths: Dict[str, set] = {}
+        self.latent_thws: set = set()
+        for path in self.files:
+            header = check_sample_header(path, self.metadata["latent_shape"][0], self.metadata["family"])
+            self.latent_thws.add(tuple(header.pop("latents")[1:]))
+            for key, width in header.items():
+                self.text_widths.setdefault(key, set()).add(width)
 
     @property
     def family(self) -> str:
@@ -137,9 +157,14 @@ class LatentVideoDataset(torch.utils.data.Dataset):
         path = self.files[index]
         try:
             with safe_open(path, framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}
+                sample = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises its own error type
-            raise ValueError(f"sample file {path} cannot be read ({e}); it may be truncated or corrupt") from e
+            raise DatasetError(f"sample file {path} cannot be read ({e}); it may be truncated or "
+                               "corrupt") from e
+        for key, t in sample.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise DatasetError(f"sample file {path}: {key} holds NaN or inf")
+        return sample
 
 
 def read_metadata(meta_path: str) -> Dict:
@@ -171,20 +196,45 @@ def read_metadata(meta_path: str) -> Dict:
     return meta
 
 
-def check_sample_header(path: str, channels: int) -> None:
-    """Read one sample's header: readable (not truncated), required keys present, latents [C, T, H, W]."""
+def check_sample_header(path: str, channels: int, family: Optional[str] = None) -> Dict[str, object]:
+    """Read one sample's header and text masks: readable (not truncated), the keys ``REQUIRED_KEYS``
+    and ``family`` needs present, latents [C, T, H, W], each embedding [L, D] with a mask [L],
+    ``prompt_mask`` keeping at least one token. Returns ``{"latents": [C, T, H, W], <embedding key>:
+    width}`` (ValueError naming the file otherwise)."""
     try:
         with safe_open(path, framework="pt") as f:
             keys = set(f.keys())
-            latents = f.get_slice("latents").get_shape() if "latents" in keys else None
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in keys}
+            mask = f.get_tensor("prompt_mask") if "prompt_mask" in keys else None
     except Exception as e:  # safetensors raises its own error type
         raise ValueError(f"sample file {path} cannot be read ({e}); it may be truncated or corrupt") from e
-    missing = [k for k in REQUIRED_KEYS if k not in keys]
+    needed = REQUIRED_KEYS + FAMILY_TEXT_KEYS.get(family or "", ())
+    missing = [k for k in needed if k not in keys]
     if missing:
-        raise ValueError(f"sample file {path} lacks {missing} (required: {list(REQUIRED_KEYS)})")
+        raise ValueError(f"sample file {path} lacks {missing} (required{f' for {family}' if family else ''}: "
+                         f"{list(needed)})")
+    latents = shapes["latents"]
     if len(latents) != 4 or latents[0] != channels:
-        raise ValueError(f"sample file {path}: latents shape {list(latents)}, expected [{channels}, T, H, W] "
+        raise ValueError(f"sample file {path}: latents shape {latents}, expected [{channels}, T, H, W] "
                          "(metadata.json latent_shape)")
+    widths: Dict[str, object] = {"latents": latents}
+    for emb, mask_key in _TEXT_PAIRS:
+        if emb not in keys and mask_key not in keys:
+            continue
+        if (emb in keys) != (mask_key in keys) or len(shapes.get(emb, ())) != 2 \
+                or shapes[mask_key] != shapes[emb][:1]:
+            raise ValueError(f"sample file {path}: {emb} must be [L, D] with {mask_key} [L]; got "
+                             f"{shapes.get(emb)} and {shapes.get(mask_key)}")
+        widths[emb] = shapes[emb][1]
+    if "pooled_prompt_embeds" in keys:
+        if len(shapes["pooled_prompt_embeds"]) != 1:
+            raise ValueError(f"sample file {path}: pooled_prompt_embeds must be [P], got "
+                             f"{shapes['pooled_prompt_embeds']}")
+        widths["pooled_prompt_embeds"] = shapes["pooled_prompt_embeds"][0]
+    if not bool((mask != 0).any()):
+        raise ValueError(f"sample file {path}: prompt_mask has no valid token (every text position is "
+                         "padding; the attention over the text has nothing to attend to)")
+    return widths
 
 
 def _pad_rows(t: torch.Tensor, length: int) -> torch.Tensor:
@@ -239,5 +289,6 @@ def make_synthetic_dataset(root: str, num_samples: int, latent_shape: Sequence[i
             sample["pooled_prompt_embeds"] = torch.randn(pooled_dim, generator=g)
         write_sample(root, i, sample, {"caption": f"synthetic sample {i}", "source": "synthetic"})
     text_keys = [k for k in ("prompt_embeds", "prompt_embeds_2", "pooled_prompt_embeds") if k in sample]
-    write_metadata(root, family, num_samples, latent_shape, text_keys, synthetic=True, seed=seed)
+    write_metadata(root, family, num_samples, latent_shape, text_keys, synthetic=True, seed=seed,
+                   text_dims=[text_dim, text_dim_2, pooled_dim])
     return root
