@@ -4,6 +4,7 @@ processors when every block is kept, sparse runs with backward, enable / disable
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -266,3 +267,25 @@ def test_enable_ssta_checks_stats_and_flags_before_the_first_forward():
     with pytest.raises(TypeError, match="stats must be an SSTAStats or None"):
         SSTAAttnProcessor(SPARSE, stats=True)
     assert runtime_of(model) is None       # nothing was installed
+
+
+def test_enable_on_a_compiled_transformer():
+    """``enable_ssta(torch.compile(transformer))`` (or a pipeline holding one) used to refuse the wrapper
+    as an unsupported model: SSTA goes on the module it wraps and the compiled model runs it."""
+    torch._dynamo.reset()
+    model = tiny_model("wan", num_layers=1)
+    inputs = tiny_inputs(model, (2, 8, 8))
+    ref = run(model, inputs)
+    compiled = torch.compile(model, backend="aot_eager", dynamic=False)
+    runtime = enable_ssta(compiled, SPARSE, backend="torch")
+    assert runtime_of(model) is runtime
+    out = run(compiled, inputs)
+    assert runtime.thw == (2, 4, 4) and (out - ref).abs().max() > 1e-4   # the sparse attention ran
+    disable_ssta(compiled)
+    assert runtime_of(model) is None and torch.equal(run(model, inputs), ref)
+    pipe = types.SimpleNamespace(transformer=compiled)
+    runtime = enable_ssta(pipe, DENSE)
+    assert runtime_of(model) is runtime is not None
+    disable_ssta(pipe)
+    assert runtime_of(model) is None
+    torch._dynamo.reset()

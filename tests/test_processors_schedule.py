@@ -125,3 +125,24 @@ def test_manual_step_overrides(tiny_pipe):
         assert _modes_per_step(runtime.stats) == {7: ["ssta"]}
     finally:
         disable_ssta(pipe)
+
+
+def test_timestep_step_follows_per_token_timesteps():
+    """Wan 2.2 TI2V passes timesteps ``[B, S]`` whose first-frame tokens stay at 0: the step follows the
+    noise level of the other tokens, so a dense-steps schedule turns sparse on time."""
+    pytest.importorskip("diffusers")
+    from video_sparse_attn.processors import disable_ssta, enable_ssta
+    from video_sparse_attn.testing import tiny_inputs, tiny_model
+
+    model = tiny_model("wan", num_layers=1)
+    inputs = tiny_inputs(model, (2, 8, 8), batch=1)   # token grid (2, 4, 4)
+    runtime = enable_ssta(model, BASE, SSTASchedule(dense_steps=1), stats=True)
+    try:
+        for t in (999.0, 700.0, 400.0):
+            timestep = torch.full((1, 2 * 4 * 4), t)
+            timestep[:, :16] = 0.0                   # the clean conditioning frame
+            with torch.no_grad():
+                model(**dict(inputs, timestep=timestep))
+        assert _modes_per_step(runtime.stats) == {0: ["dense"], 1: ["ssta"], 2: ["ssta"]}
+    finally:
+        disable_ssta(model)

@@ -20,12 +20,21 @@ __all__ = ["enable_ssta", "disable_ssta"]
 logger = logging.getLogger(__name__)
 
 
+def _unwrap(module: Any) -> Any:
+    """The module a ``torch.compile(module)`` wrapper holds (processors and the grid hook belong to it;
+    the wrapper's forward calls it, so the compiled model runs SSTA too)."""
+    while isinstance(module, torch.nn.Module) and isinstance(getattr(module, "_orig_mod", None), torch.nn.Module):
+        module = module._orig_mod
+    return module
+
+
 def _transformers_of(target: Any) -> list:
-    """A transformer, or the transformer(s) of a pipeline (Wan 2.2 has ``transformer_2``)."""
+    """A transformer, or the transformer(s) of a pipeline (Wan 2.2 has ``transformer_2``), unwrapped
+    from ``torch.compile``."""
     if isinstance(target, torch.nn.Module):
-        return [target]
+        return [_unwrap(target)]
     found = [getattr(target, n, None) for n in ("transformer", "transformer_2")]
-    found = [t for t in found if t is not None]
+    found = [_unwrap(t) for t in found if t is not None]
     if not found:
         raise TypeError(
             "enable_ssta takes a diffusers video transformer or a pipeline holding one, "
@@ -50,7 +59,8 @@ def enable_ssta(
     Args:
         target: a ``HunyuanVideo15Transformer3DModel``, ``HunyuanVideoTransformer3DModel`` or
             ``WanTransformer3DModel``, or a pipeline holding one (its ``scheduler`` then gives the
-            denoising step for ``schedule``; Wan 2.2's ``transformer_2`` is enabled too).
+            denoising step for ``schedule``; Wan 2.2's ``transformer_2`` is enabled too), plain
+            or wrapped by ``torch.compile``.
         config: base `SSTAConfig` (the released HunyuanVideo-1.5 values by default).
         schedule: optional `SSTASchedule` (dense first steps, dense layers, per step-layer-head overrides).
         backend: ``"auto"`` | ``"torch"`` | ``"triton"``.

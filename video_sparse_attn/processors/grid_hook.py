@@ -83,10 +83,13 @@ class SSTARuntime:
 
     def observe_timestep(self, timestep: Any) -> None:
         """Advance the timestep-derived step: same value → same step; smaller → next step; larger → a
-        new denoising run starts at step 0."""
+        new denoising run starts at step 0.
+
+        A tensor counts by its largest entry: Wan 2.2's per-token timesteps ``[B, S]`` hold 0 for the
+        clean conditioning frame, so their first entry never moves while the noise level does."""
         if timestep is None:
             return
-        value = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        value = float(timestep.detach().amax()) if isinstance(timestep, torch.Tensor) else float(timestep)
         last = self._last_timestep
         if last is None or value > last:
             self._timestep_step = 0
