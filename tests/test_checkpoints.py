@@ -7,7 +7,7 @@ import os
 import pytest
 
 from video_sparse_attn.cli import UsageError
-from video_sparse_attn.training.checkpoints import (MANIFEST, latest_checkpoint, prune_checkpoints,
+from video_sparse_attn.training.checkpoints import (MANIFEST, latest_checkpoint, prune_checkpoints, publish_folder,
                                                     save_checkpoint, verify_checkpoint)
 from video_sparse_attn.training.data import LatentVideoDataset, make_synthetic_dataset
 
@@ -44,6 +44,31 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
     # the next successful save replaces it, and only then prunes
     save_checkpoint(_FakeAccelerator(), out, 6, keep=1)
     assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == ["checkpoint-6"]
+
+
+def test_final_weights_are_published_whole_or_not_at_all(tmp_path):
+    """The final weights folder: a write that dies half-way leaves the previous folder as it was; the
+    next write removes the leftover and replaces the folder whole."""
+    final = tmp_path / "transformer"
+
+    def write(tag, fail=False):
+        def fill(folder):
+            with open(os.path.join(folder, "weights.safetensors"), "w") as f:
+                f.write(tag)
+            if fail:
+                raise OSError(28, "No space left on device")
+            with open(os.path.join(folder, "config.json"), "w") as f:
+                f.write(tag)
+        return fill
+
+    publish_folder(str(final), write("run 1"))
+    with pytest.raises(OSError):
+        publish_folder(str(final), write("run 2", fail=True))
+    assert sorted(os.listdir(final)) == ["config.json", "weights.safetensors"]
+    assert (final / "weights.safetensors").read_text() == "run 1"        # not the half-written run 2
+    publish_folder(str(final), write("run 3"))
+    assert (final / "weights.safetensors").read_text() == (final / "config.json").read_text() == "run 3"
+    assert sorted(os.listdir(tmp_path)) == ["transformer"]                 # no partial or old folder left
 
 
 def test_latest_skips_incomplete_and_stray_folders_and_pruning_survives_them(tmp_path):
@@ -155,3 +180,24 @@ def test_bad_dataset_is_one_usage_error_before_the_model_loads(tmp_path):
     with pytest.raises(UsageError, match="--data .*format version 7 is newer"):
         _train(tmp_path / "run", "--data", root, "--max-train-steps", "1")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_final_save_keeps_the_previous_weights(tmp_path, monkeypatch):
+    """The run's final ``transformer/`` is replaced only by a complete one: a save that dies half-way
+    (disk full) leaves the previous run's weights loadable."""
+    from diffusers import ModelMixin
+
+    out = tmp_path / "run"
+    _train(out, "--max-train-steps", "1", "--checkpointing-steps", "1")
+    before = {p.name: p.read_bytes() for p in (out / "transformer").iterdir()}
+    real = ModelMixin.save_pretrained
+
+    def dies_half_way(self, folder, **kw):
+        real(self, folder, **kw)
+        os.remove(os.path.join(folder, "config.json"))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ModelMixin, "save_pretrained", dies_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        _train(out, "--max-train-steps", "2", "--checkpointing-steps", "1", "--resume-from-checkpoint", "latest")
+    assert {p.name: p.read_bytes() for p in (out / "transformer").iterdir()} == before

@@ -6,6 +6,7 @@ older checkpoints are pruned only after that rename. A ``checkpoint-<step>`` fol
 manifest (a crash inside an older version's save, a copy in progress) is never picked by ``latest``
 nor pruned; folders with other names (``checkpoint-best``) are left alone. Each checkpoint also holds
 ``run_settings.json`` (the settings a resume must keep, see `trainer`), written before the manifest.
+The final weights folder of a run is published the same way (`publish_folder`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = ["MANIFEST", "complete_checkpoints", "latest_checkpoint", "step_of", "save_checkpoint",
            "prune_checkpoints", "verify_checkpoint", "check_output_dir", "RUN_OUTPUTS", "SETTINGS",
-           "read_settings"]
+           "read_settings", "publish_folder"]
 
 MANIFEST = "checkpoint_manifest.json"
 SETTINGS = "run_settings.json"
@@ -127,15 +128,35 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep: Optional[int]
         manifest = _manifest(partial, step)
         with open(os.path.join(partial, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
-        if os.path.exists(final):          # same step written again (--overwrite): swap, then delete
-            old = final + ".old"
-            os.replace(final, old)
-            os.replace(partial, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(partial, final)
+        _swap_in(partial, final)           # same step written again (--overwrite): swap, then delete
         prune_checkpoints(output_dir, keep)
     accelerator.wait_for_everyone()
+    return final
+
+
+def _swap_in(partial: str, final: str) -> None:
+    """Rename the complete folder ``partial`` to ``final``; an existing ``final`` is moved aside first
+    and deleted only after the rename (at every moment one complete version exists on disk)."""
+    if not os.path.exists(final):
+        os.replace(partial, final)
+        return
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old)
+
+
+def publish_folder(final: str, write) -> str:
+    """Write a folder atomically: ``write(path)`` fills ``.<name>.partial`` beside ``final`` (left
+    over from a failed write: removed first), which then replaces ``final``. A failure inside
+    ``write`` leaves ``final`` as it was. Returns ``final``."""
+    final = os.path.normpath(final)
+    partial = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    write(partial)
+    _swap_in(partial, final)
     return final
 
 

@@ -46,7 +46,7 @@ import torch
 
 from ..cli import CommandError, UsageError, add_ssta_arguments
 from .args import ssta_config_from_args
-from .checkpoints import (check_output_dir, complete_checkpoints, latest_checkpoint, read_settings,
+from .checkpoints import (check_output_dir, complete_checkpoints, latest_checkpoint, publish_folder, read_settings,
                           save_checkpoint, step_of, verify_checkpoint)
 from .context_parallel import group_batch, setup_context_parallel
 from .data import LatentVideoDataset, collate_samples, make_synthetic_dataset
@@ -543,12 +543,15 @@ def _train(args: argparse.Namespace, accelerator, tiny: bool, target, previous: 
     accelerator.wait_for_everyone()
     final_dir = os.path.join(args.output_dir, FINAL_LORA_DIR if lora else FINAL_FULL_DIR)
     if accelerator.is_main_process:
-        if lora:
-            model.save_lora_adapter(final_dir)
-        else:
-            model.save_pretrained(final_dir, safe_serialization=True)
-        if target is not None:
-            target.save(os.path.join(final_dir, SSTA_CONFIG_NAME))
+        def write(folder):   # into a temporary folder, renamed when complete (a crash keeps the old one)
+            if lora:
+                model.save_lora_adapter(folder)
+            else:
+                model.save_pretrained(folder, safe_serialization=True)
+            if target is not None:
+                target.save(os.path.join(folder, SSTA_CONFIG_NAME))
+
+        publish_folder(final_dir, write)
         plot_train_log(log_path)
     accelerator.end_training()
     _release_accelerate_state()
