@@ -169,8 +169,10 @@ def test_grid_not_captured():
     model, inputs = tiny("hunyuan_video15")
     attn = model.transformer_blocks[0].attn
     hs, ehs = torch.randn(2, 144, 16), torch.randn(2, 20, 16)
-    with pytest.raises(RuntimeError, match="enable_ssta"):
+    with pytest.raises(RuntimeError, match="enable_ssta") as e:
         SSTAAttnProcessor(DENSE)(attn, hs, ehs, torch.ones(2, 20, dtype=torch.bool), None)
+    # a processor installed by hand in a model of another family says so, naming the supported ones
+    assert "another family is not supported" in str(e.value) and "HunyuanVideo15Transformer3DModel" in str(e.value)
 
 
 def test_backend_dtype_and_head_dim_errors():

@@ -33,6 +33,16 @@ _NO_GRID = (
 )
 
 
+def _no_transformer(attn: torch.nn.Module) -> str:
+    """The error for a processor installed by hand and called outside every supported transformer."""
+    from ..families import FAMILIES
+
+    names = ", ".join(f.transformer_class for f in FAMILIES.values())
+    return (f"SSTAAttnProcessor was called on {type(attn).__name__} outside the forward of a supported "
+            f"transformer ({names}): a model of another family is not supported; for a supported one, "
+            f"enable SSTA with `video_sparse_attn.enable_ssta(transformer, config)`.")
+
+
 def check_backend_support(q: torch.Tensor, backend: str) -> str:
     """Resolve ``backend`` for ``q [B, H, S, D]`` through the backend registry (the one home of every
     backend's limits); an unsupported call raises one line naming what the backend lacks."""
@@ -133,7 +143,7 @@ class SSTAAttnProcessor:
         if runtime is None:
             transformer, thw = find_calling_transformer()
             if transformer is None:
-                raise RuntimeError(_NO_GRID)
+                raise RuntimeError(_no_transformer(attn))
             runtime = runtime_of(transformer)
             if runtime is None:  # bare set_attn_processor: install the grid hook now
                 family = family_of(transformer)
