@@ -216,3 +216,17 @@ def test_ssta_flags_must_be_bools(flag):
     q, k, v = _qkv()
     with pytest.raises(TypeError, match=f"{flag} must be a bool, got 'no'"):
         ssta_attention(q, k, v, THW, CFG, L, backend="torch", **{flag: "no"})
+
+
+def test_grid_and_text_len_accept_numpy_integers_and_refuse_the_rest():
+    """numpy integers (a grid computed with numpy) give the same result as ints; floats, bools and
+    tensors are refused with one line."""
+    np = pytest.importorskip("numpy")
+    q, k, v = _qkv()
+    ref = ssta_attention(q, k, v, THW, CFG, L, backend="torch")
+    got = ssta_attention(q, k, v, tuple(np.int64(x) for x in THW), CFG, np.int32(L), backend="torch")
+    assert torch.equal(got, ref)
+    for thw, text_len, words in (((2.0, 4, 8), L, "thw must be"), ((True, 4, 8), L, "thw must be"),
+                                 (THW, float(L), "text_len must be"), (THW, torch.tensor(L), "text_len must be")):
+        with pytest.raises(ValueError, match=words):
+            ssta_attention(q, k, v, thw, CFG, text_len, backend="torch")

@@ -186,7 +186,7 @@ def ssta_attention(
         out = ssta_attention(q, k, v, thw=(31, 45, 80), config=SSTAConfig(topk=32), text_len=1985,
                              text_mask=mask)
     """
-    validate_inputs(q, k, v, thw, config, text_len, text_mask, strict_tiles, validate)
+    thw, text_len = validate_inputs(q, k, v, thw, config, text_len, text_mask, strict_tiles, validate)
     for name, flag in (("return_info", return_info), ("padding_free", padding_free), ("return_lse", return_lse)):
         check_flag(name, flag)
     scale = check_scale(scale, q.shape[-1])

@@ -247,9 +247,20 @@ def check_text_mask_prefix(text_mask: torch.Tensor) -> None:
         )
 
 
+def _int_or_none(x) -> Optional[int]:
+    """``x`` as a Python int if it is an integer (int, numpy integer; not bool, not a tensor), else None."""
+    if isinstance(x, (bool, torch.Tensor)):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
 def validate_inputs(q, k, v, thw, config, text_len, text_mask, strict_tiles: bool = True,
-                    check_values: Optional[bool] = None) -> None:
-    """Caller mistakes → ValueError / TypeError naming the problem.
+                    check_values: Optional[bool] = None) -> tuple:
+    """Caller mistakes → ValueError / TypeError naming the problem. Returns ``(thw, text_len)`` as
+    Python ints (numpy integers are accepted).
 
     ``strict_tiles``: apply `check_tiles`. ``check_values``: check that ``text_mask`` is a prefix
     mask; None = only when it is on the CPU (no host synchronisation on a GPU).
@@ -262,12 +273,13 @@ def validate_inputs(q, k, v, thw, config, text_len, text_mask, strict_tiles: boo
         raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not isinstance(config, SSTAConfig):
         raise TypeError(f"config must be an SSTAConfig, got {type(config).__name__}")
-    if not isinstance(thw, Sequence) or isinstance(thw, str) or len(thw) != 3 or any(
-        isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in thw
-    ):
+    ints = [_int_or_none(x) for x in thw] if isinstance(thw, Sequence) and not isinstance(thw, str) else []
+    if len(ints) != 3 or any(x is None or x < 1 for x in ints):
         raise ValueError(f"thw must be three positive ints (t, h, w), got {thw!r}")
-    if isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 0:
-        raise ValueError(f"text_len must be an int >= 0, got {text_len!r}")
+    thw, text_len_in = tuple(ints), text_len
+    text_len = _int_or_none(text_len)
+    if text_len is None or text_len < 0:
+        raise ValueError(f"text_len must be an int >= 0, got {text_len_in!r}")
     S = q.shape[2]
     t, h, w = thw
     if S != t * h * w + text_len:
@@ -293,6 +305,7 @@ def validate_inputs(q, k, v, thw, config, text_len, text_mask, strict_tiles: boo
             check_text_mask_prefix(text_mask)
     if strict_tiles:
         check_tiles(config, thw)
+    return thw, text_len
 
 
 def validate_block_inputs(q, k, v, plan, scale: Optional[float]) -> float:

@@ -69,7 +69,7 @@ def build_block_mask(q: torch.Tensor, k: torch.Tensor, thw: Tuple[int, int, int]
     order, then text blocks). H is 1 for ``mask_share_within_head`` and for masks that do not depend
     on q/k (``sta``, ``dense``); a batch dim that does not depend on the data is an expanded view.
     """
-    validate_inputs(q, k, k, thw, config, text_len, text_mask)
+    thw, text_len = validate_inputs(q, k, k, thw, config, text_len, text_mask)
     layout = TileLayout(tuple(thw), config.tile_thw, text_len, config.pad_type)
     mask = block_mask_from_tiled(layout.tile(q), layout.tile(k), layout, config, text_mask)
     return mask.expand(q.shape[0], *mask.shape[1:])
