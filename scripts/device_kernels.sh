@@ -16,6 +16,8 @@
 #    FlexAttention time / ours, the same for bwd, and rel. L2 of out / worst gradient vs FlexAttention.
 #    Kernel families missing from the shipped tuning table (the single-pass backward) are autotuned;
 #    the picks are printed at the end and saved in $OUT/tuning_cache.json. CSV: $OUT/bench.csv.
+#    Then, on an H200, scripts/compare_benchmarks.py against benchmarks/kernels_h200_v7.csv (each variant's
+#    time relative to FlexAttention in the same run; +5% is flagged as a regression).
 # 3. Optional (FIRST_CALL=1, ~1 min): first-call latency of a fresh process at 720p (issue 14): once with
 #    an empty Triton cache (compile; tuning from the shipped table + $OUT/tuning_cache.json), once more
 #    reusing that Triton cache.
@@ -37,6 +39,13 @@ timeout ${BENCH_TIMEOUT:-300} python3 scripts/benchmark_kernels.py --cases ssta7
     --variants tma ptr det tmared flat flatdet --skip-cudnn \
     --csv "$OUT/bench.csv" --plot "$OUT/bench.png" --tuning-cache "$OUT/tuning_cache.json" "$@" 2>&1 \
     | tee "$OUT/bench.log" | grep -v "^ *warnings.warn\|UserWarning"
+
+# the guard: each variant's time relative to FlexAttention against the recorded H200 run (+5% = regression)
+BASELINE=${BASELINE:-benchmarks/kernels_h200_v7.csv}
+if [ -f "$BASELINE" ] && [ -f "$OUT/bench.csv" ] && nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+    echo "== against $BASELINE"
+    python3 scripts/compare_benchmarks.py "$BASELINE" "$OUT/bench.csv" | tail -n 25
+fi
 
 if [ -n "${FIRST_CALL:-}" ]; then
     echo "== first call in a fresh process (720p/121f, fwd+bwd)"
