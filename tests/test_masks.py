@@ -86,10 +86,9 @@ def test_text_validity_rule():
     tm = torch.zeros(2, L, dtype=torch.bool)
     tm[0, :33] = True   # keep 2 text blocks → cut = 4
     tm[1, :0] = True    # keep max(1, 0) = 1 → cut = 3
-    cfg = SSTAConfig(tile_thw=tile, kernel_thw=(1, 1, 1), sparse_type="sta", caller_rules=False)
+    cfg = SSTAConfig(tile_thw=tile, kernel_thw=(3, 3, 3), topk=1, caller_rules=False)   # ssta, window covers the grid
     m = build_block_mask(q, k, thw, cfg, L, tm)
     expect0 = torch.ones(5, 5, dtype=torch.bool)
-    expect0[:2, :2] = torch.eye(2, dtype=torch.bool)
     expect0[:, 4] = False
     expect0[4] = torch.tensor([0, 0, 0, 0, 1], dtype=torch.bool)
     assert torch.equal(m[0, 0], expect0)
@@ -99,6 +98,12 @@ def test_text_validity_rule():
     assert mx[0, 0, 4].tolist() == [True, True, True, True, False]
     # without use_text_mask nothing is cut
     assert build_block_mask(q, k, thw, cfg.replace(use_text_mask=False), L, tm).all(-1)[..., 2:].all()
+    # the reference cuts text blocks in ssta only: sta / block_attn keep every text block (visible padding);
+    # with mask padding the cut runs (it changes no output there)
+    for kind in ("sta", "block_attn"):
+        assert build_block_mask(q, k, thw, cfg.replace(sparse_type=kind), L, tm)[..., 2:].all()
+        cut = build_block_mask(q, k, thw, cfg.replace(sparse_type=kind, pad_type="mask"), L, tm)
+        assert torch.equal(cut[..., 2:], mx[..., 2:]) and torch.equal(cut[..., 2:, :], mx[..., 2:, :])
 
 
 def test_dense_mode_keeps_everything():

@@ -90,7 +90,9 @@ class SSTAConfig:
             slice) keep them visible as keys, as the reference does; ``"mask"`` excludes padded video
             keys and invalid text keys token by token (exact: equals dense attention over real tokens
             when every block is kept).
-        use_text_mask: apply the text-validity block rule when a text mask is given.
+        use_text_mask: apply the text-validity block rule when a text mask is given: in ``ssta`` (as
+            the reference) and ``dense``; in ``sta`` / ``block_attn`` only with ``pad_type="mask"``
+            (where it changes no output), otherwise their text blocks all stay visible.
         mask_share_within_head: one block mask for all heads (representatives averaged over heads).
         caller_rules: when resolving for a grid (`for_thw`), apply the HunyuanVideo-1.5 caller
             rules: topk halved when t <= 31, image tiles (1, 16, 24) and window (1, 1, 1) at t == 1.

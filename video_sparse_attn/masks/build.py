@@ -13,7 +13,21 @@ from .selection import importance_topk, similarity_threshold, similarity_topk, t
 from .sta import sta_window_mask
 from .text import apply_text_validity, assemble_with_text
 
-__all__ = ["build_block_mask", "block_mask_from_tiled"]
+__all__ = ["build_block_mask", "block_mask_from_tiled", "text_rule_applies"]
+
+
+def text_rule_applies(config: SSTAConfig) -> bool:
+    """Whether the text-validity block rule (`apply_text_validity`) runs for ``config`` (given a text mask).
+
+    The reference applies it in ``ssta`` only: in ``sta`` and ``block_attn`` with ``zero`` / ``repeat``
+    padding every text block stays visible, invalid tokens included. ``dense`` keeps it (it is ``ssta``
+    with every video block kept). With ``pad_type="mask"`` it runs for every sparse type: invalid text
+    keys are excluded token by token there anyway, so cutting the blocks that hold none changes no
+    output, only skips work.
+    """
+    if not config.use_text_mask:
+        return False
+    return config.sparse_type in ("ssta", "dense") or config.pad_type == "mask"
 
 
 def _selection(q_video, k_video, layout: TileLayout, config: SSTAConfig, q_means=None, k_means=None) -> torch.Tensor:
@@ -55,7 +69,7 @@ def block_mask_from_tiled(q_t: torch.Tensor, k_t: torch.Tensor, layout: TileLayo
             sel = _selection(q_t[:, :, :nvt], k_t[:, :, :nvt], layout, config, q_means, k_means)
             video = sel if video is None else (video | sel)
     mask = assemble_with_text(video, Nt)
-    if config.use_text_mask and text_mask is not None and Nt > 0:
+    if text_rule_applies(config) and text_mask is not None and Nt > 0:
         mask = apply_text_validity(mask, Nv, layout.tile_volume, text_mask.to(dev),
                                    exact=config.pad_type == "mask")
     return mask

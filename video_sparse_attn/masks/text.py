@@ -20,7 +20,7 @@ def assemble_with_text(video_mask: torch.Tensor, num_text_blocks: int) -> torch.
 
 def apply_text_validity(mask: torch.Tensor, num_video_blocks: int, block_size: int,
                         text_mask: torch.Tensor, exact: bool = False) -> torch.Tensor:
-    """Cut the text blocks that hold no valid token.
+    """Cut the text blocks that hold no valid token (for the sparse types `build.text_rule_applies` names).
 
     With ``V_b`` valid text tokens, ``keep = max(1, ceil(V_b / bs))`` text blocks stay and
     ``cut = Nv + keep``. Columns ``>= cut`` are cleared for every row. Rows ``>= cut`` keep only their
