@@ -191,6 +191,9 @@ CASES = {   # name: (thw, config, text_len, valid counts per batch or None)
     "block_attn_similarity_pool_122": ((4, 6, 9), SSTAConfig(tile_thw=(2, 3, 3), sparse_type="block_attn", topk=5,
                                                              sampling_type="similarity", adaptive_pool=(1, 2, 2),
                                                              **_T), 0, None),
+    "block_attn_threshold_shared": ((6, 7, 10), SSTAConfig(tile_thw=(3, 3, 5), sparse_type="block_attn", topk=10,
+                                                           sampling_type="similarity", threshold=0.9,
+                                                           mask_share_within_head=True, **_T), 0, None),
     "dense_zero_text_cut": ((2, 5, 6), SSTAConfig(tile_thw=(2, 2, 4), sparse_type="dense", **_T), 17, [17, 5]),
     "ssta_mask_pad_shared": ((3, 5, 7), SSTAConfig(tile_thw=(2, 2, 4), kernel_thw=(1, 3, 1), topk=3, pad_type="mask",
                                                    mask_share_within_head=True, **_T), 21, [21, 0]),
@@ -208,7 +211,8 @@ def test_block_mask_and_output_follow_the_rules(name):
     torch.manual_seed(len(name))
     q, k, v = torch.randn(3, B, H, math.prod(thw) + L, D, dtype=torch.float64).unbind(0)
     if cfg.threshold > 0:
-        q = q * 0.01        # a gate of order 0.01: softmax(gate / 0.01) spread, so k per row varies
+        # a gate of order 0.01: softmax(gate / 0.01) spread, so k per row varies (head means are smaller)
+        q = q * (0.02 if cfg.mask_share_within_head else 0.01)
     tm = None if counts is None else _text_mask(B, L, counts)
     out, info = ssta_attention(q, k, v, thw, cfg, L, tm, backend="torch", return_info=True, strict_tiles=False,
                                validate=False)
@@ -216,6 +220,7 @@ def test_block_mask_and_output_follow_the_rules(name):
     ref, scores, ks, sta = reference_mask(q, k, thw, cfg, L, tm)
     ours = info.block_mask.expand(B, *info.block_mask.shape[1:])
     assert_masks_match(ours, ref, scores, ks, sta, cfg, Nv)
+    assert ours.any(-1).all()                                   # every row keeps at least one block
     if cfg.threshold > 0:
         assert len(set(ks.flatten().tolist())) > 2, "the case should exercise several row counts"
     exp = reference_output(q, k, v, thw, cfg, L, tm, info.block_mask)
@@ -229,16 +234,17 @@ def test_block_mask_and_output_follow_the_rules(name):
 
 
 def test_tile_representatives_and_scores_are_float32_for_bf16_inputs():
-    """Tile means in float32: key tiles whose means differ by 2^-10..2^-8 (below bf16 resolution at 1.0,
-    so bf16 means would all tie) are ranked exactly; the top 3 are the tiles with the largest offsets."""
+    """Tile means in float32: key tiles whose means differ by multiples of 2^-11 (below bf16 resolution
+    at 1.0; their sums, 16 + o/128, all round to 16 in bf16 too, so bf16 means would all tie) are ranked
+    exactly; the top 3 are the tiles with the largest offsets."""
     thw, tile, D = (1, 4, 32), (1, 4, 4), 4                     # 8 tiles of 16 tokens along w
-    offset = [3, 0, 6, 1, 7, 2, 5, 4]                             # tile j: one token 1 + offset/64, the rest 1
+    offset = [3, 0, 6, 1, 7, 2, 5, 4]                             # tile j: one token 1 + offset/128, the rest 1
     q = torch.zeros(1, 1, 128, D)
     q[..., 0] = 1.0
     k = torch.zeros(1, 1, 4, 32, D)
     k[..., 0] = 1.0
     for j, o in enumerate(offset):
-        k[0, 0, 0, 4 * j, 0] = 1 + o / 64                           # exact in bf16
+        k[0, 0, 0, 4 * j, 0] = 1 + o / 128                          # exact in bf16
     k = k.reshape(1, 1, 128, D)
     cfg = SSTAConfig(tile_thw=tile, sparse_type="block_attn", sampling_type="similarity", topk=3, **_T)
     best = sorted(range(8), key=lambda j: -offset[j])[:3]
@@ -380,6 +386,24 @@ def test_visible_padding_counts_in_the_softmax():
         vals = torch.cat([v[0, 0, :3], kv_video[1].double(), v[0, 0, 3:4].expand(1 + copies, 2)])
         exp = torch.softmax(q[0, 0] @ keys.T * scale, -1) @ vals
         assert rel_l2(out[0, 0], exp) < 1e-12, pad
+
+
+@pytest.mark.parametrize("pad", ["zero", "mask"])
+def test_only_the_count_of_valid_text_tokens_matters(pad):
+    """A text mask is read as its count V_b (valid tokens taken as a prefix): a scattered mask with the
+    same count gives the same block mask and output (given scale honoured too)."""
+    thw, L = (2, 4, 8), 40
+    cfg = SSTAConfig(tile_thw=(2, 2, 4), kernel_thw=(1, 1, 3), topk=2, pad_type=pad, **_T)
+    q, k, v = torch.randn(3, 1, 2, 64 + L, 8, dtype=torch.float64).unbind(0)
+    prefix = _text_mask(1, L, [18])
+    scattered = torch.zeros(1, L, dtype=torch.bool)
+    scattered[0, torch.randperm(L)[:18]] = True
+    outs = [ssta_attention(q, k, v, thw, cfg, L, tm, scale=0.5, backend="torch", return_info=True, validate=False)
+            for tm in (prefix, scattered)]
+    assert torch.equal(outs[0][1].block_mask, outs[1][1].block_mask)
+    assert rel_l2(outs[1][0], outs[0][0]) < 1e-14
+    exp = reference_output(q, k, v, thw, cfg, L, prefix, outs[0][1].block_mask, scale=0.5)
+    assert rel_l2(outs[0][0], exp) < 1e-10
 
 
 @pytest.mark.parametrize("t, topk, expected", [(31, 64, 32), (32, 64, 64), (61, 64, 64), (1, 64, 32), (5, 7, 3)])
