@@ -68,12 +68,29 @@ def enable_ulysses(target: Any, degree: int, mesh: Any = None) -> None:
         torch.distributed.init_process_group("nccl"); torch.cuda.set_device(local_rank)
         enable_ssta(pipe, SSTAConfig()); enable_ulysses(pipe, 2)
     """
+    import torch.distributed as dist
     from diffusers import ContextParallelConfig
 
     from .enable import _transformers_of
+    from .parallel import check_parallel_model
 
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 2:
+        raise ValueError(f"enable_ulysses: degree must be an int >= 2 (the number of processes sharing one "
+                         f"video; without context parallelism skip the call), got {degree!r}")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("enable_ulysses needs torch.distributed initialised first: call "
+                           "torch.distributed.init_process_group(...) (or start_process_group()) in every rank")
+    if mesh is None and degree != dist.get_world_size():
+        raise ValueError(f"enable_ulysses: degree {degree} must equal the number of processes "
+                         f"({dist.get_world_size()}): data parallelism on top of context parallelism is not "
+                         "supported")
+    if mesh is not None and mesh.size() != degree:
+        raise ValueError(f"enable_ulysses: the mesh holds {mesh.size()} ranks, not degree {degree}")
+    transformers = _transformers_of(target)
+    for transformer in transformers:   # every check before the first change
+        check_parallel_model(transformer, degree)
     on_cpu = torch.accelerator.device_count() == 0
-    for transformer in _transformers_of(target):
+    for transformer in transformers:
         cp_mesh = mesh or (_cpu_mesh(degree) if on_cpu else None)
         config = ContextParallelConfig(ulysses_degree=degree, mesh=cp_mesh)
         if on_cpu:   # diffusers computes rank % torch.accelerator.device_count()

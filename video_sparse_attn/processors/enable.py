@@ -113,9 +113,10 @@ def enable_ssta(
         processor = SSTAAttnProcessor(config, schedule, backend=backend, strict_tiles=strict_tiles)
         parallel = getattr(transformer, "_parallel_config", None)   # enable_parallelism ran first
         if getattr(parallel, "context_parallel_config", None) is not None:
-            from .parallel import ulysses_group
+            from .parallel import check_parallel_model, ulysses_group
 
             ulysses_group(parallel)   # refuses ring attention here rather than at the first call
+            check_parallel_model(transformer, parallel.context_parallel_config.ulysses_degree)
             processor._parallel_config = parallel
         mapping = {}
         for name, proc in originals.items():
@@ -149,8 +150,15 @@ def _warm_kernels(transformer: torch.nn.Module, config: SSTAConfig, backend: str
 
 def disable_ssta(target: Any) -> None:
     """Restore the processors `enable_ssta` replaced (or, after a bare ``set_attn_processor``, the
-    model's stock ones) and remove the grid hook. A no-op on a transformer without SSTA."""
-    for transformer in _transformers_of(target):
+    model's stock ones) and remove the grid hook. A no-op on a transformer without SSTA.
+
+    Under context parallelism (`enable_ulysses`) the restored processors keep the transformer's
+    parallel config (Wan's stock processors run Ulysses themselves); a HunyuanVideo-1.5 transformer is
+    refused, as its stock processor has no context-parallel path."""
+    transformers = _transformers_of(target)
+    for transformer in transformers:
+        _check_stock_parallel(transformer)
+    for transformer in transformers:
         family = family_of(transformer)
         runtime = runtime_of(transformer)
         current = transformer.attn_processors
@@ -162,3 +170,24 @@ def disable_ssta(target: Any) -> None:
                  for n, p in current.items()}
             )
         remove_grid_hook(transformer)
+        parallel = getattr(transformer, "_parallel_config", None)
+        if getattr(parallel, "context_parallel_config", None) is not None:
+            # as enable_parallelism does: processors installed before it (or never seen by it) get the config
+            for proc in transformer.attn_processors.values():
+                if hasattr(proc, "_parallel_config"):
+                    proc._parallel_config = parallel
+
+
+def _check_stock_parallel(transformer: torch.nn.Module) -> None:
+    """Refuse to restore stock processors that cannot run under the transformer's context parallelism."""
+    parallel = getattr(transformer, "_parallel_config", None)
+    if getattr(parallel, "context_parallel_config", None) is None:
+        return
+    has_ssta = runtime_of(transformer) is not None or any(
+        isinstance(p, SSTAAttnProcessor) for p in transformer.attn_processors.values())
+    if has_ssta and family_of(transformer).name == "hunyuan_video15":
+        raise RuntimeError(
+            "disable_ssta: this HunyuanVideo-1.5 transformer runs under context parallelism, which the stock "
+            "HunyuanVideo-1.5 processor does not support in diffusers 0.42.1; keep SSTA (exact attention: "
+            "SSTAConfig(sparse_type='dense', pad_type='mask')) or run the stock model without enable_ulysses"
+        )

@@ -11,6 +11,10 @@ The denoising step (for schedules) comes, in this order, from: a step set with
 the timestep the transformer receives (a new step whenever it changes; one small host read per
 forward, made only when the schedule depends on the step). Classifier-free guidance calls the
 transformer twice per step with the same timestep, so calls are never counted.
+
+Under Ulysses context parallelism the hook also checks, before any collective of the forward, that
+the ranks hold a process group, equal video shards and the same inputs and settings
+(`parallel.check_parallel_forward`).
 """
 
 from __future__ import annotations
@@ -125,6 +129,11 @@ def _make_hook_class():
             if self.runtime.track_timesteps and self.runtime.scheduler is None:
                 ts = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
                 self.runtime.observe_timestep(ts)
+            parallel = getattr(module, "_parallel_config", None)
+            if getattr(parallel, "context_parallel_config", None) is not None:
+                from .parallel import check_parallel_forward
+
+                check_parallel_forward(module, self.runtime, hs, args, kwargs)
             return args, kwargs
 
     return GridCaptureHook

@@ -13,10 +13,18 @@ the model's context-parallel plan; see `cp_plan`) and the whole text. Per attent
 
 All exchanges are differentiable (`collectives`), so backward runs the usual kernels on the same
 head slices. Ring attention is refused. `SSTAStats` on a rank record the density of that rank's heads.
+
+Every rank must run the same forward: same input shapes and dtypes, text masks, timesteps and SSTA
+settings. Before each transformer forward the grid hook compares a short signature of these over the
+group (`check_parallel_forward`: one all-gather of a few integers and one host read), so a rank that
+differs makes every rank raise the same error instead of deadlocking or mixing two computations in
+the collectives. It does not run inside ``torch.compile`` (traced forwards skip it); a rank that fails
+on its own before that point leaves the others waiting until the process group's timeout.
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Optional
 
 import torch
@@ -27,7 +35,8 @@ from ..layout import TileLayout
 from .base import _local_ssta
 from .collectives import all_reduce_sum, gather_heads, heads_to_seq, seq_to_heads
 
-__all__ = ["ulysses_group", "ulysses_attention", "shares_head_means"]
+__all__ = ["ulysses_group", "ulysses_attention", "shares_head_means", "check_parallel_model",
+           "check_parallel_forward"]
 
 _RING = ("SSTA runs under Ulysses context parallelism only: use ContextParallelConfig(ulysses_degree=N) "
          "instead of ring_degree")
@@ -52,6 +61,106 @@ def ulysses_group(parallel_config):
         raise RuntimeError("the context-parallel config has no device mesh yet: call "
                            "transformer.enable_parallelism(config=...) before running the model")
     return mesh.get_group()
+
+
+def check_parallel_model(transformer: torch.nn.Module, degree: int) -> None:
+    """Refuse, in one line, a transformer SSTA cannot run under Ulysses degree ``degree``: a family
+    without a context-parallel path, or attention heads that do not divide by the degree."""
+    from .cp_plan import cp_plan_for
+
+    cp_plan_for(transformer)   # refuses the families without a plan
+    heads = getattr(getattr(transformer, "config", None), "num_attention_heads", None)
+    if heads is not None and int(heads) % degree:
+        raise ValueError(
+            f"Ulysses degree {degree} splits the attention heads over the ranks, but "
+            f"{type(transformer).__name__} has {heads} heads, which do not divide by {degree}: use a degree "
+            f"that divides {heads}"
+        )
+
+
+_FIELDS = ("hidden_states shape", "hidden_states dtype", "shapes and dtypes of the other inputs",
+           "values of the text masks, timesteps and other small inputs", "SSTA settings (config, schedule, backend)",
+           "denoising step")
+
+
+def _checksum(tensors: list, device: torch.device) -> torch.Tensor:
+    """A position-weighted sum of the bytes of ``tensors`` (computed where they live; no host read)."""
+    total = torch.zeros((), dtype=torch.int64, device=device)
+    for i, x in enumerate(tensors):
+        b = x.detach().contiguous().view(torch.uint8).reshape(-1).to(torch.int64)
+        weights = torch.arange(1, b.numel() + 1, device=b.device, dtype=torch.int64) % 65521 + i + 1
+        total = total + ((b * weights).sum() % 2_147_483_647).to(device)
+    return total % 2_147_483_647
+
+
+def _crc(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+def check_parallel_forward(transformer: torch.nn.Module, runtime, hidden_states: torch.Tensor, args: tuple,
+                           kwargs: dict) -> None:
+    """Checks before a forward of ``transformer`` under Ulysses context parallelism (called by the grid
+    hook on every rank): a live process group, video tokens that split into equal shards, and the same
+    inputs and SSTA settings on every rank of the group (see the module docstring)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{type(transformer).__name__} runs under context parallelism but this process has no "
+            "torch.distributed process group (never initialised, or destroyed): call "
+            "torch.distributed.init_process_group(...) in every rank before enable_ulysses and keep it until "
+            "the last forward"
+        )
+    group = ulysses_group(transformer._parallel_config)
+    if group is None:
+        return
+    degree = dist.get_world_size(group)
+    t, h, w = runtime.thw
+    if (t * h * w) % degree:
+        raise ValueError(
+            f"SSTA under Ulysses degree {degree} gives every rank an equal shard of the video tokens, but the "
+            f"latent grid {(t, h, w)} holds {t * h * w} tokens, not a multiple of {degree}: choose frames, "
+            f"height and width whose latent grid does"
+        )
+    if torch.compiler.is_compiling():
+        return
+    from .base import SSTAAttnProcessor
+
+    others, small = [], []
+    items = [(str(i), x) for i, x in enumerate(args)] + sorted(kwargs.items())
+    for name, x in items:
+        if not isinstance(x, torch.Tensor) or x is hidden_states:
+            continue
+        others.append(f"{name}:{tuple(x.shape)}:{x.dtype}")
+        if not (x.is_floating_point() or x.is_complex()) or x.numel() <= 256:
+            small.append(x)
+    procs = {id(p): p for p in transformer.attn_processors.values() if isinstance(p, SSTAAttnProcessor)}
+    settings = sorted(f"{p.config!r}|{p.schedule!r}|{p.backend}" for p in procs.values())
+    uses_step = any(p.schedule is not None and p.schedule.uses_step for p in procs.values())
+    host = [*hidden_states.shape, _crc(str(hidden_states.dtype)), _crc(";".join(others)), 0,
+            _crc("\n".join(settings)), runtime.step if uses_step else 0]
+    backend = dist.get_backend(group)
+    device = torch.device("cpu") if backend == "gloo" else hidden_states.device
+    mine = torch.tensor(host, dtype=torch.int64, device=device)
+    mine[len(hidden_states.shape) + 2] = _checksum(small, device)
+    rows = [torch.empty_like(mine) for _ in range(degree)]
+    dist.all_gather(rows, mine, group=group)
+    rows = [r.tolist() for r in rows]
+    if all(r == rows[0] for r in rows):
+        return
+    nd = len(hidden_states.shape)
+    spans = [(0, nd)] + [(nd + i, nd + i + 1) for i in range(len(_FIELDS) - 1)]
+    differ = []
+    for field, (a, b) in zip(_FIELDS, spans):
+        values = [tuple(r[a:b]) if field == "hidden_states shape" else r[a] for r in rows]
+        if len(set(values)) > 1:
+            differ.append(f"{field} (per rank: {', '.join(map(str, values))})" if field in ("hidden_states shape", "denoising step")
+                          else field)
+    raise ValueError(
+        f"the {degree} ranks of the Ulysses group called {type(transformer).__name__} with different inputs or "
+        f"settings, which context parallelism cannot combine: they differ in {'; '.join(differ)}. Give every rank "
+        "the same inputs (same seed, prompt and batch) and the same enable_ssta settings"
+    )
 
 
 def shares_head_means(config: SSTAConfig) -> bool:
