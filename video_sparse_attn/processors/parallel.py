@@ -132,7 +132,9 @@ def check_parallel_forward(transformer: torch.nn.Module, runtime, hidden_states:
         if not isinstance(x, torch.Tensor) or x is hidden_states:
             continue
         others.append(f"{name}:{tuple(x.shape)}:{x.dtype}")
-        if not (x.is_floating_point() or x.is_complex()) or x.numel() <= 256:
+        # integer inputs (masks) by value; of floats only tiny ones (timesteps), which every rank
+        # computes alike: large embeddings from different GPUs are left out
+        if not (x.is_floating_point() or x.is_complex()) or x.numel() <= 16:
             small.append(x)
     procs = {id(p): p for p in transformer.attn_processors.values() if isinstance(p, SSTAAttnProcessor)}
     settings = sorted(f"{p.config!r}|{p.schedule!r}|{p.backend}" for p in procs.values())
