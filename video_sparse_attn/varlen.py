@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from .attention import block_sparse_attention
-from .plan import BlockSparsePlan
+from .plan import BlockSparsePlan, window_offsets
 from .validation import check_varlen_call, check_window_size
 
 __all__ = ["block_sparse_attention_varlen"]
@@ -95,12 +95,10 @@ def block_sparse_attention_varlen(
     def counts(valid, blocks):
         return torch.tensor(valid or [0], dtype=torch.int32, device=dev)[None][:, :max(blocks, 1)]
 
-    lo = hi = shift = None
-    window_size = check_window_size(window_size)
-    if causal or window_size != (-1, -1):
-        left, right = window_size
-        right = 0 if causal else right
-        lo, hi = (None if left < 0 else -left), (None if right < 0 else right)
+    shift = None
+    # the bounds without the bottom-right offset, which differs per sequence and goes into the shift
+    lo, hi = window_offsets(0, 0, causal, check_window_size(window_size))
+    if lo is not None or hi is not None:
         # per sequence: query i sees key j iff lo <= (j - K_start) - (i - Q_start) - (len_k - len_q) <= hi,
         # so the rows of each query block are shifted by K_start - Q_start + len_k - len_q
         shifts, q0, k0 = [], 0, 0
