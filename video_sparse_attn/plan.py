@@ -44,7 +44,8 @@ import torch.utils._pytree as pytree
 
 from .validation import check_plan_args
 
-__all__ = ["BlockSparsePlan", "TENSOR_FIELDS", "STATIC_FIELDS", "window_pairs", "window_reach", "window_offsets"]
+__all__ = ["BlockSparsePlan", "TENSOR_FIELDS", "STATIC_FIELDS", "window_pairs", "window_reach", "window_offsets",
+           "op_args", "from_op_args"]
 
 #: an unbounded window side, as the kernels see it (positions stay far below it)
 WINDOW_INF = 1 << 30
@@ -317,6 +318,18 @@ class BlockSparsePlan:
 # leaves, and the order custom ops take a plan in); q_valid is always set.
 STATIC_FIELDS = ("q_block", "k_block", "window_lo", "window_hi", "zero_q_tail")
 TENSOR_FIELDS = tuple(f.name for f in fields(BlockSparsePlan) if f.name not in STATIC_FIELDS)
+
+
+def op_args(plan: BlockSparsePlan) -> tuple:
+    """A plan as custom ops take it: ``(tensor fields, q_block, k_block, window_lo, window_hi)``."""
+    return [getattr(plan, n) for n in TENSOR_FIELDS], plan.q_block, plan.k_block, plan.window_lo, plan.window_hi
+
+
+def from_op_args(tensors, q_block: int, k_block: int, window_lo: Optional[int] = None,
+                 window_hi: Optional[int] = None) -> BlockSparsePlan:
+    """The plan of `op_args` (``zero_q_tail`` back to its default: custom ops zero padded rows)."""
+    return BlockSparsePlan(**dict(zip(TENSOR_FIELDS, tensors)), q_block=q_block, k_block=k_block,
+                           window_lo=window_lo, window_hi=window_hi)
 
 
 def _flatten(plan: BlockSparsePlan):

@@ -19,21 +19,12 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..plan import TENSOR_FIELDS, BlockSparsePlan
+from ..plan import BlockSparsePlan, from_op_args, op_args
 
 __all__ = ["triton_entry", "fa4_entry"]
 
 Tensor = torch.Tensor
 
-
-def _plan(tensors: List[Tensor], q_block: int, k_block: int, window_lo: Optional[int] = None,
-          window_hi: Optional[int] = None) -> BlockSparsePlan:
-    return BlockSparsePlan(**dict(zip(TENSOR_FIELDS, tensors)), q_block=q_block, k_block=k_block,
-                           window_lo=window_lo, window_hi=window_hi)
-
-
-def _plan_args(plan: BlockSparsePlan):
-    return [getattr(plan, name) for name in TENSOR_FIELDS], plan.q_block, plan.k_block, plan.window_lo, plan.window_hi
 
 
 def _scale(q: Tensor, scale: Optional[float]) -> float:
@@ -42,12 +33,13 @@ def _scale(q: Tensor, scale: Optional[float]) -> float:
 
 # ---------------------------------------------------------------------------------------------- Triton
 @torch.library.custom_op("vsa::triton_attention", mutates_args=())
-def _triton_fwd(q: Tensor, k: Tensor, v: Tensor, plan_tensors: List[Tensor], q_block: int, k_block: int, window_lo: Optional[int], window_hi: Optional[int],
-                scale: float) -> Tuple[Tensor, Tensor]:
+def _triton_fwd(q: Tensor, k: Tensor, v: Tensor, plan_tensors: List[Tensor], q_block: int, k_block: int,
+                window_lo: Optional[int], window_hi: Optional[int], scale: float) -> Tuple[Tensor, Tensor]:
     from .triton_common import resolve_kernel_options
     from .triton_fwd import attention_forward
 
-    return attention_forward(q, k, v, _plan(plan_tensors, q_block, k_block, window_lo, window_hi), scale, resolve_kernel_options(None))
+    plan = from_op_args(plan_tensors, q_block, k_block, window_lo, window_hi)
+    return attention_forward(q, k, v, plan, scale, resolve_kernel_options(None))
 
 
 @_triton_fwd.register_fake
@@ -58,12 +50,14 @@ def _(q, k, v, plan_tensors, q_block, k_block, window_lo, window_hi, scale):
 
 @torch.library.custom_op("vsa::triton_attention_bwd", mutates_args=())
 def _triton_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                plan_tensors: List[Tensor], q_block: int, k_block: int, window_lo: Optional[int], window_hi: Optional[int], scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                plan_tensors: List[Tensor], q_block: int, k_block: int, window_lo: Optional[int],
+                window_hi: Optional[int], scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     from .triton_bwd import attention_backward
     from .triton_common import resolve_kernel_options
     from .triton_op import DEFAULT_DETERMINISTIC
 
-    return attention_backward(q, k, v, out, lse, dout, _plan(plan_tensors, q_block, k_block, window_lo, window_hi), scale,
+    plan = from_op_args(plan_tensors, q_block, k_block, window_lo, window_hi)
+    return attention_backward(q, k, v, out, lse, dout, plan, scale,
                               resolve_kernel_options(None), deterministic=DEFAULT_DETERMINISTIC, dlse=dlse)
 
 
@@ -93,8 +87,7 @@ def triton_entry(q: Tensor, k: Tensor, v: Tensor, plan: BlockSparsePlan,
                  scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     """The Triton backend: its autograd function in eager mode, the custom ops under `torch.compile`."""
     if torch.compiler.is_compiling():
-        tensors, qb, kb, lo, hi = _plan_args(plan)
-        return _triton_fwd(q, k, v, tensors, qb, kb, lo, hi, _scale(q, scale))
+        return _triton_fwd(q, k, v, *op_args(plan), _scale(q, scale))
     from .triton_op import run_triton
 
     return run_triton(q, k, v, plan, _scale(q, scale))     # inputs checked by the public op

@@ -15,23 +15,19 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..plan import TENSOR_FIELDS, BlockSparsePlan
+from ..plan import BlockSparsePlan, from_op_args, op_args
 from .torch_ref import block_sparse_attention_torch as _reference
 
 __all__ = ["block_sparse_attention_torch_op", "block_sparse_attention_torch_traceable"]
 
 
-def _plan(tensors: List[torch.Tensor], q_block: int, k_block: int, window_lo: Optional[int] = None,
-          window_hi: Optional[int] = None) -> BlockSparsePlan:
-    return BlockSparsePlan(**dict(zip(TENSOR_FIELDS, tensors)), q_block=q_block, k_block=k_block,
-                           window_lo=window_lo, window_hi=window_hi)
-
 
 @torch.library.custom_op("vsa::block_sparse_attention_torch", mutates_args=())
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan_tensors: List[torch.Tensor],
-             q_block: int, k_block: int, window_lo: Optional[int], window_hi: Optional[int], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+             q_block: int, k_block: int, window_lo: Optional[int], window_hi: Optional[int],
+             scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        out, lse = _reference(q, k, v, _plan(plan_tensors, q_block, k_block, window_lo, window_hi), scale)
+        out, lse = _reference(q, k, v, from_op_args(plan_tensors, q_block, k_block, window_lo, window_hi), scale)
     return out.contiguous(), lse.contiguous()
 
 
@@ -44,9 +40,10 @@ def _forward_fake(q, k, v, plan_tensors, q_block, k_block, window_lo, window_hi,
 
 @torch.library.custom_op("vsa::block_sparse_attention_torch_bwd", mutates_args=())
 def _backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
-              v: torch.Tensor, plan_tensors: List[torch.Tensor], q_block: int, k_block: int, window_lo: Optional[int], window_hi: Optional[int],
+              v: torch.Tensor, plan_tensors: List[torch.Tensor], q_block: int, k_block: int,
+              window_lo: Optional[int], window_hi: Optional[int],
               scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    plan = _plan(plan_tensors, q_block, k_block, window_lo, window_hi)
+    plan = from_op_args(plan_tensors, q_block, k_block, window_lo, window_hi)
     use_lse = grad_lse is not None and bool(grad_lse.any())   # as eager: lse joins only when it is used
 
     def f(q_, k_, v_):
@@ -83,8 +80,7 @@ def block_sparse_attention_torch_op(q: torch.Tensor, k: torch.Tensor, v: torch.T
     """`block_sparse_attention_torch` through the custom ops: ``q [B, H, Sq, D]``, ``k, v [B, H, Sk, D]``
     → ``(out [B, H, Sq, D], lse [B, H, Sq] float32)``; traceable by `torch.compile` with ``fullgraph=True``."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    tensors = [getattr(plan, name) for name in TENSOR_FIELDS]
-    return _forward(q, k, v, tensors, plan.q_block, plan.k_block, plan.window_lo, plan.window_hi, scale)
+    return _forward(q, k, v, *op_args(plan), scale)
 
 
 def block_sparse_attention_torch_traceable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
