@@ -70,8 +70,6 @@ VARIANTS = {
     "det": ({}, True),                                           # deterministic two-pass backward
     "ptrdet": ({"tma": False}, True),
     "tmared": ({"dq_reduce": "tma"}, False),                     # single pass, dQ by TMA reduce-add
-    "spread": ({"dq_spread": True}, False),                      # single pass, per-program walk offsets
-    "tmaspread": ({"dq_reduce": "tma", "dq_spread": True}, False),
     "flat": ({"skip_padded_queries": False}, False),             # single pass, flat dK/dV loop (no q_valid skip)
     "flatdet": ({"skip_padded_queries": False}, True),           # deterministic with the v5 flat dK/dV loop
     "ws": ({"warp_specialize": True}, False),                    # warp-specialised forward key loop

@@ -184,13 +184,6 @@ def test_pointer_path_forced(deterministic):
     _check(plan, q, k, v, torch.bfloat16, deterministic, options={"tma": False, "autotune": False})
 
 
-@pytest.mark.parametrize("reduce", ["atomic", "tma"])
-def test_dq_spread(reduce):
-    """Per-program walk offsets of the single pass (``dq_spread``): the same gradients."""
-    plan, q, k, v = _case(2, 2, 8, 8, 384, 384, 128, torch.bfloat16, 0.6)
-    _check(plan, q, k, v, torch.bfloat16, options={"dq_spread": True, "dq_reduce": reduce})
-
-
 @pytest.mark.parametrize("window", [(None, 0), (-700, 200), (-300, None)], ids=["causal", "band", "left"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["onepass", "det"])
 def test_window_sub_tiles(window, deterministic):

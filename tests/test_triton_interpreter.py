@@ -210,19 +210,6 @@ def test_padded_queries_flat_dkdv_loop(deterministic):
     assert torch.autograd.grad(out, k, torch.randn_like(out))[0].isnan().any()
 
 
-@pytest.mark.parametrize("skip", [True, False], ids=["per_block", "flat"])
-def test_dq_spread_walk_wraps_and_matches(skip):
-    """``dq_spread``: each dK/dV program starts its query-block walk at its own offset and wraps
-    around; every kept block is still visited exactly once (gradients equal the reference)."""
-    B, H, D, qb, kb, Mq, Nk = 1, 2, 16, 32, 16, 6, 4
-    mask = torch.rand(B, H, Mq, Nk) < 0.8
-    mask[..., :2] = True                                  # ≥ 6 query blocks per key block: offsets wrap
-    plan = _plan(mask, qb, kb, torch.tensor([[16, 16, 16, 7]], dtype=torch.int32),
-                 torch.tensor([[32, 32, 32, 32, 32, 20]], dtype=torch.int32))
-    q, k, v = _inputs(B, H, Mq * qb, Nk * kb, D, torch.float32)
-    _compare(q, k, v, plan, torch.float32, options={"dq_spread": True, "skip_padded_queries": skip})
-
-
 def test_padded_queries_broadcast_q_valid():
     plan, q, k, v, pad = _padded_query_case(torch.float32, per_batch=False)
     assert plan.q_valid.shape[0] == 1
@@ -264,7 +251,7 @@ def test_kernel_options_rejects_unknown_keys_and_bad_values():
 
     assert resolve_kernel_options(None) == resolve_kernel_options({}) == {
         "tma": True, "warp_specialize": False, "fwd_peel": True, "fwd_lazy": True, "autotune": True,
-        "dq_reduce": "atomic", "dq_spread": False, "skip_padded_queries": True}
+        "dq_reduce": "atomic", "skip_padded_queries": True}
     assert resolve_kernel_options({"tma": False})["tma"] is False
 
 

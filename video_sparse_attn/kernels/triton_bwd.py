@@ -36,7 +36,7 @@ import triton.language as tl
 
 from . import precompile as pc
 from .triton_common import (SHAPE_ARGS_M, SHAPE_ARGS_N, C_LOG2E, LOG2E, dot_precision, plan_strides, query_tile,
-                            row_program, tma_usable)
+                            row_program, tma_usable, window_sides)
 from .tuning import tuned_kernel
 
 __all__ = ["attention_backward", "DKDV_CONFIGS", "DQ_CONFIGS", "ONE_PASS_CONFIGS"]
@@ -56,7 +56,6 @@ ONE_PASS_CONFIGS = {
     "large_d": [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
 }
 _ROWS = 64          # rows per program of the delta and dQ-convert kernels
-_SPREAD_STRIDE = 37  # dq_spread: walk offset per key sub-tile (prime; neighbours start far apart)
 
 
 @triton.jit(do_not_specialize=["H"])
@@ -74,10 +73,10 @@ def _delta_kernel(
 
 
 @triton.jit
-def _outside_off(pos0, key_lo, key_hi, win_lo, win_hi, BLOCK_M: tl.constexpr):
+def _off_unless_inside(pos0, key_lo, key_hi, win_lo, win_hi, BLOCK_M: tl.constexpr):
     """0 if every row ``pos0 .. pos0 + BLOCK_M - 1`` sees every key ``key_lo .. key_hi`` through the
-    window ``win_lo <= key - pos <= win_hi``, else +inf (the pair is left to the masked walk)."""
-    inside = (key_lo - (pos0 + BLOCK_M - 1) >= win_lo) & (key_hi - pos0 <= win_hi)
+    window, else +inf (the pair is left to the masked walk)."""
+    inside, _ = window_sides(pos0, pos0 + BLOCK_M - 1, key_lo, key_hi, win_lo, win_hi)
     return tl.where(inside, 0.0, float("inf"))
 
 
@@ -134,12 +133,9 @@ def _dkdv_kernel(
     H, Sq, Sk, sm_scale, qk_scale, win_lo, win_hi,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, DQ_MODE: tl.constexpr, SKIP_PAD_Q: tl.constexpr,
-    SPREAD: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Grid: (key sub-tiles of all key blocks in col_order rank, B*H); one program = BLOCK_N keys.
-    # SPREAD: start the walk over the kept query blocks at (tile · SPREAD) mod count and wrap around, so
-    # programs running side by side (the SUB_N sub-tiles of one key block walk the same list) add their
-    # dQ tiles into different rows at any moment; 0 walks from the first block.
     # WINDOW: the main walk runs only the query sub-tiles whose rows see all of this key sub-tile (no
     # per-score test; the others are switched off by an +inf offset), a last walk the ones crossing the
     # window's edge, masked. Sub-tiles wholly outside it contribute nothing.
@@ -162,7 +158,9 @@ def _dkdv_kernel(
     qv_ptr = Q_VALID + b * s_qv_b
     sh_ptr = Q_SHIFT + b * s_sh_b
 
-    offs_n = k_blk * K_BLOCK + (tile % SUB_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_lo = k_blk * K_BLOCK + (tile % SUB_N) * BLOCK_N                # this program's key positions
+    key_hi = key_lo + BLOCK_N - 1
+    offs_n = key_lo + tl.arange(0, BLOCK_N)
     key_ok = tl.arange(0, BLOCK_N) < rem
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
@@ -182,13 +180,9 @@ def _dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-    start = (tile * SPREAD) % tl.maximum(count, 1)
-    key_lo = k_blk * K_BLOCK + (tile % SUB_N) * BLOCK_N                # this program's key positions
-    key_hi = key_lo + BLOCK_N - 1
     if SKIP_PAD_Q:
         for j in range(0, count):
-            jj = j + start
-            q_blk = tl.load(idx_ptr + tl.where(jj >= count, jj - count, jj))
+            q_blk = tl.load(idx_ptr + j)
             n_sub = tl.cdiv(tl.load(qv_ptr + q_blk), BLOCK_M)               # sub-tiles with a valid row
             q_shift = 0
             if WINDOW:
@@ -197,21 +191,20 @@ def _dkdv_kernel(
                 row0 = q_blk * Q_BLOCK + sub * BLOCK_M
                 off = 0.0
                 if WINDOW:
-                    off = _outside_off(row0 + q_shift, key_lo, key_hi, win_lo, win_hi, BLOCK_M)
+                    off = _off_unless_inside(row0 + q_shift, key_lo, key_hi, win_lo, win_hi, BLOCK_M)
                 dk, dv = _dkdv_step(
                     k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, row0,
                     rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale, offs_n, q_shift, win_lo, win_hi,
                     off, D_PAD, DOT_PREC, USE_TMA, DQ_MODE, False, BLOCK_M, BLOCK_N)
     else:
         for it in range(0, count * SUB_M):
-            jj = it // SUB_M + start
-            q_blk = tl.load(idx_ptr + tl.where(jj >= count, jj - count, jj))
+            q_blk = tl.load(idx_ptr + it // SUB_M)
             row0 = q_blk * Q_BLOCK + (it % SUB_M) * BLOCK_M
             q_shift = 0
             off = 0.0
             if WINDOW:
                 q_shift = tl.load(sh_ptr + q_blk)
-                off = _outside_off(row0 + q_shift, key_lo, key_hi, win_lo, win_hi, BLOCK_M)
+                off = _off_unless_inside(row0 + q_shift, key_lo, key_hi, win_lo, win_hi, BLOCK_M)
             dk, dv = _dkdv_step(
                 k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, row0,
                 rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale, offs_n, q_shift, win_lo, win_hi,
@@ -226,10 +219,9 @@ def _dkdv_kernel(
             q_shift = tl.load(sh_ptr + q_blk)
             for sub in range(0, n_sub):
                 row0 = q_blk * Q_BLOCK + sub * BLOCK_M
-                lo_d = key_lo - (row0 + q_shift + BLOCK_M - 1)               # least and greatest key - pos
-                hi_d = key_hi - (row0 + q_shift)
-                crossing = ((lo_d < win_lo) | (hi_d > win_hi)) & (hi_d >= win_lo) & (lo_d <= win_hi)
-                if crossing:
+                pos0 = row0 + q_shift
+                inside, some = window_sides(pos0, pos0 + BLOCK_M - 1, key_lo, key_hi, win_lo, win_hi)
+                if some & (inside == 0):
                     dk, dv = _dkdv_step(
                         k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, row0,
                         rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale, offs_n, q_shift,
@@ -317,7 +309,7 @@ def _dq_kernel(
             vt = tl.load(v_base + rows[None, :] * svs + offs_d[:, None] * svd, mask=d_ok[:, None], other=0.0)
         off = 0.0
         if WINDOW:                                  # not wholly inside the window: left to the last loop
-            off = _outside_off(pos_lo, row0, row0 + BLOCK_N - 1, win_lo, win_hi, BLOCK_M)
+            off = _off_unless_inside(pos_lo, row0, row0 + BLOCK_N - 1, win_lo, win_hi, BLOCK_M)
         p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - (lse2 + off)[:, None])
         if rem < BLOCK_N:
             p = tl.where((offs_n < rem)[None, :], p, 0.0)
@@ -330,10 +322,8 @@ def _dq_kernel(
             k_blk = tl.load(idx_ptr + it // SUB_N)
             rem = tl.load(valid_ptr + k_blk) - (it % SUB_N) * BLOCK_N
             row0 = k_blk * K_BLOCK + (it % SUB_N) * BLOCK_N
-            lo_d = row0 - pos_hi
-            hi_d = row0 + BLOCK_N - 1 - pos_lo
-            crossing = ((lo_d < win_lo) | (hi_d > win_hi)) & (hi_d >= win_lo) & (lo_d <= win_hi) & (rem > 0)
-            if crossing:
+            inside, some = window_sides(pos_lo, pos_hi, row0, row0 + BLOCK_N - 1, win_lo, win_hi)
+            if some & (inside == 0) & (rem > 0):
                 rows = row0 + offs_n
                 kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
                 vt = tl.load(v_base + rows[None, :] * svs + offs_d[:, None] * svd, mask=d_ok[:, None], other=0.0)
@@ -385,7 +375,6 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
     # measured faster with pointer loads (H200, 720p SSTA: 186 vs 241 ms), unless dQ is reduced by TMA
     use_tma_q = tma_usable(D, q, dout, enabled=options["tma"] and (deterministic or options["dq_reduce"] == "tma"))
     skip = options["skip_padded_queries"]
-    spread = _SPREAD_STRIDE if (options["dq_spread"] and not deterministic) else 0
     window = plan.has_window
     tag = ".window" if window else ""
     lo, hi = plan.window_bounds()
@@ -409,7 +398,7 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
         *io_strides, *dk.stride(), *dv.stride(),
         cs[0], cs[1], ix[0], ix[1], ix[2], co[0], co[1], val_b, qv_b, sh_b,
         H, Sq, Sk, scale, scale * LOG2E, lo, hi, USE_TMA=use_tma_q, DQ_MODE=dq_mode,
-        SKIP_PAD_Q=skip, SPREAD=spread, WINDOW=window, **common,
+        SKIP_PAD_Q=skip, WINDOW=window, **common,
     )
 
     if not deterministic:

@@ -17,7 +17,7 @@ import triton.language as tl
 
 __all__ = [
     "INTERPRET", "LOG2E", "LN2", "C_LOG2E", "C_LN2", "KernelOptions", "resolve_kernel_options", "kernel_configs",
-    "dot_precision", "plan_strides", "tma_layout_ok", "tma_usable", "query_tile", "row_program", "SHAPE_ARGS_M",
+    "dot_precision", "plan_strides", "tma_layout_ok", "tma_usable", "query_tile", "row_program", "window_sides", "SHAPE_ARGS_M",
     "SHAPE_ARGS_N",
 ]
 
@@ -74,15 +74,6 @@ class KernelOptions(TypedDict, total=False):
     at 720p on an H200, benchmarks/NOTES.md v7). Default ``"atomic"``.
     Ignored with ``deterministic=True``."""
 
-    dq_spread: bool
-    """Single-pass backward: each program starts its walk over the kept query blocks at its own offset
-    (key sub-tile rank × a stride, modulo the count) instead of at the first one, so the programs that
-    run together — the sub-tiles of one key block share the same list — add into different dQ rows
-    rather than the same ones at the same time. The sum's order changes (the single pass is not
-    bit-reproducible anyway); nothing else. Measured 11% slower at 720p on an H200 (programs that walk
-    together share Q / dO in L2; benchmarks/NOTES.md v7). Ignored with ``deterministic=True``. Default
-    ``False``."""
-
     skip_padded_queries: bool
     """dK/dV loops (both backward modes): walk each kept query block's sub-tiles only up to its
     ``q_valid`` (an inner loop per block, software-pipelined within the block). ``False``: one flat
@@ -92,7 +83,7 @@ class KernelOptions(TypedDict, total=False):
 
 _DEFAULTS: KernelOptions = {
     "tma": True, "warp_specialize": False, "fwd_peel": True, "fwd_lazy": True, "autotune": True,
-    "dq_reduce": "atomic", "dq_spread": False, "skip_padded_queries": True,
+    "dq_reduce": "atomic", "skip_padded_queries": True,
 }
 _CHOICES = {"dq_reduce": ("atomic", "tma")}
 
@@ -193,3 +184,13 @@ def row_program(H, ROWS: tl.constexpr, D_PAD: tl.constexpr):
     bh = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     return (bh // H).to(tl.int64), (bh % H).to(tl.int64), rows, tl.arange(0, D_PAD)
+
+
+@triton.jit
+def window_sides(pos_lo, pos_hi, key_lo, key_hi, win_lo, win_hi):
+    """Query positions ``pos_lo .. pos_hi`` against keys ``key_lo .. key_hi`` under the window
+    ``win_lo <= key - pos <= win_hi``: ``(inside, some)`` — every pair inside it / some pair inside it
+    (a sub-tile with ``some`` but not ``inside`` crosses the window's edge)."""
+    lo_d = key_lo - pos_hi                      # least and greatest key - pos over the pairs
+    hi_d = key_hi - pos_lo
+    return (lo_d >= win_lo) & (hi_d <= win_hi), (hi_d >= win_lo) & (lo_d <= win_hi)

@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from . import precompile as pc
-from .triton_common import SHAPE_ARGS_M, C_LN2, LOG2E, dot_precision, plan_strides, query_tile, tma_usable
+from .triton_common import (SHAPE_ARGS_M, C_LN2, LOG2E, dot_precision, plan_strides, query_tile, tma_usable,
+                            window_sides)
 from .tuning import tuned_kernel
 
 __all__ = ["attention_forward", "FWD_CONFIGS"]
@@ -147,7 +148,7 @@ def _fwd_kernel(
             if rem < BLOCK_N:                                           # ragged tail only
                 s = tl.where((offs_n < rem)[None, :], s, float("-inf"))
         if WINDOW:                                                      # not wholly inside: off here
-            inside = (row0 - pos_hi >= win_lo) & (row0 + BLOCK_N - 1 - pos_lo <= win_hi)
+            inside, _ = window_sides(pos_lo, pos_hi, row0, row0 + BLOCK_N - 1, win_lo, win_hi)
             skip = skip + tl.where(inside, 0.0, float("inf"))
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, LAZY, DOT_PREC)
 
@@ -178,12 +179,11 @@ def _fwd_kernel(
             k_blk = tl.load(idx_ptr + it // SUB_N)
             rem = tl.load(valid_ptr + k_blk) - (it % SUB_N) * BLOCK_N
             row0 = k_blk * K_BLOCK + (it % SUB_N) * BLOCK_N
-            lo_d = row0 - pos_hi                                        # least and greatest j - pos here
-            hi_d = row0 + BLOCK_N - 1 - pos_lo
-            todo = (lo_d < win_lo) | (hi_d > win_hi)                    # crossing the edge
+            inside, some = window_sides(pos_lo, pos_hi, row0, row0 + BLOCK_N - 1, win_lo, win_hi)
+            todo = inside == 0                                          # crossing the edge
             if PEEL:
                 todo = todo | (rem < BLOCK_N)                           # or ragged
-            if todo & (hi_d >= win_lo) & (lo_d <= win_hi) & (rem > 0):
+            if todo & some & (rem > 0):
                 rows = row0 + offs_n
                 kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
                 v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
