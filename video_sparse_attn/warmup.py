@@ -124,6 +124,13 @@ def _ssta_grids(config, D: int):
     return grids
 
 
+def _random(B: int, H: int, n: int, D: int, dtype, device, bshd: bool, grad: bool) -> torch.Tensor:
+    """Random ``[B, H, n, D]`` input, as a transposed ``[B, n, H, D]`` view with ``bshd``."""
+    if bshd:
+        return torch.randn(B, n, H, D, device=device, dtype=dtype).transpose(1, 2).requires_grad_(grad)
+    return torch.randn(B, H, n, D, device=device, dtype=dtype, requires_grad=grad)
+
+
 def _warm_ssta(B: int, H: int, D: int, dtype, config, backend: str, backward: bool, device) -> None:
     """Real `ssta_attention` calls (forward, backward) on small padded grids, both q/k/v layouts."""
     from .attention import ssta_attention
@@ -132,14 +139,7 @@ def _warm_ssta(B: int, H: int, D: int, dtype, config, backend: str, backward: bo
         S = math.prod(thw) + text_len
         text_mask = torch.arange(text_len, device=device)[None].expand(B, -1) < text_len - 3
         for bshd in (False, True):
-            def make():
-                if bshd:
-                    x = torch.randn(B, S, H, D, device=device, dtype=dtype).transpose(1, 2)
-                else:
-                    x = torch.randn(B, H, S, D, device=device, dtype=dtype)
-                return x.requires_grad_(backward)
-
-            q, k, v = make(), make(), make()
+            q, k, v = (_random(B, H, S, D, dtype, device, bshd, backward) for _ in range(3))
             with torch.set_grad_enabled(backward):
                 out = ssta_attention(q, k, v, thw, config, text_len, text_mask, backend=backend, validate=False)
             if backward:
@@ -169,15 +169,10 @@ def warmup(*shapes: Shape, kernel_options: Optional[dict] = None, deterministic:
         plan = _plan(S, qb, kb, device)
         Sq, Sk = plan.num_q_blocks * qb, plan.num_k_blocks * kb
 
-        def make(n):
-            if bshd:
-                return torch.randn(B, n, H, D, device=device, dtype=dtype).transpose(1, 2).requires_grad_(backward)
-            return torch.randn(B, H, n, D, device=device, dtype=dtype, requires_grad=backward)
-
         start = time.perf_counter()
         if cfg is not None:
             _warm_ssta(B, H, D, dtype, cfg, backend, backward, device)
-        q, k, v = make(Sq), make(Sk), make(Sk)
+        q, k, v = (_random(B, H, n, D, dtype, device, bshd, backward) for n in (Sq, Sk, Sk))
         if resolve_backend(backend, q, plan) == "triton":
             from .kernels.triton_op import block_sparse_attention_triton
 
