@@ -193,6 +193,19 @@ def test_synthetic_data_of_other_settings_is_rewritten(tmp_path):
     assert used["latent_grid"] == [2, 4, 4] and meta["latent_shape"] == [4, 2, 4, 4]
 
 
+def test_a_dataset_someone_put_where_synthetic_data_goes_is_never_deleted(tmp_path):
+    out = tmp_path / "run"
+    root = out / "synthetic_data"
+    make_synthetic_dataset(str(root), 3, (4, 2, 8, 8), 16, text_dim_2=8)
+    meta = json.loads((root / "metadata.json").read_text())
+    meta["synthetic"] = False                         # as a dataset made from real videos says
+    (root / "metadata.json").write_text(json.dumps(meta))
+    before = sorted(os.listdir(root))
+    with pytest.raises(UsageError, match="did not generate.*--data"):
+        _train(out, "--max-train-steps", "1", "--synthetic-latent-thw", "2,4,4")
+    assert sorted(os.listdir(root)) == before
+
+
 def _hv15_dataset(root, **override):
     sample = {"latents": torch.randn(4, 2, 8, 8), "prompt_embeds": torch.randn(5, 16),
               "prompt_mask": (torch.arange(5) < 3).long(), "prompt_embeds_2": torch.zeros(3, 8),

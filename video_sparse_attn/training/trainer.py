@@ -102,6 +102,9 @@ def _prepare_dataset(args: argparse.Namespace, transformer, accelerator) -> Late
                 if os.path.isfile(meta_path):
                     with open(meta_path) as f:
                         meta = json.load(f)
+                    if not meta.get("synthetic"):    # a dataset someone put there: never deleted
+                        raise UsageError(f"{root} holds a dataset this command did not generate; pass it "
+                                         f"with --data {root}, or move it out of --output-dir")
                     if {k: meta.get(k) for k in want} != want:
                         accelerator.print(f"{root}: synthetic data of other settings; writing it again")
                         shutil.rmtree(root)
