@@ -44,45 +44,23 @@ def main() -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     os.environ.pop("TRITON_INTERPRET", None)
 
+    from video_sparse_attn.kernels import variants
+
+    with variants.sm90(args.gpu):     # Triton targets sm90; the package decides as on that GPU
+        compile_times(args)
+
+
+def compile_times(args) -> None:
     import torch
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-
-    class Sm90:                                   # what Triton asks the driver for when it only compiles
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device):
-            return 0
-
-    driver.set_active(Sm90())
 
     from video_sparse_attn import SSTAConfig
     from video_sparse_attn.kernels import precompile as pc
-    from video_sparse_attn.kernels import triton_bwd, triton_common, triton_fwd, tuning
+    from video_sparse_attn.kernels import triton_fwd, tuning
     from video_sparse_attn.kernels.triton_common import resolve_kernel_options
     from video_sparse_attn.kernels.triton_gather import gather_rows_with_means
     from video_sparse_attn.layout import TileLayout
     from video_sparse_attn.plan import BlockSparsePlan
-
-    def tma_usable(D, *tensors, enabled=True):   # as on an sm90 GPU (the tensors here are meta)
-        return enabled and D == triton.next_power_of_2(D) and D >= 16 and all(
-            t.stride(-1) == 1 and all((st * t.element_size()) % 16 == 0 and st for st in t.stride()[:-1])
-            for t in tensors)
-
-    real_tuned = tuning.tuned_kernel
-
-    def tuned_kernel(*a, **kw):
-        return real_tuned(*a, **{**kw, "device": torch.device("cuda", 0)})
-
-    tuning.gpu_name = lambda index: args.gpu
-    for m in (triton_fwd, triton_bwd):
-        m.tma_usable, m.tuned_kernel = tma_usable, tuned_kernel
-    triton_common.INTERPRET = False
 
     import triton.backends.nvidia.compiler as nv
 
