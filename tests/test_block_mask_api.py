@@ -251,6 +251,35 @@ def test_window_sub_tiles_inside_crossing_outside(kw, options, deterministic):
     assert_grads_match(out, (q, k, v), ref, 1e-5)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_window_edge_found_past_64_kept_blocks(deterministic):
+    """The masked walks screen kept blocks 64 at a time: 70 blocks of 16 tokens, the mask a band around
+    the diagonal plus the last block row and column, so the last row (forward, dQ: causal) and the
+    last column (dK/dV: keys at or after the query) cross the window's edge in their second group of
+    64 kept blocks, the others in the first. fp32 against float64 dense."""
+    from video_sparse_attn.attention import _pad_rows, _plan_for_mask
+    from video_sparse_attn.kernels.triton_op import block_sparse_attention_triton
+    from video_sparse_attn.plan import window_offsets
+
+    torch.manual_seed(3)
+    S, blk = 1110, 16
+    q, k, v = (torch.randn(1, 1, S, 16, requires_grad=True) for _ in range(3))
+    n_blk = -(-S // blk)
+    i = torch.arange(n_blk)
+    mask = ((i[:, None] - i[None, :]).abs() <= 1) | (i[:, None] == n_blk - 1) | (i[None, :] == n_blk - 1)
+    mask = mask[None, None]
+    for kw in (dict(causal=True), dict(window_size=(0, -1))):
+        ref, ref_lse = block_window_reference(q, k, v, mask, blk, blk, **kw)
+        plan = _plan_for_mask(mask, S, S, blk, blk, window_offsets(S, S, **kw))
+        n = plan.num_q_blocks * blk
+        out, lse = block_sparse_attention_triton(*(_pad_rows(x, n) for x in (q, k, v)), plan,
+                                                 kernel_options={"autotune": False}, deterministic=deterministic)
+        out, lse = out[:, :, :S], lse[:, :, :S]
+        assert rel_l2(out, ref) < 1e-5 and torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+        assert_grads_match(out, (q, k, v), ref, 1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("thw, pad", [((2, 4, 8), "mask"), ((3, 5, 6), "zero")])
 def test_ssta_attention_returns_lse_for_32_and_16_bit_inputs(dtype, thw, pad):

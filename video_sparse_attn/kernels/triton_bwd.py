@@ -210,22 +210,32 @@ def _dkdv_kernel(
                 rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale, offs_n, q_shift, win_lo, win_hi,
                 off, D_PAD, DOT_PREC, USE_TMA, DQ_MODE, False, BLOCK_M, BLOCK_N)
 
-    if WINDOW:   # the query sub-tiles crossing the window's edge, masked score by score
-        for j in range(0, count):
-            q_blk = tl.load(idx_ptr + j)
-            n_sub = SUB_M
-            if SKIP_PAD_Q:
-                n_sub = tl.cdiv(tl.load(qv_ptr + q_blk), BLOCK_M)
-            q_shift = tl.load(sh_ptr + q_blk)
-            for sub in range(0, n_sub):
-                row0 = q_blk * Q_BLOCK + sub * BLOCK_M
-                pos0 = row0 + q_shift
-                inside, some = window_sides(pos0, pos0 + BLOCK_M - 1, key_lo, key_hi, win_lo, win_hi)
-                if some & (inside == 0):
-                    dk, dv = _dkdv_step(
-                        k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, row0,
-                        rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale, offs_n, q_shift,
-                        win_lo, win_hi, 0.0, D_PAD, DOT_PREC, USE_TMA, DQ_MODE, True, BLOCK_M, BLOCK_N)
+    if WINDOW:   # the query sub-tiles crossing the window's edge, masked score by score; kept query
+                 # blocks are screened 64 at a time as whole blocks (only one crossing the edge has such a sub-tile)
+        offs_c = tl.arange(0, 64)
+        for c in range(0, count, 64):
+            in_col = c + offs_c < count
+            blk = tl.load(idx_ptr + c + offs_c, mask=in_col, other=0)
+            b_pos = blk * Q_BLOCK + tl.load(sh_ptr + blk, mask=in_col, other=0)
+            b_in, b_some = window_sides(b_pos, b_pos + Q_BLOCK - 1, key_lo, key_hi, win_lo, win_hi)
+            todo = in_col & b_some & (b_in == 0)
+            for r in range(0, tl.sum(todo.to(tl.int32))):
+                pos = tl.min(tl.where(todo, offs_c, 64))
+                todo = todo & (offs_c != pos)
+                q_blk = tl.load(idx_ptr + c + pos)
+                n_sub = SUB_M
+                if SKIP_PAD_Q:
+                    n_sub = tl.cdiv(tl.load(qv_ptr + q_blk), BLOCK_M)
+                q_shift = tl.load(sh_ptr + q_blk)
+                for sub in range(0, n_sub):
+                    row0 = q_blk * Q_BLOCK + sub * BLOCK_M
+                    pos0 = row0 + q_shift
+                    inside, some = window_sides(pos0, pos0 + BLOCK_M - 1, key_lo, key_hi, win_lo, win_hi)
+                    if some & (inside == 0):
+                        dk, dv = _dkdv_step(
+                            k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, row0,
+                            rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale, offs_n, q_shift,
+                            win_lo, win_hi, 0.0, D_PAD, DOT_PREC, USE_TMA, DQ_MODE, True, BLOCK_M, BLOCK_N)
 
     dk = dk * sm_scale
     tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dks + offs_d[None, :] * s_dkd,
@@ -317,22 +327,33 @@ def _dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
 
-    if WINDOW:   # the key sub-tiles crossing the window's edge, masked score by score
-        for it in range(0, count * SUB_N):
-            k_blk = tl.load(idx_ptr + it // SUB_N)
-            rem = tl.load(valid_ptr + k_blk) - (it % SUB_N) * BLOCK_N
-            row0 = k_blk * K_BLOCK + (it % SUB_N) * BLOCK_N
-            inside, some = window_sides(pos_lo, pos_hi, row0, row0 + BLOCK_N - 1, win_lo, win_hi)
-            if some & (inside == 0) & (rem > 0):
-                rows = row0 + offs_n
-                kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
-                vt = tl.load(v_base + rows[None, :] * svs + offs_d[:, None] * svd, mask=d_ok[:, None], other=0.0)
-                p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse2[:, None])
-                d = rows[None, :] - q_pos[:, None]
-                p = tl.where((d >= win_lo) & (d <= win_hi) & (offs_n < rem)[None, :], p, 0.0)
-                dp = tl.dot(do, vt, input_precision=DOT_PREC)
-                ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
+    if WINDOW:   # the key sub-tiles crossing the window's edge, masked score by score; kept blocks are
+                 # screened 64 at a time as whole blocks (only a block crossing the edge has such a sub-tile)
+        offs_c = tl.arange(0, 64)
+        for c in range(0, count, 64):
+            in_row = c + offs_c < count
+            blk = tl.load(idx_ptr + c + offs_c, mask=in_row, other=0)
+            b_in, b_some = window_sides(pos_lo, pos_hi, blk * K_BLOCK, blk * K_BLOCK + K_BLOCK - 1, win_lo, win_hi)
+            todo = in_row & b_some & (b_in == 0)
+            for r in range(0, tl.sum(todo.to(tl.int32))):
+                pos = tl.min(tl.where(todo, offs_c, 64))
+                todo = todo & (offs_c != pos)
+                k_blk = tl.load(idx_ptr + c + pos)
+                kv1 = tl.load(valid_ptr + k_blk)
+                for sub in range(0, SUB_N):
+                    rem = kv1 - sub * BLOCK_N
+                    row0 = k_blk * K_BLOCK + sub * BLOCK_N
+                    inside, some = window_sides(pos_lo, pos_hi, row0, row0 + BLOCK_N - 1, win_lo, win_hi)
+                    if some & (inside == 0) & (rem > 0):
+                        rows = row0 + offs_n
+                        kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
+                        vt = tl.load(v_base + rows[None, :] * svs + offs_d[:, None] * svd, mask=d_ok[:, None], other=0.0)
+                        p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse2[:, None])
+                        d = rows[None, :] - q_pos[:, None]
+                        p = tl.where((d >= win_lo) & (d <= win_hi) & (offs_n < rem)[None, :], p, 0.0)
+                        dp = tl.dot(do, vt, input_precision=DOT_PREC)
+                        ds = p * (dp - delta[:, None])
+                        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
 
     dq = dq * sm_scale
     tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqs + offs_d[None, :] * s_dqd,

@@ -11,7 +11,8 @@ masked behind a per-sub-tile branch) / eager rescaling. Rows that see no key wri
 
 Token windows (causal, sliding): sub-tiles wholly inside the window run in the main loop without a
 per-score test; the others are switched off there like ragged ones, and those crossing the window's
-edge run masked in a last loop (a causal mask's diagonal), so the window costs nothing elsewhere.
+edge run masked in a last walk (a causal mask's diagonal) that screens whole kept blocks first, so a
+block with nothing to mask costs one test there, not a second pass over its sub-tiles.
 
 Padding-free queries: a sub-tile whose rows all lie at or past ``q_valid`` skips the key loop and
 only stores out 0 / lse -inf; in a partly valid sub-tile the padded rows load q as 0 and are stored
@@ -172,25 +173,34 @@ def _fwd_kernel(
                 s = tl.where((offs_n < kv1 % BLOCK_N)[None, :], s, float("-inf"))
                 m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, LAZY, DOT_PREC)
 
-    if WINDOW:   # one scan for every sub-tile skipped above that has a key in the window: those crossing
-                 # its edge and (peeled loop) the ragged ones, masked by both (one loop, not two: the
-                 # 4-warp kernel is at its register limit and a third loop made it spill)
-        for it in range(0, count * SUB_N):
-            k_blk = tl.load(idx_ptr + it // SUB_N)
-            rem = tl.load(valid_ptr + k_blk) - (it % SUB_N) * BLOCK_N
-            row0 = k_blk * K_BLOCK + (it % SUB_N) * BLOCK_N
-            inside, some = window_sides(pos_lo, pos_hi, row0, row0 + BLOCK_N - 1, win_lo, win_hi)
-            todo = inside == 0                                          # crossing the edge
+    if WINDOW:
+        # The sub-tiles switched off above that have a key in the window, masked: those crossing its edge
+        # and (peeled loop) the ragged ones. Kept blocks are screened whole first (a block wholly inside
+        # the window or wholly outside it has no crossing sub-tile), so only the few blocks that have
+        # such a sub-tile (a causal mask's diagonal) are walked sub-tile by sub-tile.
+        for j in range(0, count):
+            k_blk = tl.load(idx_ptr + j)
+            kv1 = tl.load(valid_ptr + k_blk)
+            b_in, b_some = window_sides(pos_lo, pos_hi, k_blk * K_BLOCK, k_blk * K_BLOCK + K_BLOCK - 1, win_lo, win_hi)
+            todo = b_in == 0
             if PEEL:
-                todo = todo | (rem < BLOCK_N)                           # or ragged
-            if todo & some & (rem > 0):
-                rows = row0 + offs_n
-                kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
-                v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
-                s = tl.dot(q, kt, input_precision=DOT_PREC)
-                d = rows[None, :] - q_pos[:, None]
-                s = tl.where((d >= win_lo) & (d <= win_hi) & (offs_n < rem)[None, :], s, float("-inf"))
-                m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, LAZY, DOT_PREC)
+                todo = todo | ((kv1 < K_BLOCK) & (kv1 % BLOCK_N != 0))
+            if todo & b_some & (kv1 > 0):
+                for sub in range(0, SUB_N):
+                    rem = kv1 - sub * BLOCK_N
+                    row0 = k_blk * K_BLOCK + sub * BLOCK_N
+                    inside, some = window_sides(pos_lo, pos_hi, row0, row0 + BLOCK_N - 1, win_lo, win_hi)
+                    todo_s = inside == 0                                # crossing the edge
+                    if PEEL:
+                        todo_s = todo_s | (rem < BLOCK_N)               # or ragged
+                    if todo_s & some & (rem > 0):
+                        rows = row0 + offs_n
+                        kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
+                        v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
+                        s = tl.dot(q, kt, input_precision=DOT_PREC)
+                        d = rows[None, :] - q_pos[:, None]
+                        s = tl.where((d >= win_lo) & (d <= win_hi) & (offs_n < rem)[None, :], s, float("-inf"))
+                        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, LAZY, DOT_PREC)
 
     # out = acc / l; lse = ln(l) + m·ln2 (m is in log2 units). No key, or a padded row: 0 and -inf.
     empty = (l_i == 0.0) | (~row_ok)
