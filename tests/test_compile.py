@@ -24,11 +24,12 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _plan():
+def _plan(key_bias=False):
     mask = torch.rand(2, 1, 4, 5) < 0.5
     mask[0, 0, 1] = False                                                   # a query block with no key
     return BlockSparsePlan.from_block_mask(mask, 16, 16, torch.tensor([[16, 16, 16, 7, 16]]),
-                                           q_valid=torch.tensor([[16, 16, 16, 9]]))
+                                           q_valid=torch.tensor([[16, 16, 16, 9]]),
+                                           key_bias=torch.rand(2, 80) * 3 if key_bias else None)
 
 
 def _grads(fn, inputs, cotangents):
@@ -39,8 +40,9 @@ def _grads(fn, inputs, cotangents):
 
 
 # ---------------------------------------------------------------------------- the custom op
-def test_custom_op_equals_reference_forward_and_backward():
-    plan = _plan()
+@pytest.mark.parametrize("key_bias", [False, True], ids=["plain", "key_bias"])
+def test_custom_op_equals_reference_forward_and_backward(key_bias):
+    plan = _plan(key_bias)
     q = torch.randn(2, 2, 64, 8, dtype=torch.float64)
     k, v = torch.randn(2, 2, 2, 80, 8, dtype=torch.float64).unbind(0)
     d_out = torch.randn(2, 2, 64, 8, dtype=torch.float64)
@@ -52,18 +54,21 @@ def test_custom_op_equals_reference_forward_and_backward():
         for a, b in zip(out + list(g), ref + list(ref_g)):
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     tensors = [getattr(plan, n) for n in TENSOR_FIELDS]
-    torch.library.opcheck(torch.ops.vsa.block_sparse_attention_torch.default, (q, k, v, tensors, 16, 16, None, None, 0.3))
-    torch.library.opcheck(torch.ops.vsa.block_sparse_attention_torch.default, (q, k, v, tensors, 16, 16, -5, 3, 0.3))
+    op = torch.ops.vsa.block_sparse_attention_torch.default
+    torch.library.opcheck(op, (q, k, v, tensors, plan.key_bias, 16, 16, None, None, 0.3))
+    torch.library.opcheck(op, (q, k, v, tensors, plan.key_bias, 16, 16, -5, 3, 0.3))
 
 
-def test_plan_is_a_pytree_that_crosses_the_compile_boundary():
+@pytest.mark.parametrize("key_bias", [False, True], ids=["plain", "key_bias"])
+def test_plan_is_a_pytree_that_crosses_the_compile_boundary(key_bias):
     import torch.utils._pytree as pytree
 
-    plan = _plan()
+    plan = _plan(key_bias)
     leaves, spec = pytree.tree_flatten(plan)
-    assert len(leaves) == len(TENSOR_FIELDS) and all(isinstance(x, torch.Tensor) for x in leaves)
+    assert len(leaves) == len(TENSOR_FIELDS) + key_bias and all(isinstance(x, torch.Tensor) for x in leaves)
     rebuilt = pytree.tree_unflatten(leaves, spec)
     assert (rebuilt.q_block, rebuilt.k_block) == (16, 16) and torch.equal(rebuilt.to_dense(), plan.to_dense())
+    assert (rebuilt.key_bias is None) != key_bias
     cnt = CompileCounterWithBackend("aot_eager")
     fn = torch.compile(lambda q, k, v, p: torch_op.block_sparse_attention_torch_op(q, k, v, p)[0], fullgraph=True,
                        backend=cnt)

@@ -15,6 +15,10 @@ Query validity (padding-free compute):
     q_valid[b, i]                query rows ``i*q_block + r`` with ``r >= q_valid[b, i]`` are padding:
                                  backends need not compute them; they return out 0, lse -inf and
                                  dq 0 there, and such rows add nothing to dk / dv
+Key bias (optional):
+    key_bias[b, j]               float32, added to the scaled score ``q·k·scale`` of key token j (natural
+                                 log: a key of bias ``log m`` weighs as ``m`` copies of itself; padding-free
+                                 ``repeat`` padding, `TileLayout.key_bias`)
 Token window (optional, on top of the blocks):
     window_lo, window_hi         static ints or None (unbounded): query row ``i`` of block ``m`` sees
                                  key ``j`` only if ``window_lo <= j - (i + window_shift[b, m]) <= window_hi``
@@ -26,9 +30,10 @@ Schedules (heavy rows first, so long dense text rows do not form a tail):
     row_order[b, h, :]           query blocks sorted by descending kv_count
     col_order[b, h, :]           key blocks sorted by descending q_count
 
-The batch and head dims of the index tensors are ``B`` or 1, and the batch dim of ``k_valid`` and
-``q_valid`` is ``B`` or 1: size-1 dims broadcast. Everything is int32 and built on the mask's device without a host
-synchronisation (widths are the static block counts, not data-dependent maxima).
+The batch and head dims of the index tensors are ``B`` or 1, and the batch dim of ``k_valid``,
+``q_valid`` and ``key_bias`` is ``B`` or 1: size-1 dims broadcast. Everything but ``key_bias`` is
+int32 and built on the mask's device without a host synchronisation (widths are the static block
+counts, not data-dependent maxima).
 
 A plan is a pytree (`torch.utils._pytree`): its tensors are the leaves and ``q_block`` / ``k_block``
 static context, so it can enter and leave `torch.compile`d functions and `torch.func` transforms.
@@ -44,8 +49,8 @@ import torch.utils._pytree as pytree
 
 from .validation import check_plan_args
 
-__all__ = ["BlockSparsePlan", "TENSOR_FIELDS", "STATIC_FIELDS", "window_pairs", "window_reach", "window_offsets",
-           "op_args", "from_op_args"]
+__all__ = ["BlockSparsePlan", "TENSOR_FIELDS", "OPTIONAL_FIELDS", "STATIC_FIELDS", "window_pairs", "window_reach",
+           "window_offsets", "op_args", "from_op_args"]
 
 #: an unbounded window side, as the kernels see it (positions stay far below it)
 WINDOW_INF = 1 << 30
@@ -134,11 +139,14 @@ class BlockSparsePlan:
         q_count  [B', H', Nk]       q_index  [B', H', Nk, Mq]
         row_order [B', H', Mq]      col_order [B', H', Nk]
         k_valid  [Bv, Nk]           density  [] float32 (mean of the block mask)
-        q_valid  [Bq, Mq]           window_shift [Bq, Mq]       (Bv, Bq in {1, B})
+        q_valid  [Bq, Mq]           window_shift [Bq, Mq]       (Bv, Bq, Bb in {1, B})
+        key_bias [Bb, Nk * k_block] float32 (float64 for float64 inputs) or None (no bias)
     ``window_lo`` / ``window_hi`` (Python ints, or None: unbounded): a token-level window on top of
     the blocks — query row ``i`` sees key ``j`` only if ``window_lo <= j - i - shift <= window_hi``
     (positions in the block layout, ``shift = window_shift`` of the row's block). Causal
     (bottom-right aligned, as flash-attention) is ``window_hi = Sk - Sq``.
+    ``key_bias`` (natural log, finite) is added to the scaled score of every key token; only backends
+    with `BackendSpec.key_bias` run a plan that has one.
     ``zero_q_tail`` (default True): rows past ``q_valid`` return out 0 / lse -inf and their output
     gradient is ignored. False: a caller that drops those rows (and passes zero gradients there, as
     `ssta_attention`'s untile does) lets a backend skip that masking pass (FA4: two passes over the
@@ -157,6 +165,7 @@ class BlockSparsePlan:
     k_block: int
     q_valid: Optional[torch.Tensor] = None
     window_shift: Optional[torch.Tensor] = None
+    key_bias: Optional[torch.Tensor] = None
     window_lo: Optional[int] = None
     window_hi: Optional[int] = None
     zero_q_tail: bool = True
@@ -185,6 +194,12 @@ class BlockSparsePlan:
                                                                  device=self.kv_count.device))
         if self.window_shift.dim() != 2 or self.window_shift.shape[1] != Mq:
             raise ValueError(f"window_shift must be [B or 1, {Mq}], got {tuple(self.window_shift.shape)}")
+        kb = self.key_bias
+        if kb is not None and (kb.dtype not in (torch.float32, torch.float64) or kb.dim() != 2
+                               or kb.shape[1] != Nk * self.k_block or kb.stride(-1) != 1):
+            raise ValueError(f"key_bias must be float32 / float64 [B or 1, {Nk * self.k_block}] with a unit "
+                             f"last stride (from_block_mask converts), got {kb.dtype} {tuple(kb.shape)} "
+                             f"strides {kb.stride()}")
         for name in ("window_lo", "window_hi"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
@@ -203,15 +218,18 @@ class BlockSparsePlan:
         window_hi: Optional[int] = None,
         window_shift: Optional[torch.Tensor] = None,
         zero_q_tail: bool = True,
+        key_bias: Optional[torch.Tensor] = None,
     ) -> "BlockSparsePlan":
         """Build a plan from a bool block mask ``[B or 1, H or 1, Mq, Nk]`` (or ``[Mq, Nk]``).
 
         ``k_valid`` (int ``[B or 1, Nk]``) and ``q_valid`` (int ``[B or 1, Mq]``) default to full
         blocks. With a window (``window_lo`` / ``window_hi`` / ``window_shift [B or 1, Mq]``, see the
         class), blocks with no valid (query, key) pair inside it are dropped. ``zero_q_tail``: see the
-        class. No host synchronisation.
+        class. ``key_bias`` (float ``[B or 1, Nk * k_block]`` or 1-D, natural log): added to each key's
+        scaled score (stored as float32; float64 stays float64, for float64 inputs). No host
+        synchronisation.
         """
-        q_block, k_block = check_plan_args(block_mask, q_block, k_block, k_valid, q_valid, window_shift)
+        q_block, k_block = check_plan_args(block_mask, q_block, k_block, k_valid, q_valid, window_shift, key_bias)
         if block_mask.dim() == 2:
             block_mask = block_mask[None, None]
         Nk = block_mask.shape[-1]
@@ -227,6 +245,10 @@ class BlockSparsePlan:
         if window_shift is not None:
             window_shift = window_shift.to(device=block_mask.device)
             window_shift = (window_shift[None] if window_shift.dim() == 1 else window_shift).to(torch.int32).contiguous()
+        if key_bias is not None:
+            dtype = torch.float64 if key_bias.dtype == torch.float64 else torch.float32
+            key_bias = key_bias.to(device=block_mask.device, dtype=dtype)
+            key_bias = (key_bias[None] if key_bias.dim() == 1 else key_bias).contiguous()
         if window_lo is not None or window_hi is not None:
             qv = q_valid if q_valid is not None else torch.full((1, block_mask.shape[-2]), q_block, dtype=torch.int32,
                                                                 device=block_mask.device)
@@ -239,7 +261,8 @@ class BlockSparsePlan:
             row_order=_heavy_first(kv_count), col_order=_heavy_first(q_count),
             k_valid=k_valid.contiguous(),
             density=block_mask.float().mean(), q_block=int(q_block), k_block=int(k_block), q_valid=q_valid,
-            window_shift=window_shift, window_lo=window_lo, window_hi=window_hi, zero_q_tail=zero_q_tail,
+            window_shift=window_shift, key_bias=key_bias, window_lo=window_lo, window_hi=window_hi,
+            zero_q_tail=zero_q_tail,
         )
 
     @classmethod
@@ -305,6 +328,7 @@ class BlockSparsePlan:
     def __repr__(self) -> str:
         Bp, Hp, Mq, Nk = self.shape
         window = f", window=({self.window_lo}, {self.window_hi})" if self.has_window else ""
+        window += f", key_bias={tuple(self.key_bias.shape)}" if self.key_bias is not None else ""
         return (f"BlockSparsePlan(shape=(B={Bp}, H={Hp}, Mq={Mq}, Nk={Nk}), q_block={self.q_block}, "
                 f"k_block={self.k_block}, k_valid={tuple(self.k_valid.shape)}{window}, device={self.device})")
 
@@ -314,39 +338,55 @@ class BlockSparsePlan:
         return "\n".join("".join("#" if x else "." for x in row) for row in m.tolist())
 
 
-# The static fields (Python ints / bools: pytree context, custom-op arguments) and the tensor fields (pytree
-# leaves, and the order custom ops take a plan in); q_valid is always set.
+# The static fields (Python ints / bools: pytree context, custom-op arguments), the tensor fields that are
+# always set (the list custom ops take, in this order) and the optional ones (None or a tensor: one
+# ``Tensor?`` custom-op argument each; pytree leaves when set, their presence is context).
 STATIC_FIELDS = ("q_block", "k_block", "window_lo", "window_hi", "zero_q_tail")
-TENSOR_FIELDS = tuple(f.name for f in fields(BlockSparsePlan) if f.name not in STATIC_FIELDS)
+OPTIONAL_FIELDS = ("key_bias",)
+TENSOR_FIELDS = tuple(f.name for f in fields(BlockSparsePlan) if f.name not in STATIC_FIELDS + OPTIONAL_FIELDS)
 
 
 def op_args(plan: BlockSparsePlan) -> tuple:
-    """A plan as custom ops take it: ``(tensor fields, q_block, k_block, window_lo, window_hi)``."""
-    return [getattr(plan, n) for n in TENSOR_FIELDS], plan.q_block, plan.k_block, plan.window_lo, plan.window_hi
+    """A plan as custom ops take it: ``(tensor fields, key_bias or None, q_block, k_block, window_lo,
+    window_hi)``."""
+    return ([getattr(plan, n) for n in TENSOR_FIELDS], plan.key_bias, plan.q_block, plan.k_block, plan.window_lo,
+            plan.window_hi)
 
 
-def from_op_args(tensors, q_block: int, k_block: int, window_lo: Optional[int] = None,
-                 window_hi: Optional[int] = None) -> BlockSparsePlan:
+def from_op_args(tensors, key_bias: Optional[torch.Tensor], q_block: int, k_block: int,
+                 window_lo: Optional[int] = None, window_hi: Optional[int] = None) -> BlockSparsePlan:
     """The plan of `op_args` (``zero_q_tail`` back to its default: custom ops zero padded rows)."""
-    return BlockSparsePlan(**dict(zip(TENSOR_FIELDS, tensors)), q_block=q_block, k_block=k_block,
+    return BlockSparsePlan(**dict(zip(TENSOR_FIELDS, tensors)), key_bias=key_bias, q_block=q_block, k_block=k_block,
                            window_lo=window_lo, window_hi=window_hi)
 
 
+def _leaf_names(plan: BlockSparsePlan) -> tuple:
+    return TENSOR_FIELDS + tuple(n for n in OPTIONAL_FIELDS if getattr(plan, n) is not None)
+
+
+def _context(plan: BlockSparsePlan, names: tuple) -> tuple:
+    return tuple(getattr(plan, n) for n in STATIC_FIELDS), names[len(TENSOR_FIELDS):]
+
+
 def _flatten(plan: BlockSparsePlan):
-    return [getattr(plan, n) for n in TENSOR_FIELDS], tuple(getattr(plan, n) for n in STATIC_FIELDS)
+    names = _leaf_names(plan)
+    return [getattr(plan, n) for n in names], _context(plan, names)
 
 
 def _flatten_with_keys(plan: BlockSparsePlan):
-    return ([(pytree.GetAttrKey(n), getattr(plan, n)) for n in TENSOR_FIELDS],
-            tuple(getattr(plan, n) for n in STATIC_FIELDS))
+    names = _leaf_names(plan)
+    return [(pytree.GetAttrKey(n), getattr(plan, n)) for n in names], _context(plan, names)
 
 
 def _unflatten(leaves, context) -> BlockSparsePlan:
     # no __post_init__: pytree utilities also rebuild plans whose leaves are not tensors
+    statics, optional = context
     plan = object.__new__(BlockSparsePlan)
-    for name, leaf in zip(TENSOR_FIELDS, leaves):
+    for name in OPTIONAL_FIELDS:
+        object.__setattr__(plan, name, None)
+    for name, leaf in zip(TENSOR_FIELDS + optional, leaves):
         object.__setattr__(plan, name, leaf)
-    for name, value in zip(STATIC_FIELDS, context):
+    for name, value in zip(STATIC_FIELDS, statics):
         object.__setattr__(plan, name, value)
     return plan
 

@@ -155,11 +155,12 @@ def check_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, block_masks, q_block,
     return cq, ck, q_block, k_block
 
 
-def check_plan_args(block_mask, q_block, k_block, k_valid, q_valid, window_shift):
+def check_plan_args(block_mask, q_block, k_block, k_valid, q_valid, window_shift, key_bias=None):
     """``BlockSparsePlan.from_block_mask``'s arguments: a bool mask ``[Mq, Nk]`` or ``[B', H', Mq, Nk]``,
     block sizes (positive multiples of 16; ``k_block`` defaults to ``q_block``), and optional per-block
-    tensors ``k_valid [Bv, Nk]``, ``q_valid`` / ``window_shift [Bq, Mq]`` (or 1-D) on the mask's device
-    or the CPU, whose batch is 1 or the mask's (when the mask has one). Returns ``(q_block, k_block)``."""
+    tensors ``k_valid [Bv, Nk]``, ``q_valid`` / ``window_shift [Bq, Mq]`` (or 1-D) and the per-key float
+    ``key_bias [Bb, Nk * k_block]`` (or 1-D) on the mask's device or the CPU, whose batch is 1 or the
+    mask's (when the mask has one). Returns ``(q_block, k_block)``."""
     if not isinstance(block_mask, torch.Tensor):
         raise TypeError(f"block_mask must be a bool tensor, got {type(block_mask).__name__}")
     if block_mask.dtype != torch.bool:
@@ -170,7 +171,11 @@ def check_plan_args(block_mask, q_block, k_block, k_valid, q_valid, window_shift
     k_block = q_block if k_block is None else check_block_size("k_block", k_block)
     Mq, Nk = block_mask.shape[-2:]
     Bm = block_mask.shape[0] if block_mask.dim() == 4 else 1
-    for name, x, n in (("k_valid", k_valid, Nk), ("q_valid", q_valid, Mq), ("window_shift", window_shift, Mq)):
+    if key_bias is not None and (not isinstance(key_bias, torch.Tensor) or not key_bias.dtype.is_floating_point):
+        got = key_bias.dtype if isinstance(key_bias, torch.Tensor) else type(key_bias).__name__
+        raise TypeError(f"key_bias must be a float tensor [B or 1, {Nk * k_block}] (natural log), got {got}")
+    for name, x, n in (("k_valid", k_valid, Nk), ("q_valid", q_valid, Mq), ("window_shift", window_shift, Mq),
+                       ("key_bias", key_bias, Nk * k_block)):
         if x is None:
             continue
         if not isinstance(x, torch.Tensor):
@@ -333,6 +338,15 @@ def validate_block_inputs(q, k, v, plan, scale: Optional[float]) -> float:
             f"plan batch/head dims ({Bp}, {Hp}), k_valid batch {plan.k_valid.shape[0]}, q_valid batch "
             f"{plan.q_valid.shape[0]} and window_shift batch {shift_b} must be 1 or match q's ({B}, {H})"
         )
+    key_bias = getattr(plan, "key_bias", None)
+    if key_bias is not None:   # length and float32 / float64: checked when the plan was made
+        if key_bias.shape[0] not in (1, B):
+            raise ValueError(f"plan.key_bias batch {key_bias.shape[0]} must be 1 or match q's ({B})")
+        if key_bias.device != q.device:
+            raise ValueError(f"plan.key_bias is on {key_bias.device} but q is on {q.device}")
+        if key_bias.dtype == torch.float64 and q.dtype != torch.float64:
+            raise ValueError(f"plan.key_bias is float64 but q is {q.dtype}: a float64 bias is for float64 inputs "
+                             "(give a float32 one)")
     return check_scale(scale, D)
 
 

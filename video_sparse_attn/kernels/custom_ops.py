@@ -6,10 +6,10 @@ kernel call (no graph break, no tracing into Triton's autotuner or FA4's CuTe co
 - ``vsa::fa4_attention`` / ``vsa::fa4_attention_bwd``: FlashAttention-4 over block lists that are
   built in the traced graph from the plan (pure tensor ops with static shapes).
 
-Each op takes the plan as its tensor fields plus the static block sizes; `register_fake` gives output
-shapes and `register_autograd` links forward and backward. `triton_entry` / `fa4_entry` are the
-registry's entry points: eager calls go to the backends' autograd functions, traced calls to these
-ops; both give the same values.
+Each op takes the plan as `plan.op_args` gives it (its tensor fields, the optional ``key_bias``, the
+static block sizes and window); `register_fake` gives output shapes and `register_autograd` links
+forward and backward. `triton_entry` / `fa4_entry` are the registry's entry points: eager calls go
+to the backends' autograd functions, traced calls to these ops; both give the same values.
 """
 
 from __future__ import annotations
@@ -33,51 +33,52 @@ def _scale(q: Tensor, scale: Optional[float]) -> float:
 
 # ---------------------------------------------------------------------------------------------- Triton
 @torch.library.custom_op("vsa::triton_attention", mutates_args=())
-def _triton_fwd(q: Tensor, k: Tensor, v: Tensor, plan_tensors: List[Tensor], q_block: int, k_block: int,
-                window_lo: Optional[int], window_hi: Optional[int], scale: float) -> Tuple[Tensor, Tensor]:
+def _triton_fwd(q: Tensor, k: Tensor, v: Tensor, plan_tensors: List[Tensor], key_bias: Optional[Tensor],
+                q_block: int, k_block: int, window_lo: Optional[int], window_hi: Optional[int],
+                scale: float) -> Tuple[Tensor, Tensor]:
     from .triton_common import resolve_kernel_options
     from .triton_fwd import attention_forward
 
-    plan = from_op_args(plan_tensors, q_block, k_block, window_lo, window_hi)
+    plan = from_op_args(plan_tensors, key_bias, q_block, k_block, window_lo, window_hi)
     return attention_forward(q, k, v, plan, scale, resolve_kernel_options(None))
 
 
 @_triton_fwd.register_fake
-def _(q, k, v, plan_tensors, q_block, k_block, window_lo, window_hi, scale):
+def _(q, k, v, plan_tensors, key_bias, q_block, k_block, window_lo, window_hi, scale):
     B, H, Sq, _ = q.shape
     return torch.empty_like(q), q.new_empty(B, H, Sq, dtype=torch.float32)
 
 
 @torch.library.custom_op("vsa::triton_attention_bwd", mutates_args=())
 def _triton_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                plan_tensors: List[Tensor], q_block: int, k_block: int, window_lo: Optional[int],
-                window_hi: Optional[int], scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                plan_tensors: List[Tensor], key_bias: Optional[Tensor], q_block: int, k_block: int,
+                window_lo: Optional[int], window_hi: Optional[int], scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     from .triton_bwd import attention_backward
     from .triton_common import resolve_kernel_options
     from .triton_op import DEFAULT_DETERMINISTIC
 
-    plan = from_op_args(plan_tensors, q_block, k_block, window_lo, window_hi)
+    plan = from_op_args(plan_tensors, key_bias, q_block, k_block, window_lo, window_hi)
     return attention_backward(q, k, v, out, lse, dout, plan, scale,
                               resolve_kernel_options(None), deterministic=DEFAULT_DETERMINISTIC, dlse=dlse)
 
 
 @_triton_bwd.register_fake
-def _(dout, dlse, q, k, v, out, lse, plan_tensors, q_block, k_block, window_lo, window_hi, scale):
+def _(dout, dlse, q, k, v, out, lse, plan_tensors, key_bias, q_block, k_block, window_lo, window_hi, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _triton_setup(ctx, inputs, output):
-    q, k, v, plan_tensors, q_block, k_block, window_lo, window_hi, scale = inputs
+    q, k, v, plan_tensors, key_bias, q_block, k_block, window_lo, window_hi, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *plan_tensors)
+    ctx.save_for_backward(q, k, v, out, lse, key_bias, *plan_tensors)
     ctx.static = (q_block, k_block, window_lo, window_hi, scale)
 
 
 def _triton_vjp(ctx, dout, dlse):
-    q, k, v, out, lse, *plan_tensors = ctx.saved_tensors
+    q, k, v, out, lse, key_bias, *plan_tensors = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout
-    dq, dk, dv = _triton_bwd(dout, dlse, q, k, v, out, lse, plan_tensors, *ctx.static)
-    return dq, dk, dv, [None] * len(plan_tensors), None, None, None, None, None
+    dq, dk, dv = _triton_bwd(dout, dlse, q, k, v, out, lse, plan_tensors, key_bias, *ctx.static)
+    return dq, dk, dv, [None] * len(plan_tensors), None, None, None, None, None, None
 
 
 _triton_fwd.register_autograd(_triton_vjp, setup_context=_triton_setup)

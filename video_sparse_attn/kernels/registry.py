@@ -41,12 +41,14 @@ class AttentionCall:
     gqa: bool = False
     deterministic: bool = False
     window: bool = False
+    key_bias: bool = False
 
     @classmethod
     def of(cls, q: torch.Tensor, plan=None, gqa: bool = False, deterministic: bool = False) -> "AttentionCall":
         qb, kb = (plan.q_block, plan.k_block) if plan is not None else (0, 0)
         window = plan is not None and plan.has_window
-        return cls(q.device, q.dtype, int(q.shape[-1]), qb, kb, gqa, deterministic, window)
+        key_bias = plan is not None and plan.key_bias is not None
+        return cls(q.device, q.dtype, int(q.shape[-1]), qb, kb, gqa, deterministic, window, key_bias)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,9 @@ class BackendSpec:
         gqa: k / v with fewer heads than q.
         deterministic_bwd: a bit-reproducible backward is available.
         window: token-level windows (causal, sliding window: ``plan.window_lo`` / ``window_hi``).
+        key_bias: a per-key additive score bias (``plan.key_bias``). Padding-free SSTA skips
+            ``repeat``-padded keys only on such a backend (the bias carries their weight); elsewhere
+            it loads them as keys (the same result).
         capabilities: CUDA compute capability majors it runs on; None: any device, CPU included.
         importable: ``() -> reason or None``: why it cannot be imported here.
         key_tile: keys are computed in tiles of this many; a tile with some invalid keys costs at least
@@ -81,6 +86,7 @@ class BackendSpec:
     gqa: bool
     deterministic_bwd: bool
     window: bool
+    key_bias: bool
     capabilities: Optional[Tuple[int, ...]]
     importable: Callable[[], Optional[str]]
     key_tile: int = 1
@@ -116,6 +122,8 @@ class BackendSpec:
             return "it has no deterministic backward"
         if call.window and not self.window:
             return "it does not run token-level windows (causal=True / window_size)"
+        if call.key_bias and not self.key_bias:
+            return "it does not add a per-key score bias (plan.key_bias)"
         return None
 
     def load(self) -> Callable:
@@ -166,14 +174,16 @@ BACKENDS: Dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
         BackendSpec("fa4", fa4_entry, _HALF, (64, 128, 64), 128,
-                    ragged_keys=True, gqa=False, deterministic_bwd=False, window=True, capabilities=(9, 10),
+                    ragged_keys=True, gqa=False, deterministic_bwd=False, window=True, key_bias=False,
+                    capabilities=(9, 10),
                     importable=fa4_importable, key_tile=128),
         BackendSpec("triton", triton_entry, _HALF + (torch.float32,), (1, 256, 1), 16,
-                    ragged_keys=True, gqa=False, deterministic_bwd=True, window=True, capabilities=(8, 9, 10, 12),
+                    ragged_keys=True, gqa=False, deterministic_bwd=True, window=True, key_bias=False,
+                    capabilities=(8, 9, 10, 12),
                     importable=triton_importable),
         BackendSpec("torch", block_sparse_attention_torch_traceable, _HALF + (torch.float32, torch.float64),
-                    (1, 1 << 16, 1), 16, ragged_keys=True, gqa=False, deterministic_bwd=True, window=True, capabilities=None,
-                    importable=_always),
+                    (1, 1 << 16, 1), 16, ragged_keys=True, gqa=False, deterministic_bwd=True, window=True,
+                    key_bias=True, capabilities=None, importable=_always),
     )
 }
 

@@ -2,10 +2,11 @@
 opaque node instead of the reference's data-dependent loop width (a host read of ``kv_count.max()``).
 
 ``vsa::block_sparse_attention_torch`` (forward) and ``vsa::block_sparse_attention_torch_bwd`` (its
-vector-Jacobian product, recomputing the forward) take the plan as its list of tensor fields plus the
-static ints ``q_block`` / ``k_block`` / ``window_lo`` / ``window_hi``; `register_fake` gives their output shapes and
-`register_autograd` links the two. `block_sparse_attention_torch_op` has the signature of
-`block_sparse_attention_torch` and returns the same values, forward and backward.
+vector-Jacobian product, recomputing the forward) take the plan as `plan.op_args` gives it (its list of
+tensor fields, the optional ``key_bias``, the static ints ``q_block`` / ``k_block`` / ``window_lo`` /
+``window_hi``); `register_fake` gives their output shapes and `register_autograd` links the two.
+`block_sparse_attention_torch_op` has the signature of `block_sparse_attention_torch` and returns the
+same values, forward and backward.
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ __all__ = ["block_sparse_attention_torch_op", "block_sparse_attention_torch_trac
 
 @torch.library.custom_op("vsa::block_sparse_attention_torch", mutates_args=())
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan_tensors: List[torch.Tensor],
-             q_block: int, k_block: int, window_lo: Optional[int], window_hi: Optional[int],
-             scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+             key_bias: Optional[torch.Tensor], q_block: int, k_block: int, window_lo: Optional[int],
+             window_hi: Optional[int], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    plan = from_op_args(plan_tensors, key_bias, q_block, k_block, window_lo, window_hi)
     with torch.no_grad():
-        out, lse = _reference(q, k, v, from_op_args(plan_tensors, q_block, k_block, window_lo, window_hi), scale)
+        out, lse = _reference(q, k, v, plan, scale)
     return out.contiguous(), lse.contiguous()
 
 
 @_forward.register_fake
-def _forward_fake(q, k, v, plan_tensors, q_block, k_block, window_lo, window_hi, scale):
+def _forward_fake(q, k, v, plan_tensors, key_bias, q_block, k_block, window_lo, window_hi, scale):
     B, H, Sq, D = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32   # the reference's compute dtype
     return q.new_empty(B, H, Sq, D), q.new_empty(B, H, Sq, dtype=lse_dtype)
@@ -40,10 +42,10 @@ def _forward_fake(q, k, v, plan_tensors, q_block, k_block, window_lo, window_hi,
 
 @torch.library.custom_op("vsa::block_sparse_attention_torch_bwd", mutates_args=())
 def _backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
-              v: torch.Tensor, plan_tensors: List[torch.Tensor], q_block: int, k_block: int,
-              window_lo: Optional[int], window_hi: Optional[int],
+              v: torch.Tensor, plan_tensors: List[torch.Tensor], key_bias: Optional[torch.Tensor], q_block: int,
+              k_block: int, window_lo: Optional[int], window_hi: Optional[int],
               scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    plan = from_op_args(plan_tensors, q_block, k_block, window_lo, window_hi)
+    plan = from_op_args(plan_tensors, key_bias, q_block, k_block, window_lo, window_hi)
     use_lse = grad_lse is not None and bool(grad_lse.any())   # as eager: lse joins only when it is used
 
     def f(q_, k_, v_):
@@ -56,20 +58,21 @@ def _backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch
 
 
 @_backward.register_fake
-def _backward_fake(grad_out, grad_lse, q, k, v, plan_tensors, q_block, k_block, window_lo, window_hi, scale):
+def _backward_fake(grad_out, grad_lse, q, k, v, plan_tensors, key_bias, q_block, k_block, window_lo, window_hi,
+                   scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, plan_tensors, q_block, k_block, window_lo, window_hi, scale = inputs
-    ctx.save_for_backward(q, k, v, *plan_tensors)
+    q, k, v, plan_tensors, key_bias, q_block, k_block, window_lo, window_hi, scale = inputs
+    ctx.save_for_backward(q, k, v, key_bias, *plan_tensors)
     ctx.blocks_scale = (q_block, k_block, window_lo, window_hi, scale)
 
 
 def _vjp(ctx, grad_out, grad_lse):
-    q, k, v, *plan_tensors = ctx.saved_tensors
-    dq, dk, dv = _backward(grad_out, grad_lse, q, k, v, plan_tensors, *ctx.blocks_scale)
-    return dq, dk, dv, [None] * len(plan_tensors), None, None, None, None, None
+    q, k, v, key_bias, *plan_tensors = ctx.saved_tensors
+    dq, dk, dv = _backward(grad_out, grad_lse, q, k, v, plan_tensors, key_bias, *ctx.blocks_scale)
+    return dq, dk, dv, [None] * len(plan_tensors), None, None, None, None, None, None
 
 
 _forward.register_autograd(_vjp, setup_context=_setup_context)

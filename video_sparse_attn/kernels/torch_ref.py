@@ -59,8 +59,9 @@ def block_sparse_attention_torch(
     Returns:
         out ``[B, H, Sq, D]`` (q's dtype) and lse ``[B, H, Sq]`` float32 (float64 for float64 inputs;
         natural log). Rows that see no key, and rows past ``plan.q_valid``, give out 0 and lse -inf.
-        ``plan.window_lo`` / ``window_hi`` (when set) drop keys outside the token window.
-        Computed in float32 (float64 stays float64).
+        ``plan.window_lo`` / ``window_hi`` (when set) drop keys outside the token window;
+        ``plan.key_bias`` (when set) is added to the scaled scores. Computed in float32 (float64 stays
+        float64).
 
     Host synchronisation: one copy of ``plan.kv_count`` to the host, to size the buckets.
     """
@@ -86,6 +87,10 @@ def block_sparse_attention_torch(
     v_blocks = v.to(cdt).reshape(B * H * Nk, kb, D)
     kv_index = plan.kv_index.reshape(-1, Nk)
     tok_ok = plan.token_valid().reshape(Bv * Nk, kb)                                           # [Bv*Nk, kb]
+    key_bias = plan.key_bias
+    if key_bias is not None:                                                                   # [Bb*Nk, kb]
+        Bb = key_bias.shape[0]
+        key_bias = key_bias.to(cdt).reshape(Bb * Nk, kb)
 
     outs, lses, order = [], [], []
     empty = torch.nonzero(counts == 0).flatten()
@@ -104,6 +109,9 @@ def block_sparse_attention_torch(
         kw = k_blocks[bh * Nk + ids].reshape(n, width * kb, D)
         vw = v_blocks[bh * Nk + ids].reshape(n, width * kb, D)
         s = torch.einsum("nqd,nkd->nqk", q_rows[rd], kw) * scale
+        if key_bias is not None:   # natural-log weight of each key: logit + log m = log(m e^logit)
+            bb = (b[rows] if Bb > 1 else torch.zeros_like(rows)).to(dev)[:, None]
+            s = s + key_bias[bb * Nk + ids].reshape(n, 1, width * kb)
         s = s.masked_fill(~ok.reshape(n, 1, width * kb), float("-inf"))
         if plan.has_window:   # lo <= key position - (query position + shift) <= hi
             bq = (b[rows] if plan.window_shift.shape[0] > 1 else torch.zeros_like(rows)).to(dev)
