@@ -89,7 +89,7 @@ def test_query_valid_key_valid_and_zero_keys_per_pad_type(pad):
         assert kv == [[32] * 6] and kv_pf == [real + [32, 32]]
         assert zk == [0.0, 24.0, 16.0, 28.0, 0.0, 0.0]
     elif pad == "repeat":
-        assert kv == kv_pf == [[32] * 6] and zk == [0.0] * 6
+        assert kv == [[32] * 6] and kv_pf == [real + [32, 32]] and zk == [0.0] * 6
     else:
         assert kv == kv_pf == [real + [32, 8]] and zk == [0.0] * 6
     # the first `real` slots of every tile are real tokens, the rest padding

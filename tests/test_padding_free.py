@@ -38,10 +38,11 @@ def test_padding_free_equals_padded_torch_backend(thw, tile, text_len, sparse_ty
                                    padding_free=pf, strict_tiles=False)   # a tile longer than h on purpose
         outs.append(out)
         grads.append(torch.autograd.grad((out * g).sum(), (q, k, v)))
-        if pf:   # padded query rows and (zero, mask) padded keys are really dropped from the plan
+        if pf:   # padded query rows and padded video keys are really dropped from the plan
             assert int(info.plan.q_valid.sum()) == q.shape[2]
             skipped = int((info.plan.k_valid < info.plan.k_block).sum())
-            assert (skipped > 0) == (pad != "repeat" and info.layout.padded_len > q.shape[2]) or pad == "mask"
+            assert (skipped > 0) == info.layout.has_video_padding or pad == "mask"
+            assert (info.plan.key_bias is not None) == (pad == "repeat" and info.layout.has_video_padding)
     assert rel_l2(outs[1], outs[0]) < 1e-12
     for a, b in zip(grads[1], grads[0]):
         assert rel_l2(a, b) < 1e-10

@@ -125,6 +125,20 @@ def block_sparse_attention(
     return (out, lse) if Sq == Mq else (out[:, :, :Sq], lse[:, :, :Sq])
 
 
+def _key_args(layout: TileLayout, spec: BackendSpec, q: torch.Tensor, text_mask, padding_free: bool):
+    """``(k_valid, key_bias)`` of an SSTA plan (`BlockSparsePlan` fields). Padding-free compute skips
+    the padded video keys: zero keys always (`padding_free` adds them back through the LSE), ``repeat``
+    copies only on a backend with `BackendSpec.key_bias` (the bias ``log m`` of each real key carries
+    its copies' weight; float64 for float64 ``q``); on other backends the copies stay keys (the same
+    result)."""
+    device = q.device
+    copies = layout.pad_type == "repeat" and layout.has_video_padding
+    skip = padding_free and (not copies or spec.key_bias)
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    key_bias = layout.key_bias(device, dtype)[None] if skip and copies else None
+    return layout.key_valid(text_mask, device, skip, spec.key_tile), key_bias
+
+
 class SSTAInfo(NamedTuple):
     """What `ssta_attention(..., return_info=True)` also returns (tensors stay on the device)."""
 
@@ -164,9 +178,11 @@ def ssta_attention(
         backend: ``"auto"`` (the fastest backend that supports the call) or a backend name
             (``"fa4"``, ``"triton"``, ``"torch"``; see `kernels.registry`).
         return_info: also return an `SSTAInfo` (block mask, plan, density, layout).
-        padding_free: compute no padded query row and load no zero-padded key (their exact effect on
-            the softmax is added back, see `padding_free`); the result equals the padded computation
-            to rounding. ``False`` runs the padded blocks as they are (for comparison).
+        padding_free: compute no padded query row and load no padded video key: zero keys' exact
+            effect on the softmax is added back from the LSE, ``repeat`` copies' through a score bias
+            ``log m`` on the key they copy (m = its slots; on backends with `BackendSpec.key_bias`,
+            torch and Triton; FA4 loads the copies), see `padding_free`. The result equals the padded
+            computation to rounding. ``False`` runs the padded blocks as they are (for comparison).
         return_lse: also return ``lse [B, H, S]`` float32 (natural log, differentiable; for merging
             with attention over other keys).
         strict_tiles: refuse a tile longer than the grid while padding stays visible (``pad_type``
@@ -202,10 +218,11 @@ def ssta_attention(
         q_means, k_means = tile_means_hook(q_means, k_means)
     block_mask = block_mask_from_tiled(q_t, k_t, layout, config, text_mask, q_means, k_means)
     dev = q.device
+    k_valid, key_bias = _key_args(layout, spec, q, text_mask, padding_free)
     plan = BlockSparsePlan.from_block_mask(
-        block_mask, bs, bs, layout.key_valid(text_mask, dev, padding_free, spec.key_tile),
-        layout.query_valid(dev) if padding_free else None,
+        block_mask, bs, bs, k_valid, layout.query_valid(dev) if padding_free else None,
         zero_q_tail=False,      # untile drops those rows, its backward passes 0 there
+        key_bias=key_bias,
     )
     out_t, lse = _run(spec, q_t, k_t, v_t, plan, scale)
     if padding_free and config.pad_type == "zero" and layout.has_video_padding:

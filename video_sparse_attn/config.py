@@ -87,9 +87,11 @@ class SSTAConfig:
         adaptive_pool: sub-cube pooling of tile representatives (``similarity`` only); None means
             plain tile means, or (2, 2, 2) when ``threshold > 0``.
         pad_type: value of padded video tokens: ``"zero"`` or ``"repeat"`` (copies of the last
-            slice) keep them visible as keys, as the reference does; ``"mask"`` excludes padded video
-            keys and invalid text keys token by token (exact: equals dense attention over real tokens
-            when every block is kept).
+            slice) keep them visible as keys, as the reference does (padding-free compute skips them
+            and restores their exact effect: zero keys through the LSE, copies as a score bias ``log m``
+            on the key they copy, where the backend has one); ``"mask"`` excludes padded video keys and
+            invalid text keys token by token (exact: equals dense attention over real tokens when
+            every block is kept).
         use_text_mask: apply the text-validity block rule when a text mask is given: in ``ssta`` (as
             the reference) and ``dense``; in ``sta`` / ``block_attn`` only with ``pad_type="mask"``
             (where it changes no output), otherwise their text blocks all stay visible.

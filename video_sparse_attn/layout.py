@@ -9,8 +9,9 @@ multiple of the block size by repeating its last token. The block-ordered sequen
 Padding values: ``zero`` → 0, ``repeat`` → copy of the last slice along each padded axis, ``mask``
 → 0. Inside each tile the real tokens come first (raster order among them, padding after), so that
 a per-block count describes the padding exactly: `query_valid` for the rows that are discarded
-anyway, `key_valid` for the keys a pad type excludes or that padding-free compute skips. The order
-inside a tile changes neither the tile means nor the block mask.
+anyway, `key_valid` for the keys a pad type excludes or that padding-free compute skips (with
+`key_bias` carrying the weight of skipped ``repeat`` copies). The order inside a tile changes neither
+the tile means nor the block mask.
 """
 
 from __future__ import annotations
@@ -88,9 +89,18 @@ def _build_indices(grid: Triple, tile: Triple, text_len: int, pad_type: str,
         (src.flatten()[real_pos],), real_pos), Nv * bs + (text_ids // bs_t) * bs + text_ids % bs_t])
     kernel_src = src_all.index_fill(0, zero_pos, -1)
     owner = torch.full_like(src_all, -1).index_copy_(0, inverse, torch.arange(inverse.numel(), device=device))
+    # multiplicity m of every real video token: the slots holding it (repeat: itself and its copies, which
+    # lie in its own tile; otherwise itself), on its own slot; 1 on every other slot (copies, padding,
+    # tail, text), so that log m is the key bias (exact small integers in float32)
+    holds = semantic if pad_type == "repeat" else valid
+    mult = torch.zeros(n_real, dtype=torch.float32, device=device).index_add_(
+        0, src.flatten(), holds.flatten().to(torch.float32))
+    video_mult = torch.where(valid, mult[src], 1.0)
+    key_mult = torch.cat([video_mult.flatten(), torch.ones(Nt * bs, dtype=torch.float32, device=device)])
     return {
         "src": src_all, "zero_pos": zero_pos, "inverse": inverse, "kernel_src": kernel_src, "owner": owner,
-        "video_valid": valid.sum(1).to(torch.int32), "slot_raster": slot_raster,
+        "video_valid": valid.sum(1).to(torch.int32), "slot_raster": slot_raster, "key_mult": key_mult,
+        "key_bias": key_mult.log(),
     }
 
 
@@ -327,7 +337,8 @@ class TileLayout:
         zeros; ``kernel_src`` = src with -1 at the zero slots; ``inverse [seq_len]`` slot of every
         original token; ``owner [padded_len]`` its inverse (the token a slot holds, -1 for padding and
         copies); ``video_valid [Nv]`` real tokens per video tile; ``slot_raster [Nv, bs]`` raster
-        position inside its tile of each slot.
+        position inside its tile of each slot; ``key_mult [padded_len]`` float32 multiplicity of the
+        token on its own slot (1 elsewhere) and ``key_bias`` its log (`key_bias`).
         """
         if torch.compiler.is_compiling():   # built in the graph (a few small static-shape ops), not cached
             return _build_indices(self.grid_thw, self.tile_thw, self.text_len, self.pad_type, device)
@@ -390,26 +401,41 @@ class TileLayout:
         """Key tokens per block that the kernels load, int32 ``[B or 1, N]`` (a `BlockSparsePlan.k_valid`).
 
         ``pad_type="mask"`` excludes padded video tokens, text padding copies and, when ``text_mask``
-        ``[B, L]`` is given, the tokens past its valid count (a valid prefix). ``zero`` with
-        ``padding_free`` skips the zero-padded video keys (their exact effect is restored by
-        `zero_keys`), except those sharing a ``key_tile`` with real tokens (a backend's
-        `BackendSpec.key_tile`: loading them costs nothing and computes them exactly). Otherwise
-        every token of a tile is a key (``repeat`` copies are real keys); the storage tail past the
-        tile volume never is.
+        ``[B, L]`` is given, the tokens past its valid count (a valid prefix). With ``padding_free``
+        (skip the padded video keys): ``zero`` skips the zero-padded keys (their exact effect is
+        restored by `zero_keys`), except those sharing a ``key_tile`` with real tokens (a backend's
+        `BackendSpec.key_tile`: loading them costs nothing and computes them exactly); ``repeat``
+        loads only the real tokens of each tile, whose copies' weight `key_bias` must then add (so
+        only for a backend with `BackendSpec.key_bias`; ``key_tile`` does not apply). Otherwise every
+        token of a tile is a key. Text blocks keep all ``tile_volume`` tokens as keys (text padding
+        copies included) except with ``mask``; the storage tail past the tile volume never is a key.
         """
         bs, Nv, Nt = self.tile_volume, self.num_video_blocks, self.num_text_blocks
-        if self.pad_type == "repeat" or (self.pad_type == "zero" and not padding_free):
-            return torch.full((1, Nv + Nt), bs, dtype=torch.int32, device=device)
+        if self.pad_type != "mask":
+            if not padding_free:
+                return torch.full((1, Nv + Nt), bs, dtype=torch.int32, device=device)
+            video = (self._loaded_video_keys(device, key_tile) if self.pad_type == "zero"
+                     else self.indices(device)["video_valid"])
+            return torch.cat([video[None], torch.full((1, Nt), bs, dtype=torch.int32, device=device)], dim=1)
         video = self.indices(device)["video_valid"][None]
-        if self.pad_type == "zero":
-            video = self._loaded_video_keys(device, key_tile)[None]
-            return torch.cat([video, torch.full((1, Nt), bs, dtype=torch.int32, device=device)], dim=1)
         if text_mask is None:   # every text token valid: the same counts as the query rows
             return self.query_valid(device)
         n_text = text_mask.to(device=device).sum(-1, dtype=torch.int32)[:, None]
         starts = torch.arange(Nt, device=device, dtype=torch.int32)[None] * bs
         text = (n_text - starts).clamp(0, bs)
         return torch.cat([video.expand(text.shape[0], Nv), text], dim=1).to(torch.int32)
+
+    def key_bias(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Additive score bias per key slot, ``[padded_len]`` of ``dtype`` (float32, cached; or float64, for
+        float64 inputs: exact to their precision; natural log; a `BlockSparsePlan.key_bias` row):
+        ``log m_r`` on the slot of real video token ``r``, where
+        ``m_r`` = 1 + its ``repeat`` copies (each copy lies in ``r``'s own tile, behind its real
+        tokens), 0 on every other slot (copies, storage tail, text). A key seen ``m_r`` times with logit
+        ``s`` weighs ``m_r e^s = e^(s + log m_r)``: attention over the real keys (`key_valid` with
+        ``padding_free``) with this bias equals attention over every slot of a kept tile. All zeros
+        for ``zero`` and ``mask`` padding."""
+        idx = self.indices(device)
+        return idx["key_bias"] if dtype == torch.float32 else idx["key_mult"].to(dtype).log()
 
     def zero_keys(self, device: torch.device | str, key_tile: int = 1) -> torch.Tensor:
         """Zero-padded video keys per block, float32 ``[N]`` (0 for text blocks and other pad types):
