@@ -155,3 +155,68 @@ def test_block_slots_and_video_padding_are_static_facts():
     assert not TileLayout((6, 8, 8), (6, 8, 8), 5).has_video_padding
     assert TileLayout((5, 8, 8), (6, 8, 8), 5).has_video_padding
     assert TileLayout((2, 3, 3), (2, 3, 3)).block_size == 32 and not TileLayout((2, 3, 3), (2, 3, 3)).has_video_padding
+
+
+# ---------------------------------------------------------------- repeat padding: copies and their weight
+REPEAT_GRIDS = [((3, 5, 7), (2, 4, 4)),      # overhang in t, h and w: a corner tile of copies of one token
+                ((5, 9, 10), (4, 4, 4)), ((1, 5, 7), (1, 4, 4)), ((7, 3, 2), (2, 4, 4)),
+                ((3, 3, 3), (2, 2, 2)), ((4, 8, 8), (2, 4, 4))]   # the last: no padding at all
+
+
+def _repeat_sources(grid, tile):
+    """Brute force over the padded grid: ``(tile id, source token, real)`` of every position, where the
+    source of a position past the grid is its coordinate clamped into it (repeat padding, axis by axis)."""
+    t, h, w = grid
+    Tt, Th, Tw = tile
+    nt, nh, nw = (-(-g // s) for g, s in zip(grid, tile))
+    out = []
+    for T in range(nt * Tt):
+        for Y in range(nh * Th):
+            for X in range(nw * Tw):
+                tile_id = ((T // Tt) * nh + Y // Th) * nw + X // Tw
+                src = (min(T, t - 1) * h + min(Y, h - 1)) * w + min(X, w - 1)
+                out.append((tile_id, src, T < t and Y < h and X < w))
+    return out
+
+
+@pytest.mark.parametrize("grid, tile", REPEAT_GRIDS)
+def test_repeat_copies_lie_in_their_tokens_tile_and_the_bias_counts_them(grid, tile):
+    """Every repeat copy lies in the tile of the token it copies (a tile's padding along an axis is
+    shorter than the tile), and `key_bias` is log(1 + copies) on each real token's slot, 0 elsewhere."""
+    lay = TileLayout(grid, tile, 21, "repeat")
+    n_real = lay.num_video_tokens
+    positions = _repeat_sources(grid, tile)
+    own_tile = {src: tid for tid, src, real in positions if real}
+    assert len(own_tile) == n_real
+    assert all(own_tile[src] == tid for tid, src, _ in positions)  # the same-tile claim
+    mult = torch.zeros(n_real, dtype=torch.float64)
+    for _, src, _ in positions:
+        mult[src] += 1
+    idx = lay.indices("cpu")
+    bias = lay.key_bias("cpu")
+    assert bias.dtype == torch.float32 and bias.shape == (lay.padded_len,)
+    expected = torch.zeros(lay.padded_len, dtype=torch.float64)
+    expected[idx["inverse"][:n_real]] = mult.log()
+    torch.testing.assert_close(bias.double(), expected, rtol=1e-7, atol=0)
+    torch.testing.assert_close(lay.key_bias("cpu", torch.float64), expected, rtol=1e-15, atol=0)
+    # the kept keys of each tile weigh as all its slots; text slots carry no bias
+    bs, Nv = lay.block_size, lay.num_video_blocks
+    kv = lay.key_valid(None, "cpu", padding_free=True)[0]
+    assert kv[:Nv].tolist() == idx["video_valid"].tolist() and (kv[Nv:] == lay.tile_volume).all()
+    weight = bias[: Nv * bs].view(Nv, bs).double().exp()
+    for n in range(Nv):
+        assert float(weight[n, : int(kv[n])].sum()) == pytest.approx(lay.tile_volume, rel=1e-6)
+    assert (bias[Nv * bs:] == 0).all()
+    for pad in ("zero", "mask"):                                    # no copies: no bias
+        assert (TileLayout(grid, tile, 21, pad).key_bias("cpu") == 0).all()
+
+
+def test_key_bias_traces_under_compile():
+    """The multiplicities are built with static-shape ops: a compiled graph computes the same bias."""
+    lay = TileLayout((3, 5, 7), (2, 4, 4), 9, "repeat")
+
+    def bias(x):    # under compile the layout builds its indices in the graph (`TileLayout.indices`)
+        return lay.key_bias(x.device) + x
+
+    got = torch.compile(bias, backend="aot_eager", fullgraph=True)(torch.zeros(()))
+    torch.testing.assert_close(got, lay.key_bias("cpu"), rtol=0, atol=0)

@@ -48,6 +48,81 @@ def test_padding_free_equals_padded_torch_backend(thw, tile, text_len, sparse_ty
         assert rel_l2(a, b) < 1e-10
 
 
+REPEAT_CASES = [  # thw, tile, text_len, text mask: tiles overhanging in t, h, w and all three (corners)
+    ((3, 5, 7), (2, 4, 4), 11, True),
+    ((3, 5, 7), (2, 4, 4), 11, False),
+    ((5, 6, 4), (2, 4, 4), 0, False),
+    ((4, 9, 5), (4, 4, 4), 19, True),
+]
+
+
+def _repeat_cfg(tile, sparse_type="ssta"):
+    return SSTAConfig(tile_thw=tile, kernel_thw=(1, 1, 3), topk=2, sparse_type=sparse_type, pad_type="repeat",
+                      caller_rules=False)
+
+
+def _text_mask(B, L):
+    if not L:
+        return None
+    tm = torch.zeros(B, L, dtype=torch.bool)
+    tm[0, : L - 3] = True
+    tm[1, : max(1, L // 2)] = True
+    return tm
+
+
+@pytest.mark.parametrize("thw, tile, text_len, with_mask", REPEAT_CASES)
+def test_repeat_keys_skipped_exactly_torch_backend(thw, tile, text_len, with_mask):
+    """pad_type="repeat", padding-free: only the real keys are loaded, each weighted by its multiplicity
+    (`TileLayout.key_bias`); output and gradients of q, k, v equal the padded computation (float64)."""
+    q, k, v = _inputs(thw, text_len)
+    tm = _text_mask(2, text_len) if with_mask else None
+    cfg = _repeat_cfg(tile)
+    out, info = ssta_attention(q, k, v, thw, cfg, text_len, tm, backend="torch", return_info=True)
+    ref = ssta_attention(q, k, v, thw, cfg, text_len, tm, backend="torch", padding_free=False)
+    lay = info.layout
+    assert info.plan.key_bias is not None and info.plan.key_bias.dtype == torch.float64
+    assert torch.equal(info.plan.k_valid, lay.key_valid(None, "cpu", padding_free=True))
+    assert int(info.plan.k_valid[0, : lay.num_video_blocks].sum()) == lay.num_video_tokens   # no copy is a key
+    assert rel_l2(out, ref) < 1e-12
+    assert_grads_match(out, (q, k, v), ref, 1e-10)
+
+
+def test_repeat_keys_stay_keys_on_a_backend_without_key_bias(monkeypatch):
+    """A backend that cannot add the bias (`BackendSpec.key_bias` False, as FA4) loads the copies as keys:
+    no bias in the plan, every slot of a tile a key, the same result."""
+    import dataclasses
+
+    from video_sparse_attn.kernels import registry
+
+    thw, tile, L, _ = REPEAT_CASES[0]
+    q, k, v = _inputs(thw, L)
+    cfg = _repeat_cfg(tile)
+    with_bias = ssta_attention(q, k, v, thw, cfg, L, backend="torch")
+    monkeypatch.setitem(registry.BACKENDS, "torch", dataclasses.replace(registry.BACKENDS["torch"], key_bias=False))
+    out, info = ssta_attention(q, k, v, thw, cfg, L, backend="torch", return_info=True)
+    assert info.plan.key_bias is None and (info.plan.k_valid == info.layout.tile_volume).all()
+    assert int(info.plan.q_valid.sum()) == q.shape[2]                  # padded queries are still skipped
+    assert rel_l2(out, with_bias) < 1e-12
+
+
+def test_a_dropped_or_misplaced_key_bias_is_caught(monkeypatch):
+    """The equality above depends on the bias: without it, or with it on text slots too, the result
+    moves far from the padded computation."""
+    from video_sparse_attn import layout as layout_mod
+
+    thw, tile, L, _ = REPEAT_CASES[0]
+    q, k, v = _inputs(thw, L)
+    cfg = _repeat_cfg(tile, "dense")
+    ref = ssta_attention(q, k, v, thw, cfg, L, backend="torch", padding_free=False)
+    real = layout_mod.TileLayout.key_bias
+    lay = layout_mod.TileLayout(thw, tile, L, "repeat")
+    text = torch.arange(lay.padded_len) >= lay.num_video_blocks * lay.block_size
+    for wrong in (lambda self, d, dt=torch.float32: torch.zeros_like(real(self, d, dt)),
+                  lambda self, d, dt=torch.float32: real(self, d, dt) + text.to(dt) * 0.7):
+        monkeypatch.setattr(layout_mod.TileLayout, "key_bias", wrong)
+        assert rel_l2(ssta_attention(q, k, v, thw, cfg, L, backend="torch"), ref) > 1e-3
+
+
 def test_add_zero_keys_matches_explicit_zero_keys():
     """Appending n explicit zero keys (logit 0, value 0) to dense attention == the LSE correction."""
     B, H, S, D, blk = 1, 2, 12, 4, 4

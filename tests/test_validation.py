@@ -1,5 +1,6 @@
 """Inputs that used to give silently wrong answers are refused with one clear error."""
 
+import dataclasses
 import math
 
 import pytest
@@ -208,6 +209,28 @@ def test_from_block_mask_checks_its_per_block_tensors():
         BlockSparsePlan.from_block_mask(mask, 16, 16, torch.full((3, 3), 16))
     with pytest.raises(ValueError, match="k_valid is on meta"):
         BlockSparsePlan.from_block_mask(mask, 16, 16, torch.full((1, 3), 16, device="meta"))
+
+
+def test_key_bias_is_checked_where_a_plan_is_made_and_where_it_is_used():
+    mask = torch.ones(2, 1, 3, 2, dtype=torch.bool)
+    with pytest.raises(TypeError, match=r"key_bias must be a float tensor \[B or 1, 32\] \(natural log\), got torch.int64"):
+        BlockSparsePlan.from_block_mask(mask, 16, key_bias=torch.zeros(1, 32, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"key_bias must be \[B or 1, 32\].*got \(1, 48\)"):
+        BlockSparsePlan.from_block_mask(mask, 16, key_bias=torch.zeros(1, 48))
+    with pytest.raises(ValueError, match=r"key_bias must be \[B or 1, 32\].*got \(3, 32\)"):
+        BlockSparsePlan.from_block_mask(mask, 16, key_bias=torch.zeros(3, 32))
+    plan = BlockSparsePlan.from_block_mask(mask, 16, key_bias=torch.zeros(32, dtype=torch.float16))
+    assert plan.key_bias.dtype == torch.float32 and plan.key_bias.shape == (1, 32)
+    with pytest.raises(ValueError, match="key_bias must be float32 / float64 .* unit last stride"):
+        dataclasses.replace(plan, key_bias=torch.zeros(1, 64)[:, ::2])
+    q = torch.randn(3, 1, 48, 8)
+    bad_batch = BlockSparsePlan.from_block_mask(torch.ones(1, 1, 3, 2, dtype=torch.bool), 16,
+                                                key_bias=torch.zeros(2, 32))
+    with pytest.raises(ValueError, match=r"plan.key_bias batch 2 must be 1 or match q's \(3\)"):
+        block_sparse_attention(q, q[:, :, :32], q[:, :, :32], bad_batch, backend="torch")
+    wide = BlockSparsePlan.from_block_mask(mask[:1], 16, key_bias=torch.zeros(32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="plan.key_bias is float64 but q is torch.float32"):
+        block_sparse_attention(q, q[:, :, :32], q[:, :, :32], wide, backend="torch")
 
 
 @pytest.mark.parametrize("flag", ["strict_tiles", "validate", "padding_free", "return_lse", "return_info"])
