@@ -57,11 +57,14 @@ def plan_token_mask(plan, batch: int, heads: int) -> torch.Tensor:
     return mask
 
 
-def eager_attention(q, k, v, token_mask, scale=None):
+def eager_attention(q, k, v, token_mask, scale=None, key_bias=None):
     """Dense masked attention computed in q's dtype, as plain PyTorch code would (no upcast): the
-    yardstick of low-precision error. Rows with no key give 0 (and no gradient)."""
+    yardstick of low-precision error. ``key_bias [B or 1, Sk]`` is added to the scaled scores. Rows with
+    no key give 0 (and no gradient)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = (q @ k.transpose(-1, -2)) * scale
+    if key_bias is not None:
+        s = s + key_bias.to(s.dtype)[:, None, None, :]
     s = s.masked_fill(~token_mask, torch.finfo(s.dtype).min)
     has_key = token_mask.any(-1, keepdim=True)
     return (torch.softmax(s, dim=-1) @ v) * has_key

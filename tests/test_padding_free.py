@@ -87,6 +87,25 @@ def test_repeat_keys_skipped_exactly_torch_backend(thw, tile, text_len, with_mas
     assert_grads_match(out, (q, k, v), ref, 1e-10)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("thw, tile, text_len, with_mask, dtype", [
+    (*REPEAT_CASES[0], torch.float32), (*REPEAT_CASES[1], torch.float16), (*REPEAT_CASES[2], torch.float32),
+    (*REPEAT_CASES[3], torch.float32)])
+def test_repeat_keys_skipped_exactly_triton_interpreter(thw, tile, text_len, with_mask, dtype):
+    """The same through the Triton kernels (interpreted; fp32 / fp16, the interpreter's bf16 dot is
+    wrong): the bias reaches the forward and both backward kernels."""
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in _inputs(thw, text_len, D=16))
+    tm = _text_mask(2, text_len) if with_mask else None
+    cfg = _repeat_cfg(tile)
+    out, info = ssta_attention(q, k, v, thw, cfg, text_len, tm, backend="triton", return_info=True)
+    assert info.plan.key_bias is not None and info.plan.key_bias.dtype == torch.float32
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = ssta_attention(qd, kd, vd, thw, cfg, text_len, tm, backend="torch", padding_free=False)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    assert rel_l2(out, ref) < tol
+    assert_grads_match(out, (q, k, v), ref, tol, ref_inputs=(qd, kd, vd))
+
+
 def test_repeat_keys_stay_keys_on_a_backend_without_key_bias(monkeypatch):
     """A backend that cannot add the bias (`BackendSpec.key_bias` False, as FA4) loads the copies as keys:
     no bias in the plan, every slot of a tile a key, the same result."""
@@ -170,15 +189,18 @@ def test_padding_free_through_triton_interpreter(pad):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pad", ["zero", "repeat"])
-def test_bf16_padding_free_gradients_on_gpu(pad):
-    """bf16 through the default GPU backend, padding-free, on a grid whose padding copies one token many
-    times (text padding, repeat padding): gradients within bf16 error of the float64 padded result."""
+@pytest.mark.parametrize("pad, backend", [("zero", "auto"), ("repeat", "auto"), ("repeat", "triton")])
+def test_bf16_padding_free_gradients_on_gpu(pad, backend):
+    """bf16 through a GPU backend, padding-free, on a grid whose padding copies one token many times
+    (text padding, repeat padding: through Triton its copies are skipped, their weight a key bias):
+    gradients within bf16 error of the float64 padded result."""
     thw, L = (5, 9, 11), 70
     S = thw[0] * thw[1] * thw[2] + L
     q, k, v = (torch.randn(1, 2, S, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     cfg = SSTAConfig(tile_thw=(2, 8, 8), kernel_thw=(1, 1, 1), sparse_type="sta", pad_type=pad, caller_rules=False)
-    out = ssta_attention(q, k, v, thw, cfg, L)
+    out, info = ssta_attention(q, k, v, thw, cfg, L, backend=backend, return_info=True)
+    if backend == "triton":
+        assert info.plan.key_bias is not None
     qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
     ref = ssta_attention(qd, kd, vd, thw, cfg, L, backend="torch", padding_free=False)
     assert rel_l2(out, ref) < 1e-2

@@ -80,3 +80,21 @@ def test_processor_check_names_the_fix():
     with pytest.raises(ValueError, match="backend='torch'"):
         check_backend_support(torch.randn(1, 1, 16, 8, dtype=torch.float64), "triton")
     assert check_backend_support(torch.randn(1, 1, 16, 8, dtype=torch.float64), "auto") == "torch"
+
+
+def test_key_bias_is_a_capability(gpu):
+    """A plan with a per-key score bias runs only on a backend that adds it (torch, Triton); FA4 refuses
+    it in one line, and `auto` passes over it."""
+    from video_sparse_attn import BlockSparsePlan
+
+    assert select_backend("auto", _call(key_bias=True)).name == "triton"
+    with pytest.raises(ValueError, match=r"^backend 'fa4' cannot run this call: it does not add a per-key score "
+                                         r"bias \(plan\.key_bias\)$") as e:
+        select_backend("fa4", _call(key_bias=True))
+    assert "\n" not in str(e.value)
+    assert select_backend("torch", _call(key_bias=True)).name == "torch"
+    plan = BlockSparsePlan.from_block_mask(torch.ones(1, 1, 1, 1, dtype=torch.bool), 16, key_bias=torch.zeros(16))
+    q = torch.empty(1, 1, 16, 8)
+    assert AttentionCall.of(q, plan).key_bias
+    assert not AttentionCall.of(q, dataclasses.replace(plan, key_bias=None)).key_bias
+    assert [n for n, s in registry.BACKENDS.items() if s.key_bias] == ["triton", "torch"]

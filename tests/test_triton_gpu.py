@@ -68,7 +68,7 @@ def _check(plan, q, k, v, dtype, deterministic=False, options=NO_TUNE):
     ref, ref_lse = block_sparse_attention_torch(q64, k64, v64, plan)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
     ql, kl, vl = (x.detach().requires_grad_() for x in (q, k, v))
-    eager = eager_attention(ql, kl, vl, plan_token_mask(plan, q.shape[0], q.shape[1]))
+    eager = eager_attention(ql, kl, vl, plan_token_mask(plan, q.shape[0], q.shape[1]), key_bias=plan.key_bias)
     eager_grads = torch.autograd.grad(eager, (ql, kl, vl), dout)
 
     for name, x in (("out", out), ("lse", lse), ("dq", grads[0]), ("dk", grads[1]), ("dv", grads[2])):
@@ -193,6 +193,19 @@ def test_window_sub_tiles(window, deterministic):
 
     plan, q, k, v = _case(2, 2, 6, 6, 384, 384, 128, torch.bfloat16, 0.7)
     plan = dataclasses.replace(plan, window_lo=window[0], window_hi=window[1])
+    _check(plan, q, k, v, torch.bfloat16, deterministic)
+
+
+@pytest.mark.parametrize("window_hi", [None, 0], ids=["no_window", "causal"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["onepass", "det"])
+def test_key_bias(window_hi, deterministic):
+    """A per-key score bias (plan.key_bias, as padding-free repeat padding makes: log of multiplicities
+    1..64, per batch) on 384-token blocks, with and without a causal window, bf16 against float64."""
+    import dataclasses
+
+    plan, q, k, v = _case(2, 2, 6, 6, 384, 384, 128, torch.bfloat16, 0.7)
+    mult = torch.randint(1, 65, (2, 6 * 384), device="cuda").float()
+    plan = dataclasses.replace(plan, key_bias=mult.log(), window_hi=window_hi)
     _check(plan, q, k, v, torch.bfloat16, deterministic)
 
 

@@ -6,13 +6,14 @@ bf16 is not tested here: the interpreter's bf16 `tl.dot` is broken. Kernel optio
 explicitly; nothing here reads the process environment.
 """
 
+import dataclasses
 import math
 import os
 
 import pytest
 import torch
 
-from helpers import golden_cases, load_golden, rel_l2
+from helpers import golden_cases, load_golden, plan_token_mask, rel_l2
 from video_sparse_attn import BlockSparsePlan, ssta_attention
 from video_sparse_attn.kernels.torch_ref import block_sparse_attention_torch
 
@@ -25,13 +26,14 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 
 def _dense_reference(q, k, v, plan, scale=None):
-    """float64 dense attention with the plan's block mask expanded to tokens (empty rows → 0)."""
+    """float64 dense attention with the plan's block mask expanded to tokens, its window and key bias
+    (empty rows → 0)."""
     B, H, Sq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    mask = plan.to_dense().expand(B, H, -1, -1)
-    mask = mask.repeat_interleave(plan.q_block, 2).repeat_interleave(plan.k_block, 3)
-    mask = mask & plan.token_valid()[:, None, None, :] & plan.query_valid()[:, None, :, None]
+    mask = plan_token_mask(plan, B, H)
     s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if plan.key_bias is not None:
+        s = s + plan.key_bias.double()[:, None, None, :]
     s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)
     return p @ v.double()
@@ -77,9 +79,9 @@ def _compare(q, k, v, plan, dtype, scale=None, deterministic=False, options=None
     return out, lse, grads
 
 
-def _plan(mask, qb, kb, k_valid=None, q_valid=None):
+def _plan(mask, qb, kb, k_valid=None, q_valid=None, **kw):
     return BlockSparsePlan.from_block_mask(mask.to(DEV), qb, kb, None if k_valid is None else k_valid.to(DEV),
-                                           None if q_valid is None else q_valid.to(DEV))
+                                           None if q_valid is None else q_valid.to(DEV), **kw)
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["onepass", "det"])
@@ -268,3 +270,47 @@ def test_kernel_option_variants_agree(options):
     plan = _plan(mask, qb, kb, k_valid, torch.tensor([[32, 20, 32]], dtype=torch.int32))
     q, k, v = _inputs(B, H, Mq * qb, Nk * kb, D, torch.float32)
     _compare(q, k, v, plan, torch.float32, options=options)
+
+
+# ---------------------------------------------------------------- per-key score bias (plan.key_bias)
+def _key_bias_case(dtype, per_batch, window=False):
+    """k_block 256: the forward (128-key sub-tiles) and the dQ kernel (64) walk several sub-tiles per
+    block; k_valid ends inside a sub-tile (the peeled / masked loops), one block has no key; an empty
+    query block; a random bias (natural log, up to 4: multiplicities up to ~55) per batch or broadcast."""
+    B, H, D, qb, kb, Mq, Nk = 2, 2, 16, 128, 256, 4, 2
+    mask = torch.rand(1, H, Mq, Nk) < 0.7
+    mask[..., 0] = True
+    mask[0, 0, 1] = False                              # an empty query block
+    k_valid = torch.tensor([[256, 150]] if window else [[150, 256], [0, 210]], dtype=torch.int32)
+    q_valid = torch.tensor([[128, 100, 128, 60]], dtype=torch.int32)
+    key_bias = torch.rand(B if per_batch else 1, Nk * kb) * 4
+    extra = dict(window_hi=0) if window else {}        # causal (Sq == Sk): the diagonal crosses sub-tiles
+    plan = _plan(mask, qb, kb, k_valid, q_valid, key_bias=key_bias.to(DEV), **extra)
+    return plan, _inputs(B, H, Mq * qb, Nk * kb, D, dtype)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["onepass", "det"])
+@pytest.mark.parametrize("dtype, per_batch", [(torch.float32, True), (torch.float16, False)])
+def test_key_bias(dtype, per_batch, deterministic):
+    """Forward and both backwards with a per-key bias equal the torch backend and float64 dense attention
+    with the bias (ragged keys, an empty block row, padded query rows)."""
+    plan, (q, k, v) = _key_bias_case(dtype, per_batch)
+    out, lse, grads = _compare(q, k, v, plan, dtype, deterministic=deterministic)
+    plain = dataclasses.replace(plan, key_bias=None)                 # the bias changes the result
+    assert rel_l2(attn(q, k, v, plain)[0], out) > 1e-2
+    assert (out[:, 0, 128:256] == 0).all() and torch.isneginf(lse[:, 0, 128:256]).all()
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["onepass", "det"])
+def test_key_bias_causal_window(deterministic):
+    """With a causal window every walk that recomputes scores adds the bias: the forward's masked window
+    loop (crossing and ragged sub-tiles), the dK/dV and dQ crossing walks."""
+    plan, (q, k, v) = _key_bias_case(torch.float32, True, window=True)
+    assert plan.has_window
+    _compare(q, k, v, plan, torch.float32, deterministic=deterministic)
+
+
+def test_key_bias_v3_loop():
+    """The unpeeled forward loop (ragged tail masked in the main loop) with eager rescaling adds the bias too."""
+    plan, (q, k, v) = _key_bias_case(torch.float32, False)
+    _compare(q, k, v, plan, torch.float32, options={"fwd_peel": False, "fwd_lazy": False})

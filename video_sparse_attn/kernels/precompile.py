@@ -147,7 +147,7 @@ def precompile_async(key, fn: Callable, device: torch.device) -> None:
 
 def _signature(q, k, v, plan, options, deterministic):
     return (q.device, q.dtype, tuple(q.shape), q.stride(), k.stride(), v.stride(), plan.q_block, plan.k_block,
-            plan.has_window, tuple(sorted(options.items())), bool(deterministic))
+            plan.has_window, plan.key_bias is not None, tuple(sorted(options.items())), bool(deterministic))
 
 
 def precompile_backward(q, k, v, plan, scale: float, options: dict, deterministic: bool) -> None:

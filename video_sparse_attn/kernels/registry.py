@@ -178,7 +178,7 @@ BACKENDS: Dict[str, BackendSpec] = {
                     capabilities=(9, 10),
                     importable=fa4_importable, key_tile=128),
         BackendSpec("triton", triton_entry, _HALF + (torch.float32,), (1, 256, 1), 16,
-                    ragged_keys=True, gqa=False, deterministic_bwd=True, window=True, key_bias=False,
+                    ragged_keys=True, gqa=False, deterministic_bwd=True, window=True, key_bias=True,
                     capabilities=(8, 9, 10, 12),
                     importable=triton_importable),
         BackendSpec("torch", block_sparse_attention_torch_traceable, _HALF + (torch.float32, torch.float64),

@@ -22,6 +22,8 @@ Launches:
 - Deterministic (``deterministic=True``): ``_dkdv_kernel`` with ``DQ_MODE`` 0, then ``_dq_kernel``:
   one program per ``BLOCK_M`` query rows (``row_order``) walks ``kv_index`` like the forward and
   recomputes P and dP (seven block GEMMs per pair; no atomics, bit-reproducible).
+Key bias (``plan.key_bias``, a ``HAS_KEY_BIAS`` variant): every recomputation of P adds the keys' bias
+(log2 units) to the scaled scores; the dK/dV program owns its keys, so it loads their bias once.
 Token windows: the dK/dV and dQ walks run the pairs wholly inside the window unmasked (the others get
 probability 0 by an +inf offset on their lse), then only the pairs crossing its edge, masked.
 Grids put the tile axis fastest (one head at a time, heavy tiles first); tensor descriptors (TMA)
@@ -35,8 +37,8 @@ import triton
 import triton.language as tl
 
 from . import precompile as pc
-from .triton_common import (SHAPE_ARGS_M, SHAPE_ARGS_N, C_LOG2E, LOG2E, dot_precision, plan_strides, query_tile,
-                            row_program, tma_usable, window_sides)
+from .triton_common import (SHAPE_ARGS_M, SHAPE_ARGS_N, C_LOG2E, LOG2E, dot_precision, key_bias_args, key_bias_log2,
+                            plan_strides, query_tile, row_program, tma_usable, window_sides)
 from .tuning import tuned_kernel
 
 __all__ = ["attention_backward", "DKDV_CONFIGS", "DQ_CONFIGS", "ONE_PASS_CONFIGS"]
@@ -83,16 +85,16 @@ def _off_unless_inside(pos0, key_lo, key_hi, win_lo, win_hi, BLOCK_M: tl.constex
 @triton.jit
 def _dkdv_step(
     k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, row0, rem, key_ok, offs_m, offs_d, d_ok,
-    sqs, sqd, sds, sdd, qk_scale, offs_n, q_shift, win_lo, win_hi, off,
+    sqs, sqd, sds, sdd, qk_scale, offs_n, q_shift, win_lo, win_hi, off, kb,
     D_PAD: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, DQ_MODE: tl.constexpr,
-    WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One (query sub-tile, key sub-tile) pair: dV += Pᵀ·dO, dK += dSᵀ·Q and (DQ_MODE ≠ 0) dQ += dS·K.
 
     ``q_src`` / ``do_src``: tensor descriptors (USE_TMA) or the per-head base pointers; ``dq_dst``: the
     dQ buffer's descriptor (DQ_MODE 2) or base pointer. Rows of the sub-tile start at ``row0``.
     ``off``: 0, or +inf to make the pair contribute nothing (a scalar); ``WINDOW``: test the window
-    score by score.
+    score by score. ``kb [BLOCK_N]`` (``HAS_KEY_BIAS``): the keys' score bias in log2 units.
     """
     rows = row0 + offs_m
     if USE_TMA:
@@ -104,7 +106,10 @@ def _dkdv_step(
     lse2 = tl.load(LSE + row_base + rows) * C_LOG2E
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2) + off    # keyless / padded rows → p = 0
     delta = tl.load(DELTA + row_base + rows)
-    pt = tl.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse2[None, :])   # Pᵀ [N, M]
+    st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale            # scaled log2 scores Sᵀ [N, M]
+    if HAS_KEY_BIAS:
+        st = st + kb[:, None]
+    pt = tl.exp2(st - lse2[None, :])                                    # Pᵀ [N, M]
     if rem < BLOCK_N:
         pt = tl.where(key_ok[:, None], pt, 0.0)
     if WINDOW:                                                          # win_lo <= key - (row + shift) <= win_hi
@@ -126,14 +131,14 @@ def _dkdv_step(
 @triton.jit(do_not_specialize=SHAPE_ARGS_N)
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
-    Q_COUNT, Q_INDEX, COL_ORDER, K_VALID, Q_VALID, Q_SHIFT,
+    Q_COUNT, Q_INDEX, COL_ORDER, K_VALID, Q_VALID, Q_SHIFT, KEY_BIAS,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     s_dkb, s_dkh, s_dks, s_dkd, s_dvb, s_dvh, s_dvs, s_dvd,
-    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_n, s_ord_b, s_ord_h, s_val_b, s_qv_b, s_sh_b,
+    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_n, s_ord_b, s_ord_h, s_val_b, s_qv_b, s_sh_b, s_kb_b,
     H, Sq, Sk, sm_scale, qk_scale, win_lo, win_hi,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, DQ_MODE: tl.constexpr, SKIP_PAD_Q: tl.constexpr,
-    WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Grid: (key sub-tiles of all key blocks in col_order rank, B*H); one program = BLOCK_N keys.
     # WINDOW: the main walk runs only the query sub-tiles whose rows see all of this key sub-tile (no
@@ -168,6 +173,9 @@ def _dkdv_kernel(
 
     k = tl.load(K + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=d_ok[None, :], other=0.0)
     v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
+    kb = 0.0
+    if HAS_KEY_BIAS:   # this program's keys are fixed: their bias is loaded once
+        kb = key_bias_log2(KEY_BIAS + b * s_kb_b, key_lo, tl.arange(0, BLOCK_N), HAS_KEY_BIAS)
     row_base = bh.to(tl.int64) * Sq
     q_src = Q + b * sqb + h * sqh
     do_src = DO + b * sdb + h * sdh
@@ -195,7 +203,7 @@ def _dkdv_kernel(
                 dk, dv = _dkdv_step(
                     k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, row0,
                     rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale, offs_n, q_shift, win_lo, win_hi,
-                    off, D_PAD, DOT_PREC, USE_TMA, DQ_MODE, False, BLOCK_M, BLOCK_N)
+                    off, kb, D_PAD, DOT_PREC, USE_TMA, DQ_MODE, False, HAS_KEY_BIAS, BLOCK_M, BLOCK_N)
     else:
         for it in range(0, count * SUB_M):
             q_blk = tl.load(idx_ptr + it // SUB_M)
@@ -208,7 +216,7 @@ def _dkdv_kernel(
             dk, dv = _dkdv_step(
                 k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, row0,
                 rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale, offs_n, q_shift, win_lo, win_hi,
-                off, D_PAD, DOT_PREC, USE_TMA, DQ_MODE, False, BLOCK_M, BLOCK_N)
+                off, kb, D_PAD, DOT_PREC, USE_TMA, DQ_MODE, False, HAS_KEY_BIAS, BLOCK_M, BLOCK_N)
 
     if WINDOW:   # the query sub-tiles crossing the window's edge, masked score by score; kept query
                  # blocks are screened 64 at a time as whole blocks (only one crossing the edge has such a sub-tile)
@@ -235,7 +243,8 @@ def _dkdv_kernel(
                         dk, dv = _dkdv_step(
                             k, v, dk, dv, q_src, do_src, dq_dst, LSE, DELTA, row_base, row0,
                             rem, key_ok, offs_m, offs_d, d_ok, sqs, sqd, sds, sdd, qk_scale, offs_n, q_shift,
-                            win_lo, win_hi, 0.0, D_PAD, DOT_PREC, USE_TMA, DQ_MODE, True, BLOCK_M, BLOCK_N)
+                            win_lo, win_hi, 0.0, kb, D_PAD, DOT_PREC, USE_TMA, DQ_MODE, True, HAS_KEY_BIAS,
+                            BLOCK_M, BLOCK_N)
 
     dk = dk * sm_scale
     tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dks + offs_d[None, :] * s_dkd,
@@ -260,14 +269,14 @@ def _dq_convert_kernel(
 @triton.jit(do_not_specialize=SHAPE_ARGS_M)
 def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
-    KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID, Q_VALID, Q_SHIFT,
+    KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID, Q_VALID, Q_SHIFT, KEY_BIAS,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sdb, sdh, sds, sdd,
     s_dqb, s_dqh, s_dqs, s_dqd,
-    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b, s_qv_b, s_sh_b,
+    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b, s_qv_b, s_sh_b, s_kb_b,
     H, Sq, Sk, sm_scale, qk_scale, win_lo, win_hi,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
-    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, WINDOW: tl.constexpr, HAS_KEY_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Grid: (query sub-tiles in row_order rank, B*H); one program = BLOCK_M query rows (as the forward).
     tile = tl.program_id(0)
@@ -288,6 +297,9 @@ def _dq_kernel(
         pos_lo = tl.min(q_pos, 0)
         pos_hi = tl.max(q_pos, 0)
     valid_ptr = K_VALID + b * s_val_b
+    kb_base = KEY_BIAS
+    if HAS_KEY_BIAS:
+        kb_base = KEY_BIAS + b * s_kb_b
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < D
@@ -320,7 +332,10 @@ def _dq_kernel(
         off = 0.0
         if WINDOW:                                  # not wholly inside the window: left to the last loop
             off = _off_unless_inside(pos_lo, row0, row0 + BLOCK_N - 1, win_lo, win_hi, BLOCK_M)
-        p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - (lse2 + off)[:, None])
+        sc = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale          # scaled log2 scores [M, N]
+        if HAS_KEY_BIAS:
+            sc = sc + key_bias_log2(kb_base, row0, offs_n, HAS_KEY_BIAS)[None, :]
+        p = tl.exp2(sc - (lse2 + off)[:, None])
         if rem < BLOCK_N:
             p = tl.where((offs_n < rem)[None, :], p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)
@@ -348,7 +363,10 @@ def _dq_kernel(
                         rows = row0 + offs_n
                         kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
                         vt = tl.load(v_base + rows[None, :] * svs + offs_d[:, None] * svd, mask=d_ok[:, None], other=0.0)
-                        p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse2[:, None])
+                        sc = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+                        if HAS_KEY_BIAS:
+                            sc = sc + key_bias_log2(kb_base, row0, offs_n, HAS_KEY_BIAS)[None, :]
+                        p = tl.exp2(sc - lse2[:, None])
                         d = rows[None, :] - q_pos[:, None]
                         p = tl.where((d >= win_lo) & (d <= win_hi) & (offs_n < rem)[None, :], p, 0.0)
                         dp = tl.dot(do, vt, input_precision=DOT_PREC)
@@ -397,7 +415,8 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
     use_tma_q = tma_usable(D, q, dout, enabled=options["tma"] and (deterministic or options["dq_reduce"] == "tma"))
     skip = options["skip_padded_queries"]
     window = plan.has_window
-    tag = ".window" if window else ""
+    kb, kb_b, has_kb = key_bias_args(plan, B, lse)
+    tag = (".window" if window else "") + (".kbias" if has_kb else "")
     lo, hi = plan.window_bounds()
 
     if deterministic:
@@ -415,11 +434,11 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
     pc.launch(
         kernel, lambda meta: (plan.num_k_blocks * (plan.k_block // meta["BLOCK_N"]), B * H),
         q, k, v, dout, lse, delta, dk, dv, dq_acc,
-        plan.q_count, plan.q_index, plan.col_order, plan.k_valid, plan.q_valid, plan.window_shift,
+        plan.q_count, plan.q_index, plan.col_order, plan.k_valid, plan.q_valid, plan.window_shift, kb,
         *io_strides, *dk.stride(), *dv.stride(),
-        cs[0], cs[1], ix[0], ix[1], ix[2], co[0], co[1], val_b, qv_b, sh_b,
+        cs[0], cs[1], ix[0], ix[1], ix[2], co[0], co[1], val_b, qv_b, sh_b, kb_b,
         H, Sq, Sk, scale, scale * LOG2E, lo, hi, USE_TMA=use_tma_q, DQ_MODE=dq_mode,
-        SKIP_PAD_Q=skip, WINDOW=window, **common,
+        SKIP_PAD_Q=skip, WINDOW=window, HAS_KEY_BIAS=has_kb, **common,
     )
 
     if not deterministic:
@@ -436,9 +455,9 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
                      tune_key=("D_PAD", "USE_TMA"), **tune),
         lambda meta: (plan.num_q_blocks * (plan.q_block // meta["BLOCK_M"]), B * H),
         q, k, v, dout, lse, delta, dq,
-        plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid, plan.q_valid, plan.window_shift,
+        plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid, plan.q_valid, plan.window_shift, kb,
         *io_strides, *dq.stride(),
-        cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b, qv_b, sh_b,
-        H, Sq, Sk, scale, scale * LOG2E, lo, hi, USE_TMA=use_tma_k, WINDOW=window, **common,
+        cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b, qv_b, sh_b, kb_b,
+        H, Sq, Sk, scale, scale * LOG2E, lo, hi, USE_TMA=use_tma_k, WINDOW=window, HAS_KEY_BIAS=has_kb, **common,
     )
     return dq, dk, dv

@@ -18,7 +18,7 @@ import triton.language as tl
 __all__ = [
     "INTERPRET", "LOG2E", "LN2", "C_LOG2E", "C_LN2", "KernelOptions", "resolve_kernel_options", "kernel_configs",
     "dot_precision", "plan_strides", "tma_layout_ok", "tma_usable", "query_tile", "row_program", "window_sides", "SHAPE_ARGS_M",
-    "SHAPE_ARGS_N",
+    "SHAPE_ARGS_N", "key_bias_args", "key_bias_log2",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # read once at import: Triton itself does the same
@@ -34,7 +34,7 @@ C_LN2 = tl.constexpr(LN2)
 # arithmetic and loop bounds, where the specialisation buys nothing. (Sq stays specialised: it
 # addresses the lse / delta / dQ-buffer rows, and it is a multiple of the block size anyway.)
 _SHAPE_ARGS = ("s_cnt_b", "s_cnt_h", "s_idx_b", "s_idx_h", "s_ord_b", "s_ord_h", "s_val_b", "s_qv_b",
-               "s_sh_b", "H", "Sk", "win_lo", "win_hi")
+               "s_sh_b", "s_kb_b", "H", "Sk", "win_lo", "win_hi")
 SHAPE_ARGS_M = [*_SHAPE_ARGS, "s_idx_m"]     # kernels that walk kv_index (forward, deterministic dQ)
 SHAPE_ARGS_N = [*_SHAPE_ARGS, "s_idx_n"]     # the dK/dV kernels (q_index)
 
@@ -152,6 +152,25 @@ def tma_usable(D: int, *tensors: torch.Tensor, enabled: bool = True) -> bool:
         return False
     triton.set_allocator(_scratch)
     return True
+
+
+def key_bias_args(plan, batch: int, dummy: torch.Tensor):
+    """``(pointer, batch stride, HAS_KEY_BIAS)`` of ``plan.key_bias`` for a kernel launch; without a bias
+    ``dummy`` (any float32 tensor of the launch) stands in for the pointer, never read."""
+    if plan.key_bias is None:
+        return dummy, 0, False
+    return plan.key_bias, plan.key_bias.expand(batch, -1).stride(0), True
+
+
+@triton.jit
+def key_bias_log2(base, row0, offs, HAS_KEY_BIAS: tl.constexpr):
+    """The score bias of keys ``row0 + offs`` in log2 units (the kernels' scores are ``q·k·scale·log2 e``,
+    so the natural-log bias is multiplied by log2 e), from ``base`` = the batch's row of
+    ``plan.key_bias``; 0.0 without a bias (nothing is loaded)."""
+    kb = 0.0
+    if HAS_KEY_BIAS:
+        kb = tl.load(base + row0 + offs) * C_LOG2E
+    return kb
 
 
 @triton.jit

@@ -18,6 +18,9 @@ Padding-free queries: a sub-tile whose rows all lie at or past ``q_valid`` skips
 only stores out 0 / lse -inf; in a partly valid sub-tile the padded rows load q as 0 and are stored
 as 0 / -inf.
 
+Key bias (``plan.key_bias``, a ``HAS_KEY_BIAS`` variant; without one the kernel is the same as before
+it existed): each loop adds its sub-tile's bias, in log2 units, to the scaled scores before the max.
+
 Grid: ``(Mq * Q_BLOCK // BLOCK_M, B*H)``: query tiles fastest, in ``row_order`` rank (heaviest query
 blocks first), one head after another, so the programs running together share one head's K/V in L2.
 On Hopper (sm90+), K and V are read through tensor descriptors (TMA) when the strides allow;
@@ -34,8 +37,8 @@ import triton
 import triton.language as tl
 
 from . import precompile as pc
-from .triton_common import (SHAPE_ARGS_M, C_LN2, LOG2E, dot_precision, plan_strides, query_tile, tma_usable,
-                            window_sides)
+from .triton_common import (SHAPE_ARGS_M, C_LN2, LOG2E, dot_precision, key_bias_args, key_bias_log2, plan_strides,
+                            query_tile, tma_usable, window_sides)
 from .tuning import tuned_kernel
 
 __all__ = ["attention_forward", "FWD_CONFIGS"]
@@ -49,14 +52,19 @@ FWD_CONFIGS = {
 
 
 @triton.jit
-def _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, LAZY: tl.constexpr, DOT_PREC: tl.constexpr):
+def _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kb, LAZY: tl.constexpr, HAS_KEY_BIAS: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
     """One online-softmax step (base 2) over unscaled scores ``s [BM, BN]`` and values ``v [BN, D]``.
 
-    ``skip`` is 0 or +inf (a scalar): +inf makes the whole tile contribute nothing. With ``LAZY`` the
+    ``skip`` is 0 or +inf (a scalar): +inf makes the whole tile contribute nothing. ``kb [BN]`` (with
+    ``HAS_KEY_BIAS``): the keys' score bias in log2 units, added to the scaled scores. With ``LAZY`` the
     reference max ``m_i`` only moves (and ``acc``/``l_i`` are only rescaled) when some row's max grows
     by more than 8 (a factor 256), so probabilities stay ≤ 256; the result is exact because the final
     normalisation uses the same reference max.
     """
+    if HAS_KEY_BIAS:    # scaled log2 scores plus the bias; they need no further scaling below
+        s = s * qk_scale + kb[None, :]
+        qk_scale = 1.0
     if LAZY:
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale - skip)
         if tl.max(m_new - m_i, 0) > 8.0:
@@ -80,19 +88,20 @@ def _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, LAZY: tl.constexpr, DOT_P
 @triton.jit(do_not_specialize=SHAPE_ARGS_M)
 def _fwd_kernel(
     Q, K, V, O, LSE,
-    KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID, Q_VALID, Q_SHIFT,
+    KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID, Q_VALID, Q_SHIFT, KEY_BIAS,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
-    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b, s_qv_b, s_sh_b,
+    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b, s_qv_b, s_sh_b, s_kb_b,
     H, Sq, Sk, qk_scale, win_lo, win_hi,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, USE_WS: tl.constexpr, PEEL: tl.constexpr, LAZY: tl.constexpr,
-    WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Grid: (query sub-tiles of all query blocks in row_order rank, B*H); one program = BLOCK_M rows.
     # WINDOW: key j is seen from row i only if win_lo <= j - (i + shift) <= win_hi (shift = Q_SHIFT of
     # the row's block). The main loop runs only the sub-tiles wholly inside the window (no per-score
     # test); the others are switched off there (+inf offset) and those crossing its edge run masked in
     # a last loop. Sub-tiles wholly outside it contribute nothing.
+    # HAS_KEY_BIAS: every score gets its key's bias (plan.key_bias, loaded per sub-tile in every loop).
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -111,6 +120,9 @@ def _fwd_kernel(
         pos_lo = tl.min(q_pos, 0)                                       # the rows' window positions
         pos_hi = tl.max(q_pos, 0)
     valid_ptr = K_VALID + b * s_val_b
+    kb_base = KEY_BIAS
+    if HAS_KEY_BIAS:
+        kb_base = KEY_BIAS + b * s_kb_b
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < D
@@ -151,7 +163,8 @@ def _fwd_kernel(
         if WINDOW:                                                      # not wholly inside: off here
             inside, _ = window_sides(pos_lo, pos_hi, row0, row0 + BLOCK_N - 1, win_lo, win_hi)
             skip = skip + tl.where(inside, 0.0, float("inf"))
-        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, LAZY, DOT_PREC)
+        kb = key_bias_log2(kb_base, row0, offs_n, HAS_KEY_BIAS)
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kb, LAZY, HAS_KEY_BIAS, DOT_PREC)
 
     if PEEL and not WINDOW:   # the ragged sub-tiles skipped above, masked, found 64 kept blocks at a time
         offs_c = tl.arange(0, 64)
@@ -171,7 +184,8 @@ def _fwd_kernel(
                 v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
                 s = tl.dot(q, kt, input_precision=DOT_PREC)
                 s = tl.where((offs_n < kv1 % BLOCK_N)[None, :], s, float("-inf"))
-                m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, LAZY, DOT_PREC)
+                kb = key_bias_log2(kb_base, row0, offs_n, HAS_KEY_BIAS)
+                m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, kb, LAZY, HAS_KEY_BIAS, DOT_PREC)
 
     if WINDOW:
         # The sub-tiles switched off above that have a key in the window, masked: those crossing its edge
@@ -200,7 +214,9 @@ def _fwd_kernel(
                         s = tl.dot(q, kt, input_precision=DOT_PREC)
                         d = rows[None, :] - q_pos[:, None]
                         s = tl.where((d >= win_lo) & (d <= win_hi) & (offs_n < rem)[None, :], s, float("-inf"))
-                        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, LAZY, DOT_PREC)
+                        kb = key_bias_log2(kb_base, row0, offs_n, HAS_KEY_BIAS)
+                        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, kb, LAZY, HAS_KEY_BIAS,
+                                                      DOT_PREC)
 
     # out = acc / l; lse = ln(l) + m·ln2 (m is in log2 units). No key, or a padded row: 0 and -inf.
     empty = (l_i == 0.0) | (~row_ok)
@@ -229,10 +245,12 @@ def attention_forward(q, k, v, plan, scale: float, options: dict):
     use_ws = use_tma and D == 128 and options["warp_specialize"]
     peel, lazy = options["fwd_peel"], options["fwd_lazy"]
     window = plan.has_window
+    kb, kb_b, has_kb = key_bias_args(plan, B, lse)
     rows = FWD_CONFIGS["ws" if use_ws else "large_d" if d_pad > 128 else "small_d"]
+    variant = f"tma{use_tma:d}.ws{use_ws:d}.peel{peel:d}.lazy{lazy:d}" + (".window" if window else "")
     kernel = tuned_kernel(
         "fwd", _fwd_kernel, rows, q_block=plan.q_block, k_block=plan.k_block, dtype=q.dtype, head_dim=D,
-        device=q.device, variant=f"tma{use_tma:d}.ws{use_ws:d}.peel{peel:d}.lazy{lazy:d}" + (".window" if window else ""),
+        device=q.device, variant=variant + (".kbias" if has_kb else ""),
         autotune=options["autotune"], tune_key=("D_PAD", "USE_TMA", "USE_WS", "PEEL", "LAZY"))
 
     def grid(meta):
@@ -240,11 +258,11 @@ def attention_forward(q, k, v, plan, scale: float, options: dict):
 
     pc.launch(
         kernel, grid, q, k, v, out, lse,
-        plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid, plan.q_valid, plan.window_shift,
+        plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid, plan.q_valid, plan.window_shift, kb,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b, qv_b, sh_b,
+        cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b, qv_b, sh_b, kb_b,
         H, Sq, k.shape[2], scale * LOG2E, *plan.window_bounds(),
         D=D, D_PAD=d_pad, Q_BLOCK=plan.q_block, K_BLOCK=plan.k_block, DOT_PREC=dot_precision(q.dtype),
-        USE_TMA=use_tma, USE_WS=use_ws, PEEL=peel, LAZY=lazy, WINDOW=window,
+        USE_TMA=use_tma, USE_WS=use_ws, PEEL=peel, LAZY=lazy, WINDOW=window, HAS_KEY_BIAS=has_kb,
     )
     return out, lse
