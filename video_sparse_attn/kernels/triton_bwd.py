@@ -415,7 +415,7 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
     use_tma_q = tma_usable(D, q, dout, enabled=options["tma"] and (deterministic or options["dq_reduce"] == "tma"))
     skip = options["skip_padded_queries"]
     window = plan.has_window
-    kb, kb_b, has_kb = key_bias_args(plan, B, lse)
+    kb, kb_b, has_kb = key_bias_args(plan, B)
     tag = (".window" if window else "") + (".kbias" if has_kb else "")
     lo, hi = plan.window_bounds()
 

@@ -154,11 +154,13 @@ def tma_usable(D: int, *tensors: torch.Tensor, enabled: bool = True) -> bool:
     return True
 
 
-def key_bias_args(plan, batch: int, dummy: torch.Tensor):
-    """``(pointer, batch stride, HAS_KEY_BIAS)`` of ``plan.key_bias`` for a kernel launch; without a bias
-    ``dummy`` (any float32 tensor of the launch) stands in for the pointer, never read."""
+def key_bias_args(plan, batch: int):
+    """``(pointer, batch stride, HAS_KEY_BIAS)`` of ``plan.key_bias`` for a kernel launch. Without a bias
+    the pointer and stride are None: Triton takes None arguments as constants, so the kernel's signature,
+    and with it the compiled code, stay exactly those of the kernel before the bias existed (a dummy
+    pointer compiles the same IR, but its extra parameters reorder the PTX and move register allocation)."""
     if plan.key_bias is None:
-        return dummy, 0, False
+        return None, None, False
     return plan.key_bias, plan.key_bias.expand(batch, -1).stride(0), True
 
 

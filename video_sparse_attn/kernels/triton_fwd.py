@@ -245,7 +245,7 @@ def attention_forward(q, k, v, plan, scale: float, options: dict):
     use_ws = use_tma and D == 128 and options["warp_specialize"]
     peel, lazy = options["fwd_peel"], options["fwd_lazy"]
     window = plan.has_window
-    kb, kb_b, has_kb = key_bias_args(plan, B, lse)
+    kb, kb_b, has_kb = key_bias_args(plan, B)
     rows = FWD_CONFIGS["ws" if use_ws else "large_d" if d_pad > 128 else "small_d"]
     variant = f"tma{use_tma:d}.ws{use_ws:d}.peel{peel:d}.lazy{lazy:d}" + (".window" if window else "")
     kernel = tuned_kernel(
