@@ -1,7 +1,8 @@
 """SSTA at HunyuanVideo-1.5 720p/121f, end to end and per kernel, against exact dense attention.
 
 Shape: thw (31, 45, 80), tiles 6×8×8, released config (`SSTAConfig().for_thw(thw)`: top-k 32, window
-3×3×3, pad_type "zero"), 1,985 text tokens of which 1,200 valid; B=1, H=16, D=128, bf16.
+3×3×3, pad_type "zero"; ``--pad-type`` changes only the padding), 1,985 text tokens of which 1,200
+valid; B=1, H=16, D=128, bf16.
 
 Rows (each a `triton.testing.do_bench` median in one process, random data):
   kernel/*    one SSTA plan, block-ordered tensors: the padded plan vs the padding-free plan, per backend,
@@ -11,6 +12,7 @@ Rows (each a `triton.testing.do_bench` median in one process, random data):
 Ratios are against the exact dense baseline. Effective TFLOP/s count kept blocks of the padded plan.
 
     python scripts/benchmark_ssta.py --json out/ssta.json
+    python scripts/benchmark_ssta.py --pad-type repeat --backends triton   # repeat copies skipped (key bias)
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import math
 import torch
 
 from video_sparse_attn import BlockSparsePlan, SSTAConfig, TileLayout, block_sparse_attention, ssta_attention
+from video_sparse_attn.attention import _key_args
+from video_sparse_attn.config import PAD_TYPES
 from video_sparse_attn.masks.build import block_mask_from_tiled
 from video_sparse_attn.kernels.registry import BACKENDS
 
@@ -48,6 +52,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write every row here")
     ap.add_argument("--backends", default="fa4,triton", help="comma-separated kernel backends to time")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    ap.add_argument("--pad-type", choices=PAD_TYPES, default=None,
+                    help="padding of the released config to use instead of its own (zero)")
     ap.add_argument("--profile", default=None, metavar="FILE",
                     help="also profile one padding-free fwd+bwd of ssta_attention per backend; CUDA kernel table here")
     args = ap.parse_args()
@@ -55,6 +61,8 @@ def main() -> None:
     H, D, dt, dev = args.heads, 128, torch.bfloat16, "cuda"
     backends = [b for b in args.backends.split(",") if BACKENDS[b].importable() is None]
     cfg = SSTAConfig().for_thw(THW)
+    if args.pad_type is not None:
+        cfg = cfg.replace(pad_type=args.pad_type)
     S = math.prod(THW) + TEXT
     q, k, v = (torch.randn(1, H, S, D, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
     tm = torch.zeros(1, TEXT, dtype=torch.bool, device=dev)
@@ -76,13 +84,14 @@ def main() -> None:
         mask = block_mask_from_tiled(q_t, k_t, layout, cfg, tm)
     padded = BlockSparsePlan.from_block_mask(mask, bs, bs, layout.key_valid(tm, dev))
 
-    def padding_free_plan(be):   # zero keys loaded by the backend's whole key tiles (`BackendSpec.key_tile`)
-        return BlockSparsePlan.from_block_mask(mask, bs, bs, layout.key_valid(tm, dev, True, BACKENDS[be].key_tile),
-                                               layout.query_valid(dev))
+    def padding_free_plan(be):   # the keys ssta_attention skips on this backend (zero keys by whole key tiles,
+        k_valid, key_bias = _key_args(layout, BACKENDS[be], q, tm, True)   # repeat copies with a key bias)
+        return BlockSparsePlan.from_block_mask(mask, bs, bs, k_valid, layout.query_valid(dev), key_bias=key_bias)
 
     kept = int(mask.expand(1, H, -1, -1).sum())
     flop = 4.0 * kept * bs * bs * D
-    print(f"density {float(mask.float().mean()):.3f}, blocks {mask.shape[-1]}, padded S {layout.padded_len}")
+    print(f"pad_type {cfg.pad_type}, density {float(mask.float().mean()):.3f}, blocks {mask.shape[-1]}, "
+          f"padded S {layout.padded_len}")
     tq, tk, tv = (x.detach().requires_grad_() for x in (q_t, k_t, v_t))
     g_t = torch.randn_like(tq)
     for be in backends:
@@ -133,10 +142,12 @@ def main() -> None:
             free = padding_free_plan("fa4")
             add("part/fa4 block lists", bench(lambda: fa4_block_lists(dataclasses.replace(free), 1)))
         o_t, l_t = block_sparse_attention(q_t, k_t, v_t, padding_free_plan(backends[0]), backend=backends[0])
-        n = zero_keys_per_row_block(mask, layout.zero_keys(dev, BACKENDS[backends[0]].key_tile))
-        add("part/zero-key correction", bench(lambda: add_zero_keys(o_t, l_t, n, bs)))
         add("part/untile", bench(lambda: layout.untile(o_t)))
-        add("part/untile + zero-key correction, fused", bench(lambda: untile_with_zero_keys(layout, o_t, l_t, n, q)))
+        if cfg.pad_type == "zero":
+            n = zero_keys_per_row_block(mask, layout.zero_keys(dev, BACKENDS[backends[0]].key_tile))
+            add("part/zero-key correction", bench(lambda: add_zero_keys(o_t, l_t, n, bs)))
+            add("part/untile + zero-key correction, fused",
+                bench(lambda: untile_with_zero_keys(layout, o_t, l_t, n, q)))
 
     # ---- end to end
     g = torch.randn_like(q)
@@ -186,6 +197,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": {"thw": THW, "text": TEXT, "valid": VALID, "heads": H, "dim": D},
+                       "pad_type": cfg.pad_type,
                        "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
 
 

@@ -1,4 +1,4 @@
-"""Zero-padded keys without loading them: the exact softmax correction of padding-free SSTA.
+"""Padded keys without loading them: the exact softmax correction of padding-free SSTA.
 
 With ``pad_type="zero"`` every padded video token is a key with logit exactly 0 and value 0. If a
 query row sees ``n`` of them besides its real keys, whose attention gives ``(out, lse)``, then
@@ -9,6 +9,19 @@ query row sees ``n`` of them besides its real keys, whose attention gives ``(out
 (the zero values add nothing to the numerator). Both are differentiable functions of the backend's
 ``(out, lse)``, so gradients flow exactly through the correction. ``n`` is per query block: the
 zero keys of every key block the block mask keeps, ``mask @ zero_keys``.
+
+With ``pad_type="repeat"`` a padded slot is a copy (same k, same v) of a real token, and it lies in
+that token's own tile (a tile's padding along an axis is shorter than the tile, and real tokens come
+first in it). So a query that keeps the tile sees real token ``r`` exactly ``m_r`` times (itself and its
+copies) and nothing else of the copies:
+
+    Σ_slots e^s_j v_j = Σ_real m_r e^s_r v_r = Σ_real e^(s_r + log m_r) v_r     (the same for the denominator)
+
+i.e. attention over the real keys with an additive score bias ``log m_r`` (`TileLayout.key_bias`, a
+`BlockSparsePlan.key_bias`; the backend adds it, no correction afterwards). Gradients stay exact: with
+the bias in P, the backward's dK_r and dV_r are the sums over the ``m_r`` identical copies, which is
+what the tile layout's backward sums when every copy is a key. Only backends with
+`BackendSpec.key_bias` skip the copies; the others load them (the same result).
 """
 
 from __future__ import annotations
