@@ -1,6 +1,6 @@
 """The GPU backends' custom ops under `torch.compile(fullgraph=True)`: the Triton backend through its
 interpreter on the CPU (backend ``aot_eager``); the same values as eager, forward and backward (lse
-gradient included)."""
+gradient included), with a window and with a key bias (an optional custom-op argument)."""
 
 import dataclasses
 
@@ -11,15 +11,16 @@ from video_sparse_attn import BlockSparsePlan, block_sparse_attention
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("window_hi", [None, 16])
-def test_triton_custom_ops_compile_fullgraph_and_match_eager(window_hi):
+@pytest.mark.parametrize("window_hi, key_bias", [(None, False), (16, False), (None, True)],
+                         ids=["plain", "window", "key_bias"])
+def test_triton_custom_ops_compile_fullgraph_and_match_eager(window_hi, key_bias):
     torch._dynamo.reset()
     torch.manual_seed(0)
     mask = torch.rand(1, 2, 3, 4) < 0.6
     mask[..., 0, :] = True
     plan = BlockSparsePlan.from_block_mask(mask, 16, 16, torch.tensor([[16, 16, 9, 16]]),
                                            torch.tensor([[16, 5, 16]]))
-    plan = dataclasses.replace(plan, window_hi=window_hi)
+    plan = dataclasses.replace(plan, window_hi=window_hi, key_bias=torch.rand(1, 64) * 3 if key_bias else None)
     q, k, v = (torch.randn(1, 2, n, 16) for n in (48, 64, 64))
 
     def f(q, k, v, plan):
