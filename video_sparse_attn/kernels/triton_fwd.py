@@ -19,7 +19,12 @@ only stores out 0 / lse -inf; in a partly valid sub-tile the padded rows load q 
 as 0 / -inf.
 
 Key bias (``plan.key_bias``, a ``HAS_KEY_BIAS`` variant; without one the kernel is the same as before
-it existed): each loop adds its sub-tile's bias, in log2 units, to the scaled scores before the max.
+it existed), e.g. ``log m`` of a key standing for m identical copies: adding it to every score would
+cost an extra operation per score before the max and the exp, so the forward applies it as a weight
+``e^bias`` instead: the values are multiplied by it once before the kernel, and each loop weights its
+sub-tile's probabilities in the row sums. The max is taken over the unbiased scores: exact, and safe
+for the multiplicities it is for (weights ≥ 1 and at most a block's size; a bias below about −87
+would underflow to weight 0).
 
 Grid: ``(Mq * Q_BLOCK // BLOCK_M, B*H)``: query tiles fastest, in ``row_order`` rank (heaviest query
 blocks first), one head after another, so the programs running together share one head's K/V in L2.
@@ -37,7 +42,7 @@ import triton
 import triton.language as tl
 
 from . import precompile as pc
-from .triton_common import (SHAPE_ARGS_M, C_LN2, LOG2E, dot_precision, key_bias_args, key_bias_log2, plan_strides,
+from .triton_common import (SHAPE_ARGS_M, C_LN2, LOG2E, dot_precision, key_bias_args, key_weight, plan_strides,
                             query_tile, tma_usable, window_sides)
 from .tuning import tuned_kernel
 
@@ -52,19 +57,18 @@ FWD_CONFIGS = {
 
 
 @triton.jit
-def _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kb, LAZY: tl.constexpr, HAS_KEY_BIAS: tl.constexpr,
+def _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kw, LAZY: tl.constexpr, HAS_KEY_BIAS: tl.constexpr,
                   DOT_PREC: tl.constexpr):
     """One online-softmax step (base 2) over unscaled scores ``s [BM, BN]`` and values ``v [BN, D]``.
 
-    ``skip`` is 0 or +inf (a scalar): +inf makes the whole tile contribute nothing. ``kb [BN]`` (with
-    ``HAS_KEY_BIAS``): the keys' score bias in log2 units, added to the scaled scores. With ``LAZY`` the
+    ``skip`` is 0 or +inf (a scalar): +inf makes the whole tile contribute nothing. With ``LAZY`` the
     reference max ``m_i`` only moves (and ``acc``/``l_i`` are only rescaled) when some row's max grows
     by more than 8 (a factor 256), so probabilities stay ≤ 256; the result is exact because the final
     normalisation uses the same reference max.
+    ``HAS_KEY_BIAS``: key j carries weight ``kw[j] = e^bias_j`` (a multiplicity): its softmax mass is
+    ``kw_j·p_ij`` and ``v`` arrives already multiplied by it, so the weight costs one multiply-add per
+    score in the row sums (fused with their additions) instead of an add before the max and the exp.
     """
-    if HAS_KEY_BIAS:    # scaled log2 scores plus the bias; they need no further scaling below
-        s = s * qk_scale + kb[None, :]
-        qk_scale = 1.0
     if LAZY:
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale - skip)
         if tl.max(m_new - m_i, 0) > 8.0:
@@ -73,14 +77,20 @@ def _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kb, LAZY: tl.constexpr, H
             l_i = l_i * alpha
             m_i = m_new
         p = tl.exp2(s * qk_scale - (m_i + skip)[:, None])
-        l_i = l_i + tl.sum(p, 1)
+        if HAS_KEY_BIAS:
+            l_i = l_i + tl.sum(p * kw[None, :], 1)
+        else:
+            l_i = l_i + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         return m_i, l_i, acc
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale - skip)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)               # rows with no key yet
     p = tl.exp2(s * qk_scale - (m_use + skip)[:, None])
     alpha = tl.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    if HAS_KEY_BIAS:
+        l_i = l_i * alpha + tl.sum(p * kw[None, :], 1)
+    else:
+        l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return m_new, l_i, acc
 
@@ -101,7 +111,8 @@ def _fwd_kernel(
     # the row's block). The main loop runs only the sub-tiles wholly inside the window (no per-score
     # test); the others are switched off there (+inf offset) and those crossing its edge run masked in
     # a last loop. Sub-tiles wholly outside it contribute nothing.
-    # HAS_KEY_BIAS: every score gets its key's bias (plan.key_bias, loaded per sub-tile in every loop).
+    # HAS_KEY_BIAS: V holds each key's value times its weight e^bias (plan.key_bias), and every loop loads
+    # the weights of its sub-tile for the softmax mass.
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -163,7 +174,7 @@ def _fwd_kernel(
         if WINDOW:                                                      # not wholly inside: off here
             inside, _ = window_sides(pos_lo, pos_hi, row0, row0 + BLOCK_N - 1, win_lo, win_hi)
             skip = skip + tl.where(inside, 0.0, float("inf"))
-        kb = key_bias_log2(kb_base, row0, offs_n, HAS_KEY_BIAS)
+        kb = key_weight(kb_base, row0, offs_n, HAS_KEY_BIAS)
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kb, LAZY, HAS_KEY_BIAS, DOT_PREC)
 
     if PEEL and not WINDOW:   # the ragged sub-tiles skipped above, masked, found 64 kept blocks at a time
@@ -184,7 +195,7 @@ def _fwd_kernel(
                 v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
                 s = tl.dot(q, kt, input_precision=DOT_PREC)
                 s = tl.where((offs_n < kv1 % BLOCK_N)[None, :], s, float("-inf"))
-                kb = key_bias_log2(kb_base, row0, offs_n, HAS_KEY_BIAS)
+                kb = key_weight(kb_base, row0, offs_n, HAS_KEY_BIAS)
                 m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, kb, LAZY, HAS_KEY_BIAS, DOT_PREC)
 
     if WINDOW:
@@ -214,7 +225,7 @@ def _fwd_kernel(
                         s = tl.dot(q, kt, input_precision=DOT_PREC)
                         d = rows[None, :] - q_pos[:, None]
                         s = tl.where((d >= win_lo) & (d <= win_hi) & (offs_n < rem)[None, :], s, float("-inf"))
-                        kb = key_bias_log2(kb_base, row0, offs_n, HAS_KEY_BIAS)
+                        kb = key_weight(kb_base, row0, offs_n, HAS_KEY_BIAS)
                         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, kb, LAZY, HAS_KEY_BIAS,
                                                       DOT_PREC)
 
@@ -241,11 +252,13 @@ def attention_forward(q, k, v, plan, scale: float, options: dict):
     val_b = plan.k_valid.expand(B, -1).stride(0)
     qv_b = plan.q_valid.expand(B, -1).stride(0)
     sh_b = plan.window_shift.expand(B, -1).stride(0)
+    kb, kb_b, has_kb = key_bias_args(plan, B)
+    if has_kb:   # values times their keys' weights e^bias, rounded once (one pass; the backward reads v)
+        v = torch.mul(v, plan.key_bias.exp()[:, None, :, None], out=pc.empty_like(v))
     use_tma = tma_usable(D, k, v, enabled=options["tma"])
     use_ws = use_tma and D == 128 and options["warp_specialize"]
     peel, lazy = options["fwd_peel"], options["fwd_lazy"]
     window = plan.has_window
-    kb, kb_b, has_kb = key_bias_args(plan, B)
     rows = FWD_CONFIGS["ws" if use_ws else "large_d" if d_pad > 128 else "small_d"]
     variant = f"tma{use_tma:d}.ws{use_ws:d}.peel{peel:d}.lazy{lazy:d}" + (".window" if window else "")
     kernel = tuned_kernel(
