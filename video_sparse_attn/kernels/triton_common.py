@@ -177,11 +177,14 @@ def key_bias_log2(base, row0, offs, HAS_KEY_BIAS: tl.constexpr):
 
 @triton.jit
 def key_weight(base, row0, offs, HAS_KEY_BIAS: tl.constexpr):
-    """The softmax weights ``e^bias`` of keys ``row0 + offs`` (the forward's form of the key bias), from
-    ``base`` = the batch's row of ``plan.key_bias``; 0.0 without a bias (nothing is loaded)."""
+    """The forward's form of the key bias: the ``[BN, 16]`` rows ``row0 + offs`` of the weight matrix at
+    ``base`` (the batch's ``[Sk, 16]`` matrix in the values' dtype: ``e^bias`` in column 0, zeros
+    elsewhere), so that ``dot(p, W)`` sums each row's weighted probabilities on the tensor cores; 0.0
+    without a bias (nothing is loaded). The forward's TMA path loads the same rows by descriptor."""
     kw = 0.0
     if HAS_KEY_BIAS:
-        kw = tl.exp2(tl.load(base + row0 + offs) * C_LOG2E)
+        col = tl.arange(0, 16)
+        kw = tl.load(base + (row0 + offs)[:, None] * 16 + col[None, :])
     return kw
 
 

@@ -22,7 +22,8 @@ Key bias (``plan.key_bias``, a ``HAS_KEY_BIAS`` variant; without one the kernel 
 it existed), e.g. ``log m`` of a key standing for m identical copies: adding it to every score would
 cost an extra operation per score before the max and the exp, so the forward applies it as a weight
 ``e^bias`` instead: the values are multiplied by it once before the kernel, and each loop weights its
-sub-tile's probabilities in the row sums. The max is taken over the unbiased scores: exact, and safe
+sub-tile's probabilities in the row sums (a small dot: the weights are loaded as a dot operand, so the
+loop's pipeline prefetches them with K and V). The max is taken over the unbiased scores: exact, and safe
 for the multiplicities it is for (weights ≥ 1 and at most a block's size; a bias below about −87
 would underflow to weight 0).
 
@@ -65,9 +66,10 @@ def _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kw, LAZY: tl.constexpr, H
     reference max ``m_i`` only moves (and ``acc``/``l_i`` are only rescaled) when some row's max grows
     by more than 8 (a factor 256), so probabilities stay ≤ 256; the result is exact because the final
     normalisation uses the same reference max.
-    ``HAS_KEY_BIAS``: key j carries weight ``kw[j] = e^bias_j`` (a multiplicity): its softmax mass is
-    ``kw_j·p_ij`` and ``v`` arrives already multiplied by it, so the weight costs one multiply-add per
-    score in the row sums (fused with their additions) instead of an add before the max and the exp.
+    ``HAS_KEY_BIAS``: key j carries weight ``w_j = e^bias_j`` (a multiplicity): its softmax mass is
+    ``w_j·p_ij`` and ``v`` arrives already multiplied by it; ``kw [BN, 16]`` holds the weights in
+    column 0, so the row sums of the weighted probabilities are one small dot (with p rounded to v's
+    dtype, as in ``p·v``) instead of an add to every score before the max and the exp.
     """
     if LAZY:
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale - skip)
@@ -78,7 +80,7 @@ def _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kw, LAZY: tl.constexpr, H
             m_i = m_new
         p = tl.exp2(s * qk_scale - (m_i + skip)[:, None])
         if HAS_KEY_BIAS:
-            l_i = l_i + tl.sum(p * kw[None, :], 1)
+            l_i = l_i + tl.sum(tl.dot(p.to(v.dtype), kw, input_precision=DOT_PREC), 1)
         else:
             l_i = l_i + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
@@ -88,7 +90,7 @@ def _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kw, LAZY: tl.constexpr, H
     p = tl.exp2(s * qk_scale - (m_use + skip)[:, None])
     alpha = tl.exp2(m_i - m_use)
     if HAS_KEY_BIAS:
-        l_i = l_i * alpha + tl.sum(p * kw[None, :], 1)
+        l_i = l_i * alpha + tl.sum(tl.dot(p.to(v.dtype), kw, input_precision=DOT_PREC), 1)
     else:
         l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
@@ -145,6 +147,8 @@ def _fwd_kernel(
     if USE_TMA:
         k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, D], strides=[sks, 1], block_shape=[BLOCK_N, D])
         v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, D], strides=[svs, 1], block_shape=[BLOCK_N, D])
+        if HAS_KEY_BIAS:
+            w_desc = tl.make_tensor_descriptor(kb_base, shape=[Sk, 16], strides=[16, 1], block_shape=[BLOCK_N, 16])
 
     if LAZY:   # a finite floor, so that "the max grew by more than the threshold" is defined from the start
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -174,7 +178,10 @@ def _fwd_kernel(
         if WINDOW:                                                      # not wholly inside: off here
             inside, _ = window_sides(pos_lo, pos_hi, row0, row0 + BLOCK_N - 1, win_lo, win_hi)
             skip = skip + tl.where(inside, 0.0, float("inf"))
-        kb = key_weight(kb_base, row0, offs_n, HAS_KEY_BIAS)
+        if USE_TMA and HAS_KEY_BIAS:
+            kb = w_desc.load([row0, 0])
+        else:
+            kb = key_weight(kb_base, row0, offs_n, HAS_KEY_BIAS)
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kb, LAZY, HAS_KEY_BIAS, DOT_PREC)
 
     if PEEL and not WINDOW:   # the ragged sub-tiles skipped above, masked, found 64 kept blocks at a time
@@ -254,7 +261,11 @@ def attention_forward(q, k, v, plan, scale: float, options: dict):
     sh_b = plan.window_shift.expand(B, -1).stride(0)
     kb, kb_b, has_kb = key_bias_args(plan, B)
     if has_kb:   # values times their keys' weights e^bias, rounded once (one pass; the backward reads v)
-        v = torch.mul(v, plan.key_bias.exp()[:, None, :, None], out=pc.empty_like(v))
+        weight = plan.key_bias.exp()
+        v = torch.mul(v, weight[:, None, :, None], out=pc.empty_like(v))
+        kb = pc.zeros(weight.shape[0], weight.shape[1], 16, dtype=v.dtype, device=v.device)   # e^bias in column 0
+        kb[..., 0] = weight
+        kb_b = kb.expand(B, -1, -1).stride(0)
     use_tma = tma_usable(D, k, v, enabled=options["tma"])
     use_ws = use_tma and D == 128 and options["warp_specialize"]
     peel, lazy = options["fwd_peel"], options["fwd_lazy"]
