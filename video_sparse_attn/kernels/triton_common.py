@@ -177,14 +177,13 @@ def key_bias_log2(base, row0, offs, HAS_KEY_BIAS: tl.constexpr):
 
 @triton.jit
 def key_weight(base, row0, offs, HAS_KEY_BIAS: tl.constexpr):
-    """The forward's form of the key bias: the ``[BN, 16]`` rows ``row0 + offs`` of the weight matrix at
-    ``base`` (the batch's ``[Sk, 16]`` matrix in the values' dtype: ``e^bias`` in column 0, zeros
-    elsewhere), so that ``dot(p, W)`` sums each row's weighted probabilities on the tensor cores; 0.0
-    without a bias (nothing is loaded). The forward's TMA path loads the same rows by descriptor."""
+    """The forward's form of the key bias: the weights ``e^bias`` of keys ``row0 + offs [BN]`` (float32),
+    read from column 0 of the batch's ``[Sk, 16]`` weight matrix at ``base`` (values' dtype; the
+    forward's main loop on Hopper loads whole ``[BN, 16]`` rows of it by descriptor); 0.0 without a
+    bias (nothing is loaded)."""
     kw = 0.0
     if HAS_KEY_BIAS:
-        col = tl.arange(0, 16)
-        kw = tl.load(base + (row0 + offs)[:, None] * 16 + col[None, :])
+        kw = tl.load(base + (row0 + offs) * 16).to(tl.float32)
     return kw
 
 

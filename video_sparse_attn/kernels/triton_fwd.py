@@ -22,8 +22,8 @@ Key bias (``plan.key_bias``, a ``HAS_KEY_BIAS`` variant; without one the kernel 
 it existed), e.g. ``log m`` of a key standing for m identical copies: adding it to every score would
 cost an extra operation per score before the max and the exp, so the forward applies it as a weight
 ``e^bias`` instead: the values are multiplied by it once before the kernel, and each loop weights its
-sub-tile's probabilities in the row sums (a small dot: the weights are loaded as a dot operand, so the
-loop's pipeline prefetches them with K and V). The max is taken over the unbiased scores: exact, and safe
+sub-tile's probabilities in the row sums (in the main loop on Hopper a small dot: the weights are
+loaded by descriptor as a dot operand, so the loop's pipeline prefetches them with K and V). The max is taken over the unbiased scores: exact, and safe
 for the multiplicities it is for (weights ≥ 1 and at most a block's size; a bias below about −87
 would underflow to weight 0).
 
@@ -58,8 +58,22 @@ FWD_CONFIGS = {
 
 
 @triton.jit
+def _row_mass(p, v, kw, HAS_KEY_BIAS: tl.constexpr, KW_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Row sums of ``p [BM, BN]``, each key weighted by ``kw`` when ``HAS_KEY_BIAS``: a ``[BN, 16]``
+    matrix with the weights in column 0 (``KW_DOT``: one small dot on the tensor cores, p rounded to
+    v's dtype as in ``p·v``), or the weights ``[BN]`` (one multiply-add per score)."""
+    if not HAS_KEY_BIAS:
+        mass = tl.sum(p, 1)
+    elif KW_DOT:
+        mass = tl.sum(tl.dot(p.to(v.dtype), kw, input_precision=DOT_PREC), 1)
+    else:
+        mass = tl.sum(p * kw[None, :], 1)
+    return mass
+
+
+@triton.jit
 def _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kw, LAZY: tl.constexpr, HAS_KEY_BIAS: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
+                  KW_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
     """One online-softmax step (base 2) over unscaled scores ``s [BM, BN]`` and values ``v [BN, D]``.
 
     ``skip`` is 0 or +inf (a scalar): +inf makes the whole tile contribute nothing. With ``LAZY`` the
@@ -67,9 +81,8 @@ def _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kw, LAZY: tl.constexpr, H
     by more than 8 (a factor 256), so probabilities stay ≤ 256; the result is exact because the final
     normalisation uses the same reference max.
     ``HAS_KEY_BIAS``: key j carries weight ``w_j = e^bias_j`` (a multiplicity): its softmax mass is
-    ``w_j·p_ij`` and ``v`` arrives already multiplied by it; ``kw [BN, 16]`` holds the weights in
-    column 0, so the row sums of the weighted probabilities are one small dot (with p rounded to v's
-    dtype, as in ``p·v``) instead of an add to every score before the max and the exp.
+    ``w_j·p_ij`` and ``v`` arrives already multiplied by it; ``kw`` holds the weights (`_row_mass`),
+    so they cost the row sums a little instead of an add to every score before the max and the exp.
     """
     if LAZY:
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale - skip)
@@ -79,20 +92,14 @@ def _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kw, LAZY: tl.constexpr, H
             l_i = l_i * alpha
             m_i = m_new
         p = tl.exp2(s * qk_scale - (m_i + skip)[:, None])
-        if HAS_KEY_BIAS:
-            l_i = l_i + tl.sum(tl.dot(p.to(v.dtype), kw, input_precision=DOT_PREC), 1)
-        else:
-            l_i = l_i + tl.sum(p, 1)
+        l_i = l_i + _row_mass(p, v, kw, HAS_KEY_BIAS, KW_DOT, DOT_PREC)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         return m_i, l_i, acc
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale - skip)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)               # rows with no key yet
     p = tl.exp2(s * qk_scale - (m_use + skip)[:, None])
     alpha = tl.exp2(m_i - m_use)
-    if HAS_KEY_BIAS:
-        l_i = l_i * alpha + tl.sum(tl.dot(p.to(v.dtype), kw, input_precision=DOT_PREC), 1)
-    else:
-        l_i = l_i * alpha + tl.sum(p, 1)
+    l_i = l_i * alpha + _row_mass(p, v, kw, HAS_KEY_BIAS, KW_DOT, DOT_PREC)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return m_new, l_i, acc
 
@@ -178,11 +185,12 @@ def _fwd_kernel(
         if WINDOW:                                                      # not wholly inside: off here
             inside, _ = window_sides(pos_lo, pos_hi, row0, row0 + BLOCK_N - 1, win_lo, win_hi)
             skip = skip + tl.where(inside, 0.0, float("inf"))
-        if USE_TMA and HAS_KEY_BIAS:
+        if USE_TMA and HAS_KEY_BIAS:   # the weights as a dot operand, prefetched with K and V
             kb = w_desc.load([row0, 0])
         else:
             kb = key_weight(kb_base, row0, offs_n, HAS_KEY_BIAS)
-        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kb, LAZY, HAS_KEY_BIAS, DOT_PREC)
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kb, LAZY, HAS_KEY_BIAS, USE_TMA,
+                                      DOT_PREC)
 
     if PEEL and not WINDOW:   # the ragged sub-tiles skipped above, masked, found 64 kept blocks at a time
         offs_c = tl.arange(0, 64)
@@ -203,7 +211,8 @@ def _fwd_kernel(
                 s = tl.dot(q, kt, input_precision=DOT_PREC)
                 s = tl.where((offs_n < kv1 % BLOCK_N)[None, :], s, float("-inf"))
                 kb = key_weight(kb_base, row0, offs_n, HAS_KEY_BIAS)
-                m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, kb, LAZY, HAS_KEY_BIAS, DOT_PREC)
+                m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, kb, LAZY, HAS_KEY_BIAS, False,
+                                              DOT_PREC)
 
     if WINDOW:
         # The sub-tiles switched off above that have a key in the window, masked: those crossing its edge
@@ -234,7 +243,7 @@ def _fwd_kernel(
                         s = tl.where((d >= win_lo) & (d <= win_hi) & (offs_n < rem)[None, :], s, float("-inf"))
                         kb = key_weight(kb_base, row0, offs_n, HAS_KEY_BIAS)
                         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, kb, LAZY, HAS_KEY_BIAS,
-                                                      DOT_PREC)
+                                                      False, DOT_PREC)
 
     # out = acc / l; lse = ln(l) + m·ln2 (m is in log2 units). No key, or a padded row: 0 and -inf.
     empty = (l_i == 0.0) | (~row_ok)
