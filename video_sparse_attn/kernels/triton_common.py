@@ -18,7 +18,7 @@ import triton.language as tl
 __all__ = [
     "INTERPRET", "LOG2E", "LN2", "C_LOG2E", "C_LN2", "KernelOptions", "resolve_kernel_options", "kernel_configs",
     "dot_precision", "plan_strides", "tma_layout_ok", "tma_usable", "query_tile", "row_program", "window_sides", "SHAPE_ARGS_M",
-    "SHAPE_ARGS_N", "key_bias_args", "key_bias_log2", "key_weight",
+    "SHAPE_ARGS_N", "key_bias_args", "key_bias_log2",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # read once at import: Triton itself does the same
@@ -173,18 +173,6 @@ def key_bias_log2(base, row0, offs, HAS_KEY_BIAS: tl.constexpr):
     if HAS_KEY_BIAS:
         kb = tl.load(base + row0 + offs) * C_LOG2E
     return kb
-
-
-@triton.jit
-def key_weight(base, row0, offs, HAS_KEY_BIAS: tl.constexpr):
-    """The forward's form of the key bias: the weights ``e^bias`` of keys ``row0 + offs [BN]`` (float32),
-    read from column 0 of the batch's ``[Sk, 16]`` weight matrix at ``base`` (values' dtype; the
-    forward's main loop on Hopper loads whole ``[BN, 16]`` rows of it by descriptor); 0.0 without a
-    bias (nothing is loaded)."""
-    kw = 0.0
-    if HAS_KEY_BIAS:
-        kw = tl.load(base + (row0 + offs) * 16).to(tl.float32)
-    return kw
 
 
 @triton.jit

@@ -19,13 +19,7 @@ only stores out 0 / lse -inf; in a partly valid sub-tile the padded rows load q 
 as 0 / -inf.
 
 Key bias (``plan.key_bias``, a ``HAS_KEY_BIAS`` variant; without one the kernel is the same as before
-it existed), e.g. ``log m`` of a key standing for m identical copies: adding it to every score would
-cost an extra operation per score before the max and the exp, so the forward applies it as a weight
-``e^bias`` instead: the values are multiplied by it once before the kernel, and each loop weights its
-sub-tile's probabilities in the row sums (in the main loop on Hopper a small dot: the weights are
-loaded by descriptor as a dot operand, so the loop's pipeline prefetches them with K and V). The max is taken over the unbiased scores: exact, and safe
-for the multiplicities it is for (weights ≥ 1 and at most a block's size; a bias below about −87
-would underflow to weight 0).
+it existed): each loop adds its sub-tile's bias, in log2 units, to the scaled scores before the max.
 
 Grid: ``(Mq * Q_BLOCK // BLOCK_M, B*H)``: query tiles fastest, in ``row_order`` rank (heaviest query
 blocks first), one head after another, so the programs running together share one head's K/V in L2.
@@ -43,7 +37,7 @@ import triton
 import triton.language as tl
 
 from . import precompile as pc
-from .triton_common import (SHAPE_ARGS_M, C_LN2, LOG2E, dot_precision, key_bias_args, key_weight, plan_strides,
+from .triton_common import (SHAPE_ARGS_M, C_LN2, LOG2E, dot_precision, key_bias_args, key_bias_log2, plan_strides,
                             query_tile, tma_usable, window_sides)
 from .tuning import tuned_kernel
 
@@ -58,32 +52,19 @@ FWD_CONFIGS = {
 
 
 @triton.jit
-def _row_mass(p, v, kw, HAS_KEY_BIAS: tl.constexpr, KW_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Row sums of ``p [BM, BN]``, each key weighted by ``kw`` when ``HAS_KEY_BIAS``: a ``[BN, 16]``
-    matrix with the weights in column 0 (``KW_DOT``: one small dot on the tensor cores, p rounded to
-    v's dtype as in ``p·v``), or the weights ``[BN]`` (one multiply-add per score)."""
-    if not HAS_KEY_BIAS:
-        mass = tl.sum(p, 1)
-    elif KW_DOT:
-        mass = tl.sum(tl.dot(p.to(v.dtype), kw, input_precision=DOT_PREC), 1)
-    else:
-        mass = tl.sum(p * kw[None, :], 1)
-    return mass
-
-
-@triton.jit
-def _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kw, LAZY: tl.constexpr, HAS_KEY_BIAS: tl.constexpr,
-                  KW_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+def _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kb, LAZY: tl.constexpr, HAS_KEY_BIAS: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
     """One online-softmax step (base 2) over unscaled scores ``s [BM, BN]`` and values ``v [BN, D]``.
 
-    ``skip`` is 0 or +inf (a scalar): +inf makes the whole tile contribute nothing. With ``LAZY`` the
+    ``skip`` is 0 or +inf (a scalar): +inf makes the whole tile contribute nothing. ``kb [BN]`` (with
+    ``HAS_KEY_BIAS``): the keys' score bias in log2 units, added to the scaled scores. With ``LAZY`` the
     reference max ``m_i`` only moves (and ``acc``/``l_i`` are only rescaled) when some row's max grows
     by more than 8 (a factor 256), so probabilities stay ≤ 256; the result is exact because the final
     normalisation uses the same reference max.
-    ``HAS_KEY_BIAS``: key j carries weight ``w_j = e^bias_j`` (a multiplicity): its softmax mass is
-    ``w_j·p_ij`` and ``v`` arrives already multiplied by it; ``kw`` holds the weights (`_row_mass`),
-    so they cost the row sums a little instead of an add to every score before the max and the exp.
     """
+    if HAS_KEY_BIAS:    # scaled log2 scores plus the bias; they need no further scaling below
+        s = s * qk_scale + kb[None, :]
+        qk_scale = 1.0
     if LAZY:
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale - skip)
         if tl.max(m_new - m_i, 0) > 8.0:
@@ -92,14 +73,14 @@ def _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kw, LAZY: tl.constexpr, H
             l_i = l_i * alpha
             m_i = m_new
         p = tl.exp2(s * qk_scale - (m_i + skip)[:, None])
-        l_i = l_i + _row_mass(p, v, kw, HAS_KEY_BIAS, KW_DOT, DOT_PREC)
+        l_i = l_i + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         return m_i, l_i, acc
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale - skip)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)               # rows with no key yet
     p = tl.exp2(s * qk_scale - (m_use + skip)[:, None])
     alpha = tl.exp2(m_i - m_use)
-    l_i = l_i * alpha + _row_mass(p, v, kw, HAS_KEY_BIAS, KW_DOT, DOT_PREC)
+    l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return m_new, l_i, acc
 
@@ -120,8 +101,7 @@ def _fwd_kernel(
     # the row's block). The main loop runs only the sub-tiles wholly inside the window (no per-score
     # test); the others are switched off there (+inf offset) and those crossing its edge run masked in
     # a last loop. Sub-tiles wholly outside it contribute nothing.
-    # HAS_KEY_BIAS: V holds each key's value times its weight e^bias (plan.key_bias), and every loop loads
-    # the weights of its sub-tile for the softmax mass.
+    # HAS_KEY_BIAS: every score gets its key's bias (plan.key_bias, loaded per sub-tile in every loop).
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -154,8 +134,6 @@ def _fwd_kernel(
     if USE_TMA:
         k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, D], strides=[sks, 1], block_shape=[BLOCK_N, D])
         v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, D], strides=[svs, 1], block_shape=[BLOCK_N, D])
-        if HAS_KEY_BIAS:
-            w_desc = tl.make_tensor_descriptor(kb_base, shape=[Sk, 16], strides=[16, 1], block_shape=[BLOCK_N, 16])
 
     if LAZY:   # a finite floor, so that "the max grew by more than the threshold" is defined from the start
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -185,12 +163,8 @@ def _fwd_kernel(
         if WINDOW:                                                      # not wholly inside: off here
             inside, _ = window_sides(pos_lo, pos_hi, row0, row0 + BLOCK_N - 1, win_lo, win_hi)
             skip = skip + tl.where(inside, 0.0, float("inf"))
-        if USE_TMA and HAS_KEY_BIAS:   # the weights as a dot operand, prefetched with K and V
-            kb = w_desc.load([row0, 0])
-        else:
-            kb = key_weight(kb_base, row0, offs_n, HAS_KEY_BIAS)
-        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kb, LAZY, HAS_KEY_BIAS, USE_TMA,
-                                      DOT_PREC)
+        kb = key_bias_log2(kb_base, row0, offs_n, HAS_KEY_BIAS)
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kb, LAZY, HAS_KEY_BIAS, DOT_PREC)
 
     if PEEL and not WINDOW:   # the ragged sub-tiles skipped above, masked, found 64 kept blocks at a time
         offs_c = tl.arange(0, 64)
@@ -210,9 +184,8 @@ def _fwd_kernel(
                 v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
                 s = tl.dot(q, kt, input_precision=DOT_PREC)
                 s = tl.where((offs_n < kv1 % BLOCK_N)[None, :], s, float("-inf"))
-                kb = key_weight(kb_base, row0, offs_n, HAS_KEY_BIAS)
-                m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, kb, LAZY, HAS_KEY_BIAS, False,
-                                              DOT_PREC)
+                kb = key_bias_log2(kb_base, row0, offs_n, HAS_KEY_BIAS)
+                m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, kb, LAZY, HAS_KEY_BIAS, DOT_PREC)
 
     if WINDOW:
         # The sub-tiles switched off above that have a key in the window, masked: those crossing its edge
@@ -241,9 +214,9 @@ def _fwd_kernel(
                         s = tl.dot(q, kt, input_precision=DOT_PREC)
                         d = rows[None, :] - q_pos[:, None]
                         s = tl.where((d >= win_lo) & (d <= win_hi) & (offs_n < rem)[None, :], s, float("-inf"))
-                        kb = key_weight(kb_base, row0, offs_n, HAS_KEY_BIAS)
+                        kb = key_bias_log2(kb_base, row0, offs_n, HAS_KEY_BIAS)
                         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, 0.0, kb, LAZY, HAS_KEY_BIAS,
-                                                      False, DOT_PREC)
+                                                      DOT_PREC)
 
     # out = acc / l; lse = ln(l) + m·ln2 (m is in log2 units). No key, or a padded row: 0 and -inf.
     empty = (l_i == 0.0) | (~row_ok)
@@ -268,17 +241,11 @@ def attention_forward(q, k, v, plan, scale: float, options: dict):
     val_b = plan.k_valid.expand(B, -1).stride(0)
     qv_b = plan.q_valid.expand(B, -1).stride(0)
     sh_b = plan.window_shift.expand(B, -1).stride(0)
-    kb, kb_b, has_kb = key_bias_args(plan, B)
-    if has_kb:   # values times their keys' weights e^bias, rounded once (one pass; the backward reads v)
-        weight = plan.key_bias.exp()
-        v = torch.mul(v, weight[:, None, :, None], out=pc.empty_like(v))
-        kb = pc.zeros(weight.shape[0], weight.shape[1], 16, dtype=v.dtype, device=v.device)   # e^bias in column 0
-        kb[..., 0] = weight
-        kb_b = kb.expand(B, -1, -1).stride(0)
     use_tma = tma_usable(D, k, v, enabled=options["tma"])
     use_ws = use_tma and D == 128 and options["warp_specialize"]
     peel, lazy = options["fwd_peel"], options["fwd_lazy"]
     window = plan.has_window
+    kb, kb_b, has_kb = key_bias_args(plan, B)
     rows = FWD_CONFIGS["ws" if use_ws else "large_d" if d_pad > 128 else "small_d"]
     variant = f"tma{use_tma:d}.ws{use_ws:d}.peel{peel:d}.lazy{lazy:d}" + (".window" if window else "")
     kernel = tuned_kernel(
