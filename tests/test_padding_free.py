@@ -124,6 +124,31 @@ def test_repeat_keys_stay_keys_on_a_backend_without_key_bias(monkeypatch):
     assert rel_l2(out, with_bias) < 1e-12
 
 
+def test_repeat_keys_skipped_in_a_forward_only_where_that_pays(monkeypatch):
+    """`BackendSpec.key_bias_forward` False (Triton: its forward is slower with the bias): the copies are
+    skipped only when a backward follows (inputs that need gradients, grad mode on); a forward alone
+    loads them. Both give the same output."""
+    import dataclasses
+
+    from video_sparse_attn.kernels import registry
+
+    thw, tile, L, _ = REPEAT_CASES[0]
+    q, k, v = _inputs(thw, L)
+    cfg = _repeat_cfg(tile)
+    monkeypatch.setitem(registry.BACKENDS, "torch",
+                        dataclasses.replace(registry.BACKENDS["torch"], key_bias_forward=False))
+    trained, info = ssta_attention(q, k, v, thw, cfg, L, backend="torch", return_info=True)
+    assert info.plan.key_bias is not None                               # a backward follows: skipped
+    with torch.no_grad():
+        served, info = ssta_attention(q, k, v, thw, cfg, L, backend="torch", return_info=True)
+    assert info.plan.key_bias is None and (info.plan.k_valid == info.layout.tile_volume).all()
+    detached = [x.detach() for x in (q, k, v)]
+    info = ssta_attention(*detached, thw, cfg, L, backend="torch", return_info=True)[1]
+    assert info.plan.key_bias is None                                   # no input needs a gradient
+    assert rel_l2(served, trained.detach()) < 1e-12
+    assert registry.BACKENDS["triton"].key_bias and not registry.BACKENDS["triton"].key_bias_forward
+
+
 def test_a_dropped_or_misplaced_key_bias_is_caught(monkeypatch):
     """The equality above depends on the bias: without it, or with it on text slots too, the result
     moves far from the padded computation."""
