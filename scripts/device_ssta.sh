@@ -24,6 +24,6 @@ step() {   # step NAME TIMEOUT CMD...: run, keep the log, print its table lines
     grep -E '^\||ms|×|x ' "$OUT/$name.log" | grep -v -i warn | tail -40
 }
 step ssta 240 $PY scripts/benchmark_ssta.py --backends fa4,triton --no-flex --json "$OUT/ssta.json"
-step parity 200 $PY scripts/benchmark_kernels.py --cases plain gqa causal varlen varlen_plan --backend auto --csv "$OUT/parity.csv"
+step parity 360 $PY scripts/benchmark_kernels.py --cases plain gqa causal varlen varlen_plan --backend auto --csv "$OUT/parity.csv"
 step block 300 $PY scripts/benchmark_transformer.py --modes cudnn_valid ssta --compile --csv "$OUT/block.csv"
 step finetune 200 $PY scripts/benchmark_finetune_step.py --json "$OUT/finetune.json"
