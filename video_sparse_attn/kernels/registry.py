@@ -77,7 +77,7 @@ class BackendSpec:
             loads anyway (computing them is exact: logit 0, value 0) instead of masking them.
         key_bias_forward: skipping ``repeat`` copies through ``key_bias`` also pays in a call without a
             backward. False for Triton (measured, H200, 720p/121f, repeat padding: forward 61.9 ms
-            with the copies skipped vs 57.4 ms with them loaded, forward + backward 200 vs 234 ms), so
+            with the copies skipped vs 57.9 ms with them loaded, forward + backward 201 vs 236 ms), so
             padding-free SSTA skips them there only when gradients are needed.
     """
 
