@@ -233,6 +233,42 @@ def test_key_bias_is_checked_where_a_plan_is_made_and_where_it_is_used():
         block_sparse_attention(q, q[:, :, :32], q[:, :, :32], wide, backend="torch")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_key_bias_nan_or_plus_inf_refused_on_the_cpu(value):
+    """A NaN / +inf bias makes every row that sees the key NaN: refused where reading it is free (CPU);
+    -inf (a key never seen) is allowed and masks the key."""
+    mask = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    bias = torch.zeros(32)
+    bias[17] = value
+    with pytest.raises(ValueError, match=r"key_bias has 1 NaN / \+inf entries \(first at index \(17,\)\)"):
+        BlockSparsePlan.from_block_mask(mask, 16, key_bias=bias)
+    bias[17] = float("-inf")
+    plan = BlockSparsePlan.from_block_mask(mask, 16, key_bias=bias)
+    q = torch.randn(1, 1, 32, 8)
+    out = block_sparse_attention(q, q, q, plan, backend="torch")[0]
+    keep = torch.ones(32, dtype=torch.bool)
+    keep[17] = False
+    ref = torch.softmax(q[0, 0] @ q[0, 0, keep].T / 8 ** 0.5, -1) @ q[0, 0, keep]
+    assert torch.allclose(out[0, 0], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_minus_inf_key_bias_masks_keys_with_finite_gradients(backend):
+    """A row whose only keys have bias -inf sees nothing: out 0, lse -inf, and gradients stay finite
+    (the torch backend used to give NaN gradients: the -inf went through the scores, not a mask)."""
+    mask = torch.tensor([[True, False], [True, True]])[None, None]
+    bias = torch.zeros(32)
+    bias[:16] = float("-inf")
+    plan = BlockSparsePlan.from_block_mask(mask, 16, key_bias=bias)
+    q = torch.randn(1, 1, 32, 16, requires_grad=True)
+    out, lse = block_sparse_attention(q, q, q, plan, backend=backend)
+    (g,) = torch.autograd.grad(out.sum(), q)
+    assert (out[0, 0, :16] == 0).all() and torch.isinf(lse[0, 0, :16]).all() and torch.isfinite(g).all()
+    qs = q[0, 0, 16:]
+    ref = torch.softmax(qs @ qs.T / 4, -1) @ qs
+    assert torch.allclose(out[0, 0, 16:], ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("flag", ["strict_tiles", "validate", "padding_free", "return_lse", "return_info"])
 def test_ssta_flags_must_be_bools(flag):
     """validate="no" and strict_tiles="no" are truthy strings: they used to switch the check on."""

@@ -109,10 +109,14 @@ def block_sparse_attention_torch(
         kw = k_blocks[bh * Nk + ids].reshape(n, width * kb, D)
         vw = v_blocks[bh * Nk + ids].reshape(n, width * kb, D)
         s = torch.einsum("nqd,nkd->nqk", q_rows[rd], kw) * scale
+        ok = ok.reshape(n, 1, width * kb)
         if key_bias is not None:   # natural-log weight of each key: logit + log m = log(m e^logit)
             bb = (b[rows] if Bb > 1 else torch.zeros_like(rows)).to(dev)[:, None]
-            s = s + key_bias[bb * Nk + ids].reshape(n, 1, width * kb)
-        s = s.masked_fill(~ok.reshape(n, 1, width * kb), float("-inf"))
+            kbias = key_bias[bb * Nk + ids].reshape(n, 1, width * kb)
+            never = kbias == float("-inf")          # weight 0: masked like an invalid key (no NaN gradient)
+            s = s + kbias.masked_fill(never, 0.0)
+            ok = ok & ~never
+        s = s.masked_fill(~ok, float("-inf"))
         if plan.has_window:   # lo <= key position - (query position + shift) <= hi
             bq = (b[rows] if plan.window_shift.shape[0] > 1 else torch.zeros_like(rows)).to(dev)
             shift = plan.window_shift[bq, m[rows].to(dev)].long()                                  # [n]
