@@ -145,8 +145,8 @@ class BlockSparsePlan:
     the blocks — query row ``i`` sees key ``j`` only if ``window_lo <= j - i - shift <= window_hi``
     (positions in the block layout, ``shift = window_shift`` of the row's block). Causal
     (bottom-right aligned, as flash-attention) is ``window_hi = Sk - Sq``.
-    ``key_bias`` (natural log; finite, or -inf for a key never seen) is added to the scaled score of every key token; only backends
-    with `BackendSpec.key_bias` run a plan that has one.
+    ``key_bias`` (natural log; finite, or -inf for a key never seen) is added to the scaled score of
+    every key token; only backends with `BackendSpec.key_bias` run a plan that has one.
     ``zero_q_tail`` (default True): rows past ``q_valid`` return out 0 / lse -inf and their output
     gradient is ignored. False: a caller that drops those rows (and passes zero gradients there, as
     `ssta_attention`'s untile does) lets a backend skip that masking pass (FA4: two passes over the
