@@ -160,8 +160,8 @@ def check_plan_args(block_mask, q_block, k_block, k_valid, q_valid, window_shift
     block sizes (positive multiples of 16; ``k_block`` defaults to ``q_block``), and optional per-block
     tensors ``k_valid [Bv, Nk]``, ``q_valid`` / ``window_shift [Bq, Mq]`` (or 1-D) and the per-key float
     ``key_bias [Bb, Nk * k_block]`` (or 1-D) on the mask's device or the CPU, whose batch is 1 or the
-    mask's (when the mask has one). A CPU ``key_bias`` is also read: NaN or +inf (every output row that
-    sees the key would be NaN) is refused. Returns ``(q_block, k_block)``."""
+    mask's (when the mask has one). A CPU ``key_bias`` is also read (eager): NaN or +inf (every output
+    row that sees the key would be NaN) is refused. Returns ``(q_block, k_block)``."""
     if not isinstance(block_mask, torch.Tensor):
         raise TypeError(f"block_mask must be a bool tensor, got {type(block_mask).__name__}")
     if block_mask.dtype != torch.bool:
@@ -187,7 +187,8 @@ def check_plan_args(block_mask, q_block, k_block, k_valid, q_valid, window_shift
                              f"{tuple(x.shape)}")
         if x.device != block_mask.device and x.device.type != "cpu":
             raise ValueError(f"{name} is on {x.device} but the block mask on {block_mask.device}")
-    if key_bias is not None and key_bias.device.type == "cpu":   # values read only where that is free
+    if key_bias is not None and key_bias.device.type == "cpu" and not torch.compiler.is_compiling():
+        # values read only where that is free (not on a GPU, not inside a compiled graph)
         bad = torch.isnan(key_bias) | (key_bias == float("inf"))
         if bool(bad.any()):
             raise ValueError(f"key_bias has {int(bad.sum())} NaN / +inf entries (first at index "
