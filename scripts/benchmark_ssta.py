@@ -84,8 +84,9 @@ def main() -> None:
         mask = block_mask_from_tiled(q_t, k_t, layout, cfg, tm)
     padded = BlockSparsePlan.from_block_mask(mask, bs, bs, layout.key_valid(tm, dev))
 
-    def padding_free_plan(be):   # the keys ssta_attention skips on this backend (zero keys by whole key tiles,
-        k_valid, key_bias = _key_args(layout, BACKENDS[be], q, tm, True)   # repeat copies with a key bias)
+    def padding_free_plan(be):   # the keys ssta_attention skips on this backend when training (zero keys by
+        # whole key tiles, repeat copies with a key bias: on Triton only when a backward follows)
+        k_valid, key_bias = _key_args(layout, BACKENDS[be], q, tm, True, backward=True)
         return BlockSparsePlan.from_block_mask(mask, bs, bs, k_valid, layout.query_valid(dev), key_bias=key_bias)
 
     kept = int(mask.expand(1, H, -1, -1).sum())

@@ -125,21 +125,19 @@ def block_sparse_attention(
     return (out, lse) if Sq == Mq else (out[:, :, :Sq], lse[:, :, :Sq])
 
 
-def _key_args(layout: TileLayout, spec: BackendSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              text_mask, padding_free: bool):
-    """``(k_valid, key_bias)`` of an SSTA plan (`BlockSparsePlan` fields). Padding-free compute skips
-    the padded video keys: zero keys always (`padding_free` adds them back through the LSE), ``repeat``
-    copies only on a backend with `BackendSpec.key_bias` (the bias ``log m`` of each real key carries
-    its copies' weight; float64 for float64 ``q``), and where the bias slows its forward
-    (`BackendSpec.key_bias_forward` False) only when a backward follows; otherwise the copies stay
-    keys (the same result)."""
-    device = q.device
+def _key_args(layout: TileLayout, spec: BackendSpec, q: torch.Tensor, text_mask, padding_free: bool,
+              backward: bool):
+    """``(k_valid, key_bias)`` of an SSTA plan (`BlockSparsePlan` fields) for inputs like ``q``.
+    Padding-free compute skips the padded video keys: zero keys always (`padding_free` adds them back
+    through the LSE), ``repeat`` copies only on a backend with `BackendSpec.key_bias` (the bias
+    ``log m`` of each real key carries its copies' weight; float64 for float64 ``q``), and where the
+    bias slows its forward (`BackendSpec.key_bias_forward` False) only when a ``backward`` follows;
+    otherwise the copies stay keys (the same result)."""
     copies = layout.pad_type == "repeat" and layout.has_video_padding
-    backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     skip = padding_free and (not copies or (spec.key_bias and (spec.key_bias_forward or backward)))
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    key_bias = layout.key_bias(device, dtype)[None] if skip and copies else None
-    return layout.key_valid(text_mask, device, skip, spec.key_tile), key_bias
+    key_bias = layout.key_bias(q.device, dtype)[None] if skip and copies else None
+    return layout.key_valid(text_mask, q.device, skip, spec.key_tile), key_bias
 
 
 class SSTAInfo(NamedTuple):
@@ -221,7 +219,8 @@ def ssta_attention(
         q_means, k_means = tile_means_hook(q_means, k_means)
     block_mask = block_mask_from_tiled(q_t, k_t, layout, config, text_mask, q_means, k_means)
     dev = q.device
-    k_valid, key_bias = _key_args(layout, spec, q, k, v, text_mask, padding_free)
+    backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    k_valid, key_bias = _key_args(layout, spec, q, text_mask, padding_free, backward)
     plan = BlockSparsePlan.from_block_mask(
         block_mask, bs, bs, k_valid, layout.query_valid(dev) if padding_free else None,
         zero_q_tail=False,      # untile drops those rows, its backward passes 0 there
