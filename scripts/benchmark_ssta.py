@@ -54,6 +54,11 @@ def main() -> None:
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     ap.add_argument("--pad-type", choices=PAD_TYPES, default=None,
                     help="padding of the released config to use instead of its own (zero)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time torch.compile(ssta_attention) end to end (mask, plan and gathers fused by Inductor)")
+    ap.add_argument("--forward-only-kernels", action="store_true",
+                    help="kernel rows: time the plan a forward alone runs too (repeat copies kept where the backend "
+                         "skips them only for training)")
     ap.add_argument("--profile", default=None, metavar="FILE",
                     help="also profile one padding-free fwd+bwd of ssta_attention per backend; CUDA kernel table here")
     args = ap.parse_args()
@@ -84,9 +89,9 @@ def main() -> None:
         mask = block_mask_from_tiled(q_t, k_t, layout, cfg, tm)
     padded = BlockSparsePlan.from_block_mask(mask, bs, bs, layout.key_valid(tm, dev))
 
-    def padding_free_plan(be):   # the keys ssta_attention skips on this backend when training (zero keys by
-        # whole key tiles, repeat copies with a key bias: on Triton only when a backward follows)
-        k_valid, key_bias = _key_args(layout, BACKENDS[be], q, tm, True, backward=True)
+    def padding_free_plan(be, backward=True):   # the keys ssta_attention skips on this backend when training
+        # (zero keys by whole key tiles, repeat copies with a key bias where the backend adds one), or in a forward alone
+        k_valid, key_bias = _key_args(layout, BACKENDS[be], q, tm, True, backward=backward)
         return BlockSparsePlan.from_block_mask(mask, bs, bs, k_valid, layout.query_valid(dev), key_bias=key_bias)
 
     kept = int(mask.expand(1, H, -1, -1).sum())
@@ -96,7 +101,10 @@ def main() -> None:
     tq, tk, tv = (x.detach().requires_grad_() for x in (q_t, k_t, v_t))
     g_t = torch.randn_like(tq)
     for be in backends:
-        for label, plan in (("padded", padded), ("padding-free", padding_free_plan(be))):
+        plans = [("padded", padded), ("padding-free", padding_free_plan(be))]
+        if args.forward_only_kernels:
+            plans.append(("padding-free-inference", padding_free_plan(be, backward=False)))
+        for label, plan in plans:
             f = lambda p=plan, b=be: block_sparse_attention(tq, tk, tv, p, backend=b)[0]   # noqa: E731
             with torch.no_grad():
                 add(f"kernel/{be}/{label}/fwd", bench(f), flop)
@@ -159,6 +167,15 @@ def main() -> None:
             with torch.no_grad():
                 add(f"ssta/{be}/{label}/fwd", bench(f))
             add(f"ssta/{be}/{label}/fwd+bwd", bench(fwd_bwd(f, (q, k, v), g)))
+        if args.compile:   # the same call compiled: Inductor fuses the small mask / plan / list kernels
+            try:
+                cf = torch.compile(lambda q_, k_, v_, b=be: ssta_attention(q_, k_, v_, THW, cfg, TEXT, tm, backend=b))
+                f = lambda: cf(q, k, v)                                                     # noqa: E731
+                with torch.no_grad():
+                    add(f"ssta-compiled/{be}/padding-free/fwd", bench(f))
+                add(f"ssta-compiled/{be}/padding-free/fwd+bwd", bench(fwd_bwd(f, (q, k, v), g)))
+            except Exception as e:                                                          # noqa: BLE001
+                print(f"ssta-compiled/{be}: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
