@@ -43,6 +43,10 @@ try:  # Gluon ships with Triton >= 3.5; the package must import without it
                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    # Triton 3.6 names the TMA copies async_copy_global_to_shared / async_copy_shared_to_global; later
+    # releases renamed them async_load / async_store (and the old names raise).
+    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     HAS_GLUON = True
 except Exception:  # noqa: BLE001 - any import problem means "no Gluon"
     HAS_GLUON = False
@@ -66,7 +70,7 @@ if HAS_GLUON:
         expects the tile's bytes. Nothing when ``pred`` is false."""
         bar = bars.index(stage)
         mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(desc, [row, 0], bar, smem.index(stage), pred=pred)
+        tma_load(desc, [row, 0], bar, smem.index(stage), pred=pred)
 
     @gluon.jit
     def _store_out(acc, m_i, l_i, o_desc, o_smem, LSE, lse_row0, q_row0,
@@ -78,7 +82,7 @@ if HAS_GLUON:
         out = acc * (1.0 / l_o)[:, None]
         o_smem.store(out.to(o_desc.dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [q_row0, 0], o_smem)
+        tma_store(o_desc, [q_row0, 0], o_smem)
         lse = (m_o + gl.log2(l_o)) * C_LN2
         offs = gl.arange(0, BLOCK_M, layout=row_layout)
         gl.store(LSE + lse_row0 + offs, lse)
@@ -137,7 +141,7 @@ if HAS_GLUON:
         fence_async_shared()
 
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row0, 0], q_bar, q_smem)
+        tma_load(q_desc, [q_row0, 0], q_bar, q_smem)
         for i in gl.static_range(STAGES):
             _load_tile(k_desc, k_smem, k_bars, kv_row0 + i * BLOCK_N, i, i < n_tiles)
             _load_tile(v_desc, v_smem, v_bars, kv_row0 + i * BLOCK_N, i, i < n_tiles)
@@ -184,17 +188,140 @@ if HAS_GLUON:
         _store_out(acc, m_i, l_i, o_desc, q_smem, LSE, bh * S + pid_m * BLOCK_M, q_row0, BLOCK_M, o_layout)
 
 
+    # ----------------------------------------------------------------------------------------------
+    # Stage 2: warp specialised: a TMA producer warp and two consumer warpgroups of 64 rows each
+    # ----------------------------------------------------------------------------------------------
+
+    @gluon.jit
+    def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty,
+                     q_row0, kv_row0, n_tiles, BLOCK_MC: gl.constexpr, BLOCK_N: gl.constexpr,
+                     STAGES: gl.constexpr):
+        """Loads both consumers' Q halves, then K and V tiles into the ring; a slot is rewritten only
+        after both consumers released it (its empty barrier completed a phase). A fresh barrier counts
+        as released for the first pass (waiting on parity 1 returns at once)."""
+        for c in gl.static_range(2):
+            mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
+            tma_load(q_desc, [q_row0 + c * BLOCK_MC, 0], q_bars.index(c), q_smem.index(c))
+        for j in range(n_tiles):
+            stage = j % STAGES
+            free_phase = ((j // STAGES) & 1) ^ 1
+            row = kv_row0 + j * BLOCK_N
+            mbarrier.wait(k_empty.index(stage), free_phase)
+            _load_tile(k_desc, k_smem, k_full, row, stage, True)
+            mbarrier.wait(v_empty.index(stage), free_phase)
+            _load_tile(v_desc, v_smem, v_full, row, stage, True)
+
+    @gluon.jit
+    def _ws_consumer(c: gl.constexpr, o_desc, LSE, q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty,
+                     v_empty, turn, q_row0, lse_row0, n_tiles, qk_scale,
+                     BLOCK_MC: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                     PINGPONG: gl.constexpr):
+        """Consumer warpgroup ``c`` (4 warps, query rows ``c·BLOCK_MC ...``): the pipelined loop of stage
+        1 on its rows, releasing ring slots to the producer through the empty barriers. With
+        ``PINGPONG`` it issues its two GEMMs of an iteration only when it holds the turn, and passes the
+        turn to the other consumer right after issuing them."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+        q_c = q_smem.index(c)
+        s_zero = gl.zeros([BLOCK_MC, BLOCK_N], gl.float32, s_layout)
+        acc = gl.zeros([BLOCK_MC, D], gl.float32, o_layout)
+
+        mbarrier.wait(q_bars.index(c), 0)
+        mbarrier.wait(k_full.index(0), 0)
+        s = warpgroup_mma(q_c, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        mbarrier.arrive(k_empty.index(0), count=1)
+        m_i, l_i, p_op = _softmax_first(s, qk_scale, p_layout)
+
+        for j in range(1, n_tiles):
+            stage = j % STAGES
+            prev = (j - 1) % STAGES
+            if PINGPONG:   # consumer 0 holds the turn first (parity 1 on a fresh barrier passes)
+                mbarrier.wait(turn.index(c), ((j - 1) & 1) ^ (1 - c))
+            mbarrier.wait(k_full.index(stage), (j // STAGES) & 1)
+            s = warpgroup_mma(q_c, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(v_full.index(prev), ((j - 1) // STAGES) & 1)
+            acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turn.index(1 - c), count=1)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+            mbarrier.arrive(k_empty.index(stage), count=1)
+            m_i, l_i, alpha, p_new = _softmax_next(s, m_i, l_i, qk_scale, p_layout)
+            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+            mbarrier.arrive(v_empty.index(prev), count=1)
+            acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
+            p_op = p_new
+
+        last = (n_tiles - 1) % STAGES
+        mbarrier.wait(v_full.index(last), ((n_tiles - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(v_empty.index(last), count=1)
+        _store_out(acc, m_i, l_i, o_desc, q_c, LSE, lse_row0 + c * BLOCK_MC, q_row0 + c * BLOCK_MC,
+                   BLOCK_MC, o_layout)
+
+    @gluon.jit
+    def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, S, qk_scale,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                       PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                       num_warps: gl.constexpr):
+        gl.static_assert(num_warps == 4, "the default partition is consumer warpgroup 0")
+        BLOCK_MC: gl.constexpr = BLOCK_M // 2
+        pid_m = gl.program_id(0)
+        bh = gl.program_id(1)
+        q_row0 = bh * S + pid_m * BLOCK_M
+        kv_row0 = bh * S
+        n_tiles = S // BLOCK_N
+
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_MC, D], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, D], v_desc.layout)
+        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for c in gl.static_range(2):
+            mbarrier.init(q_bars.index(c), count=1)
+            mbarrier.init(turn.index(c), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_full.index(i), count=1)
+            mbarrier.init(v_full.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)     # one arrival per consumer warpgroup
+            mbarrier.init(v_empty.index(i), count=2)
+        fence_async_shared()
+
+        lse_row0 = bh * S + pid_m * BLOCK_M
+        gl.warp_specialize([
+            (_ws_consumer, (0, o_desc, LSE, q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                            q_row0, lse_row0, n_tiles, qk_scale, BLOCK_MC, BLOCK_N, D, STAGES, PINGPONG)),
+            (_ws_consumer, (1, o_desc, LSE, q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty, turn,
+                            q_row0, lse_row0, n_tiles, qk_scale, BLOCK_MC, BLOCK_N, D, STAGES, PINGPONG)),
+            (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty,
+                            v_empty, q_row0, kv_row0, n_tiles, BLOCK_MC, BLOCK_N, STAGES)),
+        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+
+
 # --------------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------------
 
 _CONFIGS = {
-    # schedule: (BLOCK_M, BLOCK_N, STAGES, num_warps)
+    # schedule: (BLOCK_M, BLOCK_N, STAGES, num_warps of the kernel / of its default partition)
     "pipelined": (128, 128, 2, 8),
+    "ws": (128, 128, 2, 4),
+    "ws_pingpong": (128, 128, 2, 4),
 }
+_WS_REGS = (240, 24)   # setmaxnreg of the consumer worker and the producer partition
 
 
 def _descriptors(q, k, v, out, block_m, block_n):
+    """TMA descriptors over the ``[B*H*S, D]`` views: q/out tiles of ``block_m`` rows, k/v of ``block_n``."""
     B, H, S, D = q.shape
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     q_layout = gl.NVMMASharedLayout.get_default_for([block_m, D], gdt)
@@ -236,11 +363,17 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     scale = D ** -0.5 if scale is None else float(scale)
     out = torch.empty_like(q)
     lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
-    q_d, k_d, v_d, o_d = _descriptors(q, k, v, out, block_m, block_n)
+    ws = schedule.startswith("ws")
+    # the warp-specialised kernel loads and stores Q / O per consumer warpgroup: half-height tiles
+    q_d, k_d, v_d, o_d = _descriptors(q, k, v, out, block_m // 2 if ws else block_m, block_n)
     grid = (S // block_m, B * H)
     args = (q_d, k_d, v_d, o_d, lse, S, scale * LOG2E)
     meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, D=D, STAGES=stages, num_warps=num_warps)
-    kernel = _fwd_pipelined_kernel
+    if ws:
+        kernel = _fwd_ws_kernel
+        meta.update(PINGPONG=schedule == "ws_pingpong", CONSUMER_REGS=_WS_REGS[0], PRODUCER_REGS=_WS_REGS[1])
+    else:
+        kernel = _fwd_pipelined_kernel
     if compile_only:
         return kernel.warmup(*args, grid=grid, **meta)
     kernel[grid](*args, **meta)
