@@ -54,6 +54,7 @@ def main():
     ap.add_argument("--schedule", nargs="*", default=list(gf.SCHEDULES))
     ap.add_argument("--dump", default=None, help="write each kernel's ttgir / ptx here")
     ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--stages", type=int, default=None)
     args = ap.parse_args()
     print(f"triton {triton.__version__}, torch {torch.__version__}")
     old = driver._active if hasattr(driver, "_active") else None
@@ -63,7 +64,7 @@ def main():
         for sched in args.schedule:
             q = torch.empty(1, 16, args.seq, 128, device="meta", dtype=torch.bfloat16)
             try:
-                ck = gf.gluon_attention_forward(q, q, q, schedule=sched, compile_only=True)
+                ck = gf.gluon_attention_forward(q, q, q, schedule=sched, stages=args.stages, compile_only=True)
             except Exception as e:  # noqa: BLE001 - report and go on with the next schedule
                 ok = False
                 cause = f" <- {type(e.__cause__).__name__}: {e.__cause__}" if e.__cause__ is not None else ""

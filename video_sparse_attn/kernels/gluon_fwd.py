@@ -336,12 +336,13 @@ def _descriptors(q, k, v, out, block_m, block_n):
 
 
 def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                            schedule: str = "pipelined", compile_only: bool = False):
+                            schedule: str = "pipelined", stages: int | None = None, compile_only: bool = False):
     """Dense attention forward on Hopper through the Gluon kernel of ``schedule`` (see `SCHEDULES`).
 
     q, k, v: ``[B, H, S, D]`` contiguous, bf16 (or fp16), the same S, ``S % 128 == 0``, D in {64, 128}.
     ``scale`` defaults to ``D ** -0.5``. Returns ``out [B, H, S, D]`` (q's dtype) and
-    ``lse [B, H, S]`` float32 in natural-log units. ``compile_only``: compile for the active target and
+    ``lse [B, H, S]`` float32 in natural-log units. ``stages``: depth of the K/V ring (default: the
+    schedule's, 2; 3 still fits in shared memory at D=128, BLOCK_N=128). ``compile_only``: compile for the active target and
     return the compiled kernel instead of launching (q, k, v may be meta tensors).
     """
     if not HAS_GLUON:
@@ -357,7 +358,8 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         raise ValueError(f"head dim {D} not supported (64 or 128)")
     if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
         raise ValueError("q, k, v must be contiguous")
-    block_m, block_n, stages, num_warps = _CONFIGS[schedule]
+    block_m, block_n, default_stages, num_warps = _CONFIGS[schedule]
+    stages = default_stages if stages is None else int(stages)
     if S % block_m or S % block_n:
         raise ValueError(f"S={S} must be a multiple of {max(block_m, block_n)}")
     scale = D ** -0.5 if scale is None else float(scale)
@@ -377,6 +379,45 @@ def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     if compile_only:
         return kernel.warmup(*args, grid=grid, **meta)
     kernel[grid](*args, **meta)
+    return out, lse
+
+
+def tile_loop_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                        block_m: int = 128, block_n: int = 128):
+    """The kernels' algorithm in torch, in their order of operations (for checking it on any device).
+
+    Per query tile: S(0), its softmax; then per key tile j >= 1: S(j), the PV of tile j-1 (P(j-1) in
+    bf16) added to the accumulator, softmax of S(j) against the new max, the accumulator rescaled by
+    alpha(j); finally the PV of the last tile. Scores in base 2 with the scale folded into the exp2
+    argument. Returns ``out`` (q's dtype) and ``lse`` (float32, natural log), like the launcher.
+    """
+    B, H, S, D = q.shape
+    scale = D ** -0.5 if scale is None else float(scale)
+    c = scale * LOG2E
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
+    kf, vf = k.float(), v.float()
+    n_tiles = S // block_n
+    for m0 in range(0, S, block_m):
+        qt = q[:, :, m0:m0 + block_m].float()
+        s = qt @ kf[:, :, :block_n].transpose(-1, -2)
+        m_i = s.amax(-1) * c
+        p = torch.exp2(s * c - m_i[..., None])
+        l_i = p.sum(-1)
+        p_op = p.to(q.dtype).float()
+        acc = torch.zeros(B, H, block_m, D, device=q.device)
+        for j in range(1, n_tiles):
+            s = qt @ kf[:, :, j * block_n:(j + 1) * block_n].transpose(-1, -2)
+            acc = acc + p_op @ vf[:, :, (j - 1) * block_n:j * block_n]
+            m_new = torch.maximum(m_i, s.amax(-1) * c)
+            alpha = torch.exp2(m_i - m_new)
+            p = torch.exp2(s * c - m_new[..., None])
+            l_i = l_i * alpha + p.sum(-1)
+            acc = acc * alpha[..., None]
+            m_i, p_op = m_new, p.to(q.dtype).float()
+        acc = acc + p_op @ vf[:, :, (n_tiles - 1) * block_n:n_tiles * block_n]
+        out[:, :, m0:m0 + block_m] = (acc / l_i[..., None]).to(q.dtype)
+        lse[:, :, m0:m0 + block_m] = (m_i + torch.log2(l_i)) * LN2
     return out, lse
 
 
