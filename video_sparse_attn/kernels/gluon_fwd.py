@@ -15,12 +15,16 @@ Two schedules:
 * ``"pipelined"`` (stage 1): one partition of 8 warps (two warpgroups of 64 rows each). Within the
   key loop, QKᵀ of tile ``j`` and PV of tile ``j-1`` are issued back to back and the softmax of tile
   ``j`` runs while PV of ``j-1`` is still on the tensor cores (FA3's intra-warpgroup overlap). The
-  same warps also issue the TMA loads: a stage is refilled as soon as the PV that read it retires.
-* ``"ws"`` (stage 2): warp specialised, FA3's layout of work: a 1-warp producer partition issues all
-  TMA loads and two consumer warpgroups (64 query rows each) run the loop above on their own rows.
-  A stage is handed back to the producer through an "empty" mbarrier once both consumers' PVs that
-  read it have retired. With ``PINGPONG`` the consumers take turns at the tensor cores (two
-  mbarriers pass the turn), so one warpgroup's softmax runs while the other's GEMMs do.
+  same warps also issue the TMA loads: a K slot is refilled as soon as the QKᵀ that read it retires,
+  a V slot as soon as its PV does (each refill behind a CTA-wide barrier, so the two warpgroups run
+  in step).
+* ``"ws"`` (stage 2): warp specialised, FA3's layout of work: a producer partition (one warpgroup at
+  24 registers, one thread issuing) does all TMA loads and two consumer warpgroups (64 query rows
+  each, 240 registers) run the loop above on their own rows. A K (V) slot goes back to the producer
+  through its "empty" mbarrier once both consumers' QKᵀ (PV) that read it have retired.
+* ``"ws_pingpong"``: ``"ws"`` where the consumers take turns at the tensor cores (two mbarriers pass
+  the turn after each issue of an iteration's two GEMMs), so one warpgroup's softmax runs while the
+  other's GEMMs do.
 
 Limits of the prototype: q, k, v ``[B, H, S, D]`` contiguous with the same S for queries and keys,
 S a multiple of 128 (no masking of ragged tiles), no causal or sparse pattern. Importing this module
@@ -36,7 +40,6 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 try:  # Gluon ships with Triton >= 3.5; the package must import without it
-    import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
