@@ -30,21 +30,25 @@ def test_gluon_tile_loop_reference_matches_dense(block_n):
 
 
 @pytest.mark.skipif(not gf.HAS_GLUON, reason="needs Triton with Gluon")
-@pytest.mark.parametrize("schedule", gf.SCHEDULES)
-def test_gluon_compiles_for_sm90(schedule):
-    from triton.runtime import driver
+def test_gluon_compiles_for_sm90():
+    """Every schedule compiles for sm90 without a GPU, with no stack (spills) and within 227 KiB of
+    shared memory. In a child process: the CPU suite runs Triton's interpreter, Gluon has none."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    from video_sparse_attn.kernels.variants import _Sm90Driver
-
-    old = getattr(driver, "_active", None)
-    driver.set_active(_Sm90Driver())
-    try:
-        q = torch.empty(1, 2, 1024, 128, device="meta", dtype=torch.bfloat16)
-        ck = gf.gluon_attention_forward(q, q, q, schedule=schedule, compile_only=True)
-    finally:
-        driver._active = old
-    assert ck.metadata.shared <= 232448
-    assert "wgmma" in ck.asm["ptx"]
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, str(root / "scripts" / "gluon_compile_check.py")], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    shared = [int(x) for x in re.findall(r"shared=(\d+) B", p.stdout)]
+    stacks = re.findall(r"STACK:(\d+)", p.stdout)
+    assert len(shared) == len(gf.SCHEDULES) and len(stacks) >= len(gf.SCHEDULES), p.stdout
+    assert all(x <= 232448 for x in shared) and all(st == "0" for st in stacks), p.stdout
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and gf.HAS_GLUON
