@@ -1,0 +1,92 @@
+"""Compile the Gluon forward kernels for sm90 on any machine (no GPU needed) and report their resources.
+
+    PYTHONPATH=$PWD python scripts/gluon_compile_check.py [--schedule NAME ...] [--dump DIR]
+
+The active Triton driver is replaced by one that only answers "sm90, device 0, stream 0"; q/k/v are
+meta tensors, so nothing runs. Per schedule: registers, stack and spills (cuobjdump on the cubin),
+static shared memory, and a few facts read from the TTGIR / PTX (wgmma count and waits, mbarrier
+waits, layout conversions through shared memory, named barriers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+import torch
+import triton
+from triton.runtime import driver
+
+from video_sparse_attn.kernels import gluon_fwd as gf
+from video_sparse_attn.kernels.variants import _Sm90Driver
+
+
+def resources(cubin: bytes) -> str:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    path = "/tmp/_gluon_check.cubin"
+    with open(path, "wb") as f:
+        f.write(cubin)
+    out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    return " ".join(line.strip() for line in out.splitlines() if "REG" in line)
+
+
+def facts(ttgir: str, ptx: str) -> dict:
+    return {
+        "wgmma (ptx)": len(re.findall(r"wgmma\.mma_async", ptx)),
+        "wgmma.wait_group (ptx)": len(re.findall(r"wgmma\.wait_group", ptx)),
+        "mbarrier try_wait (ptx)": len(re.findall(r"mbarrier\.try_wait", ptx)),
+        "bar.sync/barrier.sync (ptx)": len(re.findall(r"\bbar\.sync|\bbarrier\.sync", ptx)),
+        "bar.arrive (ptx)": len(re.findall(r"\bbar\.arrive|barrier\.arrive", ptx)),
+        "setmaxnreg (ptx)": len(re.findall(r"setmaxnreg", ptx)),
+        "st.shared (ptx)": len(re.findall(r"\bst\.shared", ptx)),
+        "ld.shared (ptx)": len(re.findall(r"\bld\.shared", ptx)),
+        "ex2 (ptx)": len(re.findall(r"ex2\.approx", ptx)),
+        "convert_layout (ttgir)": len(re.findall(r"ttg\.convert_layout", ttgir)),
+        "local_alloc (ttgir)": len(re.findall(r"ttg\.local_alloc", ttgir)),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--schedule", nargs="*", default=list(gf.SCHEDULES))
+    ap.add_argument("--dump", default=None, help="write each kernel's ttgir / ptx here")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--stages", type=int, default=None)
+    args = ap.parse_args()
+    print(f"triton {triton.__version__}, torch {torch.__version__}")
+    old = driver._active if hasattr(driver, "_active") else None
+    driver.set_active(_Sm90Driver())
+    ok = True
+    try:
+        for sched in args.schedule:
+            q = torch.empty(1, 16, args.seq, 128, device="meta", dtype=torch.bfloat16)
+            try:
+                ck = gf.gluon_attention_forward(q, q, q, schedule=sched, stages=args.stages, compile_only=True)
+            except Exception as e:  # noqa: BLE001 - report and go on with the next schedule
+                ok = False
+                cause = f" <- {type(e.__cause__).__name__}: {e.__cause__}" if e.__cause__ is not None else ""
+                print(f"[{sched}] FAILED: {type(e).__name__}: {str(e)[-3000:]}{str(cause)[:3000]}")
+                continue
+            ttgir, ptx = ck.asm["ttgir"], ck.asm["ptx"]
+            md = ck.metadata
+            print(f"[{sched}] compiled for sm90: num_warps={md.num_warps} shared={md.shared} B "
+                  f"({md.shared / 1024:.1f} KiB)")
+            print(f"  {resources(ck.asm['cubin'])}")
+            for k, val in facts(ttgir, ptx).items():
+                print(f"  {k}: {val}")
+            if args.dump:
+                os.makedirs(args.dump, exist_ok=True)
+                for ext in ("ttgir", "ptx"):
+                    with open(os.path.join(args.dump, f"{sched}.{ext}"), "w") as f:
+                        f.write(ck.asm[ext])
+    finally:
+        if old is not None:
+            driver._active = old
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
