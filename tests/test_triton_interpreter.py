@@ -314,31 +314,3 @@ def test_key_bias_v3_loop():
     """The unpeeled forward loop (ragged tail masked in the main loop) with eager rescaling adds the bias too."""
     plan, (q, k, v) = _key_bias_case(torch.float32, False)
     _compare(q, k, v, plan, torch.float32, options={"fwd_peel": False, "fwd_lazy": False})
-
-
-@pytest.mark.skipif(DEV != "cpu", reason="forces the descriptor path of the interpreter; a GPU runs it for real")
-@pytest.mark.parametrize("window", [False, True], ids=["nowindow", "causal"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_key_bias_as_gemm(monkeypatch, dtype, window):
-    """The forward's GEMM form of the bias (``kb_dot``: hi + lo halves loaded by descriptor, one small dot
-    into the scores; forced here, Hopper takes it) equals the torch backend, including a key with bias
-    -inf; the vector form (``kb_dot=False``) gives the same; an operand without the bias does not."""
-    import triton
-
-    from video_sparse_attn.kernels import triton_fwd
-
-    def tma_usable(D, *tensors, enabled=True):
-        if enabled:
-            triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8))
-        return enabled
-
-    monkeypatch.setattr(triton_fwd, "tma_usable", tma_usable)
-    plan, (q, k, v) = _key_bias_case(dtype, True, window=window)
-    bias = plan.key_bias.clone()
-    bias[0, 7] = float("-inf")
-    plan = dataclasses.replace(plan, key_bias=bias)
-    out, lse, _ = _compare(q, k, v, plan, dtype)
-    vec, vec_lse = attn(q, k, v, plan, kernel_options={"kb_dot": False})
-    assert rel_l2(out, vec) < TOL[dtype] and torch.allclose(lse, vec_lse, atol=1e-4, rtol=1e-4)
-    monkeypatch.setattr(triton_fwd, "key_bias_dot_operand", lambda kb, s, dt: torch.zeros(*kb.shape, 16, dtype=dt))
-    assert rel_l2(attn(q, k, v, plan)[0], out) > 1e-2

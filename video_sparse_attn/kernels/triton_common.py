@@ -18,7 +18,7 @@ import triton.language as tl
 __all__ = [
     "INTERPRET", "LOG2E", "LN2", "C_LOG2E", "C_LN2", "KernelOptions", "resolve_kernel_options", "kernel_configs",
     "dot_precision", "plan_strides", "tma_layout_ok", "tma_usable", "query_tile", "row_program", "window_sides", "SHAPE_ARGS_M",
-    "SHAPE_ARGS_N", "key_bias_args", "key_bias_log2", "key_bias_dot_operand",
+    "SHAPE_ARGS_N", "key_bias_args", "key_bias_log2",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # read once at import: Triton itself does the same
@@ -34,7 +34,7 @@ C_LN2 = tl.constexpr(LN2)
 # arithmetic and loop bounds, where the specialisation buys nothing. (Sq stays specialised: it
 # addresses the lse / delta / dQ-buffer rows, and it is a multiple of the block size anyway.)
 _SHAPE_ARGS = ("s_cnt_b", "s_cnt_h", "s_idx_b", "s_idx_h", "s_ord_b", "s_ord_h", "s_val_b", "s_qv_b",
-               "s_sh_b", "s_kb_b", "s_kw_b", "H", "Sk", "win_lo", "win_hi")
+               "s_sh_b", "s_kb_b", "H", "Sk", "win_lo", "win_hi")
 SHAPE_ARGS_M = [*_SHAPE_ARGS, "s_idx_m"]     # kernels that walk kv_index (forward, deterministic dQ)
 SHAPE_ARGS_N = [*_SHAPE_ARGS, "s_idx_n"]     # the dK/dV kernels (q_index)
 
@@ -80,16 +80,10 @@ class KernelOptions(TypedDict, total=False):
     loop over every sub-tile (pipelined across blocks, the v5 loop); padded rows then cost GEMMs but
     add nothing (their lse is -inf). Results are identical. Default ``True``."""
 
-    kb_dot: bool
-    """Forward with a key bias (``plan.key_bias``), main loop with tensor descriptors: add the bias to
-    the scores as a small GEMM whose operand the loop prefetches with K and V (the bias split into a
-    high and a low half of q's dtype, about 16 significant bits in bf16). ``False``: a vector load and
-    an add per sub-tile of scores. Default ``True``."""
-
 
 _DEFAULTS: KernelOptions = {
     "tma": True, "warp_specialize": False, "fwd_peel": True, "fwd_lazy": True, "autotune": True,
-    "dq_reduce": "atomic", "skip_padded_queries": True, "kb_dot": True,
+    "dq_reduce": "atomic", "skip_padded_queries": True,
 }
 _CHOICES = {"dq_reduce": ("atomic", "tma")}
 
@@ -168,21 +162,6 @@ def key_bias_args(plan, batch: int):
     if plan.key_bias is None:
         return None, None, False
     return plan.key_bias, plan.key_bias.expand(batch, -1).stride(0), True
-
-
-def key_bias_dot_operand(key_bias: torch.Tensor, qk_scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """The forward's GEMM form of ``key_bias [B', Sk]`` (natural log): ``W [B', Sk, 16]`` of ``dtype``
-    with ``key_bias·log2(e)/qk_scale`` (score units before the kernel's scaling by ``qk_scale``) split
-    as ``hi + lo`` into columns 0 and 1 (each rounded to ``dtype``: about 16 significant bits in bf16,
-    22 in fp16), zeros elsewhere, so that ``scores + 1·Wᵀ`` adds the bias. A bias of -inf (a key never
-    seen) keeps -inf in ``hi`` and 0 in ``lo``."""
-    target = key_bias.double() * (LOG2E / qk_scale)
-    hi = target.to(dtype)
-    lo = torch.where(torch.isfinite(hi), target - hi.double(), 0.0).to(dtype)
-    w = torch.zeros(*key_bias.shape, 16, dtype=dtype, device=key_bias.device)
-    w[..., 0] = hi
-    w[..., 1] = lo
-    return w
 
 
 @triton.jit

@@ -19,13 +19,7 @@ only stores out 0 / lse -inf; in a partly valid sub-tile the padded rows load q 
 as 0 / -inf.
 
 Key bias (``plan.key_bias``, a ``HAS_KEY_BIAS`` variant; without one the kernel is the same as before
-it existed): every score gets its key's bias. In the main loop on Hopper (``KB_DOT``) the bias is one
-more small GEMM accumulated into the scores, ``s += 1[BM,16] · Wᵀ`` with ``W [Sk, 16]`` holding
-``bias·log2(e)/qk_scale`` split into a high and a low part of q's dtype (columns 0 and 1, the rest 0;
-≈16 significant bits in bf16), loaded by descriptor beside K and V so the loop's pipeline prefetches it
-(a plain vector load that feeds no dot is not prefetched, and cost the loop more than the keys it
-saved). Elsewhere (pointer loads, the ragged and window walks) each loop adds its sub-tile's bias,
-read as a vector, to the scaled scores before the max.
+it existed): each loop adds its sub-tile's bias, in log2 units, to the scaled scores before the max.
 
 Grid: ``(Mq * Q_BLOCK // BLOCK_M, B*H)``: query tiles fastest, in ``row_order`` rank (heaviest query
 blocks first), one head after another, so the programs running together share one head's K/V in L2.
@@ -43,8 +37,7 @@ import triton
 import triton.language as tl
 
 from . import precompile as pc
-from .triton_common import (SHAPE_ARGS_M, C_LN2, LOG2E, dot_precision, key_bias_args, key_bias_dot_operand,
-                            key_bias_log2, plan_strides,
+from .triton_common import (SHAPE_ARGS_M, C_LN2, LOG2E, dot_precision, key_bias_args, key_bias_log2, plan_strides,
                             query_tile, tma_usable, window_sides)
 from .tuning import tuned_kernel
 
@@ -95,22 +88,20 @@ def _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kb, LAZY: tl.constexpr, H
 @triton.jit(do_not_specialize=SHAPE_ARGS_M)
 def _fwd_kernel(
     Q, K, V, O, LSE,
-    KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID, Q_VALID, Q_SHIFT, KEY_BIAS, KB_W,
+    KV_COUNT, KV_INDEX, ROW_ORDER, K_VALID, Q_VALID, Q_SHIFT, KEY_BIAS,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
-    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b, s_qv_b, s_sh_b, s_kb_b, s_kw_b,
+    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b, s_qv_b, s_sh_b, s_kb_b,
     H, Sq, Sk, qk_scale, win_lo, win_hi,
     D: tl.constexpr, D_PAD: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, USE_WS: tl.constexpr, PEEL: tl.constexpr, LAZY: tl.constexpr,
-    WINDOW: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, KB_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Grid: (query sub-tiles of all query blocks in row_order rank, B*H); one program = BLOCK_M rows.
     # WINDOW: key j is seen from row i only if win_lo <= j - (i + shift) <= win_hi (shift = Q_SHIFT of
     # the row's block). The main loop runs only the sub-tiles wholly inside the window (no per-score
     # test); the others are switched off there (+inf offset) and those crossing its edge run masked in
     # a last loop. Sub-tiles wholly outside it contribute nothing.
-    # HAS_KEY_BIAS: every score gets its key's bias (plan.key_bias, loaded per sub-tile in every loop);
-    # KB_DOT: in the main loop through one small GEMM from KB_W [B', Sk, 16] (the bias / qk_scale, hi + lo).
+    # HAS_KEY_BIAS: every score gets its key's bias (plan.key_bias, loaded per sub-tile in every loop).
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -143,10 +134,6 @@ def _fwd_kernel(
     if USE_TMA:
         k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, D], strides=[sks, 1], block_shape=[BLOCK_N, D])
         v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, D], strides=[svs, 1], block_shape=[BLOCK_N, D])
-    if KB_DOT:   # the bias as a [BN, 16] dot operand (hi, lo in columns 0, 1) against ones in columns 0, 1
-        w_desc = tl.make_tensor_descriptor(KB_W + b * s_kw_b, shape=[Sk, 16], strides=[16, 1], block_shape=[BLOCK_N, 16])
-        ones = tl.where(tl.arange(0, 16) < 2, 1.0, 0.0).to(Q.dtype.element_ty)
-        ones = tl.broadcast_to(ones[None, :], (BLOCK_M, 16))
 
     if LAZY:   # a finite floor, so that "the max grew by more than the threshold" is defined from the start
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -176,12 +163,8 @@ def _fwd_kernel(
         if WINDOW:                                                      # not wholly inside: off here
             inside, _ = window_sides(pos_lo, pos_hi, row0, row0 + BLOCK_N - 1, win_lo, win_hi)
             skip = skip + tl.where(inside, 0.0, float("inf"))
-        if KB_DOT:                                                      # s += bias / qk_scale, on the tensor cores
-            s = tl.dot(ones, tl.trans(w_desc.load([row0, 0])), s, input_precision=DOT_PREC)
-            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, 0.0, LAZY, False, DOT_PREC)
-        else:
-            kb = key_bias_log2(kb_base, row0, offs_n, HAS_KEY_BIAS)
-            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kb, LAZY, HAS_KEY_BIAS, DOT_PREC)
+        kb = key_bias_log2(kb_base, row0, offs_n, HAS_KEY_BIAS)
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, skip, kb, LAZY, HAS_KEY_BIAS, DOT_PREC)
 
     if PEEL and not WINDOW:   # the ragged sub-tiles skipped above, masked, found 64 kept blocks at a time
         offs_c = tl.arange(0, 64)
@@ -263,16 +246,11 @@ def attention_forward(q, k, v, plan, scale: float, options: dict):
     peel, lazy = options["fwd_peel"], options["fwd_lazy"]
     window = plan.has_window
     kb, kb_b, has_kb = key_bias_args(plan, B)
-    kb_dot = has_kb and use_tma and options["kb_dot"]
-    kw, kw_b = None, None
-    if kb_dot:
-        kw = key_bias_dot_operand(plan.key_bias, scale * LOG2E, q.dtype)
-        kw_b = kw.expand(B, -1, -1).stride(0)
     rows = FWD_CONFIGS["ws" if use_ws else "large_d" if d_pad > 128 else "small_d"]
     variant = f"tma{use_tma:d}.ws{use_ws:d}.peel{peel:d}.lazy{lazy:d}" + (".window" if window else "")
     kernel = tuned_kernel(
         "fwd", _fwd_kernel, rows, q_block=plan.q_block, k_block=plan.k_block, dtype=q.dtype, head_dim=D,
-        device=q.device, variant=variant + (".kbias" if has_kb else "") + (".kbdot" if kb_dot else ""),
+        device=q.device, variant=variant + (".kbias" if has_kb else ""),
         autotune=options["autotune"], tune_key=("D_PAD", "USE_TMA", "USE_WS", "PEEL", "LAZY"))
 
     def grid(meta):
@@ -280,11 +258,11 @@ def attention_forward(q, k, v, plan, scale: float, options: dict):
 
     pc.launch(
         kernel, grid, q, k, v, out, lse,
-        plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid, plan.q_valid, plan.window_shift, kb, kw,
+        plan.kv_count, plan.kv_index, plan.row_order, plan.k_valid, plan.q_valid, plan.window_shift, kb,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b, qv_b, sh_b, kb_b, kw_b,
+        cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b, qv_b, sh_b, kb_b,
         H, Sq, k.shape[2], scale * LOG2E, *plan.window_bounds(),
         D=D, D_PAD=d_pad, Q_BLOCK=plan.q_block, K_BLOCK=plan.k_block, DOT_PREC=dot_precision(q.dtype),
-        USE_TMA=use_tma, USE_WS=use_ws, PEEL=peel, LAZY=lazy, WINDOW=window, HAS_KEY_BIAS=has_kb, KB_DOT=kb_dot,
+        USE_TMA=use_tma, USE_WS=use_ws, PEEL=peel, LAZY=lazy, WINDOW=window, HAS_KEY_BIAS=has_kb,
     )
     return out, lse
