@@ -11,7 +11,6 @@ Speed order (fastest first), measured on an H100 at the HunyuanVideo-1.5 720p SS
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -136,25 +135,33 @@ class BackendSpec:
         return self.entry
 
 
-# Facts about this process that never change: `torch.compile` evaluates them once while tracing.
-@functools.lru_cache(maxsize=None)
+# Facts about this process that never change, cached in plain dicts (not `functools.lru_cache`, whose
+# wrapper Dynamo warns about): `torch.compile` evaluates each once while tracing and keeps the result.
+_CAPABILITIES: Dict[torch.device, Tuple[int, int]] = {}
+_IMPORT_REASONS: Dict[Tuple[str, str], Optional[str]] = {}
+
+
 @torch.compiler.assume_constant_result
 def _capability(device: torch.device) -> Tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
+    if device not in _CAPABILITIES:
+        _CAPABILITIES[device] = torch.cuda.get_device_capability(device)
+    return _CAPABILITIES[device]
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(maxsize=None)
 @torch.compiler.assume_constant_result
 def _import_reason(module: str, extra: str) -> Optional[str]:
-    try:
-        importlib.import_module(module)
-    except Exception as e:  # ImportError, or a broken install raising at import
-        return f"{module} is not importable ({type(e).__name__}: {e}); install it with pip install -e \".[{extra}]\""
-    return None
+    if (module, extra) not in _IMPORT_REASONS:
+        try:
+            importlib.import_module(module)
+            reason = None
+        except Exception as e:  # ImportError, or a broken install raising at import
+            reason = f"{module} is not importable ({type(e).__name__}: {e}); install it with pip install -e \".[{extra}]\""
+        _IMPORT_REASONS[(module, extra)] = reason
+    return _IMPORT_REASONS[(module, extra)]
 
 
 def triton_importable() -> Optional[str]:
