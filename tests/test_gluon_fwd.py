@@ -146,7 +146,6 @@ def _sparse_case(B, H, Mq, Nk, qb, kb, D, dtype, density, plan_b, plan_h, bshd, 
 
 
 def _run(q, k, v, plan, gluon, grad=None):
-    from helpers import rel_l2  # noqa: F401  (tests dir on the path)
     from video_sparse_attn.kernels.triton_op import block_sparse_attention_triton
 
     qi, ki, vi = (x.detach().requires_grad_(grad is not None) for x in (q, k, v))
