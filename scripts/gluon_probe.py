@@ -3,8 +3,8 @@
     PYTHONPATH=$PWD python scripts/gluon_probe.py --out DIR
 
 Rows: each Gluon schedule (`video_sparse_attn.kernels.gluon_fwd.SCHEDULES`, plus ``ws_pingpong`` with a
-3-deep K/V ring), the package's Triton forward on a dense plan (``backend="triton"``, 384-token blocks)
-and cuDNN SDPA. Gluon rows are first checked against float32 attention on random bf16 data (B=1, H=16,
+3-deep K/V ring), the package's Triton forward on a dense plan (kernel option ``gluon=False``, 384-token
+blocks), the block-sparse Gluon forward on the same plan (``gluon_sparse:dense_plan``) and cuDNN SDPA. Gluon rows are first checked against float32 attention on random bf16 data (B=1, H=16,
 D=128, S=4096 and S=16384): relative L2 error of ``out`` and max abs error of ``lse``. Then every row is
 timed with ``triton.testing.do_bench`` (median) at B=1, H=16, D=128 and S=32640 (85 blocks of 384: the
 Triton row needs whole 384-token blocks, the Gluon kernels multiples of 128; all rows use the same S).
@@ -33,7 +33,8 @@ import subprocess
 import sys
 import time
 
-ROWS = ["gluon:pipelined", "gluon:ws", "gluon:ws_pingpong", "gluon:ws_pingpong:3", "triton:dense_plan", "cudnn"]
+ROWS = ["gluon:pipelined", "gluon:ws", "gluon:ws_pingpong", "gluon:ws_pingpong:3", "triton:dense_plan",
+        "gluon_sparse:dense_plan", "cudnn"]
 CHECK_SEQS = (4096, 16384)
 H, D = 16, 128
 OUT_TOL, LSE_TOL = 1e-2, 1e-2
@@ -71,12 +72,14 @@ def _make_fn(row, S):
     if row.startswith("gluon:"):
         g = _gluon_fn(row)
         return (lambda: g(q, k, v)), q, k, v
-    if row == "triton:dense_plan":
-        from video_sparse_attn import BlockSparsePlan, block_sparse_attention
+    if row in ("triton:dense_plan", "gluon_sparse:dense_plan"):   # the Triton forward / the Gluon block-sparse one
+        from video_sparse_attn import BlockSparsePlan
+        from video_sparse_attn.kernels.triton_op import block_sparse_attention_triton
 
         n = S // 384
         plan = BlockSparsePlan.dense(1, 1, n, n, 384, device="cuda")
-        return (lambda: block_sparse_attention(q, k, v, plan, backend="triton")), q, k, v
+        opts = {"gluon": row.startswith("gluon_sparse")}
+        return (lambda: block_sparse_attention_triton(q, k, v, plan, kernel_options=opts)), q, k, v
     if row == "cudnn":
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
