@@ -2,6 +2,9 @@
 
     PYTHONPATH=$PWD python scripts/gluon_compile_check.py [--schedule NAME ...] [--dump DIR]
 
+Schedules: the dense prototype's (`gluon_fwd.SCHEDULES`) and ``sparse`` / ``sparse64`` (the block-sparse
+forward over a `BlockSparsePlan` of 384-token blocks at head dim 128 / 64, `gluon_fwd.gluon_sparse_forward`).
+
 The active Triton driver is replaced by one that only answers "sm90, device 0, stream 0"; q/k/v are
 meta tensors, so nothing runs. Per schedule: registers, stack and spills (cuobjdump on the cubin),
 static shared memory, and a few facts read from the TTGIR / PTX (wgmma count and waits, mbarrier
@@ -49,9 +52,29 @@ def facts(ttgir: str, ptx: str) -> dict:
     }
 
 
+SPARSE = {"sparse": 128, "sparse64": 64}
+
+
+def compile_sparse(sched: str, seq: int):
+    """The block-sparse kernel compiled for sm90 on meta tensors (a dense plan of 384-token blocks)."""
+    from video_sparse_attn import BlockSparsePlan
+
+    D = SPARSE[sched]
+    n = seq // 384
+    q = torch.empty(1, 16, n * 384, D, device="meta", dtype=torch.bfloat16)
+    plan = BlockSparsePlan.dense(1, 1, n, n, 384, device="meta")
+    compiled = []
+
+    def launch(kernel, grid, *args, **kwargs):
+        compiled.append(kernel.warmup(*args, grid=grid, **kwargs))
+
+    gf.gluon_sparse_forward(q, q, q, plan, D ** -0.5, launch=launch)
+    return compiled[0]
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--schedule", nargs="*", default=list(gf.SCHEDULES))
+    ap.add_argument("--schedule", nargs="*", default=list(gf.SCHEDULES) + list(SPARSE))
     ap.add_argument("--dump", default=None, help="write each kernel's ttgir / ptx here")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--stages", type=int, default=None)
@@ -64,7 +87,10 @@ def main():
         for sched in args.schedule:
             q = torch.empty(1, 16, args.seq, 128, device="meta", dtype=torch.bfloat16)
             try:
-                ck = gf.gluon_attention_forward(q, q, q, schedule=sched, stages=args.stages, compile_only=True)
+                if sched in SPARSE:
+                    ck = compile_sparse(sched, args.seq)
+                else:
+                    ck = gf.gluon_attention_forward(q, q, q, schedule=sched, stages=args.stages, compile_only=True)
             except Exception as e:  # noqa: BLE001 - report and go on with the next schedule
                 ok = False
                 cause = f" <- {type(e.__cause__).__name__}: {e.__cause__}" if e.__cause__ is not None else ""

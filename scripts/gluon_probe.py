@@ -3,12 +3,21 @@
     PYTHONPATH=$PWD python scripts/gluon_probe.py --out DIR
 
 Rows: each Gluon schedule (`video_sparse_attn.kernels.gluon_fwd.SCHEDULES`, plus ``ws_pingpong`` with a
-3-deep K/V ring), the package's Triton forward on a dense plan (``backend="triton"``, 384-token blocks)
-and cuDNN SDPA. Gluon rows are first checked against float32 attention on random bf16 data (B=1, H=16,
+3-deep K/V ring), the package's Triton forward on a dense plan (kernel option ``gluon=False``, 384-token
+blocks), the block-sparse Gluon forward on the same plan (``gluon_sparse:dense_plan``) and cuDNN SDPA. Gluon rows are first checked against float32 attention on random bf16 data (B=1, H=16,
 D=128, S=4096 and S=16384): relative L2 error of ``out`` and max abs error of ``lse``. Then every row is
 timed with ``triton.testing.do_bench`` (median) at B=1, H=16, D=128 and S=32640 (85 blocks of 384: the
 Triton row needs whole 384-token blocks, the Gluon kernels multiples of 128; all rows use the same S).
 TFLOP/s counts 4·S²·D·H.
+
+With ``--sparse``: the block-sparse forward at HunyuanVideo-1.5 720p/121f (thw (31, 45, 80), released
+config, 1,985 text tokens of which 1,200 valid, B=1, H=16, D=128, bf16; the mask and plans as
+``scripts/benchmark_ssta.py`` builds them). Rows: the Triton backend's forward
+(`block_sparse_attention_triton`) with kernel option ``gluon`` True / False on the padded and the
+padding-free plan, and `ssta_attention(backend="triton")` end to end (forward, forward+backward) with the
+option's default switched. Gluon rows are first checked against ``gluon=False`` on the same inputs
+(relative L2 of out < 1e-2, lse max abs over finite rows < 1e-2, the same -inf rows). Effective TFLOP/s
+count the padded plan's kept blocks: 4·kept·384²·128 per forward, 3.5× that for forward+backward.
 
 Every row runs in its own child process with a time limit, so a row that fails, or hangs (a barrier
 protocol gone wrong in a warp-specialised kernel), is reported and the others still run. Prints a table
@@ -24,7 +33,8 @@ import subprocess
 import sys
 import time
 
-ROWS = ["gluon:pipelined", "gluon:ws", "gluon:ws_pingpong", "gluon:ws_pingpong:3", "triton:dense_plan", "cudnn"]
+ROWS = ["gluon:pipelined", "gluon:ws", "gluon:ws_pingpong", "gluon:ws_pingpong:3", "triton:dense_plan",
+        "gluon_sparse:dense_plan", "cudnn"]
 CHECK_SEQS = (4096, 16384)
 H, D = 16, 128
 OUT_TOL, LSE_TOL = 1e-2, 1e-2
@@ -62,12 +72,14 @@ def _make_fn(row, S):
     if row.startswith("gluon:"):
         g = _gluon_fn(row)
         return (lambda: g(q, k, v)), q, k, v
-    if row == "triton:dense_plan":
-        from video_sparse_attn import BlockSparsePlan, block_sparse_attention
+    if row in ("triton:dense_plan", "gluon_sparse:dense_plan"):   # the Triton forward / the Gluon block-sparse one
+        from video_sparse_attn import BlockSparsePlan
+        from video_sparse_attn.kernels.triton_op import block_sparse_attention_triton
 
         n = S // 384
         plan = BlockSparsePlan.dense(1, 1, n, n, 384, device="cuda")
-        return (lambda: block_sparse_attention(q, k, v, plan, backend="triton")), q, k, v
+        opts = {"gluon": row.startswith("gluon_sparse")}
+        return (lambda: block_sparse_attention_triton(q, k, v, plan, kernel_options=opts)), q, k, v
     if row == "cudnn":
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -77,6 +89,134 @@ def _make_fn(row, S):
                 return F.scaled_dot_product_attention(q, k, v)
         return run, q, k, v
     raise ValueError(row)
+
+
+SPARSE_ROWS = ["kernel:gluon", "kernel:triton", "ssta:gluon", "ssta:triton"]
+THW, TEXT, VALID = (31, 45, 80), 1985, 1200
+
+
+def _sparse_setup():
+    """720p inputs, layout, mask, the padded and the padding-free plan (as benchmark_ssta.py builds them)."""
+    import math
+
+    import torch
+
+    from video_sparse_attn import BlockSparsePlan, SSTAConfig, TileLayout
+    from video_sparse_attn.attention import _key_args
+    from video_sparse_attn.kernels.registry import BACKENDS
+    from video_sparse_attn.masks.build import block_mask_from_tiled
+
+    torch.manual_seed(0)
+    cfg = SSTAConfig().for_thw(THW)
+    S = math.prod(THW) + TEXT
+    q, k, v = (torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    tm = torch.zeros(1, TEXT, dtype=torch.bool, device="cuda")
+    tm[:, :VALID] = True
+    layout = TileLayout(THW, cfg.tile_thw, TEXT, cfg.pad_type)
+    bs = layout.block_size
+    with torch.no_grad():
+        q_t, k_t, v_t = (layout.tile(x) for x in (q, k, v))
+        mask = block_mask_from_tiled(q_t, k_t, layout, cfg, tm)
+    padded = BlockSparsePlan.from_block_mask(mask, bs, bs, layout.key_valid(tm, "cuda"))
+    k_valid, key_bias = _key_args(layout, BACKENDS["triton"], q, tm, True, backward=True)
+    free = BlockSparsePlan.from_block_mask(mask, bs, bs, k_valid, layout.query_valid("cuda"), key_bias=key_bias)
+    kept = int(mask.expand(1, H, -1, -1).sum())
+    return dict(cfg=cfg, q=q, k=k, v=v, tm=tm, tiled=(q_t, k_t, v_t), plans={"padded": padded, "padding-free": free},
+                flop=4.0 * kept * bs * bs * D, density=float(mask.float().mean()))
+
+
+def _compare(a, b):
+    """(rel L2 of out, lse max abs over finite rows, same -inf rows) of two (out, lse) pairs."""
+    import torch
+
+    (o1, l1), (o2, l2) = a, b
+    rel = ((o1.float() - o2.float()).norm() / o2.float().norm()).item()
+    same_inf = bool(torch.equal(torch.isneginf(l1), torch.isneginf(l2)))
+    fin = torch.isfinite(l2)
+    lse_err = (l1[fin] - l2[fin]).abs().max().item() if fin.any() else 0.0
+    return rel, lse_err, same_inf
+
+
+def run_sparse_row(row):
+    """Child process: one --sparse row (check, then time); returns a dict."""
+    import torch
+    from triton.testing import do_bench
+
+    from video_sparse_attn import ssta_attention
+    from video_sparse_attn.kernels import triton_common
+    from video_sparse_attn.kernels.triton_fwd import gluon_usable
+    from video_sparse_attn.kernels.triton_op import block_sparse_attention_triton
+
+    kind, which = row.split(":")
+    gluon = which == "gluon"
+    st = _sparse_setup()
+    res = {"row": row, "checks": [], "timings": {}, "density": st["density"]}
+    bench = lambda f: float(do_bench(f, warmup=30, rep=300, return_mode="median"))   # noqa: E731
+    if kind == "kernel":
+        tq, tk, tv = st["tiled"]
+        for label, plan in st["plans"].items():
+            def fwd(g, p=plan):
+                return block_sparse_attention_triton(tq, tk, tv, p, kernel_options={"gluon": g})
+            with torch.no_grad():
+                if gluon:
+                    res[f"gluon_used/{label}"] = gluon_usable(tq, tk, tv, plan, triton_common.resolve_kernel_options(None))
+                    rel, lse_err, same_inf = _compare(fwd(True), fwd(False))
+                    ok = rel < 1e-2 and lse_err < 1e-2 and same_inf
+                    res["checks"].append({"seq": label, "out_rel_l2": rel, "lse_max_abs": lse_err, "ok": ok})
+                    print(f"  [{row}] {label}: out rel L2 {rel:.2e}, lse max abs {lse_err:.2e}, -inf rows "
+                          f"{'same' if same_inf else 'DIFFER'} -> {'ok' if ok else 'FAILED'}", flush=True)
+                fwd(gluon)
+                torch.cuda.synchronize()
+                res["timings"][f"{label}/fwd"] = (bench(lambda: fwd(gluon)), 1.0)
+    else:
+        q, k, v, tm, cfg = st["q"], st["k"], st["v"], st["tm"], st["cfg"]
+        triton_common._DEFAULTS["gluon"] = gluon
+        args = (THW, cfg, TEXT, tm)
+        if gluon:
+            with torch.no_grad():
+                a = ssta_attention(q, k, v, *args, backend="triton", return_lse=True)
+                triton_common._DEFAULTS["gluon"] = False
+                b = ssta_attention(q, k, v, *args, backend="triton", return_lse=True)
+                triton_common._DEFAULTS["gluon"] = True
+            rel, lse_err, same_inf = _compare(a, b)
+            ok = rel < 1e-2 and lse_err < 1e-2 and same_inf
+            res["checks"].append({"seq": "ssta", "out_rel_l2": rel, "lse_max_abs": lse_err, "ok": ok})
+            print(f"  [{row}] ssta: out rel L2 {rel:.2e}, lse max abs {lse_err:.2e} -> {'ok' if ok else 'FAILED'}",
+                  flush=True)
+        with torch.no_grad():
+            f = lambda: ssta_attention(q, k, v, *args, backend="triton")   # noqa: E731
+            f()
+            res["timings"]["ssta/fwd"] = (bench(f), 1.0)
+        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+        g = torch.randn_like(q)
+
+        def fb():
+            for x in (qg, kg, vg):
+                x.grad = None
+            ssta_attention(qg, kg, vg, *args, backend="triton").backward(g)
+        fb()
+        torch.cuda.synchronize()
+        res["timings"]["ssta/fwd+bwd"] = (bench(fb), 3.5)
+    if gluon:
+        res["correct"] = all(c["ok"] for c in res["checks"])
+    res["timings"] = {name: {"ms": ms, "tflops": mult * st["flop"] / ms / 1e9} for name, (ms, mult) in res["timings"].items()}
+    return res
+
+
+def print_sparse_table(results):
+    print(f"{'row':16s} {'what':24s} {'ms':>9s} {'eff TF':>8s}  check")
+    for r in results:
+        if "error" in r:
+            print(f"{r['row']:16s} {'-':24s} {'-':>9s} {'-':>8s}  error: {r['error'][:80]}")
+            continue
+        chk = "" if "correct" not in r else ("ok" if r["correct"] else "FAILED") + " (" + ", ".join(
+            f"{c['seq']}: {c['out_rel_l2']:.1e}/{c['lse_max_abs']:.1e}" for c in r["checks"]) + ")"
+        used = {k: v for k, v in r.items() if k.startswith("gluon_used/")}
+        if used:
+            chk += " used: " + ", ".join(f"{k[11:]}={v}" for k, v in used.items())
+        for name, t in r["timings"].items():
+            print(f"{r['row']:16s} {name:24s} {t['ms']:9.3f} {t['tflops']:8.1f}  {chk}")
+            chk = ""
 
 
 def run_row(row, bench_seq):
@@ -116,14 +256,20 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--seq", type=int, default=85 * 384, help="timing sequence length (multiple of 384)")
     ap.add_argument("--rows", nargs="*", default=ROWS)
-    ap.add_argument("--row-timeout", type=float, default=100.0, help="seconds per row (child process)")
-    ap.add_argument("--budget", type=float, default=225.0, help="seconds for all rows; later rows are skipped")
+    ap.add_argument("--row-timeout", type=float, default=None,
+                    help="seconds per row (child process); default 100, 120 with --sparse")
+    ap.add_argument("--budget", type=float, default=230.0, help="seconds for all rows; later rows are skipped")
+    ap.add_argument("--sparse", action="store_true", help="the block-sparse rows at 720p (SPARSE_ROWS)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.sparse and args.rows == ROWS:
+        args.rows = SPARSE_ROWS
+    if args.row_timeout is None:
+        args.row_timeout = 120.0 if args.sparse else 100.0
 
     if args.child:
         try:
-            res = run_row(args.child, args.seq)
+            res = run_sparse_row(args.child) if args.sparse else run_row(args.child, args.seq)
         except Exception as e:  # noqa: BLE001 - reported by the parent
             import traceback
 
@@ -148,7 +294,8 @@ def main():
             results.append({"row": row, "error": "skipped: time budget spent"})
             print(f"[{row}] skipped (time budget)", flush=True)
             continue
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", row, "--seq", str(args.seq)]
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", row, "--seq", str(args.seq)] + (
+            ["--sparse"] if args.sparse else [])
         print(f"[{row}] ...", flush=True)
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=min(args.row_timeout, left))
@@ -169,12 +316,15 @@ def main():
         results.append(res)
         if "error" in res:
             print(f"[{row}] ERROR: {res['error'][:500]}", flush=True)
-        elif row.startswith("gluon:") and not res.get("correct", False):
+        elif "correct" in res and not res["correct"]:
             print(f"[{row}] FAILED correctness (timed anyway)", flush=True)
 
     print()
-    print(f"{'row':24s} {'ms':>9s} {'TFLOP/s':>9s}  check")
-    for r in results:
+    if args.sparse:
+        print_sparse_table(results)
+    else:
+        print(f"{'row':24s} {'ms':>9s} {'TFLOP/s':>9s}  check")
+    for r in [] if args.sparse else results:
         if "error" in r:
             print(f"{r['row']:24s} {'-':>9s} {'-':>9s}  error: {r['error'][:80]}")
             continue
@@ -183,7 +333,7 @@ def main():
         print(f"{r['row']:24s} {r['ms']:9.3f} {r['tflops']:9.1f}  {chk}")
     print(f"total {time.time() - t0:.0f} s")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "gluon_probe.json")
+    path = os.path.join(args.out, "gluon_probe_sparse.json" if args.sparse else "gluon_probe.json")
     with open(path, "w") as f:
         json.dump({"info": info, "rows": results}, f, indent=1)
     print(f"wrote {path}")

@@ -253,7 +253,7 @@ def test_kernel_options_rejects_unknown_keys_and_bad_values():
 
     assert resolve_kernel_options(None) == resolve_kernel_options({}) == {
         "tma": True, "warp_specialize": False, "fwd_peel": True, "fwd_lazy": True, "autotune": True,
-        "dq_reduce": "atomic", "skip_padded_queries": True}
+        "dq_reduce": "atomic", "skip_padded_queries": True, "gluon": True}
     assert resolve_kernel_options({"tma": False})["tma"] is False
 
 

@@ -80,10 +80,17 @@ class KernelOptions(TypedDict, total=False):
     loop over every sub-tile (pipelined across blocks, the v5 loop); padded rows then cost GEMMs but
     add nothing (their lse is -inf). Results are identical. Default ``True``."""
 
+    gluon: bool
+    """Forward on Hopper (sm90): run the warp-specialised Gluon kernel (`gluon_fwd.gluon_sparse_forward`:
+    a TMA producer warpgroup and two 64-row consumer warpgroups) where it supports the call (bf16 / fp16,
+    head dim 64 or 128, blocks multiples of 128, no token window, no key bias, q/k/v strides a 2-D TMA
+    view describes; `gluon_fwd.sparse_unsupported`), else the Triton forward. Same outputs (out, and the
+    lse the backward reuses) to rounding. ``False``: the Triton forward always. Default ``True``."""
+
 
 _DEFAULTS: KernelOptions = {
     "tma": True, "warp_specialize": False, "fwd_peel": True, "fwd_lazy": True, "autotune": True,
-    "dq_reduce": "atomic", "skip_padded_queries": True,
+    "dq_reduce": "atomic", "skip_padded_queries": True, "gluon": True,
 }
 _CHOICES = {"dq_reduce": ("atomic", "tma")}
 

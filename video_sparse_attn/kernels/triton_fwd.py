@@ -28,6 +28,9 @@ elsewhere (Ampere/Ada, odd strides, padded head dims, the interpreter, ``tma=Fal
 pointers. Warp specialisation of the key loop (``warp_specialize=True``, D=128 with TMA) is opt-in:
 it gained nothing on the v3 loop, and Triton 3.6 compiles it on the peeled loop only with 8 warps
 (its own config list).
+
+On Hopper the forward runs the Gluon kernel instead (`gluon_fwd.gluon_sparse_forward`, kernel option
+``gluon``, default True) wherever it supports the call (`gluon_usable`); the same outputs.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from .triton_common import (SHAPE_ARGS_M, C_LN2, LOG2E, dot_precision, key_bias_
                             query_tile, tma_usable, window_sides)
 from .tuning import tuned_kernel
 
-__all__ = ["attention_forward", "FWD_CONFIGS"]
+__all__ = ["attention_forward", "gluon_usable", "FWD_CONFIGS"]
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); block sizes are reduced to divisors of the plan's blocks.
 FWD_CONFIGS = {
@@ -227,12 +230,27 @@ def _fwd_kernel(
     tl.store(LSE + bh.to(tl.int64) * Sq + offs_m, lse)
 
 
+def gluon_usable(q, k, v, plan, options: dict) -> bool:
+    """Whether this forward runs the Gluon kernel: option ``gluon`` and a call it supports
+    (`gluon_fwd.sparse_unsupported`: sm90 with Gluon, bf16/fp16, D 64/128, blocks multiples of 128, no
+    window, no key bias, TMA-describable strides). The one place that decides."""
+    if not options.get("gluon", True):
+        return False
+    from . import gluon_fwd
+
+    return gluon_fwd.sparse_unsupported(q, k, v, plan) is None
+
+
 def attention_forward(q, k, v, plan, scale: float, options: dict):
     """Run the forward kernel. q ``[B,H,Sq,D]``, k/v ``[B,H,Sk,D]`` (any strides, checked by the caller);
     ``options``: resolved kernel options (`triton_common.resolve_kernel_options`).
 
     Returns ``out`` (q's dtype and strides where dense, else contiguous) and ``lse [B,H,Sq]`` float32.
     """
+    if gluon_usable(q, k, v, plan, options):
+        from .gluon_fwd import gluon_sparse_forward
+
+        return gluon_sparse_forward(q, k, v, plan, scale, launch=pc.launch, empty_like=pc.empty_like, empty=pc.empty)
     B, H, Sq, D = q.shape
     out = pc.empty_like(q)
     lse = pc.empty(B, H, Sq, device=q.device, dtype=torch.float32)
