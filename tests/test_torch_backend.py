@@ -91,3 +91,21 @@ def test_meta_tensors_give_shapes_without_data(pad):
     out, lse = block_sparse_attention(q.detach().half(), q.detach().half(), q.detach().half(),
                                       torch.ones(3, 3, dtype=torch.bool, device="meta"), q_block=16)
     assert (out.shape, out.dtype, lse.shape, lse.dtype) == (q.shape, torch.float16, q.shape[:3], torch.float32)
+
+
+def test_autocast_leaves_the_ops_in_the_inputs_dtype():
+    """Under CPU autocast the torch backend ran its matmuls (and the SSTA selection) in bfloat16 while
+    returning float32: results moved by ~3e-2 and differed from the Triton kernels, which ignore autocast."""
+    from video_sparse_attn import SSTAConfig, block_sparse_attention, ssta_attention
+
+    q, k, v = torch.randn(3, 1, 2, 4 * 8 + 5, 16).unbind(0)
+    cfg = SSTAConfig(tile_thw=(1, 4, 4), kernel_thw=(1, 1, 1), topk=1, caller_rules=False)
+    mask = torch.rand(1, 2, 3, 3) > 0.3
+    ref = ssta_attention(q, k, v, (2, 4, 4), cfg, 5, backend="torch", return_lse=True)
+    ref_b = block_sparse_attention(q, k, v, mask, q_block=16, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ssta_attention(q, k, v, (2, 4, 4), cfg, 5, backend="torch", return_lse=True)
+        got_b = block_sparse_attention(q, k, v, mask, q_block=16, backend="torch")
+        assert torch.is_autocast_enabled("cpu")          # the caller's autocast is left on
+    for a, b in zip((*got, *got_b), (*ref, *ref_b)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
