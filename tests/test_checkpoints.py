@@ -174,6 +174,15 @@ def test_a_run_keeps_its_outputs_safe(tmp_path):
         assert [json.loads(line)["step"] for line in f] == [1]
 
 
+def test_an_output_dir_that_is_a_file_is_one_usage_error(tmp_path):
+    """It used to surface as a FileExistsError traceback from os.makedirs."""
+    path = tmp_path / "notes.txt"
+    path.write_text("keep me")
+    with pytest.raises(UsageError, match=f"--output-dir {str(path)!r} is a file"):
+        _train(path, "--max-train-steps", "1")
+    assert path.read_text() == "keep me"
+
+
 def test_bad_dataset_is_one_usage_error_before_the_model_loads(tmp_path):
     root = _dataset(tmp_path / "d")
     _rewrite_metadata(root, version=7)

@@ -4,7 +4,8 @@ Two gloo processes run a list of scenarios in order: heads that do not divide by
 by `enable_ulysses`), a latent grid that does not split into equal shards, ranks called with different
 grids, SSTA settings or text masks (refused by the signature check before any collective; the group
 stays usable afterwards), several resolutions in one group, `disable_ssta` under context parallelism
-(Wan: stock processors that keep Ulysses; HunyuanVideo-1.5: refused) and a destroyed process group.
+(Wan: stock processors that keep Ulysses; HunyuanVideo-1.5: refused), `enable_ssta` again with other
+settings, and a destroyed process group.
 Each rank records, per scenario, its output or its error; the parent compares them with one process.
 """
 
@@ -119,6 +120,14 @@ def hv15_disable(rank):
     return _forward(model, hv15_inputs(GRIDS[0]))
 
 
+def hv15_re_enable(rank):
+    model = hv15_model()
+    enable_ssta(model, PER_HEAD, backend="torch")
+    enable_ulysses(model, WORLD)
+    enable_ssta(model, SHARED, backend="torch")     # other settings (a fine-tuning sparsity ramp does this)
+    return _forward(model, hv15_inputs(GRIDS[0]))
+
+
 def destroyed_group(rank):
     import torch.distributed as dist
 
@@ -130,7 +139,7 @@ def destroyed_group(rank):
 
 
 SCENARIOS = [heads_not_divisible, grid_not_divisible, ranks_differ_in_grid, ranks_differ_in_config,
-             ranks_differ_in_text_mask, several_grids, wan_disable, hv15_disable, destroyed_group]   # last: no group
+             ranks_differ_in_text_mask, several_grids, wan_disable, hv15_disable, hv15_re_enable, destroyed_group]   # last: no group
 
 
 # ---------------------------------------------------------------------------- processes
@@ -228,6 +237,18 @@ def test_wan_stock_processors_after_disable_keep_ulysses(outcomes):
     expected = _forward(model, inputs)
     for o in outcomes:
         kind, out = o["wan_disable"]
+        assert kind == "ok", out
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_re_enabling_hv15_under_ulysses_replaces_the_settings(outcomes):
+    """``enable_ssta`` again under Ulysses used to go through `disable_ssta`, which refuses
+    HunyuanVideo-1.5 there: new settings (a fine-tuning sparsity ramp with ``--cp``) were refused."""
+    model = hv15_model()
+    enable_ssta(model, SHARED, backend="torch")
+    expected = _forward(model, hv15_inputs(GRIDS[0]))
+    for o in outcomes:
+        kind, out = o["hv15_re_enable"]
         assert kind == "ok", out
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 

@@ -183,6 +183,25 @@ def test_rewinding_with_overwrite_drops_later_checkpoints_and_a_torn_log_line(th
     assert json.loads((out / "checkpoint-3" / MANIFEST).read_text())["step"] == 3
 
 
+def test_rewinding_to_a_checkpoint_that_fails_to_load_discards_nothing(three_steps, tmp_path):
+    """With --overwrite, the checkpoints after the resumed one used to be deleted before it loaded: a
+    checkpoint that passed the size check but could not be read left neither."""
+    src, _, _ = three_steps
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    weights = out / "checkpoint-2" / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.write(b"\xff" * 16)                         # same size, unreadable header
+    log = (out / "train_log.jsonl").read_text()
+    run_args = (out / "run_args.json").read_text()
+    with pytest.raises(UsageError, match="checkpoint-2 cannot be loaded"):
+        _train(out, "--max-train-steps", "3", "--gradient-accumulation-steps", "2", "--checkpointing-steps", "2",
+               "--resume-from-checkpoint", str(out / "checkpoint-2"), "--overwrite")
+    assert _checkpoints(out) == ["checkpoint-2", "checkpoint-3"]
+    verify_checkpoint(str(out / "checkpoint-3"))
+    assert (out / "train_log.jsonl").read_text() == log and (out / "run_args.json").read_text() == run_args
+
+
 # ------------------------------------------------------------------------------------ data
 def test_synthetic_data_of_other_settings_is_rewritten(tmp_path):
     out = tmp_path / "run"

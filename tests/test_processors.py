@@ -271,6 +271,25 @@ def test_enable_ssta_checks_stats_and_flags_before_the_first_forward():
     assert runtime_of(model) is None       # nothing was installed
 
 
+def test_a_refused_re_enable_keeps_the_running_setup():
+    """``enable_ssta`` again with a bad backend or flag used to restore the stock processors and drop
+    the grid hook before refusing: the model silently ran dense afterwards."""
+    model, inputs = tiny("wan")
+    runtime = enable_ssta(model, SPARSE)
+    sparse = run(model, inputs)
+    processors = dict(model.attn_processors)
+    for bad in (dict(backend="bogus"), dict(strict_tiles="no"), dict(warmup="yes")):
+        with pytest.raises((TypeError, ValueError)):
+            enable_ssta(model, DENSE, **bad)
+        assert runtime_of(model) is runtime and model.attn_processors == processors
+    assert torch.equal(run(model, inputs), sparse)
+    # a pipeline whose second transformer is not supported: the first one is left as it was too
+    pipe = types.SimpleNamespace(transformer=model, transformer_2=torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="does not support Linear"):
+        enable_ssta(pipe, DENSE)
+    assert runtime_of(model) is runtime and model.attn_processors == processors
+
+
 def test_enable_on_a_compiled_transformer():
     """``enable_ssta(torch.compile(transformer))`` (or a pipeline holding one) used to refuse the wrapper
     as an unsupported model: SSTA goes on the module it wraps and the compiled model runs it."""

@@ -73,3 +73,39 @@ def test_memory_is_proportional_to_kept_blocks_not_to_the_widest_row():
     dense_scores = M * bs * M * bs * 4                               # what padding every row costs
     assert largest < dense_scores / 16, (largest, dense_scores)
     torch.testing.assert_close(out[0, 0, -bs:], torch.softmax(q[0, 0, -bs:] @ k[0, 0].T / 4, -1) @ v[0, 0])
+
+
+@pytest.mark.parametrize("pad", ["zero", "repeat", "mask"])
+def test_meta_tensors_give_shapes_without_data(pad):
+    """Shape inference on the meta device (as with SDPA) used to fail inside the torch backend with
+    "Cannot copy out of meta tensor" (it reads the kept-block counts on the host)."""
+    from video_sparse_attn import SSTAConfig, block_sparse_attention, ssta_attention
+
+    q = torch.empty(2, 2, 4 * 8 + 5, 16, device="meta", requires_grad=True)
+    cfg = SSTAConfig(tile_thw=(1, 4, 4), kernel_thw=(1, 1, 1), topk=1, pad_type=pad, caller_rules=False)
+    mask = torch.ones(2, 5, dtype=torch.bool, device="meta")
+    out, lse = ssta_attention(q, q, q, (2, 4, 4), cfg, 5, mask, return_lse=True)
+    assert out.device.type == "meta" and out.shape == q.shape and lse.shape == q.shape[:3]
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+    out, lse = block_sparse_attention(q.detach().half(), q.detach().half(), q.detach().half(),
+                                      torch.ones(3, 3, dtype=torch.bool, device="meta"), q_block=16)
+    assert (out.shape, out.dtype, lse.shape, lse.dtype) == (q.shape, torch.float16, q.shape[:3], torch.float32)
+
+
+def test_autocast_leaves_the_ops_in_the_inputs_dtype():
+    """Under CPU autocast the torch backend ran its matmuls (and the SSTA selection) in bfloat16 while
+    returning float32: results moved by ~3e-2 and differed from the Triton kernels, which ignore autocast."""
+    from video_sparse_attn import SSTAConfig, block_sparse_attention, ssta_attention
+
+    q, k, v = torch.randn(3, 1, 2, 4 * 8 + 5, 16).unbind(0)
+    cfg = SSTAConfig(tile_thw=(1, 4, 4), kernel_thw=(1, 1, 1), topk=1, caller_rules=False)
+    mask = torch.rand(1, 2, 3, 3) > 0.3
+    ref = ssta_attention(q, k, v, (2, 4, 4), cfg, 5, backend="torch", return_lse=True)
+    ref_b = block_sparse_attention(q, k, v, mask, q_block=16, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ssta_attention(q, k, v, (2, 4, 4), cfg, 5, backend="torch", return_lse=True)
+        got_b = block_sparse_attention(q, k, v, mask, q_block=16, backend="torch")
+        assert torch.is_autocast_enabled("cpu")          # the caller's autocast is left on
+    for a, b in zip((*got, *got_b), (*ref, *ref_b)):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -289,3 +289,50 @@ def test_grid_and_text_len_accept_numpy_integers_and_refuse_the_rest():
                                  (THW, float(L), "text_len must be"), (THW, torch.tensor(L), "text_len must be")):
         with pytest.raises(ValueError, match=words):
             ssta_attention(q, k, v, thw, CFG, text_len, backend="torch")
+
+
+# ---------------------------------------------------------------- layouts, empty text, scales, devices
+def test_diffusers_layout_is_named_in_the_length_error():
+    """``[B, S, H, D]`` (diffusers' layout) passed as is: the error said only that S=H mismatched."""
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"S=2 does not match .* q looks like \[B, S, H, D\]: pass q.transpose\(1, 2\)"):
+        ssta_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), THW, CFG, L, backend="torch")
+    with pytest.raises(ValueError, match="does not match") as e:                   # a plain mismatch: no hint
+        ssta_attention(q, k, v, (2, 4, 9), CFG, L, backend="torch")
+    assert "transpose" not in str(e.value)
+
+
+def test_an_empty_text_mask_goes_with_no_text():
+    """text_len=0 with its ``[B, 0]`` mask (an empty prompt's) was refused as "mask given without text"."""
+    q, k, v = _qkv(text_len=0)
+    ref = ssta_attention(q, k, v, THW, CFG, 0, backend="torch")
+    got = ssta_attention(q, k, v, THW, CFG, 0, torch.ones(2, 0, dtype=torch.bool), backend="torch")
+    assert torch.equal(got, ref)
+    for bad in (torch.ones(2, 3, dtype=torch.bool), torch.ones(3, 0, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="text_len == 0"):
+            ssta_attention(q, k, v, THW, CFG, 0, bad, backend="torch")
+
+
+def test_scale_takes_any_real_number():
+    """A numpy float32 scale was refused as "got float32"; tensors and bools still are."""
+    np = pytest.importorskip("numpy")
+    q, k, v = _qkv()
+    ref = ssta_attention(q, k, v, THW, CFG, L, scale=0.25, backend="torch")
+    assert torch.equal(ssta_attention(q, k, v, THW, CFG, L, scale=np.float32(0.25), backend="torch"), ref)
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    assert torch.equal(block_sparse_attention(q[:, :, :32], k[:, :, :32], v[:, :, :32], mask, np.float16(0.25),
+                                              q_block=16)[0],
+                       block_sparse_attention(q[:, :, :32], k[:, :, :32], v[:, :, :32], mask, 0.25, q_block=16)[0])
+    for bad in (torch.tensor(0.25), True, "0.25"):
+        with pytest.raises(TypeError, match="scale must be a float or None"):
+            ssta_attention(q, k, v, THW, CFG, L, scale=bad, backend="torch")
+
+
+def test_a_plan_on_another_device_names_the_fix():
+    """A plan built on one device and used with tensors on another (meta stands in for a GPU here)."""
+    q, k, v = (x.to("meta") for x in _qkv(thw=(1, 4, 8), text_len=0))
+    plan = BlockSparsePlan.from_block_mask(torch.ones(2, 2, dtype=torch.bool), 16)
+    with pytest.raises(ValueError, match=r"the plan is on cpu but q is on meta: move it with plan.to\(q.device\)"):
+        block_sparse_attention(q, k, v, plan, backend="torch")
+    out, _ = block_sparse_attention(q, k, v, plan.to(q.device), backend="torch")
+    assert out.shape == q.shape

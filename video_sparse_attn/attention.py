@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
@@ -17,6 +19,22 @@ from .validation import (check_block_call, check_block_size, check_flag, check_s
                          validate_inputs)
 
 __all__ = ["block_sparse_attention", "ssta_attention", "SSTAInfo", "resolve_backend"]
+
+
+def _autocast_off(op: Callable) -> Callable:
+    """Run ``op`` with autocast off on its inputs' device: the ops compute in q's dtype on every
+    backend (the Triton and FA4 kernels ignore autocast; the torch backend's matmuls and the SSTA
+    selection would otherwise run in the autocast dtype). A caller under autocast casts first, as the
+    processors do."""
+
+    @functools.wraps(op)
+    def wrapper(q, *args, **kwargs):
+        device = q.device if isinstance(q, torch.Tensor) else None     # anything else: refused inside
+        on = device is not None and device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+        with torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext():
+            return op(q, *args, **kwargs)
+
+    return wrapper
 
 
 def resolve_backend(backend: str, q: torch.Tensor, plan: Optional[BlockSparsePlan] = None) -> str:
@@ -64,6 +82,7 @@ def _plan_for_mask(block_mask: torch.Tensor, Sq: int, Sk: int, q_block: Optional
                                            zero_q_tail=False)     # rows past Sq are sliced off (gradient 0)
 
 
+@_autocast_off
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -98,7 +117,8 @@ def block_sparse_attention(
             ``causal`` sets ``right = 0``. Blocks wholly outside are dropped from a mask; a given
             plan keeps its own window (``plan.window_lo`` / ``window_hi``) unless one is set here.
 
-    Returns ``(out [B,H,Sq,D], lse [B,H,Sq] float32, natural log)``; gradients flow to q, k, v through
+    Returns ``(out [B,H,Sq,D], lse [B,H,Sq] float32, natural log)``, computed in q's dtype (autocast is
+    off inside, as in `ssta_attention`); gradients flow to q, k, v through
     both (lse is differentiable, so chunks can be merged by their LSE). Rows that see no key: out 0,
     lse -inf.
     """
@@ -149,6 +169,7 @@ class SSTAInfo(NamedTuple):
     layout: TileLayout
 
 
+@_autocast_off
 def ssta_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -195,7 +216,8 @@ def ssta_attention(
             heads held by other processes here).
 
     Returns:
-        ``out [B, H, S, D]`` in q's dtype, then ``lse`` when ``return_lse``, then `SSTAInfo` when
+        ``out [B, H, S, D]`` in q's dtype (computed in it: autocast is off inside; cast q, k, v
+        first to run in its dtype), then ``lse`` when ``return_lse``, then `SSTAInfo` when
         ``return_info``.
 
     Example::

@@ -19,6 +19,7 @@ synchronisation on CUDA), never implicitly on a GPU.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import List, Optional, Sequence
 
@@ -295,15 +296,17 @@ def validate_inputs(q, k, v, thw, config, text_len, text_mask, strict_tiles: boo
     S = q.shape[2]
     t, h, w = thw
     if S != t * h * w + text_len:
+        hint = ("; q looks like [B, S, H, D]: pass q.transpose(1, 2) (and k, v likewise)"
+                if q.shape[1] == t * h * w + text_len else "")
         raise ValueError(
             f"sequence length S={S} does not match the grid: t*h*w + text_len = {t}*{h}*{w} + {text_len} "
-            f"= {t * h * w + text_len}"
+            f"= {t * h * w + text_len}{hint}"
         )
     if text_mask is not None:
         if not isinstance(text_mask, torch.Tensor):
             raise TypeError(f"text_mask must be a tensor, got {type(text_mask).__name__}")
-        if text_len == 0:
-            raise ValueError("text_mask given but text_len == 0")
+        if text_len == 0 and tuple(text_mask.shape) != (q.shape[0], 0):   # [B, 0]: no text, and its mask
+            raise ValueError(f"text_mask {tuple(text_mask.shape)} given but text_len == 0")
         if tuple(text_mask.shape) != (q.shape[0], text_len):
             raise ValueError(f"text_mask must be [B, text_len] = [{q.shape[0]}, {text_len}], got {tuple(text_mask.shape)}")
         if text_mask.dtype != torch.bool:
@@ -331,7 +334,7 @@ def validate_block_inputs(q, k, v, plan, scale: Optional[float]) -> float:
         if not hasattr(plan, name):
             raise TypeError(f"plan must be a BlockSparsePlan, got {type(plan).__name__}")
     if plan.device != q.device:
-        raise ValueError(f"the plan is on {plan.device} but q is on {q.device}")
+        raise ValueError(f"the plan is on {plan.device} but q is on {q.device}: move it with plan.to(q.device)")
     Mq, Nk = plan.num_q_blocks, plan.num_k_blocks
     if Sq != Mq * plan.q_block or k.shape[2] != Nk * plan.k_block:
         raise ValueError(
@@ -361,7 +364,7 @@ def check_scale(scale: Optional[float], head_dim: int) -> float:
     """The softmax scale to use: ``1/sqrt(head_dim)`` for None, else a finite positive number."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, (bool, torch.Tensor)) or not isinstance(scale, numbers.Real):   # numpy floats too
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     scale = float(scale)
     if not (math.isfinite(scale) and scale > 0):

@@ -89,8 +89,10 @@ def block_sparse_attention_torch_op(q: torch.Tensor, k: torch.Tensor, v: torch.T
 def block_sparse_attention_torch_traceable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                            plan: BlockSparsePlan, scale: Optional[float] = None
                                            ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The torch backend for a dispatcher: the custom ops while `torch.compile` traces, the reference
-    (autograd through its own graph, no recomputation) in eager mode. Same values either way."""
-    if torch.compiler.is_compiling():
+    """The torch backend for a dispatcher: the custom ops while `torch.compile` traces or on the meta
+    device (their fake kernels give the shapes; the reference reads kept-block counts on the host),
+    the reference (autograd through its own graph, no recomputation) in eager mode. Same values
+    either way."""
+    if torch.compiler.is_compiling() or q.device.type == "meta":
         return block_sparse_attention_torch_op(q, k, v, plan, scale)
     return _reference(q, k, v, plan, scale)

@@ -77,7 +77,8 @@ def enable_ssta(
 
     Only the video attention layers change (HunyuanVideo-1.5: the double-stream blocks; HunyuanVideo:
     double- and single-stream blocks; Wan: ``attn1``); the text token refiner and Wan's
-    cross-attention keep their processors. Calling it again replaces the previous SSTA settings.
+    cross-attention keep their processors. Calling it again replaces the previous SSTA settings
+    (under context parallelism too); a call that is refused leaves every transformer as it was.
 
     Example::
 
@@ -99,17 +100,10 @@ def enable_ssta(
     elif stats is not None and not isinstance(stats, SSTAStats):
         raise TypeError(f"stats must be True, False, None or an SSTAStats, got {stats!r}")
     check_flag("warmup", warmup)
-    runtimes = []
+    # every check before any transformer changes: a refused call leaves the running setup as it was
+    prepared = []
     for transformer in _transformers_of(target):
         family = family_of(transformer)
-        if runtime_of(transformer) is not None:
-            disable_ssta(transformer)
-        originals = dict(transformer.attn_processors)
-        runtime = SSTARuntime(
-            family, family.patch_thw(transformer), scheduler=scheduler,
-            track_timesteps=bool(schedule and schedule.uses_step) and scheduler is None, stats=stats,
-        )
-        runtime.original_processors = originals
         processor = SSTAAttnProcessor(config, schedule, backend=backend, strict_tiles=strict_tiles)
         parallel = getattr(transformer, "_parallel_config", None)   # enable_parallelism ran first
         if getattr(parallel, "context_parallel_config", None) is not None:
@@ -118,6 +112,17 @@ def enable_ssta(
             ulysses_group(parallel)   # refuses ring attention here rather than at the first call
             check_parallel_model(transformer, parallel.context_parallel_config.ulysses_degree)
             processor._parallel_config = parallel
+        prepared.append((transformer, family, processor))
+    runtimes = []
+    for transformer, family, processor in prepared:
+        if runtime_of(transformer) is not None:
+            _restore(transformer)   # SSTA goes straight back on (no stock processor runs in between)
+        originals = dict(transformer.attn_processors)
+        runtime = SSTARuntime(
+            family, family.patch_thw(transformer), scheduler=scheduler,
+            track_timesteps=bool(schedule and schedule.uses_step) and scheduler is None, stats=stats,
+        )
+        runtime.original_processors = originals
         mapping = {}
         for name, proc in originals.items():
             if family.is_sparse_layer(name):
@@ -159,23 +164,29 @@ def disable_ssta(target: Any) -> None:
     for transformer in transformers:
         _check_stock_parallel(transformer)
     for transformer in transformers:
-        family = family_of(transformer)
-        runtime = runtime_of(transformer)
-        current = transformer.attn_processors
-        if runtime is not None and runtime.original_processors is not None:
-            transformer.set_attn_processor(dict(runtime.original_processors))
-        elif any(isinstance(p, SSTAAttnProcessor) for p in current.values()):
-            transformer.set_attn_processor(
-                {n: (family.stock_processor(n) if isinstance(p, SSTAAttnProcessor) else p)
-                 for n, p in current.items()}
-            )
-        remove_grid_hook(transformer)
-        parallel = getattr(transformer, "_parallel_config", None)
-        if getattr(parallel, "context_parallel_config", None) is not None:
-            # as enable_parallelism does: processors installed before it (or never seen by it) get the config
-            for proc in transformer.attn_processors.values():
-                if hasattr(proc, "_parallel_config"):
-                    proc._parallel_config = parallel
+        _restore(transformer)
+
+
+def _restore(transformer: torch.nn.Module) -> None:
+    """`disable_ssta` on one transformer, without the context-parallel check (`enable_ssta` replacing
+    its own settings installs SSTA again at once)."""
+    family = family_of(transformer)
+    runtime = runtime_of(transformer)
+    current = transformer.attn_processors
+    if runtime is not None and runtime.original_processors is not None:
+        transformer.set_attn_processor(dict(runtime.original_processors))
+    elif any(isinstance(p, SSTAAttnProcessor) for p in current.values()):
+        transformer.set_attn_processor(
+            {n: (family.stock_processor(n) if isinstance(p, SSTAAttnProcessor) else p)
+             for n, p in current.items()}
+        )
+    remove_grid_hook(transformer)
+    parallel = getattr(transformer, "_parallel_config", None)
+    if getattr(parallel, "context_parallel_config", None) is not None:
+        # as enable_parallelism does: processors installed before it (or never seen by it) get the config
+        for proc in transformer.attn_processors.values():
+            if hasattr(proc, "_parallel_config"):
+                proc._parallel_config = parallel
 
 
 def _check_stock_parallel(transformer: torch.nn.Module) -> None:

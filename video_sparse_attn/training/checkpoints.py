@@ -163,6 +163,8 @@ def publish_folder(final: str, write) -> str:
 def check_output_dir(output_dir: str, resume: Optional[str], overwrite: bool) -> List[str]:
     """Refuse to start a new run over a previous one's outputs (ValueError, one line), unless resuming
     or overwriting; returns the previous outputs found (to delete when overwriting)."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output-dir {output_dir!r} is a file, not a folder; pass a folder (new or a run's)")
     if not os.path.isdir(output_dir):
         return []
     found = [p for _, p in _numbered(output_dir)] + [

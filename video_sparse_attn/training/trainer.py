@@ -361,6 +361,14 @@ def train(args: argparse.Namespace) -> Dict:
         raise
 
 
+def _discard(paths: List[str], accelerator) -> None:
+    """Delete ``paths`` (folders or files) on the main process; every process waits for it."""
+    if accelerator.is_main_process:
+        for path in paths:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    accelerator.wait_for_everyone()
+
+
 def _train(args: argparse.Namespace, accelerator, tiny: bool, target, previous: List[str],
            resume_path: Optional[str], settings: Dict[str, Any]) -> Dict:
     """The run itself, once every argument is checked and the accelerator exists (see `train`)."""
@@ -370,11 +378,8 @@ def _train(args: argparse.Namespace, accelerator, tiny: bool, target, previous: 
     from tqdm.auto import tqdm
 
     set_seed(args.seed)
-    if args.overwrite and previous and (resume_path is not None or not args.resume_from_checkpoint):
-        if accelerator.is_main_process:   # the replaced run, or the checkpoints after the resumed step
-            for path in previous:
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        accelerator.wait_for_everyone()
+    if args.overwrite and previous and not args.resume_from_checkpoint:
+        _discard(previous, accelerator)                   # the replaced run
 
     # -- model
     transformer = tiny_transformer(args.tiny_family, seed=args.seed) if tiny else load_transformer(args.model)
@@ -422,13 +427,6 @@ def _train(args: argparse.Namespace, accelerator, tiny: bool, target, previous: 
     if accelerator.is_main_process and args.report_to:
         scalars = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("video_sparse_attn-finetune", config=scalars)
-    if accelerator.is_main_process:  # the values this run actually uses (defaults and tiny choices resolved)
-        used = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
-        used.update(ssta_config=target.to_dict() if target else None, latent_grid=list(grid),
-                    image_tokens=image_tokens, family=family, num_processes=accelerator.num_processes)
-        with open(os.path.join(args.output_dir, RUN_ARGS_NAME), "w") as f:
-            json.dump(used, f, indent=2, default=str)
-
     # -- resume
     global_step = 0
     log_path = os.path.join(args.output_dir, "train_log.jsonl")
@@ -443,9 +441,18 @@ def _train(args: argparse.Namespace, accelerator, tiny: bool, target, previous: 
                 raise UsageError(f"checkpoint {resume_path} cannot be loaded ({type(e).__name__}: {e})") from e
             global_step = step_of(resume_path)
             accelerator.print(f"resumed from {resume_path} at step {global_step}")
+            if args.overwrite and previous:   # only now: a checkpoint that fails to load discards nothing
+                _discard(previous, accelerator)           # the checkpoints after it, or the replaced run
         if accelerator.is_main_process and _truncate_log(log_path, global_step):
             accelerator.print(f"{log_path}: dropped a torn line (the previous process stopped while "
                               "writing it)")
+
+    if accelerator.is_main_process:  # the values this run actually uses (defaults and tiny choices resolved)
+        used = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+        used.update(ssta_config=target.to_dict() if target else None, latent_grid=list(grid),
+                    image_tokens=image_tokens, family=family, num_processes=accelerator.num_processes)
+        with open(os.path.join(args.output_dir, RUN_ARGS_NAME), "w") as f:
+            json.dump(used, f, indent=2, default=str)
 
     steps_per_epoch = max(1, math.ceil(len(loader) / args.gradient_accumulation_steps))
     first_epoch = global_step // steps_per_epoch
