@@ -38,22 +38,25 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--stages", nargs="*", type=int, default=[2, 3])
     ap.add_argument("--sparse", action="store_true", help="also the block-sparse variant (384-token blocks)")
+    ap.add_argument("--dq", nargs="*", default=["atomic", "tma"], help="dQ reductions to compile")
     ap.add_argument("--dump", default=None, help="write each kernel's ttgir / ptx here")
     ap.add_argument("--seq", type=int, default=4608)
     args = ap.parse_args()
     print(f"triton {triton.__version__}, torch {torch.__version__}")
-    variants = [(st, False) for st in args.stages] + ([(st, True) for st in args.stages] if args.sparse else [])
+    variants = [(st, sp, dq) for sp in ([False, True] if args.sparse else [False]) for dq in args.dq
+                for st in args.stages]
     old = driver._active if hasattr(driver, "_active") else None
     driver.set_active(_Sm90Driver())
     ok = True
     try:
-        for stages, sparse in variants:
-            name = f"{'sparse' if sparse else 'dense'}:stages{stages}"
+        for stages, sparse, dq in variants:
+            name = f"{'sparse' if sparse else 'dense'}:{dq}:stages{stages}"
             q = torch.empty(1, 16, args.seq, 128, device="meta", dtype=torch.bfloat16)
             lse = torch.empty(1, 16, args.seq, device="meta", dtype=torch.float32)
             plan = _meta_plan(args.seq, 384) if sparse else None
             try:
-                ck = gb.gluon_attention_backward(q, q, q, q, q, lse, plan=plan, stages=stages, compile_only=True)
+                ck = gb.gluon_attention_backward(q, q, q, q, q, lse, plan=plan, stages=stages, dq_reduce=dq,
+                                                compile_only=True)
             except Exception as e:  # noqa: BLE001 - report and go on
                 ok = False
                 cause = f" <- {type(e.__cause__).__name__}: {e.__cause__}" if e.__cause__ is not None else ""

@@ -63,6 +63,28 @@ try:  # Gluon ships with Triton >= 3.5; the package must import without it
 except Exception:  # noqa: BLE001 - any import problem means "no Gluon"
     HAS_GLUON = False
 
+HAS_TMA_REDUCE = False
+if HAS_GLUON:
+    try:  # TMA reduce-add from shared memory: later releases have tma.async_atomic_add; Triton 3.6's Gluon
+          # has no wrapper, but its builder exposes the op (create_async_tma_reduce)
+        tma_reduce_add = getattr(tma, "async_atomic_add", None)
+        if tma_reduce_add is None:
+            from triton._C.libtriton import ir as _ir
+            from triton.experimental.gluon.language._core import builtin as _builtin
+
+            if not hasattr(_ir, "DESCRIPTOR_REDUCE_KIND"):
+                raise ImportError("no descriptor reduce kinds")
+
+            @_builtin
+            def tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+                """``global[coord ...] += src`` (a shared-memory tile) by one bulk tensor reduction."""
+                coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+                _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                          src.handle)
+        HAS_TMA_REDUCE = True
+    except Exception:  # noqa: BLE001 - dQ then goes by atomics only
+        HAS_TMA_REDUCE = False
+
 __all__ = ["HAS_GLUON", "gluon_attention_backward", "tile_loop_reference", "backward_flops"]
 
 BLOCK_M = 64        # query rows per step
@@ -98,69 +120,44 @@ if HAS_GLUON:
         tl.store(DQ + offs, (acc * scale).to(DQ.dtype.element_ty), mask=ok[:, None])
 
     # ----------------------------------------------------------------------------------------------
-    # The walk: which query rows step ``i`` of a program covers
-    # ----------------------------------------------------------------------------------------------
-
-    @gluon.jit
-    def _walk_len(SPARSE: gl.constexpr, count, idx_ptr, qv_ptr, n_dense):
-        """Number of query steps of this program (dense: ``n_dense``)."""
-        if SPARSE:
-            n = 0
-            for j in range(count):
-                q_blk = gl.load(idx_ptr + j)
-                n += gl.cdiv(gl.load(qv_ptr + q_blk), 64)
-        else:
-            n = n_dense
-        return n
-
-    # ----------------------------------------------------------------------------------------------
     # Partitions
     # ----------------------------------------------------------------------------------------------
 
     @gluon.jit
+    def _step_row(SPARSE: gl.constexpr, steps_ptr, i, BLOCK_M: gl.constexpr):
+        """First query row (within the sequence) of step ``i``: from the step table, or ``i·BLOCK_M``."""
+        if SPARSE:
+            return gl.load(steps_ptr + i)
+        else:
+            return i * BLOCK_M
+
+    @gluon.jit
     def _producer(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc,
                   q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, kv_bar, full, empty,
-                  row_base, key_row0, count, idx_ptr, qv_ptr, n_dense,
-                  SPARSE: gl.constexpr, Q_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+                  row_base, key_row0, n_steps, steps_ptr,
+                  SPARSE: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
         """K and V once, then per step Q, dO, lse2 and delta into slot ``i % STAGES`` (after both
         consumers released it; a fresh empty barrier passes the wait on parity 1)."""
         mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
         tma_load(k_desc, [key_row0, 0], kv_bar, k_smem)
         tma_load(v_desc, [key_row0, 0], kv_bar, v_smem)
         nbytes: gl.constexpr = (2 * q_desc.block_type.nbytes + 2 * lse_desc.block_type.nbytes)
-        i = 0
-        if SPARSE:
-            for j in range(count):
-                q_blk = gl.load(idx_ptr + j)
-                n_sub = gl.cdiv(gl.load(qv_ptr + q_blk), BLOCK_M)
-                for sub in range(n_sub):
-                    row = row_base + q_blk * Q_BLOCK + sub * BLOCK_M
-                    s = i % STAGES
-                    mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
-                    bar = full.index(s)
-                    mbarrier.expect(bar, nbytes)
-                    tma_load(q_desc, [row, 0], bar, q_smem.index(s))
-                    tma_load(do_desc, [row, 0], bar, do_smem.index(s))
-                    tma_load(lse_desc, [row], bar, lse_smem.index(s))
-                    tma_load(delta_desc, [row], bar, delta_smem.index(s))
-                    i += 1
-        else:
-            for i in range(n_dense):
-                row = row_base + i * BLOCK_M
-                s = i % STAGES
-                mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
-                bar = full.index(s)
-                mbarrier.expect(bar, nbytes)
-                tma_load(q_desc, [row, 0], bar, q_smem.index(s))
-                tma_load(do_desc, [row, 0], bar, do_smem.index(s))
-                tma_load(lse_desc, [row], bar, lse_smem.index(s))
-                tma_load(delta_desc, [row], bar, delta_smem.index(s))
+        for i in range(n_steps):
+            row = row_base + _step_row(SPARSE, steps_ptr, i, BLOCK_M)
+            s = i % STAGES
+            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+            bar = full.index(s)
+            mbarrier.expect(bar, nbytes)
+            tma_load(q_desc, [row, 0], bar, q_smem.index(s))
+            tma_load(do_desc, [row, 0], bar, do_smem.index(s))
+            tma_load(lse_desc, [row], bar, lse_smem.index(s))
+            tma_load(delta_desc, [row], bar, delta_smem.index(s))
 
     @gluon.jit
     def _consumer_step(c: gl.constexpr, i, row, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
-                       ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, rem, qk_scale,
+                       ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, qk_scale,
                        BLOCK_M: gl.constexpr, BLOCK_KC: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                       MASK_KEYS: gl.constexpr):
+                       DQ_TMA: gl.constexpr):
         """Step ``i`` (query rows ``row ...`` of the flat [B·H·S] index) of consumer warpgroup ``c``."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                             instr_shape=[16, BLOCK_M, 16])
@@ -185,9 +182,6 @@ if HAS_GLUON:
         lse2 = lse_smem.index(s).load(col_layout)
         st = warpgroup_mma_wait(num_outstanding=1, deps=(st,))
         pt = gl.exp2(st * qk_scale - lse2[None, :])
-        if MASK_KEYS:   # keys past k_valid (a ragged key block): P = 0
-            key = c * BLOCK_KC + gl.arange(0, BLOCK_KC, layout=gl.SliceLayout(1, s_layout))
-            pt = gl.where((key < rem)[:, None], pt, 0.0)
         pt_op = gl.convert_layout(pt.to(gl.bfloat16), a_layout)
         dv = warpgroup_mma(pt_op, do_s, dv, is_async=True)
         delta = delta_smem.index(s).load(col_layout)
@@ -204,15 +198,47 @@ if HAS_GLUON:
                            gl.zeros([BLOCK_M, BLOCK_KC], gl.float32, dq_layout), use_acc=False, is_async=True)
         dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
         mbarrier.arrive(empty.index(s), count=1)   # Q / dO / lse2 / delta of slot s no longer read
-        gl.atomic_add(DQ_ACC + row.to(gl.int64) * D + dq_offs, dq, sem="relaxed")
+        if DQ_TMA:   # through this warpgroup's shared buffer and one bulk reduce-add
+            dq_buf = dq_smem.index(c)
+            tma.store_wait(0)            # the previous step's reduce has read the buffer
+            gl.thread_barrier()
+            dq_buf.store(dq)
+            fence_async_shared()
+            gl.thread_barrier()
+            tma_reduce_add(dq_desc, [row, c * BLOCK_KC], dq_buf)
+        else:
+            gl.atomic_add(DQ_ACC + row.to(gl.int64) * D + dq_offs, dq, sem="relaxed")
         return dk, dv
 
     @gluon.jit
-    def _consumer(c: gl.constexpr, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem,
-                  kv_bar, full, empty, ds_bar, DQ_ACC, DK, DV, row_base, key_row0, rem, count, idx_ptr, qv_ptr,
-                  n_dense, qk_scale, sm_scale,
-                  SPARSE: gl.constexpr, Q_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_KC: gl.constexpr,
-                  D: gl.constexpr, STAGES: gl.constexpr):
+    def _zero_rows_past(smem, n_keep, ROWS: gl.constexpr, D: gl.constexpr):
+        """Zero the rows ``n_keep ...`` of a warpgroup's K half tile (once per ragged program). Keys past
+        k_valid then have S = 0, and their dS·K adds nothing to dQ; their own dK / dV are written as
+        zeros. (P = exp2(−lse2) of such keys must stay finite: rows whose every score is below ≈ −88
+        in natural-log units would overflow it.)"""
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        x = smem.load(layout)
+        r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+        smem.store(gl.where((r < n_keep)[:, None], x, gl.zeros_like(x)))
+        fence_async_shared()
+
+    @gluon.jit
+    def _consumer_walk(c: gl.constexpr, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem,
+                       full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, row_base, n_steps, steps_ptr,
+                       qk_scale, SPARSE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_KC: gl.constexpr,
+                       D: gl.constexpr, STAGES: gl.constexpr, DQ_TMA: gl.constexpr):
+        for i in range(n_steps):
+            row = row_base + _step_row(SPARSE, steps_ptr, i, BLOCK_M)
+            dk, dv = _consumer_step(c, i, row, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
+                                    ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, qk_scale,
+                                    BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA)
+        return dk, dv
+
+    @gluon.jit
+    def _consumer(c: gl.constexpr, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem, dq_smem,
+                  kv_bar, full, empty, ds_bar, DQ_ACC, dq_desc, DK, DV, row_base, key_row0, rem, n_steps, steps_ptr,
+                  qk_scale, sm_scale, SPARSE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_KC: gl.constexpr,
+                  D: gl.constexpr, STAGES: gl.constexpr, DQ_TMA: gl.constexpr):
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                               instr_shape=[16, D, 16])
         dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -225,40 +251,29 @@ if HAS_GLUON:
 
         mbarrier.wait(kv_bar, 0)
         if SPARSE:
-            i = 0
-            ragged = rem < 2 * BLOCK_KC
-            for j in range(count):
-                q_blk = gl.load(idx_ptr + j)
-                n_sub = gl.cdiv(gl.load(qv_ptr + q_blk), BLOCK_M)
-                for sub in range(n_sub):
-                    row = row_base + q_blk * Q_BLOCK + sub * BLOCK_M
-                    if ragged:
-                        dk, dv = _consumer_step(c, i, row, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem,
-                                                delta_smem, ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, rem,
-                                                qk_scale, BLOCK_M, BLOCK_KC, D, STAGES, True)
-                    else:
-                        dk, dv = _consumer_step(c, i, row, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem,
-                                                delta_smem, ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, rem,
-                                                qk_scale, BLOCK_M, BLOCK_KC, D, STAGES, False)
-                    i += 1
-        else:
-            for i in range(n_dense):
-                dk, dv = _consumer_step(c, i, row_base + i * BLOCK_M, dk, dv, q_smem, do_smem, k_smem, v_smem,
-                                        lse_smem, delta_smem, ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, rem,
-                                        qk_scale, BLOCK_M, BLOCK_KC, D, STAGES, False)
-
+            if rem < 2 * BLOCK_KC:   # a ragged key tile: see _zero_rows_past
+                _zero_rows_past(k_smem.slice(c * BLOCK_KC, BLOCK_KC, dim=0), rem - c * BLOCK_KC, BLOCK_KC, D)
+        dk, dv = _consumer_walk(c, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem,
+                                full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, row_base, n_steps,
+                                steps_ptr, qk_scale, SPARSE, BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA)
+        if DQ_TMA:
+            tma.store_wait(0)
         rows = gl.arange(0, BLOCK_KC, layout=gl.SliceLayout(1, acc_layout))
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
         offs = (key_row0 + c * BLOCK_KC + rows).to(gl.int64)[:, None] * D + cols[None, :]
+        if SPARSE:   # keys past k_valid: zero gradients
+            keep = (c * BLOCK_KC + rows < rem)[:, None]
+            dk = gl.where(keep, dk, 0.0)
+            dv = gl.where(keep, dv, 0.0)
         gl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty))
         gl.store(DV + offs, dv.to(DV.dtype.element_ty))
 
     @gluon.jit
-    def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, DQ_ACC, DK, DV,
-                    Q_COUNT, Q_INDEX, COL_ORDER, K_VALID, Q_VALID,
-                    s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_n, s_ord_b, s_ord_h, s_val_b, s_qv_b,
+    def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, dq_desc, DQ_ACC, DK, DV,
+                    N_STEPS, STEPS, COL_ORDER, K_VALID,
+                    s_ns_b, s_ns_h, s_st_b, s_st_h, s_st_n, s_ord_b, s_ord_h, s_val_b,
                     H, S, qk_scale, sm_scale,
-                    SPARSE: gl.constexpr, Q_BLOCK: gl.constexpr, K_BLOCK: gl.constexpr,
+                    SPARSE: gl.constexpr, DQ_TMA: gl.constexpr, K_BLOCK: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
         gl.static_assert(num_warps == 4, "the default partition is consumer warpgroup 0")
@@ -273,18 +288,15 @@ if HAS_GLUON:
             k_blk = gl.load(COL_ORDER + b * s_ord_b + h * s_ord_h + tile // SUB_N)
             key0 = k_blk * K_BLOCK + (tile % SUB_N) * BLOCK_N
             rem = gl.load(K_VALID + b * s_val_b + k_blk) - (tile % SUB_N) * BLOCK_N   # valid keys here
-            count = gl.load(Q_COUNT + b * s_cnt_b + h * s_cnt_h + k_blk)
-            count = gl.where(rem > 0, count, 0)                                     # all padding: zeros
-            idx_ptr = Q_INDEX + b * s_idx_b + h * s_idx_h + k_blk * s_idx_n
-            qv_ptr = Q_VALID + b * s_qv_b
+            n_steps = gl.load(N_STEPS + b * s_ns_b + h * s_ns_h + k_blk)
+            n_steps = gl.where(rem > 0, n_steps, 0)                                 # all padding: zeros
+            steps_ptr = STEPS + b * s_st_b + h * s_st_h + k_blk * s_st_n
         else:
             key0 = tile * BLOCK_N
             rem = BLOCK_N
-            count = 0
-            idx_ptr = Q_INDEX
-            qv_ptr = Q_VALID
+            n_steps = S // BLOCK_M
+            steps_ptr = STEPS
         key_row0 = row_base + key0
-        n_dense = S // BLOCK_M
 
         dt: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dt, [STAGES, BLOCK_M, D], q_desc.layout)
@@ -295,6 +307,10 @@ if HAS_GLUON:
         delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], delta_desc.layout)
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dt)
         ds_smem = gl.allocate_shared_memory(dt, [2, BLOCK_N, BLOCK_M], ds_layout)
+        if DQ_TMA:   # one fp32 dQ half tile per consumer warpgroup, the source of its bulk reduce-add
+            dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, BLOCK_KC], dq_desc.layout)
+        else:
+            dq_smem = ds_smem
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ds_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -307,15 +323,15 @@ if HAS_GLUON:
         fence_async_shared()
 
         gl.warp_specialize([
-            (_consumer, (0, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem, kv_bar, full, empty,
-                         ds_bar, DQ_ACC, DK, DV, row_base, key_row0, rem, count, idx_ptr, qv_ptr, n_dense,
-                         qk_scale, sm_scale, SPARSE, Q_BLOCK, BLOCK_M, BLOCK_KC, D, STAGES)),
-            (_consumer, (1, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem, kv_bar, full, empty,
-                         ds_bar, DQ_ACC, DK, DV, row_base, key_row0, rem, count, idx_ptr, qv_ptr, n_dense,
-                         qk_scale, sm_scale, SPARSE, Q_BLOCK, BLOCK_M, BLOCK_KC, D, STAGES)),
+            (_consumer, (0, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, full,
+                         empty, ds_bar, DQ_ACC, dq_desc, DK, DV, row_base, key_row0, rem, n_steps, steps_ptr,
+                         qk_scale, sm_scale, SPARSE, BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA)),
+            (_consumer, (1, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, full,
+                         empty, ds_bar, DQ_ACC, dq_desc, DK, DV, row_base, key_row0, rem, n_steps, steps_ptr,
+                         qk_scale, sm_scale, SPARSE, BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA)),
             (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem,
-                         lse_smem, delta_smem, kv_bar, full, empty, row_base, key_row0, count, idx_ptr, qv_ptr,
-                         n_dense, SPARSE, Q_BLOCK, BLOCK_M, STAGES)),
+                         lse_smem, delta_smem, kv_bar, full, empty, row_base, key_row0, n_steps, steps_ptr,
+                         SPARSE, BLOCK_M, STAGES)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -328,16 +344,45 @@ def _plan_strides(t, B, H):
     return t.expand(B, H, *t.shape[2:]).stride()
 
 
+def step_table(plan, block_m: int = BLOCK_M):
+    """The walk of every key block as a flat list of query steps (torch ops, no host sync).
+
+    Returns ``n_steps [B', H', Nk]`` int32 and ``steps [B', H', Nk, Nq·q_block/block_m]`` int32: the
+    first query row (within the sequence) of each step, kept query blocks in ``q_index`` order, each
+    up to its last sub-tile holding a valid row (``q_valid``). ``B'`` is the larger of the plan's index
+    and ``q_valid`` batch dims.
+    """
+    q_index, q_count, q_valid = plan.q_index.long(), plan.q_count.long(), plan.q_valid.long()
+    Bp, Hp, Nk, Nq = q_index.shape
+    Bs = max(Bp, q_valid.shape[0])
+    sub_m = plan.q_block // block_m
+    q_index = q_index.expand(Bs, Hp, Nk, Nq)
+    kept = torch.arange(Nq, device=q_index.device)[None, None, None, :] < q_count.expand(Bs, Hp, Nk)[..., None]
+    qv = q_valid.expand(Bs, -1)
+    n_valid = torch.gather(qv[:, None, None, :].expand(Bs, Hp, Nk, qv.shape[1]), 3, q_index)  # rows kept per block
+    sub = torch.arange(sub_m, device=q_index.device)
+    ok = kept[..., None] & (sub * block_m < n_valid[..., None])                             # [Bs, Hp, Nk, Nq, sub]
+    rows = q_index[..., None] * plan.q_block + sub * block_m
+    ok = ok.reshape(Bs, Hp, Nk, Nq * sub_m)
+    rows = rows.reshape(Bs, Hp, Nk, Nq * sub_m)
+    order = torch.sort((~ok).to(torch.int8), dim=-1, stable=True).indices                   # kept steps first
+    steps = torch.gather(rows, -1, order).to(torch.int32)
+    return ok.sum(-1).to(torch.int32), steps
+
+
 def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                              dout: torch.Tensor, lse: torch.Tensor, scale: float | None = None, plan=None,
-                             stages: int = 2, compile_only: bool = False):
+                             stages: int = 2, dq_reduce: str = "atomic", steps=None, compile_only: bool = False):
     """dq, dk, dv of attention ``out = softmax(q kᵀ·scale) v`` (``lse [B, H, S]`` float32, natural log,
     from the forward) given ``dout``, on Hopper through the Gluon kernel.
 
     q, k, v, out, dout: ``[B, H, S, D]`` contiguous, bf16 (or fp16), D = 128. ``plan``: None (dense, S
     a multiple of 128) or a `BlockSparsePlan` without windows or key bias, q_block and k_block multiples
-    of 128, covering S exactly. ``stages``: depth of the Q/dO ring. ``compile_only``: compile the main
-    kernel for the active target and return it instead of launching (tensors may be meta tensors).
+    of 128, covering S exactly. ``stages``: depth of the Q/dO ring. ``dq_reduce``: ``"atomic"`` (dQ half
+    tiles added by ``red.global.add`` from registers) or ``"tma"`` (through shared memory and one bulk
+    tensor reduce-add per half tile). ``steps``: `step_table` of ``plan``, if already built (it depends
+    on the plan only). ``compile_only``: compile the main kernel for the active target and return it
+    instead of launching (tensors may be meta tensors).
     """
     if not HAS_GLUON:
         raise RuntimeError("gluon_attention_backward needs Triton with Gluon (triton.experimental.gluon)")
@@ -355,30 +400,32 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError("q, k, v, out, dout must be contiguous")
     if lse.shape != (B, H, S) or lse.dtype != torch.float32:
         raise ValueError(f"lse must be float32 [B, H, S], got {lse.dtype} {tuple(lse.shape)}")
+    if dq_reduce not in ("atomic", "tma"):
+        raise ValueError(f"dq_reduce must be 'atomic' or 'tma', got {dq_reduce!r}")
+    if dq_reduce == "tma" and not HAS_TMA_REDUCE:
+        raise RuntimeError("this Triton's Gluon has no TMA reduce-add")
     scale = D ** -0.5 if scale is None else float(scale)
     dev = q.device
     if plan is None:
         if S % BLOCK_N:
             raise ValueError(f"S={S} must be a multiple of {BLOCK_N}")
-        sparse, q_block, k_block = False, BLOCK_N, BLOCK_N
+        sparse, k_block = False, BLOCK_N
         dummy = torch.zeros(1, device=dev, dtype=torch.int32)
-        q_count = q_index = col_order = k_valid = q_valid = dummy
-        strides = (0,) * 9
+        n_steps = step_rows = col_order = k_valid = dummy
+        strides = (0,) * 8
         n_tiles = S // BLOCK_N
     else:
         if plan.has_window or plan.key_bias is not None:
             raise ValueError("plans with windows or a key bias are not supported")
-        q_block, k_block = plan.q_block, plan.k_block
-        if q_block % BLOCK_N or k_block % BLOCK_N:
-            raise ValueError(f"plan blocks must be multiples of {BLOCK_N}, got {q_block} / {k_block}")
-        if plan.num_q_blocks * q_block != S or plan.num_k_blocks * k_block != S:
+        if plan.q_block % BLOCK_N or plan.k_block % BLOCK_N:
+            raise ValueError(f"plan blocks must be multiples of {BLOCK_N}, got {plan.q_block} / {plan.k_block}")
+        if plan.num_q_blocks * plan.q_block != S or plan.num_k_blocks * plan.k_block != S:
             raise ValueError("the plan must cover S exactly")
-        sparse = True
-        q_count, q_index, col_order = plan.q_count, plan.q_index, plan.col_order
-        k_valid, q_valid = plan.k_valid, plan.q_valid
-        cs, ix, co = _plan_strides(q_count, B, H), _plan_strides(q_index, B, H), _plan_strides(col_order, B, H)
-        strides = (cs[0], cs[1], ix[0], ix[1], ix[2], co[0], co[1], k_valid.expand(B, -1).stride(0),
-                   q_valid.expand(B, -1).stride(0))
+        sparse, k_block = True, plan.k_block
+        n_steps, step_rows = step_table(plan) if steps is None else steps
+        col_order, k_valid = plan.col_order, plan.k_valid
+        ns, st, co = _plan_strides(n_steps, B, H), _plan_strides(step_rows, B, H), _plan_strides(col_order, B, H)
+        strides = (ns[0], ns[1], st[0], st[1], st[2], co[0], co[1], k_valid.expand(B, -1).stride(0))
         n_tiles = plan.num_k_blocks * (k_block // BLOCK_N)
 
     n_rows = B * H * S
@@ -391,6 +438,7 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     m_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], gdt)
     n_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gdt)
     r_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M], gl.float32)
+    dq_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N // 2], gl.float32)
 
     def desc2(t, rows, layout):
         t2 = t.view(n_rows, D)
@@ -400,9 +448,10 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return TensorDescriptor(t, [n_rows], [1], [BLOCK_M], r_layout)
 
     args = (desc2(q, BLOCK_M, m_layout), desc2(dout, BLOCK_M, m_layout), desc2(k, BLOCK_N, n_layout),
-            desc2(v, BLOCK_N, n_layout), desc1(lse2), desc1(delta), dq_acc, dk, dv,
-            q_count, q_index, col_order, k_valid, q_valid, *strides, H, S, scale * LOG2E, scale)
-    meta = dict(SPARSE=sparse, Q_BLOCK=q_block, K_BLOCK=k_block, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
+            desc2(v, BLOCK_N, n_layout), desc1(lse2), desc1(delta),
+            TensorDescriptor(dq_acc, [n_rows, D], [D, 1], [BLOCK_M, BLOCK_N // 2], dq_layout), dq_acc, dk, dv,
+            n_steps, step_rows, col_order, k_valid, *strides, H, S, scale * LOG2E, scale)
+    meta = dict(SPARSE=sparse, DQ_TMA=dq_reduce == "tma", K_BLOCK=k_block, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
                 STAGES=int(stages), CONSUMER_REGS=_REGS[0], PRODUCER_REGS=_REGS[1], num_warps=4)
     grid = (n_tiles, B * H)
     if compile_only:
