@@ -59,6 +59,8 @@ try:  # Gluon ships with Triton >= 3.5; the package must import without it
 
     # Triton 3.6 names the TMA load async_copy_global_to_shared; later releases async_load.
     tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    # a barrier of the calling partition's warps: thread_barrier in Triton 3.6, barrier later
+    cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     HAS_GLUON = True
 except Exception:  # noqa: BLE001 - any import problem means "no Gluon"
     HAS_GLUON = False
@@ -201,10 +203,10 @@ if HAS_GLUON:
         if DQ_TMA:   # through this warpgroup's shared buffer and one bulk reduce-add
             dq_buf = dq_smem.index(c)
             tma.store_wait(0)            # the previous step's reduce has read the buffer
-            gl.thread_barrier()
+            cta_barrier()
             dq_buf.store(dq)
             fence_async_shared()
-            gl.thread_barrier()
+            cta_barrier()
             tma_reduce_add(dq_desc, [row, c * BLOCK_KC], dq_buf)
         else:
             gl.atomic_add(DQ_ACC + row.to(gl.int64) * D + dq_offs, dq, sem="relaxed")
