@@ -223,6 +223,7 @@ if HAS_GLUON:
         r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
         smem.store(gl.where((r < n_keep)[:, None], x, gl.zeros_like(x)))
         fence_async_shared()
+        cta_barrier()                   # every warp's rows are written before the first wgmma reads them
 
     @gluon.jit
     def _consumer_walk(c: gl.constexpr, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem,
