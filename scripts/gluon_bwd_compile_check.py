@@ -1,0 +1,88 @@
+"""Compile the Gluon backward kernel for sm90 on any machine (no GPU needed) and report its resources.
+
+    PYTHONPATH=$PWD python scripts/gluon_bwd_compile_check.py [--stages N ...] [--sparse] [--dump DIR]
+
+As `gluon_compile_check.py` does for the forward: the active Triton driver is replaced by one that
+only answers "sm90, device 0, stream 0" and the tensors are meta tensors, so nothing runs. Per
+variant: registers, stack and spills (cuobjdump on the cubin), static shared memory, registers per
+partition (setmaxnreg in the PTX) and a few facts read from the TTGIR / PTX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+import torch
+import triton
+from triton.runtime import driver
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gluon_compile_check import facts, resources  # noqa: E402
+
+from video_sparse_attn.kernels import gluon_bwd as gb  # noqa: E402
+from video_sparse_attn.kernels.variants import _Sm90Driver  # noqa: E402
+
+
+def _meta_plan(S, block):
+    """A dense `BlockSparsePlan` of ``block``-token blocks on the meta device (only shapes matter)."""
+    from video_sparse_attn.plan import BlockSparsePlan
+
+    n = S // block
+    return BlockSparsePlan.dense(1, 1, n, n, block, device="cpu")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stages", nargs="*", type=int, default=[2, 3])
+    ap.add_argument("--sparse", action="store_true", help="also the block-sparse variant (384-token blocks)")
+    ap.add_argument("--dq", nargs="*", default=["atomic", "tma"], help="dQ reductions to compile")
+    ap.add_argument("--dump", default=None, help="write each kernel's ttgir / ptx here")
+    ap.add_argument("--seq", type=int, default=4608)
+    args = ap.parse_args()
+    print(f"triton {triton.__version__}, torch {torch.__version__}")
+    variants = [(st, sp, dq) for sp in ([False, True] if args.sparse else [False]) for dq in args.dq
+                for st in args.stages]
+    old = driver._active if hasattr(driver, "_active") else None
+    driver.set_active(_Sm90Driver())
+    ok = True
+    try:
+        for stages, sparse, dq in variants:
+            name = f"{'sparse' if sparse else 'dense'}:{dq}:stages{stages}"
+            q = torch.empty(1, 16, args.seq, 128, device="meta", dtype=torch.bfloat16)
+            lse = torch.empty(1, 16, args.seq, device="meta", dtype=torch.float32)
+            plan = _meta_plan(args.seq, 384) if sparse else None
+            try:
+                ck = gb.gluon_attention_backward(q, q, q, q, q, lse, plan=plan, stages=stages, dq_reduce=dq,
+                                                compile_only=True)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                ok = False
+                cause = f" <- {type(e.__cause__).__name__}: {e.__cause__}" if e.__cause__ is not None else ""
+                print(f"[{name}] FAILED: {type(e).__name__}: {str(e)[-3000:]}{str(cause)[:3000]}")
+                continue
+            ttgir, ptx = ck.asm["ttgir"], ck.asm["ptx"]
+            md = ck.metadata
+            print(f"[{name}] compiled for sm90: num_warps={md.num_warps} shared={md.shared} B "
+                  f"({md.shared / 1024:.1f} KiB)")
+            print(f"  {resources(ck.asm['cubin'])}")
+            regs = re.findall(r"setmaxnreg\.(\w+)\.sync\.aligned\.u32\s+(\d+)", ptx)
+            print(f"  setmaxnreg (ptx): {regs}")
+            for key, val in facts(ttgir, ptx).items():
+                print(f"  {key}: {val}")
+            red = re.findall(r"(?:red|atom)\.global[\w.]*", ptx)
+            print(f"  red/atom global (ptx): {len(red)} {sorted(set(red))}")
+            if args.dump:
+                os.makedirs(args.dump, exist_ok=True)
+                for ext in ("ttgir", "ptx"):
+                    with open(os.path.join(args.dump, f"{name.replace(':', '_')}.{ext}"), "w") as f:
+                        f.write(ck.asm[ext])
+    finally:
+        if old is not None:
+            driver._active = old
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

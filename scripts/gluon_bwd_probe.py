@@ -1,0 +1,302 @@
+"""Check and time the Gluon sm90 attention backward prototype against the Triton backward and cuDNN (H100/H200).
+
+    PYTHONPATH=$PWD python scripts/gluon_bwd_probe.py --out DIR [--sparse]
+
+Rows (each in its own child process with a time limit, so a failing or hanging row, e.g. a barrier
+protocol gone wrong, is reported and the others still run):
+
+* ``gluon:atomic`` / ``gluon:tma`` (`video_sparse_attn.kernels.gluon_bwd`, dQ by atomics / by TMA
+  reduce-add): first checked against float32 autograd of SDPA on random bf16 data (B=1, H=16, D=128,
+  S=4096 and 16384): relative L2 error of dq, dk, dv (tolerance 1e-2 each); then the backward alone
+  (given out / lse of a forward) timed at S=32640.
+* ``triton:dense_plan``: the package's Triton backward (`triton_bwd.attention_backward`, default
+  options: single pass, dQ atomics) on a dense plan of 384-token blocks, called directly.
+* ``cudnn``: cuDNN SDPA forward+backward minus its forward.
+
+Times are ``triton.testing.do_bench`` medians; TFLOP/s count 10·S²·D·H (2.5× the forward's 4·S²·D·H).
+``--sparse`` adds rows on the padded SSTA plan at 720p/121f (as `benchmark_ssta.py` builds it): the
+Gluon backward checked against the Triton backward on that plan (rel. L2), and both timed; TFLOP/s
+count 10·kept·384²·D. Prints a table and writes ``gluon_bwd_probe.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROWS = ["gluon:atomic", "gluon:tma", "triton:dense_plan", "cudnn"]
+SPARSE_ROWS = ["sparse:gluon:atomic", "sparse:gluon:tma", "sparse:triton"]
+CHECK_SEQS = (4096, 16384)
+H, D = 16, 128
+TOL = 1e-2
+
+
+def _inputs(S, seed):
+    import torch
+
+    torch.manual_seed(seed)
+    q, k, v, do = (torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    return q, k, v, do
+
+
+def _forward(q, k, v, scale):
+    """out and lse (natural log) from the Gluon forward (ws), else float32 math."""
+    import torch
+
+    try:
+        from video_sparse_attn.kernels.gluon_fwd import gluon_attention_forward
+
+        return gluon_attention_forward(q, k, v, scale=scale, schedule="ws")
+    except Exception:  # noqa: BLE001 - any forward will do
+        s = (q.float() @ k.float().transpose(-1, -2)) * scale
+        return (torch.softmax(s, -1) @ v.float()).to(q.dtype), torch.logsumexp(s, -1)
+
+
+def _reference_grads(q, k, v, do, scale):
+    """float32 autograd of SDPA, four heads at a time."""
+    import torch
+    import torch.nn.functional as F
+
+    grads = [torch.empty(q.shape, device=q.device, dtype=torch.float32) for _ in range(3)]
+    for h in range(0, q.shape[1], 4):
+        qf, kf, vf = (t[:, h:h + 4].float().requires_grad_() for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qf, kf, vf, scale=scale)
+        out.backward(do[:, h:h + 4].float())
+        for g, t in zip(grads, (qf, kf, vf)):
+            g[:, h:h + 4] = t.grad
+        del qf, kf, vf, out
+    return grads
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _dense_row(row, S):
+    """(callable timing the row's backward, flops) at sequence length S."""
+    import torch
+
+    q, k, v, do = _inputs(S, 0)
+    scale = D ** -0.5
+    flops = 10.0 * S * S * D * H
+    if row.startswith("gluon:"):
+        from video_sparse_attn.kernels.gluon_bwd import gluon_attention_backward
+
+        out, lse = _forward(q, k, v, scale)
+        mode = row.split(":")[1]
+        return (lambda: gluon_attention_backward(q, k, v, out, do, lse, scale, dq_reduce=mode)), flops
+    if row == "triton:dense_plan":
+        from video_sparse_attn import BlockSparsePlan
+        from video_sparse_attn.kernels.triton_bwd import attention_backward
+        from video_sparse_attn.kernels.triton_common import resolve_kernel_options
+        from video_sparse_attn.kernels.triton_fwd import attention_forward
+
+        n = S // 384
+        plan = BlockSparsePlan.dense(1, 1, n, n, 384, device="cuda")
+        opts = resolve_kernel_options(None)
+        out, lse = attention_forward(q, k, v, plan, scale, opts)
+        return (lambda: attention_backward(q, k, v, out, lse, do, plan, scale, opts)), flops
+    if row == "cudnn":
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from triton.testing import do_bench
+
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+
+        def fwd():
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                return F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
+
+        def fwd_bwd():
+            for t in (qg, kg, vg):
+                t.grad = None
+            fwd().backward(do)
+
+        fwd_bwd()
+        with torch.no_grad():
+            t_fwd = do_bench(fwd, warmup=25, rep=200, return_mode="median")
+        return ("minus", fwd_bwd, t_fwd), flops
+    raise ValueError(row)
+
+
+def _sparse_setup():
+    """q/k/v/dout on the padded SSTA plan at 720p/121f (block-ordered tensors), the plan and its flops."""
+    import math
+
+    import torch
+
+    from video_sparse_attn import BlockSparsePlan, SSTAConfig, TileLayout
+    from video_sparse_attn.masks.build import block_mask_from_tiled
+
+    THW, TEXT, VALID = (31, 45, 80), 1985, 1200
+    torch.manual_seed(0)
+    cfg = SSTAConfig().for_thw(THW)
+    S = math.prod(THW) + TEXT
+    q, k, v = (torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    tm = torch.zeros(1, TEXT, dtype=torch.bool, device="cuda")
+    tm[:, :VALID] = True
+    layout = TileLayout(THW, cfg.tile_thw, TEXT, cfg.pad_type)
+    bs = layout.block_size
+    q_t, k_t, v_t = (layout.tile(x).contiguous() for x in (q, k, v))
+    mask = block_mask_from_tiled(q_t, k_t, layout, cfg, tm)
+    plan = BlockSparsePlan.from_block_mask(mask, bs, bs, layout.key_valid(tm, "cuda"))
+    kept = int(mask.expand(1, H, -1, -1).sum())
+    do_t = torch.randn_like(q_t)
+    return q_t, k_t, v_t, do_t, plan, 10.0 * kept * bs * bs * D, float(mask.float().mean())
+
+
+def _sparse_row(row, res):
+    from video_sparse_attn.kernels.gluon_bwd import gluon_attention_backward, step_table
+    from video_sparse_attn.kernels.triton_bwd import attention_backward
+    from video_sparse_attn.kernels.triton_common import resolve_kernel_options
+    from video_sparse_attn.kernels.triton_fwd import attention_forward
+
+    q, k, v, do, plan, flops, density = _sparse_setup()
+    scale = D ** -0.5
+    opts = resolve_kernel_options(None)
+    out, lse = attention_forward(q, k, v, plan, scale, opts)
+    out = out.contiguous()
+    res.update(seq=q.shape[2], density=density)
+    triton_fn = lambda: attention_backward(q, k, v, out, lse, do, plan, scale, opts)   # noqa: E731
+    if row == "sparse:triton":
+        return triton_fn, flops
+    mode = row.split(":")[2]
+    steps = step_table(plan)
+    fn = lambda: gluon_attention_backward(q, k, v, out, do, lse, scale, plan=plan, dq_reduce=mode,  # noqa: E731
+                                          steps=steps)
+    got, ref = fn(), triton_fn()
+    errs = [_rel(a, b) for a, b in zip(got, ref)]
+    ok = all(e < TOL for e in errs)
+    res["checks"] = [{"seq": q.shape[2], "vs": "triton", "dq": errs[0], "dk": errs[1], "dv": errs[2], "ok": ok}]
+    res["correct"] = ok
+    print(f"  [{row}] vs Triton backward: dq {errs[0]:.2e} dk {errs[1]:.2e} dv {errs[2]:.2e} -> "
+          f"{'ok' if ok else 'FAILED'}", flush=True)
+    return fn, flops
+
+
+def run_row(row, bench_seq):
+    """Child process: check (Gluon rows) and time one row; returns a dict."""
+    import torch
+    from triton.testing import do_bench
+
+    res = {"row": row, "checks": [], "seq": bench_seq}
+    if row.startswith("gluon:"):
+        from video_sparse_attn.kernels.gluon_bwd import gluon_attention_backward
+
+        mode = row.split(":")[1]
+        for S in CHECK_SEQS:
+            q, k, v, do = _inputs(S, 1)
+            scale = D ** -0.5
+            out, lse = _forward(q, k, v, scale)
+            got = gluon_attention_backward(q, k, v, out, do, lse, scale, dq_reduce=mode)
+            torch.cuda.synchronize()
+            ref = _reference_grads(q, k, v, do, scale)
+            errs = [_rel(a, b) for a, b in zip(got, ref)]
+            finite = all(bool(torch.isfinite(g).all()) for g in got)
+            ok = finite and all(e < TOL for e in errs)
+            res["checks"].append({"seq": S, "dq": errs[0], "dk": errs[1], "dv": errs[2], "ok": ok})
+            print(f"  [{row}] S={S}: rel L2 dq {errs[0]:.2e} dk {errs[1]:.2e} dv {errs[2]:.2e} -> "
+                  f"{'ok' if ok else 'FAILED'}", flush=True)
+            del q, k, v, do, out, lse, got, ref
+            torch.cuda.empty_cache()
+        res["correct"] = all(c["ok"] for c in res["checks"])
+    if row.startswith("sparse:"):
+        fn, flops = _sparse_row(row, res)
+    else:
+        fn, flops = _dense_row(row, bench_seq)
+    if isinstance(fn, tuple):            # (minus, fwd+bwd callable, forward ms)
+        _, fb, t_fwd = fn
+        ms = do_bench(fb, warmup=25, rep=300, return_mode="median") - t_fwd
+        res["fwd_ms"] = t_fwd
+    else:
+        fn()
+        torch.cuda.synchronize()
+        ms = do_bench(fn, warmup=25, rep=300, return_mode="median")
+    res.update(ms=ms, tflops=flops / ms / 1e9)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--seq", type=int, default=85 * 384, help="timing sequence length (multiple of 384)")
+    ap.add_argument("--rows", nargs="*", default=None)
+    ap.add_argument("--sparse", action="store_true", help="add the 720p/121f SSTA plan rows")
+    ap.add_argument("--row-timeout", type=float, default=90.0, help="seconds per row (child process)")
+    ap.add_argument("--budget", type=float, default=230.0, help="seconds for all rows; later rows are skipped")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:
+        try:
+            res = run_row(args.child, args.seq)
+        except Exception as e:  # noqa: BLE001 - reported by the parent
+            import traceback
+
+            traceback.print_exc()
+            res = {"row": args.child, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+
+    import torch
+    import triton
+
+    rows = args.rows or (ROWS + (SPARSE_ROWS if args.sparse else []))
+    info = {"torch": torch.__version__, "triton": triton.__version__,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "seq": args.seq,
+            "heads": H, "head_dim": D}
+    print(f"torch {info['torch']}, triton {info['triton']}, {info['device']}; timing at B=1 H={H} "
+          f"S={args.seq} D={D}", flush=True)
+    t0 = time.time()
+    results = []
+    for row in rows:
+        left = args.budget - (time.time() - t0)
+        if left < 15:
+            results.append({"row": row, "error": "skipped: time budget spent"})
+            print(f"[{row}] skipped (time budget)", flush=True)
+            continue
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", row, "--seq", str(args.seq)]
+        print(f"[{row}] ...", flush=True)
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=min(args.row_timeout, left))
+            lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+            for ln in p.stdout.splitlines():
+                if not ln.startswith("RESULT "):
+                    print(ln)
+            res = json.loads(lines[-1][len("RESULT "):]) if lines else \
+                {"row": row, "error": f"child exited {p.returncode}: {p.stderr[-2000:]}"}
+            if "error" in res and p.stderr:
+                print(p.stderr[-3000:])
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            print(out)
+            res = {"row": row, "error": f"timed out after {e.timeout:.0f} s (hang or slow compile)"}
+        results.append(res)
+        if "error" in res:
+            print(f"[{row}] ERROR: {res['error'][:500]}", flush=True)
+        elif "correct" in res and not res["correct"]:
+            print(f"[{row}] FAILED correctness (timed anyway)", flush=True)
+
+    print()
+    print(f"{'row':24s} {'S':>7s} {'bwd ms':>9s} {'TFLOP/s':>9s}  check (rel L2 dq/dk/dv)")
+    for r in results:
+        if "error" in r:
+            print(f"{r['row']:24s} {'-':>7s} {'-':>9s} {'-':>9s}  error: {r['error'][:80]}")
+            continue
+        chk = "" if "correct" not in r else ("ok" if r["correct"] else "FAILED") + " (" + ", ".join(
+            f"S={c['seq']}: {c['dq']:.1e}/{c['dk']:.1e}/{c['dv']:.1e}" for c in r["checks"]) + ")"
+        print(f"{r['row']:24s} {r['seq']:7d} {r['ms']:9.3f} {r['tflops']:9.1f}  {chk}")
+    print(f"total {time.time() - t0:.0f} s")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "gluon_bwd_probe.json")
+    with open(path, "w") as f:
+        json.dump({"info": info, "rows": results}, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Gluon sm90 backward prototype: import guard, its algorithm and step table (torch, any device), sm90
+compilation without a GPU (needs Gluon) and, on a Hopper GPU, the kernel itself."""
+
+import pytest
+import torch
+
+from video_sparse_attn import BlockSparsePlan
+from video_sparse_attn.kernels import gluon_bwd as gb
+
+
+def _grads(q, k, v, dout, scale):
+    """float32 autograd of dense attention."""
+    qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+    s = (qf @ kf.transpose(-1, -2)) * scale
+    out = torch.softmax(s, -1) @ vf
+    out.backward(dout.float())
+    return out.detach(), torch.logsumexp(s, -1).detach(), (qf.grad, kf.grad, vf.grad)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_import_without_gluon_is_safe():
+    assert isinstance(gb.HAS_GLUON, bool)
+    if not gb.HAS_GLUON:
+        x = torch.zeros(1, 1, 128, 128, dtype=torch.bfloat16)
+        with pytest.raises(RuntimeError):
+            gb.gluon_attention_backward(x, x, x, x, x, torch.zeros(1, 1, 128))
+
+
+def test_gluon_bwd_tile_loop_reference_matches_autograd():
+    torch.manual_seed(0)
+    q, k, v, dout = (torch.randn(1, 2, 384, 128, dtype=torch.bfloat16) for _ in range(4))
+    scale = 128 ** -0.5
+    out, lse, ref = _grads(q, k, v, dout, scale)
+    got = gb.tile_loop_reference(q, k, v, out.to(q.dtype), dout, lse, scale)
+    for g, r in zip(got, ref):
+        assert _rel(g, r) < 1e-2
+
+
+def test_step_table_matches_the_walk():
+    """Each key block's steps: its kept query blocks in q_index order, sub-tiles of 64 rows up to the
+    last one holding a valid row (q_valid), then padding."""
+    torch.manual_seed(0)
+    B, H, N, blk = 2, 3, 5, 256
+    mask = torch.rand(B, H, N, N) < 0.5
+    q_valid = torch.randint(1, blk + 1, (B, N), dtype=torch.int32)
+    plan = BlockSparsePlan.from_block_mask(mask, blk, blk, q_valid=q_valid)
+    n_steps, steps = gb.step_table(plan)
+    for b in range(B):
+        for h in range(H):
+            for n in range(N):
+                want = []
+                for j in range(int(plan.q_count[b, h, n])):
+                    qb = int(plan.q_index[b, h, n, j])
+                    want += [qb * blk + s * 64 for s in range(-(-int(plan.q_valid[b, qb]) // 64))]
+                assert int(n_steps[b, h, n]) == len(want)
+                assert steps[b, h, n, :len(want)].tolist() == want
+
+
+@pytest.mark.skipif(not gb.HAS_GLUON, reason="needs Triton with Gluon")
+def test_gluon_bwd_compiles_for_sm90():
+    """Dense and sparse variants, both dQ reductions, compile for sm90 without a GPU within 227 KiB of
+    shared memory; under Triton 3.6 (what the GPU machine runs) the dense ones without stack (spills;
+    later ptxas bundles spill a few bytes). In a child process: the CPU suite runs Triton's
+    interpreter, Gluon has none."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    dq = ["atomic"] + (["tma"] if gb.HAS_TMA_REDUCE else [])
+    p = subprocess.run([sys.executable, str(root / "scripts" / "gluon_bwd_compile_check.py"), "--stages", "2",
+                        "--sparse", "--dq", *dq], env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    found = re.findall(r"\[(\w+):\w+:stages\d+\] compiled for sm90: num_warps=\d+ shared=(\d+) B.*?STACK:(\d+)",
+                       p.stdout, re.S)
+    assert len(found) == 2 * len(dq), p.stdout
+    assert all(int(shared) <= 232448 for _, shared, _ in found), p.stdout
+    if re.search(r"^triton 3\.6\.", p.stdout, re.M):
+        assert all(stack == "0" for kind, _, stack in found if kind == "dense"), p.stdout
+
+
+_HOPPER = torch.cuda.is_available() and gb.HAS_GLUON and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not _HOPPER, reason="needs a Hopper GPU and Gluon")
+@pytest.mark.parametrize("dq_reduce", ["atomic", "tma"])
+def test_gluon_backward_dense_gpu(dq_reduce):
+    if dq_reduce == "tma" and not gb.HAS_TMA_REDUCE:
+        pytest.skip("no TMA reduce-add in this Triton's Gluon")
+    torch.manual_seed(0)
+    q, k, v, dout = (torch.randn(1, 4, 1024, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    scale = 128 ** -0.5
+    out, lse, ref = _grads(q, k, v, dout, scale)
+    got = gb.gluon_attention_backward(q, k, v, out.to(q.dtype), dout, lse, scale, dq_reduce=dq_reduce)
+    for g, r in zip(got, ref):
+        assert torch.isfinite(g).all()
+        assert _rel(g, r) < 1e-2
+
+
+@pytest.mark.skipif(not _HOPPER, reason="needs a Hopper GPU and Gluon")
+@pytest.mark.parametrize("dq_reduce", ["atomic", "tma"])
+def test_gluon_backward_sparse_gpu(dq_reduce):
+    """Against the Triton backward on a random plan of 384-token blocks with ragged key blocks and
+    padded query rows."""
+    if dq_reduce == "tma" and not gb.HAS_TMA_REDUCE:
+        pytest.skip("no TMA reduce-add in this Triton's Gluon")
+    from video_sparse_attn.kernels.triton_bwd import attention_backward
+    from video_sparse_attn.kernels.triton_common import resolve_kernel_options
+    from video_sparse_attn.kernels.triton_fwd import attention_forward
+
+    torch.manual_seed(0)
+    B, H, N, blk = 1, 4, 6, 384
+    mask = torch.rand(B, H, N, N, device="cuda") < 0.5
+    mask[..., 0] = True
+    k_valid = torch.full((1, N), blk, dtype=torch.int32, device="cuda")
+    k_valid[0, 2], k_valid[0, 5] = 200, 64
+    q_valid = torch.full((1, N), blk, dtype=torch.int32, device="cuda")
+    q_valid[0, 1], q_valid[0, 4] = 100, 300
+    plan = BlockSparsePlan.from_block_mask(mask, blk, blk, k_valid, q_valid)
+    q, k, v, dout = (torch.randn(B, H, N * blk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    scale = 128 ** -0.5
+    opts = resolve_kernel_options(None)
+    out, lse = attention_forward(q, k, v, plan, scale, opts)
+    out = out.contiguous()
+    ref = attention_backward(q, k, v, out, lse, dout, plan, scale, opts)
+    got = gb.gluon_attention_backward(q, k, v, out, dout, lse, scale, plan=plan, dq_reduce=dq_reduce)
+    for g, r in zip(got, ref):
+        assert torch.isfinite(g).all()
+        assert _rel(g, r) < 1e-2

@@ -1,0 +1,507 @@
+"""Prototype attention backward for Hopper (sm90) written in Gluon; not wired into the backend registry.
+
+FA3's layout of work for head dim 128: one program (CTA) owns ``BLOCK_N = 128`` keys of one
+(batch, head) and walks query tiles of ``BLOCK_M = 64`` rows. Three partitions:
+
+* a producer (one warpgroup at 24 registers, one thread issuing) loads the program's K and V tiles
+  once, then per query step the Q and dO tiles and the step's 64 values of ``lse2`` (lse in log2
+  units) and ``delta`` into a ring of ``STAGES`` slots, each slot with a "full" and an "empty"
+  mbarrier;
+* two consumer warpgroups (240 registers each), warpgroup ``c`` owning keys ``64c ... 64c + 63``. Per
+  step, with ``Sᵀ`` and ``dPᵀ`` kept transposed (keys × query rows) so that ``Pᵀ`` and ``dSᵀ`` are
+  the register A operands of the dV and dK GEMMs:
+
+      Sᵀ  = K_c Qᵀ                         (wgmma, K and Q from shared memory)
+      dPᵀ = V_c dOᵀ                        (wgmma)
+      Pᵀ  = exp2(Sᵀ·scale·log2e − lse2)    (lse2 = +inf on rows without keys: P = 0)
+      dV_c += Pᵀ dO                        (wgmma, Pᵀ from registers)
+      dSᵀ = Pᵀ ∘ (dPᵀ − delta)
+      dK_c += dSᵀ Q                        (wgmma, dSᵀ from registers)
+      dSᵀ → shared memory (bf16), both warpgroups meet at an mbarrier, then
+      dQ[:, 64c ... 64c + 63] = dS · K[:, 64c ... 64c + 63]   (wgmma over all 128 keys, both from shared memory)
+
+  and the dQ half tile (fp32, 64×64) is added to a float32 ``[B·H·S, D]`` buffer by relaxed atomics
+  (``red.global.add``). The two warpgroups split dQ by columns, so each dQ element gets one atomic
+  add per program and step (as the Triton single pass with 128-key programs does). The dS tile is
+  double buffered: a warpgroup writes step ``i``'s half only after it met the other at step ``i-1``,
+  which the other reached after its dQ GEMM of step ``i-2`` (the last reader of that buffer) retired.
+
+At the end dK (scaled by ``scale``) and dV are written from registers; a small kernel scales the dQ
+buffer and casts it. A Triton preprocess kernel computes ``delta = rowsum(dout·out)`` and
+``lse2 = lse·log2e`` (+inf where lse = -inf).
+
+Block-sparse walks (``plan`` given): the program of key sub-tile ``t`` of key block ``col_order[t //
+(K_BLOCK/128)]`` walks the query blocks of that key block's ``q_index`` list, each only up to
+``cdiv(q_valid, 64)`` sub-tiles (padded query rows beyond are never visited; inside a partly valid
+sub-tile they have lse = -inf, hence P = 0, and must hold finite q / dout); keys past ``k_valid`` get
+P = 0 (their dK / dV are written as zeros). Plans with windows or a key bias are not supported.
+
+Limits: q, k, v, out, dout ``[B, H, S, D]`` contiguous, the same S for queries and keys, bf16 (or
+fp16), D = 128; dense: S a multiple of 128; sparse: q_block and k_block multiples of 128 and S =
+Nq·q_block = Nk·k_block. Importing this module never fails: without Gluon `HAS_GLUON` is False and the
+launcher raises.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOG2E = 1.4426950408889634
+
+try:  # Gluon ships with Triton >= 3.5; the package must import without it
+    import triton
+    import triton.language as tl
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    # Triton 3.6 names the TMA load async_copy_global_to_shared; later releases async_load.
+    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    # a barrier of the calling partition's warps: thread_barrier in Triton 3.6, barrier later
+    cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    HAS_GLUON = True
+except Exception:  # noqa: BLE001 - any import problem means "no Gluon"
+    HAS_GLUON = False
+
+HAS_TMA_REDUCE = False
+if HAS_GLUON:
+    try:  # TMA reduce-add from shared memory: later releases have tma.async_atomic_add; Triton 3.6's Gluon
+          # has no wrapper, but its builder exposes the op (create_async_tma_reduce)
+        tma_reduce_add = getattr(tma, "async_atomic_add", None)
+        if tma_reduce_add is None:
+            from triton._C.libtriton import ir as _ir
+            from triton.experimental.gluon.language._core import builtin as _builtin
+
+            if not hasattr(_ir, "DESCRIPTOR_REDUCE_KIND"):
+                raise ImportError("no descriptor reduce kinds")
+
+            @_builtin
+            def tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+                """``global[coord ...] += src`` (a shared-memory tile) by one bulk tensor reduction."""
+                coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+                _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                          src.handle)
+        HAS_TMA_REDUCE = True
+    except Exception:  # noqa: BLE001 - dQ then goes by atomics only
+        HAS_TMA_REDUCE = False
+
+__all__ = ["HAS_GLUON", "gluon_attention_backward", "tile_loop_reference", "backward_flops"]
+
+BLOCK_M = 64        # query rows per step
+BLOCK_N = 128       # keys per program (two consumer warpgroups of 64)
+_REGS = (240, 24)   # setmaxnreg of the consumer worker and of the producer partition
+_ROWS = 64          # rows per program of the preprocess and convert kernels
+
+
+if HAS_GLUON:
+
+    # ----------------------------------------------------------------------------------------------
+    # Preprocess and dQ convert (plain Triton)
+    # ----------------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _prep_kernel(O, DO, LSE, DELTA, LSE2, n_rows, D: tl.constexpr, ROWS: tl.constexpr):
+        # Grid: (cdiv(n_rows, ROWS),) over the [B·H·S] rows of contiguous out / dout / lse.
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        ok = rows < n_rows
+        offs = rows.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
+        o = tl.load(O + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+        do = tl.load(DO + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+        tl.store(DELTA + rows, tl.sum(o * do, 1), mask=ok)
+        lse = tl.load(LSE + rows, mask=ok, other=0.0)
+        tl.store(LSE2 + rows, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), mask=ok)
+
+    @triton.jit
+    def _dq_convert_kernel(DQ_ACC, DQ, n_rows, scale, D: tl.constexpr, ROWS: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        ok = rows < n_rows
+        offs = rows.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
+        acc = tl.load(DQ_ACC + offs, mask=ok[:, None], other=0.0)
+        tl.store(DQ + offs, (acc * scale).to(DQ.dtype.element_ty), mask=ok[:, None])
+
+    # ----------------------------------------------------------------------------------------------
+    # Partitions
+    # ----------------------------------------------------------------------------------------------
+
+    @gluon.jit
+    def _step_row(SPARSE: gl.constexpr, steps_ptr, i, BLOCK_M: gl.constexpr):
+        """First query row (within the sequence) of step ``i``: from the step table, or ``i·BLOCK_M``."""
+        if SPARSE:
+            return gl.load(steps_ptr + i)
+        else:
+            return i * BLOCK_M
+
+    @gluon.jit
+    def _producer(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc,
+                  q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, kv_bar, full, empty,
+                  row_base, key_row0, n_steps, steps_ptr,
+                  SPARSE: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+        """K and V once, then per step Q, dO, lse2 and delta into slot ``i % STAGES`` (after both
+        consumers released it; a fresh empty barrier passes the wait on parity 1)."""
+        mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma_load(k_desc, [key_row0, 0], kv_bar, k_smem)
+        tma_load(v_desc, [key_row0, 0], kv_bar, v_smem)
+        nbytes: gl.constexpr = (2 * q_desc.block_type.nbytes + 2 * lse_desc.block_type.nbytes)
+        for i in range(n_steps):
+            row = row_base + _step_row(SPARSE, steps_ptr, i, BLOCK_M)
+            s = i % STAGES
+            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+            bar = full.index(s)
+            mbarrier.expect(bar, nbytes)
+            tma_load(q_desc, [row, 0], bar, q_smem.index(s))
+            tma_load(do_desc, [row, 0], bar, do_smem.index(s))
+            tma_load(lse_desc, [row], bar, lse_smem.index(s))
+            tma_load(delta_desc, [row], bar, delta_smem.index(s))
+
+    @gluon.jit
+    def _consumer_step(c: gl.constexpr, i, row, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
+                       ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, qk_scale,
+                       BLOCK_M: gl.constexpr, BLOCK_KC: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                       DQ_TMA: gl.constexpr):
+        """Step ``i`` (query rows ``row ...`` of the flat [B·H·S] index) of consumer warpgroup ``c``."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, BLOCK_M, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                              instr_shape=[16, D, 16])
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BLOCK_KC, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+        s = i % STAGES
+        buf = i % 2
+        q_s = q_smem.index(s)
+        do_s = do_smem.index(s)
+        k_c = k_smem.slice(c * BLOCK_KC, BLOCK_KC, dim=0)
+        v_c = v_smem.slice(c * BLOCK_KC, BLOCK_KC, dim=0)
+        zero = gl.zeros([BLOCK_KC, BLOCK_M], gl.float32, s_layout)
+
+        mbarrier.wait(full.index(s), (i // STAGES) & 1)
+        st = warpgroup_mma(k_c, q_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+        dpt = warpgroup_mma(v_c, do_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+        lse2 = lse_smem.index(s).load(col_layout)
+        st = warpgroup_mma_wait(num_outstanding=1, deps=(st,))
+        pt = gl.exp2(st * qk_scale - lse2[None, :])
+        pt_op = gl.convert_layout(pt.to(gl.bfloat16), a_layout)
+        dv = warpgroup_mma(pt_op, do_s, dv, is_async=True)
+        delta = delta_smem.index(s).load(col_layout)
+        dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt,))
+        dst = (pt * (dpt - delta[None, :])).to(gl.bfloat16)
+        ds_half = ds_smem.index(buf).slice(c * BLOCK_KC, BLOCK_KC, dim=0)
+        ds_half.store(dst)
+        dst_op = gl.convert_layout(dst, a_layout)
+        dk = warpgroup_mma(dst_op, q_s, dk, is_async=True)
+        fence_async_shared()
+        mbarrier.arrive(ds_bar, count=1)           # this warpgroup's half of dSᵀ is in shared memory
+        mbarrier.wait(ds_bar, i & 1)               # ... and the other's
+        dq = warpgroup_mma(ds_smem.index(buf).permute((1, 0)), k_smem.slice(c * BLOCK_KC, BLOCK_KC, dim=1),
+                           gl.zeros([BLOCK_M, BLOCK_KC], gl.float32, dq_layout), use_acc=False, is_async=True)
+        dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
+        mbarrier.arrive(empty.index(s), count=1)   # Q / dO / lse2 / delta of slot s no longer read
+        if DQ_TMA:   # through this warpgroup's shared buffer and one bulk reduce-add
+            dq_buf = dq_smem.index(c)
+            tma.store_wait(0)            # the previous step's reduce has read the buffer
+            cta_barrier()
+            dq_buf.store(dq)
+            fence_async_shared()
+            cta_barrier()
+            tma_reduce_add(dq_desc, [row, c * BLOCK_KC], dq_buf)
+        else:
+            gl.atomic_add(DQ_ACC + row.to(gl.int64) * D + dq_offs, dq, sem="relaxed")
+        return dk, dv
+
+    @gluon.jit
+    def _zero_rows_past(smem, n_keep, ROWS: gl.constexpr, D: gl.constexpr):
+        """Zero the rows ``n_keep ...`` of a warpgroup's K half tile (once per ragged program). Keys past
+        k_valid then have S = 0, and their dS·K adds nothing to dQ; their own dK / dV are written as
+        zeros. (P = exp2(−lse2) of such keys must stay finite: rows whose every score is below ≈ −88
+        in natural-log units would overflow it.)"""
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        x = smem.load(layout)
+        r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+        smem.store(gl.where((r < n_keep)[:, None], x, gl.zeros_like(x)))
+        fence_async_shared()
+        cta_barrier()                   # every warp's rows are written before the first wgmma reads them
+
+    @gluon.jit
+    def _consumer_walk(c: gl.constexpr, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem,
+                       full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, row_base, n_steps, steps_ptr,
+                       qk_scale, SPARSE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_KC: gl.constexpr,
+                       D: gl.constexpr, STAGES: gl.constexpr, DQ_TMA: gl.constexpr):
+        for i in range(n_steps):
+            row = row_base + _step_row(SPARSE, steps_ptr, i, BLOCK_M)
+            dk, dv = _consumer_step(c, i, row, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
+                                    ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, qk_scale,
+                                    BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA)
+        return dk, dv
+
+    @gluon.jit
+    def _consumer(c: gl.constexpr, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem, dq_smem,
+                  kv_bar, full, empty, ds_bar, DQ_ACC, dq_desc, DK, DV, row_base, key_row0, rem, n_steps, steps_ptr,
+                  qk_scale, sm_scale, SPARSE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_KC: gl.constexpr,
+                  D: gl.constexpr, STAGES: gl.constexpr, DQ_TMA: gl.constexpr):
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                              instr_shape=[16, D, 16])
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BLOCK_KC, 16])
+        dq_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
+        dq_cols = c * BLOCK_KC + gl.arange(0, BLOCK_KC, layout=gl.SliceLayout(0, dq_layout))
+        dq_offs = dq_rows[:, None] * D + dq_cols[None, :]
+        dk = gl.zeros([BLOCK_KC, D], gl.float32, acc_layout)
+        dv = gl.zeros([BLOCK_KC, D], gl.float32, acc_layout)
+
+        mbarrier.wait(kv_bar, 0)
+        if SPARSE:
+            if rem < 2 * BLOCK_KC:   # a ragged key tile: see _zero_rows_past
+                _zero_rows_past(k_smem.slice(c * BLOCK_KC, BLOCK_KC, dim=0), rem - c * BLOCK_KC, BLOCK_KC, D)
+        dk, dv = _consumer_walk(c, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem,
+                                full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, row_base, n_steps,
+                                steps_ptr, qk_scale, SPARSE, BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA)
+        if DQ_TMA:
+            tma.store_wait(0)
+        rows = gl.arange(0, BLOCK_KC, layout=gl.SliceLayout(1, acc_layout))
+        cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
+        offs = (key_row0 + c * BLOCK_KC + rows).to(gl.int64)[:, None] * D + cols[None, :]
+        if SPARSE:   # keys past k_valid: zero gradients
+            keep = (c * BLOCK_KC + rows < rem)[:, None]
+            dk = gl.where(keep, dk, 0.0)
+            dv = gl.where(keep, dv, 0.0)
+        gl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty))
+        gl.store(DV + offs, dv.to(DV.dtype.element_ty))
+
+    @gluon.jit
+    def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, dq_desc, DQ_ACC, DK, DV,
+                    N_STEPS, STEPS, COL_ORDER, K_VALID,
+                    s_ns_b, s_ns_h, s_st_b, s_st_h, s_st_n, s_ord_b, s_ord_h, s_val_b,
+                    H, S, qk_scale, sm_scale,
+                    SPARSE: gl.constexpr, DQ_TMA: gl.constexpr, K_BLOCK: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        gl.static_assert(num_warps == 4, "the default partition is consumer warpgroup 0")
+        BLOCK_KC: gl.constexpr = BLOCK_N // 2
+        tile = gl.program_id(0)
+        bh = gl.program_id(1)
+        row_base = bh * S                       # all tensors are [B·H·S, D] / [B·H·S] views
+        if SPARSE:
+            SUB_N: gl.constexpr = K_BLOCK // BLOCK_N
+            b = bh // H
+            h = bh % H
+            k_blk = gl.load(COL_ORDER + b * s_ord_b + h * s_ord_h + tile // SUB_N)
+            key0 = k_blk * K_BLOCK + (tile % SUB_N) * BLOCK_N
+            rem = gl.load(K_VALID + b * s_val_b + k_blk) - (tile % SUB_N) * BLOCK_N   # valid keys here
+            n_steps = gl.load(N_STEPS + b * s_ns_b + h * s_ns_h + k_blk)
+            n_steps = gl.where(rem > 0, n_steps, 0)                                 # all padding: zeros
+            steps_ptr = STEPS + b * s_st_b + h * s_st_h + k_blk * s_st_n
+        else:
+            key0 = tile * BLOCK_N
+            rem = BLOCK_N
+            n_steps = S // BLOCK_M
+            steps_ptr = STEPS
+        key_row0 = row_base + key0
+
+        dt: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dt, [STAGES, BLOCK_M, D], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dt, [STAGES, BLOCK_M, D], do_desc.layout)
+        k_smem = gl.allocate_shared_memory(dt, [BLOCK_N, D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dt, [BLOCK_N, D], v_desc.layout)
+        lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], lse_desc.layout)
+        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], delta_desc.layout)
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dt)
+        ds_smem = gl.allocate_shared_memory(dt, [2, BLOCK_N, BLOCK_M], ds_layout)
+        if DQ_TMA:   # one fp32 dQ half tile per consumer warpgroup, the source of its bulk reduce-add
+            dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, BLOCK_KC], dq_desc.layout)
+        else:
+            dq_smem = ds_smem
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ds_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        mbarrier.init(ds_bar, count=2)                  # one arrival per consumer warpgroup
+        for s in gl.static_range(STAGES):
+            mbarrier.init(full.index(s), count=1)
+            mbarrier.init(empty.index(s), count=2)
+        fence_async_shared()
+
+        gl.warp_specialize([
+            (_consumer, (0, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, full,
+                         empty, ds_bar, DQ_ACC, dq_desc, DK, DV, row_base, key_row0, rem, n_steps, steps_ptr,
+                         qk_scale, sm_scale, SPARSE, BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA)),
+            (_consumer, (1, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, full,
+                         empty, ds_bar, DQ_ACC, dq_desc, DK, DV, row_base, key_row0, rem, n_steps, steps_ptr,
+                         qk_scale, sm_scale, SPARSE, BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA)),
+            (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem,
+                         lse_smem, delta_smem, kv_bar, full, empty, row_base, key_row0, n_steps, steps_ptr,
+                         SPARSE, BLOCK_M, STAGES)),
+        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------------
+
+def _plan_strides(t, B, H):
+    """Strides of a [B' or 1, H' or 1, ...] plan tensor broadcast to [B, H, ...] (0 on size-1 dims)."""
+    return t.expand(B, H, *t.shape[2:]).stride()
+
+
+def step_table(plan, block_m: int = BLOCK_M):
+    """The walk of every key block as a flat list of query steps (torch ops, no host sync).
+
+    Returns ``n_steps [B', H', Nk]`` int32 and ``steps [B', H', Nk, Nq·q_block/block_m]`` int32: the
+    first query row (within the sequence) of each step, kept query blocks in ``q_index`` order, each
+    up to its last sub-tile holding a valid row (``q_valid``). ``B'`` is the larger of the plan's index
+    and ``q_valid`` batch dims.
+    """
+    q_index, q_count, q_valid = plan.q_index.long(), plan.q_count.long(), plan.q_valid.long()
+    Bp, Hp, Nk, Nq = q_index.shape
+    Bs = max(Bp, q_valid.shape[0])
+    sub_m = plan.q_block // block_m
+    q_index = q_index.expand(Bs, Hp, Nk, Nq)
+    kept = torch.arange(Nq, device=q_index.device)[None, None, None, :] < q_count.expand(Bs, Hp, Nk)[..., None]
+    qv = q_valid.expand(Bs, -1)
+    n_valid = torch.gather(qv[:, None, None, :].expand(Bs, Hp, Nk, qv.shape[1]), 3, q_index)  # rows kept per block
+    sub = torch.arange(sub_m, device=q_index.device)
+    ok = kept[..., None] & (sub * block_m < n_valid[..., None])                             # [Bs, Hp, Nk, Nq, sub]
+    rows = q_index[..., None] * plan.q_block + sub * block_m
+    ok = ok.reshape(Bs, Hp, Nk, Nq * sub_m)
+    rows = rows.reshape(Bs, Hp, Nk, Nq * sub_m)
+    order = torch.sort((~ok).to(torch.int8), dim=-1, stable=True).indices                   # kept steps first
+    steps = torch.gather(rows, -1, order).to(torch.int32)
+    return ok.sum(-1).to(torch.int32), steps
+
+
+def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                             dout: torch.Tensor, lse: torch.Tensor, scale: float | None = None, plan=None,
+                             stages: int = 2, dq_reduce: str = "atomic", steps=None, compile_only: bool = False):
+    """dq, dk, dv of attention ``out = softmax(q kᵀ·scale) v`` (``lse [B, H, S]`` float32, natural log,
+    from the forward) given ``dout``, on Hopper through the Gluon kernel.
+
+    q, k, v, out, dout: ``[B, H, S, D]`` contiguous, bf16 (or fp16), D = 128. ``plan``: None (dense, S
+    a multiple of 128) or a `BlockSparsePlan` without windows or key bias, q_block and k_block multiples
+    of 128, covering S exactly. ``stages``: depth of the Q/dO ring. ``dq_reduce``: ``"atomic"`` (dQ half
+    tiles added by ``red.global.add`` from registers) or ``"tma"`` (through shared memory and one bulk
+    tensor reduce-add per half tile). ``steps``: `step_table` of ``plan``, if already built (it depends
+    on the plan only). ``compile_only``: compile the main kernel for the active target and return it
+    instead of launching (tensors may be meta tensors).
+    """
+    if not HAS_GLUON:
+        raise RuntimeError("gluon_attention_backward needs Triton with Gluon (triton.experimental.gluon)")
+    B, H, S, D = q.shape
+    for name, t in (("k", k), ("v", v), ("out", out), ("dout", dout)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype")
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError("bf16 or fp16 inputs only")
+    if D != 128:
+        raise ValueError(f"head dim {D} not supported (128)")
+    if not all(t.is_contiguous() for t in (q, k, v, out, dout)):
+        raise ValueError("q, k, v, out, dout must be contiguous")
+    if lse.shape != (B, H, S) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32 [B, H, S], got {lse.dtype} {tuple(lse.shape)}")
+    if dq_reduce not in ("atomic", "tma"):
+        raise ValueError(f"dq_reduce must be 'atomic' or 'tma', got {dq_reduce!r}")
+    if dq_reduce == "tma" and not HAS_TMA_REDUCE:
+        raise RuntimeError("this Triton's Gluon has no TMA reduce-add")
+    scale = D ** -0.5 if scale is None else float(scale)
+    dev = q.device
+    if plan is None:
+        if S % BLOCK_N:
+            raise ValueError(f"S={S} must be a multiple of {BLOCK_N}")
+        sparse, k_block = False, BLOCK_N
+        dummy = torch.zeros(1, device=dev, dtype=torch.int32)
+        n_steps = step_rows = col_order = k_valid = dummy
+        strides = (0,) * 8
+        n_tiles = S // BLOCK_N
+    else:
+        if plan.has_window or plan.key_bias is not None:
+            raise ValueError("plans with windows or a key bias are not supported")
+        if plan.q_block % BLOCK_N or plan.k_block % BLOCK_N:
+            raise ValueError(f"plan blocks must be multiples of {BLOCK_N}, got {plan.q_block} / {plan.k_block}")
+        if plan.num_q_blocks * plan.q_block != S or plan.num_k_blocks * plan.k_block != S:
+            raise ValueError("the plan must cover S exactly")
+        sparse, k_block = True, plan.k_block
+        n_steps, step_rows = step_table(plan) if steps is None else steps
+        col_order, k_valid = plan.col_order, plan.k_valid
+        ns, st, co = _plan_strides(n_steps, B, H), _plan_strides(step_rows, B, H), _plan_strides(col_order, B, H)
+        strides = (ns[0], ns[1], st[0], st[1], st[2], co[0], co[1], k_valid.expand(B, -1).stride(0))
+        n_tiles = plan.num_k_blocks * (k_block // BLOCK_N)
+
+    n_rows = B * H * S
+    delta = torch.empty(n_rows, device=dev, dtype=torch.float32)
+    lse2 = torch.empty(n_rows, device=dev, dtype=torch.float32)
+    dq_acc = torch.zeros(n_rows, D, device=dev, dtype=torch.float32)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+
+    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    m_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], gdt)
+    n_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gdt)
+    r_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M], gl.float32)
+    dq_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N // 2], gl.float32)
+
+    def desc2(t, rows, layout):
+        t2 = t.view(n_rows, D)
+        return TensorDescriptor(t2, [n_rows, D], [D, 1], [rows, D], layout)
+
+    def desc1(t):
+        return TensorDescriptor(t, [n_rows], [1], [BLOCK_M], r_layout)
+
+    args = (desc2(q, BLOCK_M, m_layout), desc2(dout, BLOCK_M, m_layout), desc2(k, BLOCK_N, n_layout),
+            desc2(v, BLOCK_N, n_layout), desc1(lse2), desc1(delta),
+            TensorDescriptor(dq_acc, [n_rows, D], [D, 1], [BLOCK_M, BLOCK_N // 2], dq_layout), dq_acc, dk, dv,
+            n_steps, step_rows, col_order, k_valid, *strides, H, S, scale * LOG2E, scale)
+    meta = dict(SPARSE=sparse, DQ_TMA=dq_reduce == "tma", K_BLOCK=k_block, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
+                STAGES=int(stages), CONSUMER_REGS=_REGS[0], PRODUCER_REGS=_REGS[1], num_warps=4)
+    grid = (n_tiles, B * H)
+    if compile_only:
+        return _bwd_kernel.warmup(*args, grid=grid, **meta)
+
+    _prep_kernel[(triton.cdiv(n_rows, _ROWS),)](out, dout, lse, delta, lse2, n_rows, D=D, ROWS=_ROWS)
+    _bwd_kernel[grid](*args, **meta)
+    dq = torch.empty_like(q)
+    _dq_convert_kernel[(triton.cdiv(n_rows, _ROWS),)](dq_acc, dq, n_rows, scale, D=D, ROWS=_ROWS)
+    return dq, dk, dv
+
+
+def tile_loop_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+                        lse: torch.Tensor, scale: float | None = None, block_m: int = BLOCK_M,
+                        block_n: int = BLOCK_N):
+    """The kernel's algorithm in torch, in its order of operations and roundings (any device, dense).
+
+    Per key tile of ``block_n`` keys and per query step of ``block_m`` rows: Sᵀ and dPᵀ in float32,
+    Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), Pᵀ rounded to the input dtype for dV, dSᵀ rounded for dK and
+    for dQ (which adds dS·K into a float32 buffer). Returns dq, dk, dv in the inputs' dtype.
+    """
+    B, H, S, D = q.shape
+    scale = D ** -0.5 if scale is None else float(scale)
+    dt = q.dtype
+    delta = (out.float() * dout.float()).sum(-1)
+    lse2 = torch.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    dq_acc = torch.zeros(B, H, S, D, dtype=torch.float32, device=q.device)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    for n0 in range(0, S, block_n):
+        kt, vt = k[:, :, n0:n0 + block_n].float(), v[:, :, n0:n0 + block_n].float()
+        dk_acc = torch.zeros(B, H, block_n, D, device=q.device)
+        dv_acc = torch.zeros(B, H, block_n, D, device=q.device)
+        for m0 in range(0, S, block_m):
+            qt, dot = q[:, :, m0:m0 + block_m].float(), dout[:, :, m0:m0 + block_m].float()
+            st = kt @ qt.transpose(-1, -2)                                   # [N, M]
+            dpt = vt @ dot.transpose(-1, -2)
+            pt = torch.exp2(st * (scale * LOG2E) - lse2[:, :, None, m0:m0 + block_m])
+            dv_acc += pt.to(dt).float() @ dot
+            dst = (pt * (dpt - delta[:, :, None, m0:m0 + block_m])).to(dt).float()
+            dk_acc += dst @ qt
+            dq_acc[:, :, m0:m0 + block_m] += dst.transpose(-1, -2) @ kt
+        dk[:, :, n0:n0 + block_n] = (dk_acc * scale).to(dt)
+        dv[:, :, n0:n0 + block_n] = dv_acc.to(dt)
+    return (dq_acc * scale).to(dt), dk, dv
+
+
+def backward_flops(B: int, H: int, S: int, D: int) -> float:
+    """FLOPs of the dense attention backward as usually counted (2.5× the forward's 4·B·H·S²·D)."""
+    return 10.0 * B * H * S * S * D
