@@ -134,3 +134,70 @@ def test_gluon_backward_sparse_gpu(dq_reduce):
     for g, r in zip(got, ref):
         assert torch.isfinite(g).all()
         assert _rel(g, r) < 1e-2
+
+
+@pytest.mark.skipif(not _HOPPER, reason="needs a Hopper GPU and Gluon")
+@pytest.mark.parametrize("plan_b", [1, 2], ids=["broadcast", "per_batch"])
+def test_wired_backward_ignores_padded_rows_and_matches_triton(plan_b):
+    """The Triton backend's backward on Hopper (Gluon, option ``gluon``) against the Triton kernels
+    (``gluon=False``): NaN in every padded query row of q and dout (the Triton kernels need finite values
+    in padded rows of partly valid sub-tiles, so they get zeros there), large values in k / v past
+    k_valid, ragged and empty key blocks, an lse gradient, B=2. It is the Gluon kernel that runs."""
+    from video_sparse_attn.kernels.triton_bwd import gluon_backward_usable
+    from video_sparse_attn.kernels.triton_common import resolve_kernel_options
+    from video_sparse_attn.kernels.triton_op import block_sparse_attention_triton
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    B, H, N, blk, D = 2, 3, 6, 384, 128
+    mask = torch.rand(plan_b, H, N, N, device="cuda", generator=g) < 0.5
+    mask[..., 0] = True
+    k_valid = torch.full((plan_b, N), blk, dtype=torch.int32, device="cuda")
+    k_valid[:, 2], k_valid[:, 5], k_valid[:, 4] = 200, 64, 0
+    q_valid = torch.full((plan_b, N), blk, dtype=torch.int32, device="cuda")
+    q_valid[:, 1], q_valid[:, 3], q_valid[:, 4] = 100, 0, 300
+    plan = BlockSparsePlan.from_block_mask(mask, blk, blk, k_valid, q_valid)
+    q, k, v, dout = (torch.randn(B, H, N * blk, D, device="cuda", dtype=torch.bfloat16, generator=g)
+                     for _ in range(4))
+    dlse = torch.randn(B, H, N * blk, device="cuda", generator=g)
+    pad_q = ~plan.query_valid().expand(B, -1)[:, None, :, None]
+    pad_k = ~plan.token_valid().expand(B, -1)[:, None, :, None]
+    k.masked_fill_(pad_k, 300.0)
+    v.masked_fill_(pad_k, -50.0)
+    assert gluon_backward_usable(q, k, v, plan, resolve_kernel_options(None))
+    results = {}
+    for gluon in (True, False):
+        fill = float("nan") if gluon else 0.0
+        qi = q.masked_fill(pad_q, fill).requires_grad_()
+        ki, vi = (x.detach().requires_grad_() for x in (k, v))
+        out, lse = block_sparse_attention_triton(qi, ki, vi, plan, kernel_options={"gluon": gluon})
+        assert not out.isnan().any()
+        results[gluon] = torch.autograd.grad((out, lse), (qi, ki, vi), (dout.masked_fill(pad_q, fill), dlse))
+    for name, a, b in zip(("dq", "dk", "dv"), results[True], results[False]):
+        assert not a.isnan().any(), name
+        assert _rel(a, b) < 2e-2, (name, _rel(a, b))
+    assert (results[True][0][pad_q.expand_as(q)] == 0).all()
+    assert (results[True][1][pad_k.expand_as(k)] == 0).all() and (results[True][2][pad_k.expand_as(v)] == 0).all()
+
+
+@pytest.mark.skipif(not _HOPPER, reason="needs a Hopper GPU and Gluon")
+def test_wired_backward_finite_when_every_score_is_very_negative():
+    """Rows whose every score is far below -88 (natural log) with a ragged key block: the zeroed keys past
+    k_valid must not overflow P (exp of -lse) into inf and NaN gradients."""
+    from video_sparse_attn.kernels.triton_op import block_sparse_attention_triton
+
+    B, H, N, blk, D = 1, 2, 3, 384, 128
+    mask = torch.ones(B, H, N, N, dtype=torch.bool, device="cuda")
+    k_valid = torch.tensor([[blk, 150, blk]], dtype=torch.int32, device="cuda")
+    plan = BlockSparsePlan.from_block_mask(mask, blk, blk, k_valid)
+    q = torch.full((B, H, N * blk, D), 4.0, device="cuda", dtype=torch.bfloat16)
+    k = torch.full_like(q, -4.0) + 0.01 * torch.randn_like(q)          # scores ≈ -181
+    v, dout = torch.randn_like(q), torch.randn_like(q)
+    results = {}
+    for gluon in (True, False):
+        qi, ki, vi = (x.detach().requires_grad_() for x in (q, k, v))
+        out, lse = block_sparse_attention_triton(qi, ki, vi, plan, kernel_options={"gluon": gluon})
+        assert (lse < -100).all()
+        results[gluon] = torch.autograd.grad(out, (qi, ki, vi), dout)
+    for name, a, b in zip(("dq", "dk", "dv"), results[True], results[False]):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) < 2e-2, (name, _rel(a, b))

@@ -1,4 +1,5 @@
-"""Prototype attention backward for Hopper (sm90) written in Gluon; not wired into the backend registry.
+"""Attention backward for Hopper (sm90) written in Gluon: the Triton backend's single-pass backward on
+Hopper (`triton_bwd.gluon_backward_usable` decides; `gluon_sparse_backward` is its entry).
 
 FA3's layout of work for head dim 128: one program (CTA) owns ``BLOCK_N = 128`` keys of one
 (batch, head) and walks query tiles of ``BLOCK_M = 64`` rows. Three partitions:
@@ -87,7 +88,8 @@ if HAS_GLUON:
     except Exception:  # noqa: BLE001 - dQ then goes by atomics only
         HAS_TMA_REDUCE = False
 
-__all__ = ["HAS_GLUON", "gluon_attention_backward", "tile_loop_reference", "backward_flops"]
+__all__ = ["HAS_GLUON", "gluon_attention_backward", "gluon_sparse_backward", "sparse_backward_unsupported",
+           "step_table", "tile_loop_reference", "backward_flops"]
 
 BLOCK_M = 64        # query rows per step
 BLOCK_N = 128       # keys per program (two consumer warpgroups of 64)
@@ -183,7 +185,9 @@ if HAS_GLUON:
         dpt = warpgroup_mma(v_c, do_s.permute((1, 0)), zero, use_acc=False, is_async=True)
         lse2 = lse_smem.index(s).load(col_layout)
         st = warpgroup_mma_wait(num_outstanding=1, deps=(st,))
-        pt = gl.exp2(st * qk_scale - lse2[None, :])
+        # P <= 1 (the exact P is, up to rounding): keeps P finite for the zeroed keys past k_valid
+        # (S = 0) in rows whose lse is very negative, so that their dS·K adds exactly 0 to dQ
+        pt = gl.exp2(gl.minimum(st * qk_scale - lse2[None, :], 0.0))
         pt_op = gl.convert_layout(pt.to(gl.bfloat16), a_layout)
         dv = warpgroup_mma(pt_op, do_s, dv, is_async=True)
         delta = delta_smem.index(s).load(col_layout)
@@ -216,8 +220,7 @@ if HAS_GLUON:
     def _zero_rows_past(smem, n_keep, ROWS: gl.constexpr, D: gl.constexpr):
         """Zero the rows ``n_keep ...`` of a warpgroup's K half tile (once per ragged program). Keys past
         k_valid then have S = 0, and their dS·K adds nothing to dQ; their own dK / dV are written as
-        zeros. (P = exp2(−lse2) of such keys must stay finite: rows whose every score is below ≈ −88
-        in natural-log units would overflow it.)"""
+        zeros. (P of such keys is exp2(−lse2) clamped to 1 by the step, so it stays finite.)"""
         layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         x = smem.load(layout)
         r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
@@ -375,7 +378,8 @@ def step_table(plan, block_m: int = BLOCK_M):
 
 def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                              dout: torch.Tensor, lse: torch.Tensor, scale: float | None = None, plan=None,
-                             stages: int = 2, dq_reduce: str = "atomic", steps=None, compile_only: bool = False):
+                             stages: int = 2, dq_reduce: str = "atomic", steps=None, compile_only: bool = False,
+                             dlse=None, launch=None):
     """dq, dk, dv of attention ``out = softmax(q kᵀ·scale) v`` (``lse [B, H, S]`` float32, natural log,
     from the forward) given ``dout``, on Hopper through the Gluon kernel.
 
@@ -385,7 +389,9 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     tiles added by ``red.global.add`` from registers) or ``"tma"`` (through shared memory and one bulk
     tensor reduce-add per half tile). ``steps``: `step_table` of ``plan``, if already built (it depends
     on the plan only). ``compile_only``: compile the main kernel for the active target and return it
-    instead of launching (tensors may be meta tensors).
+    instead of launching (tensors may be meta tensors). ``dlse``: gradient of ``lse`` ``[B, H, S]`` (it
+    shifts the row term: ``delta ← delta − dlse``). ``launch``: `precompile.launch` (compiles only
+    inside `precompile.compile_only`); default: launch.
     """
     if not HAS_GLUON:
         raise RuntimeError("gluon_attention_backward needs Triton with Gluon (triton.experimental.gluon)")
@@ -459,12 +465,90 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     grid = (n_tiles, B * H)
     if compile_only:
         return _bwd_kernel.warmup(*args, grid=grid, **meta)
-
-    _prep_kernel[(triton.cdiv(n_rows, _ROWS),)](out, dout, lse, delta, lse2, n_rows, D=D, ROWS=_ROWS)
-    _bwd_kernel[grid](*args, **meta)
+    launch = launch or (lambda kernel, g, *a, **kw: kernel[g](*a, **kw))
+    row_grid = (triton.cdiv(n_rows, _ROWS),)
+    launch(_prep_kernel, row_grid, out, dout, lse, delta, lse2, n_rows, D=D, ROWS=_ROWS)
+    if dlse is not None:
+        delta.sub_(dlse.reshape(n_rows))
+    launch(_bwd_kernel, grid, *args, **meta)
     dq = torch.empty_like(q)
-    _dq_convert_kernel[(triton.cdiv(n_rows, _ROWS),)](dq_acc, dq, n_rows, scale, D=D, ROWS=_ROWS)
+    launch(_dq_convert_kernel, row_grid, dq_acc, dq, n_rows, scale, D=D, ROWS=_ROWS)
     return dq, dk, dv
+
+
+_STEPS_ATTR = "_gluon_bwd_steps"
+
+
+def sparse_backward_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> str | None:
+    """Why the block-sparse Gluon backward cannot run this call (None: it can): Hopper (sm90) with Gluon,
+    not under Triton's interpreter; bf16 / fp16; head dim 128; q, k, v of one shape (self-attention
+    over one sequence, as many key heads as query heads); plan blocks multiples of 128 covering the
+    sequence exactly; no token window, no key bias."""
+    if not HAS_GLUON:
+        return "Triton has no Gluon"
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "Triton's interpreter"
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return "not a Hopper (sm90) GPU"
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype} (bf16 / fp16 only)"
+    if q.shape[-1] != 128:
+        return f"head dim {q.shape[-1]} (128 only)"
+    if k.shape != q.shape or v.shape != q.shape:
+        return "q, k, v of different shapes"
+    if plan.q_block % BLOCK_N or plan.k_block % BLOCK_N:
+        return f"blocks {plan.q_block}/{plan.k_block} (multiples of {BLOCK_N} only)"
+    S = q.shape[2]
+    if plan.num_q_blocks * plan.q_block != S or plan.num_k_blocks * plan.k_block != S:
+        return "a plan that does not cover the sequence exactly"
+    if plan.has_window:
+        return "a token window"
+    if plan.key_bias is not None:
+        return "a key bias"
+    return None
+
+
+def _steps_for(plan, compile_only: bool):
+    """`step_table` of ``plan``, built once and kept on the plan (it depends on the plan only); meta
+    tensors of its shapes when only compiling."""
+    if compile_only:
+        Bp = max(plan.q_index.shape[0], plan.q_valid.shape[0])
+        Hp, Nk, Nq = plan.q_index.shape[1:]
+        n = Nq * (plan.q_block // BLOCK_M)
+        return (torch.empty(Bp, Hp, Nk, dtype=torch.int32, device="meta"),
+                torch.empty(Bp, Hp, Nk, n, dtype=torch.int32, device="meta"))
+    cached = getattr(plan, _STEPS_ATTR, None)
+    if cached is None:
+        cached = step_table(plan)
+        object.__setattr__(plan, _STEPS_ATTR, cached)
+    return cached
+
+
+def gluon_sparse_backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None, launch=None,
+                          compile_only: bool = False):
+    """dq, dk, dv of `gluon_fwd` / `triton_fwd`'s block-sparse ``out`` over ``plan`` (checked by the caller:
+    `sparse_backward_unsupported`), the Triton backward's contract: any strides; query rows past
+    ``plan.q_valid`` contribute nothing and get dq 0, whatever q / dout hold there (they are zeroed in
+    the kernel's copies of q and dout); keys past ``k_valid`` get dk = dv = 0 (their k and v must be
+    finite, as in the forward). dQ goes by TMA reduce-add where this Triton's Gluon has it, else by atomics.
+    ``compile_only``: compile the kernel only (`precompile.compile_only`)."""
+    if compile_only:
+        def dense(t):
+            return torch.empty(t.shape, dtype=t.dtype, device="meta")
+        q_c, k_c, v_c, o_c, do_c = (dense(t) for t in (q, k, v, out, dout))
+        lse = dense(lse)
+    else:
+        row_ok = plan.query_valid()[:, None, :, None]                 # [Bq, 1, Sq, 1]
+        q_c = torch.where(row_ok, q, 0.0).contiguous()
+        do_c = torch.where(row_ok, dout, 0.0).contiguous()
+        k_c, v_c, o_c = (t.contiguous() for t in (k, v, out))
+        lse = lse.contiguous()
+    mode = "tma" if HAS_TMA_REDUCE else "atomic"
+    return gluon_attention_backward(q_c, k_c, v_c, o_c, do_c, lse, scale, plan=plan, dq_reduce=mode,
+                                    steps=_steps_for(plan, compile_only), compile_only=compile_only, dlse=dlse,
+                                    launch=launch)
 
 
 def tile_loop_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,

@@ -28,6 +28,9 @@ Token windows: the dK/dV and dQ walks run the pairs wholly inside the window unm
 probability 0 by an +inf offset on their lse), then only the pairs crossing its edge, masked.
 Grids put the tile axis fastest (one head at a time, heavy tiles first); tensor descriptors (TMA)
 replace pointer loads of the walked operands on sm90+ when strides allow (see `tma_usable`).
+On Hopper the single pass runs the Gluon kernel instead (`gluon_bwd`: a TMA producer warpgroup and two
+consumer warpgroups, dQ by TMA reduce-add) wherever it supports the call (`gluon_backward_usable`,
+kernel option ``gluon``); the same gradients up to the order of the dQ additions.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from .triton_common import (SHAPE_ARGS_M, SHAPE_ARGS_N, C_LOG2E, LOG2E, dot_prec
                             plan_strides, query_tile, row_program, tma_usable, window_sides)
 from .tuning import tuned_kernel
 
-__all__ = ["attention_backward", "DKDV_CONFIGS", "DQ_CONFIGS", "ONE_PASS_CONFIGS"]
+__all__ = ["attention_backward", "gluon_backward_usable", "DKDV_CONFIGS", "DQ_CONFIGS", "ONE_PASS_CONFIGS"]
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 DKDV_CONFIGS = {
@@ -378,6 +381,18 @@ def _dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=d_ok[None, :])
 
 
+def gluon_backward_usable(q, k, v, plan, options: dict) -> bool:
+    """Whether the single-pass backward runs the Gluon kernel (`gluon_bwd`, Hopper): option ``gluon`` and
+    a call it supports (`gluon_bwd.sparse_backward_unsupported`: sm90 with Gluon, bf16 / fp16, D=128,
+    q / k / v of one shape, blocks multiples of 128 covering the sequence, no window, no key bias).
+    The one place that decides; ``deterministic=True`` always takes the Triton two-pass kernels."""
+    if not options.get("gluon", True):
+        return False
+    from . import gluon_bwd
+
+    return gluon_bwd.sparse_backward_unsupported(q, k, v, plan) is None
+
+
 def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dict, deterministic: bool = False,
                        dlse=None):
     """dq, dk, dv (each like its input) of `attention_forward`'s ``out`` given ``dout`` (any strides)
@@ -389,11 +404,16 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
     With ``L = <dout, out> + <dlse, lse>``: ``dL/ds_ij = p_ij (dp_ij − delta_i) + p_ij dlse_i``, so the
     lse gradient only shifts the row term: ``delta_i ← delta_i − dlse_i``.
     """
+    pc.wait()                                   # background compiles of these kernels, if any, first
+    if not deterministic and gluon_backward_usable(q, k, v, plan, options):
+        from .gluon_bwd import gluon_sparse_backward
+
+        return gluon_sparse_backward(q, k, v, out, lse, dout, plan, scale, dlse=dlse, launch=pc.launch,
+                                     compile_only=pc.compiling_only())
     B, H, Sq, D = q.shape
     d_pad = max(16, triton.next_power_of_2(D))
     table = "large_d" if d_pad > 128 else "small_d"
     prec = dot_precision(q.dtype)
-    pc.wait()                                   # background compiles of these kernels, if any, first
     delta = pc.empty(B, H, Sq, device=q.device, dtype=torch.float32)
     pc.launch(
         _delta_kernel, (triton.cdiv(Sq, _ROWS), B * H),

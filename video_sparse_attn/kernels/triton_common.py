@@ -81,11 +81,14 @@ class KernelOptions(TypedDict, total=False):
     add nothing (their lse is -inf). Results are identical. Default ``True``."""
 
     gluon: bool
-    """Forward on Hopper (sm90): run the warp-specialised Gluon kernel (`gluon_fwd.gluon_sparse_forward`:
+    """On Hopper (sm90), forward: run the warp-specialised Gluon kernel (`gluon_fwd.gluon_sparse_forward`:
     a TMA producer warpgroup and two 64-row consumer warpgroups) where it supports the call (bf16 / fp16,
     head dim 64 or 128, blocks multiples of 128, no token window, no key bias, q/k/v strides a 2-D TMA
     view describes; `gluon_fwd.sparse_unsupported`), else the Triton forward. Same outputs (out, and the
-    lse the backward reuses) to rounding. ``False``: the Triton forward always. Default ``True``."""
+    lse the backward reuses) to rounding. The single-pass backward likewise runs the Gluon backward
+    (`gluon_bwd`, dQ by TMA reduce-add) where it supports the call (D=128, q / k / v of one shape, plan
+    covering the sequence; `gluon_bwd.sparse_backward_unsupported`); ``deterministic=True`` never does.
+    ``False``: the Triton kernels always. Default ``True``."""
 
 
 _DEFAULTS: KernelOptions = {
