@@ -188,11 +188,11 @@ if HAS_GLUON:
         # P <= 1 (the exact P is, up to rounding): keeps P finite for the zeroed keys past k_valid
         # (S = 0) in rows whose lse is very negative, so that their dS·K adds exactly 0 to dQ
         pt = gl.exp2(gl.minimum(st * qk_scale - lse2[None, :], 0.0))
-        pt_op = gl.convert_layout(pt.to(gl.bfloat16), a_layout)
+        pt_op = gl.convert_layout(pt.to(q_s.dtype), a_layout)
         dv = warpgroup_mma(pt_op, do_s, dv, is_async=True)
         delta = delta_smem.index(s).load(col_layout)
         dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt,))
-        dst = (pt * (dpt - delta[None, :])).to(gl.bfloat16)
+        dst = (pt * (dpt - delta[None, :])).to(q_s.dtype)
         ds_half = ds_smem.index(buf).slice(c * BLOCK_KC, BLOCK_KC, dim=0)
         ds_half.store(dst)
         dst_op = gl.convert_layout(dst, a_layout)

@@ -93,22 +93,22 @@ if HAS_GLUON:
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _softmax_first(s, qk_scale, p_layout: gl.constexpr):
-        """First key tile: the row max, P (bf16, as the A operand of the PV wgmma) and the row sums."""
+    def _softmax_first(s, qk_scale, p_layout: gl.constexpr, p_dtype: gl.constexpr):
+        """First key tile: the row max, P (``p_dtype``, the inputs' dtype, as the A operand of the PV wgmma) and the row sums."""
         m_i = gl.max(s, axis=1) * qk_scale
         p = gl.exp2(s * qk_scale - m_i[:, None])
         l_i = gl.sum(p, axis=1)
-        p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        p_op = gl.convert_layout(p.to(p_dtype), p_layout)
         return m_i, l_i, p_op
 
     @gluon.jit
-    def _softmax_next(s, m_i, l_i, qk_scale, p_layout: gl.constexpr):
+    def _softmax_next(s, m_i, l_i, qk_scale, p_layout: gl.constexpr, p_dtype: gl.constexpr):
         """A later key tile: new max, the rescale factor of the old sums (alpha), P and the row sums."""
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + gl.sum(p, axis=1)
-        p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        p_op = gl.convert_layout(p.to(p_dtype), p_layout)
         return m_new, l_i, alpha, p_op
 
     # ----------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ if HAS_GLUON:
         s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         _load_tile(k_desc, k_smem, k_bars, kv_row0 + STAGES * BLOCK_N, 0, STAGES < n_tiles)
-        m_i, l_i, p_op = _softmax_first(s, qk_scale, p_layout)
+        m_i, l_i, p_op = _softmax_first(s, qk_scale, p_layout, v_smem.dtype)
 
         # Tile j: issue QKᵀ(j), then PV(j-1); softmax(j) runs while PV(j-1) is in flight.
         for j in range(1, n_tiles):
@@ -173,7 +173,7 @@ if HAS_GLUON:
             # QKᵀ(j) retired: K slot `stage` takes K(j+STAGES) now, not after PV(j-1) (K and V slots
             # are released separately, so the next K load is not issued just before it is waited on).
             _load_tile(k_desc, k_smem, k_bars, kv_row0 + (j + STAGES) * BLOCK_N, stage, j + STAGES < n_tiles)
-            m_i, l_i, alpha, p_new = _softmax_next(s, m_i, l_i, qk_scale, p_layout)
+            m_i, l_i, alpha, p_new = _softmax_next(s, m_i, l_i, qk_scale, p_layout, v_smem.dtype)
             acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
             # PV(j-1) retired: V slot `prev` takes V(j-1+STAGES).
             _load_tile(v_desc, v_smem, v_bars, kv_row0 + (j - 1 + STAGES) * BLOCK_N, prev, j - 1 + STAGES < n_tiles)
@@ -239,7 +239,7 @@ if HAS_GLUON:
         s = warpgroup_mma(q_c, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         mbarrier.arrive(k_empty.index(0), count=1)
-        m_i, l_i, p_op = _softmax_first(s, qk_scale, p_layout)
+        m_i, l_i, p_op = _softmax_first(s, qk_scale, p_layout, v_smem.dtype)
 
         for j in range(1, n_tiles):
             stage = j % STAGES
@@ -254,7 +254,7 @@ if HAS_GLUON:
                 mbarrier.arrive(turn.index(1 - c), count=1)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
             mbarrier.arrive(k_empty.index(stage), count=1)
-            m_i, l_i, alpha, p_new = _softmax_next(s, m_i, l_i, qk_scale, p_layout)
+            m_i, l_i, alpha, p_new = _softmax_next(s, m_i, l_i, qk_scale, p_layout, v_smem.dtype)
             acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
             mbarrier.arrive(v_empty.index(prev), count=1)
             acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
