@@ -65,7 +65,8 @@ CASES = {
 
 # Kernel variants: (kernel_options, deterministic backward).
 VARIANTS = {
-    "tma": ({}, False),                                          # defaults
+    "tma": ({}, False),                                          # defaults (Gluon kernels on Hopper)
+    "triton": ({"gluon": False}, False),                         # the Triton kernels on Hopper too
     "ptr": ({"tma": False}, False),                              # pointer loads (Ampere/Ada path), forced
     "det": ({}, True),                                           # deterministic two-pass backward
     "ptrdet": ({"tma": False}, True),
@@ -77,7 +78,7 @@ VARIANTS = {
     "peel": ({"fwd_lazy": False}, False),                        # peeled ragged tiles only
     "lazy": ({"fwd_peel": False}, False),                        # lazy rescaling only
 }
-_FWD_KEYS = ("tma", "warp_specialize", "fwd_peel", "fwd_lazy")
+_FWD_KEYS = ("tma", "warp_specialize", "fwd_peel", "fwd_lazy", "gluon")
 
 
 def block_mask_for(name: str, heads: int, dim: int, dtype) -> tuple:
