@@ -274,7 +274,9 @@ if HAS_GLUON:
         gl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty))
         gl.store(DV + offs, dv.to(DV.dtype.element_ty))
 
-    @gluon.jit
+    # the plan's strides and H change with the video size: not specialised on (no new variant per size)
+    @gluon.jit(do_not_specialize=["s_ns_b", "s_ns_h", "s_st_b", "s_st_h", "s_st_n", "s_ord_b", "s_ord_h", "s_val_b",
+                                  "H"])
     def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, dq_desc, DQ_ACC, DK, DV,
                     N_STEPS, STEPS, COL_ORDER, K_VALID,
                     s_ns_b, s_ns_h, s_st_b, s_st_h, s_st_n, s_ord_b, s_ord_h, s_val_b,
