@@ -47,24 +47,13 @@ from __future__ import annotations
 
 import torch
 
+from .gluon_common import HAS_GLUON, hopper_unsupported
+
+if HAS_GLUON:
+    from .gluon_common import (TensorDescriptor, cta_barrier, fence_async_shared, gl, gluon, mbarrier, tl, tma,
+                               tma_load, triton, warpgroup_mma, warpgroup_mma_wait)
+
 LOG2E = 1.4426950408889634
-
-try:  # Gluon ships with Triton >= 3.5; the package must import without it
-    import triton
-    import triton.language as tl
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    # Triton 3.6 names the TMA load async_copy_global_to_shared; later releases async_load.
-    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    # a barrier of the calling partition's warps: thread_barrier in Triton 3.6, barrier later
-    cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
-    HAS_GLUON = True
-except Exception:  # noqa: BLE001 - any import problem means "no Gluon"
-    HAS_GLUON = False
 
 HAS_TMA_REDUCE = False
 if HAS_GLUON:
@@ -486,16 +475,9 @@ def sparse_backward_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     not under Triton's interpreter; bf16 / fp16; head dim 128; q, k, v of one shape (self-attention
     over one sequence, as many key heads as query heads); plan blocks multiples of 128 covering the
     sequence exactly; no token window, no key bias."""
-    if not HAS_GLUON:
-        return "Triton has no Gluon"
-    import os
-
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "Triton's interpreter"
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
-        return "not a Hopper (sm90) GPU"
-    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtype {q.dtype} (bf16 / fp16 only)"
+    why = hopper_unsupported(q, k, v)
+    if why is not None:
+        return why
     if q.shape[-1] != 128:
         return f"head dim {q.shape[-1]} (128 only)"
     if k.shape != q.shape or v.shape != q.shape:

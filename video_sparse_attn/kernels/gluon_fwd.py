@@ -36,23 +36,14 @@ from __future__ import annotations
 
 import torch
 
+from .gluon_common import HAS_GLUON, hopper_unsupported
+
+if HAS_GLUON:
+    from .gluon_common import (TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma, tma_load,
+                               tma_store, warpgroup_mma, warpgroup_mma_wait)
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-
-try:  # Gluon ships with Triton >= 3.5; the package must import without it
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    # Triton 3.6 names the TMA copies async_copy_global_to_shared / async_copy_shared_to_global; later
-    # releases renamed them async_load / async_store (and the old names raise).
-    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-    HAS_GLUON = True
-except Exception:  # noqa: BLE001 - any import problem means "no Gluon"
-    HAS_GLUON = False
 
 __all__ = ["HAS_GLUON", "gluon_attention_forward", "SCHEDULES", "gluon_sparse_forward", "sparse_unsupported",
            "tma_rows"]
@@ -631,16 +622,9 @@ def sparse_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) 
     (sm90, compute capability 9.x) with Gluon, not under Triton's interpreter; bf16 / fp16; head dim
     64 or 128; plan blocks multiples of 128; no token window and no key bias; q, k, v readable as 2-D
     TMA matrices (`tma_rows`)."""
-    if not HAS_GLUON:
-        return "Triton has no Gluon"
-    import os
-
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "Triton's interpreter"
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
-        return "not a Hopper (sm90) GPU"
-    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtype {q.dtype} (bf16 / fp16 only)"
+    why = hopper_unsupported(q, k, v)
+    if why is not None:
+        return why
     D = q.shape[-1]
     if D not in (64, 128) or k.shape[-1] != D or v.shape[-1] != D:
         return f"head dim {D} (64 or 128 only)"

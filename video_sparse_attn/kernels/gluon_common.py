@@ -1,0 +1,51 @@
+"""What the Gluon (sm90) kernels share: their imports, guarded so that the package imports without
+Gluon (`HAS_GLUON`), the names that differ between Triton releases, and the checks every Gluon entry
+makes before it takes a call (`hopper_unsupported`).
+
+Gluon (``triton.experimental.gluon``) ships with Triton >= 3.5. Triton 3.6 names the TMA copies
+``async_copy_global_to_shared`` / ``async_copy_shared_to_global`` and the partition barrier
+``thread_barrier``; later releases ``async_load`` / ``async_store`` and ``barrier`` (the old names
+raise there). Everything here resolves to whichever exists.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+try:  # any import problem means "no Gluon"
+    import triton
+    import triton.language as tl
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier     # the calling partition's warps
+    HAS_GLUON = True
+except Exception:  # noqa: BLE001
+    HAS_GLUON = False
+
+__all__ = ["HAS_GLUON", "hopper_unsupported"]
+if HAS_GLUON:
+    __all__ += ["triton", "tl", "gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma",
+                "warpgroup_mma_wait", "TensorDescriptor", "tma_load", "tma_store", "cta_barrier"]
+
+
+def hopper_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+    """Why no Gluon kernel runs on these tensors (None: one may): Gluon importable, not Triton's
+    interpreter, a Hopper GPU (compute capability 9.x), q / k / v all bf16 or all fp16."""
+    if not HAS_GLUON:
+        return "Triton has no Gluon"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "Triton's interpreter"
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return "not a Hopper (sm90) GPU"
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype} (bf16 / fp16 only)"
+    return None
