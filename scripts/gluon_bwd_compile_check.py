@@ -20,7 +20,7 @@ import triton
 from triton.runtime import driver
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gluon_compile_check import facts, resources  # noqa: E402
+from gluon_compile_check import report  # noqa: E402
 
 from video_sparse_attn.kernels import gluon_bwd as gb  # noqa: E402
 from video_sparse_attn.kernels.variants import _Sm90Driver  # noqa: E402
@@ -32,6 +32,13 @@ def _meta_plan(S, block):
 
     n = S // block
     return BlockSparsePlan.dense(1, 1, n, n, block, device="cpu")
+
+
+def _bwd_facts(ttgir: str, ptx: str) -> dict:
+    """Registers per partition (setmaxnreg) and the global reductions (the dQ atomics)."""
+    red = re.findall(r"(?:red|atom)\.global[\w.]*", ptx)
+    return {"setmaxnreg (ptx)": re.findall(r"setmaxnreg\.(\w+)\.sync\.aligned\.u32\s+(\d+)", ptx),
+            "red/atom global (ptx)": f"{len(red)} {sorted(set(red))}"}
 
 
 def main():
@@ -54,30 +61,10 @@ def main():
             q = torch.empty(1, 16, args.seq, 128, device="meta", dtype=torch.bfloat16)
             lse = torch.empty(1, 16, args.seq, device="meta", dtype=torch.float32)
             plan = _meta_plan(args.seq, 384) if sparse else None
-            try:
-                ck = gb.gluon_attention_backward(q, q, q, q, q, lse, plan=plan, stages=stages, dq_reduce=dq,
-                                                compile_only=True)
-            except Exception as e:  # noqa: BLE001 - report and go on
-                ok = False
-                cause = f" <- {type(e.__cause__).__name__}: {e.__cause__}" if e.__cause__ is not None else ""
-                print(f"[{name}] FAILED: {type(e).__name__}: {str(e)[-3000:]}{str(cause)[:3000]}")
-                continue
-            ttgir, ptx = ck.asm["ttgir"], ck.asm["ptx"]
-            md = ck.metadata
-            print(f"[{name}] compiled for sm90: num_warps={md.num_warps} shared={md.shared} B "
-                  f"({md.shared / 1024:.1f} KiB)")
-            print(f"  {resources(ck.asm['cubin'])}")
-            regs = re.findall(r"setmaxnreg\.(\w+)\.sync\.aligned\.u32\s+(\d+)", ptx)
-            print(f"  setmaxnreg (ptx): {regs}")
-            for key, val in facts(ttgir, ptx).items():
-                print(f"  {key}: {val}")
-            red = re.findall(r"(?:red|atom)\.global[\w.]*", ptx)
-            print(f"  red/atom global (ptx): {len(red)} {sorted(set(red))}")
-            if args.dump:
-                os.makedirs(args.dump, exist_ok=True)
-                for ext in ("ttgir", "ptx"):
-                    with open(os.path.join(args.dump, f"{name.replace(':', '_')}.{ext}"), "w") as f:
-                        f.write(ck.asm[ext])
+            def build(q=q, lse=lse, plan=plan, stages=stages, dq=dq):
+                return gb.gluon_attention_backward(q, q, q, q, q, lse, plan=plan, stages=stages, dq_reduce=dq,
+                                                   compile_only=True)
+            ok = report(name, build, args.dump, _bwd_facts) and ok
     finally:
         if old is not None:
             driver._active = old

@@ -72,6 +72,30 @@ def compile_sparse(sched: str, seq: int):
     return compiled[0]
 
 
+def report(name: str, build, dump=None, more=None) -> bool:
+    """Compile one kernel (``build()`` returns Triton's compiled kernel) and print its resources and
+    facts (plus ``more(ttgir, ptx)``, a dict), or the failure; optionally dump its ttgir / ptx. True
+    when it compiled."""
+    try:
+        ck = build()
+    except Exception as e:  # noqa: BLE001 - report and go on with the next kernel
+        cause = f" <- {type(e.__cause__).__name__}: {e.__cause__}" if e.__cause__ is not None else ""
+        print(f"[{name}] FAILED: {type(e).__name__}: {str(e)[-3000:]}{str(cause)[:3000]}")
+        return False
+    ttgir, ptx = ck.asm["ttgir"], ck.asm["ptx"]
+    md = ck.metadata
+    print(f"[{name}] compiled for sm90: num_warps={md.num_warps} shared={md.shared} B ({md.shared / 1024:.1f} KiB)")
+    print(f"  {resources(ck.asm['cubin'])}")
+    for key, val in {**facts(ttgir, ptx), **(more(ttgir, ptx) if more else {})}.items():
+        print(f"  {key}: {val}")
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+        for ext in ("ttgir", "ptx"):
+            with open(os.path.join(dump, f"{name.replace(':', '_')}.{ext}"), "w") as f:
+                f.write(ck.asm[ext])
+    return True
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--schedule", nargs="*", default=list(gf.SCHEDULES) + list(SPARSE))
@@ -86,28 +110,12 @@ def main():
     try:
         for sched in args.schedule:
             q = torch.empty(1, 16, args.seq, 128, device="meta", dtype=torch.bfloat16)
-            try:
-                if sched in SPARSE:
-                    ck = compile_sparse(sched, args.seq)
-                else:
-                    ck = gf.gluon_attention_forward(q, q, q, schedule=sched, stages=args.stages, compile_only=True)
-            except Exception as e:  # noqa: BLE001 - report and go on with the next schedule
-                ok = False
-                cause = f" <- {type(e.__cause__).__name__}: {e.__cause__}" if e.__cause__ is not None else ""
-                print(f"[{sched}] FAILED: {type(e).__name__}: {str(e)[-3000:]}{str(cause)[:3000]}")
-                continue
-            ttgir, ptx = ck.asm["ttgir"], ck.asm["ptx"]
-            md = ck.metadata
-            print(f"[{sched}] compiled for sm90: num_warps={md.num_warps} shared={md.shared} B "
-                  f"({md.shared / 1024:.1f} KiB)")
-            print(f"  {resources(ck.asm['cubin'])}")
-            for k, val in facts(ttgir, ptx).items():
-                print(f"  {k}: {val}")
-            if args.dump:
-                os.makedirs(args.dump, exist_ok=True)
-                for ext in ("ttgir", "ptx"):
-                    with open(os.path.join(args.dump, f"{sched}.{ext}"), "w") as f:
-                        f.write(ck.asm[ext])
+            if sched in SPARSE:
+                build = lambda sched=sched: compile_sparse(sched, args.seq)                      # noqa: E731
+            else:
+                build = lambda sched=sched, q=q: gf.gluon_attention_forward(                     # noqa: E731
+                    q, q, q, schedule=sched, stages=args.stages, compile_only=True)
+            ok = report(sched, build, args.dump) and ok
     finally:
         if old is not None:
             driver._active = old

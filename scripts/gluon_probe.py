@@ -29,9 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from isolated_rows import run_rows  # noqa: E402
 
 ROWS = ["gluon:pipelined", "gluon:ws", "gluon:ws_pingpong", "gluon:ws_pingpong:3", "triton:dense_plan",
         "gluon_sparse:dense_plan", "cudnn"]
@@ -287,37 +289,8 @@ def main():
     print(f"torch {info['torch']}, triton {info['triton']}, {info['device']}; timing at B=1 H={H} "
           f"S={args.seq} D={D}", flush=True)
     t0 = time.time()
-    results = []
-    for row in args.rows:
-        left = args.budget - (time.time() - t0)
-        if left < 15:
-            results.append({"row": row, "error": "skipped: time budget spent"})
-            print(f"[{row}] skipped (time budget)", flush=True)
-            continue
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", row, "--seq", str(args.seq)] + (
-            ["--sparse"] if args.sparse else [])
-        print(f"[{row}] ...", flush=True)
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=min(args.row_timeout, left))
-            lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-            for ln in p.stdout.splitlines():
-                if not ln.startswith("RESULT "):
-                    print(ln)
-            if lines:
-                res = json.loads(lines[-1][len("RESULT "):])
-            else:
-                res = {"row": row, "error": f"child exited {p.returncode}: {p.stderr[-2000:]}"}
-            if "error" in res and p.stderr:
-                print(p.stderr[-3000:])
-        except subprocess.TimeoutExpired as e:
-            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            print(out)
-            res = {"row": row, "error": f"timed out after {e.timeout:.0f} s (hang or slow compile)"}
-        results.append(res)
-        if "error" in res:
-            print(f"[{row}] ERROR: {res['error'][:500]}", flush=True)
-        elif "correct" in res and not res["correct"]:
-            print(f"[{row}] FAILED correctness (timed anyway)", flush=True)
+    extra = ["--seq", str(args.seq)] + (["--sparse"] if args.sparse else [])
+    results = run_rows(__file__, args.rows, extra, args.budget, args.row_timeout, t0)
 
     print()
     if args.sparse:

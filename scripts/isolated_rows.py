@@ -1,0 +1,54 @@
+"""Run benchmark rows each in its own child process, so that one that fails, crashes or hangs (a
+barrier protocol gone wrong in a warp-specialised kernel) is reported and the others still run.
+
+The child is the calling script itself with ``--child ROW`` (plus the caller's extra arguments); it
+prints one line ``RESULT {json}`` (a dict with at least ``row``); any other output is passed through.
+Used by `gluon_probe.py` and `gluon_bwd_probe.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import List, Sequence
+
+
+def run_rows(script: str, rows: Sequence[str], extra_args: Sequence[str], budget_s: float, row_timeout_s: float,
+             t0: float) -> List[dict]:
+    """One child process per row, within ``budget_s`` seconds counted from ``t0`` (rows that would
+    start with less than 15 s left are skipped) and ``row_timeout_s`` per row. Returns the rows'
+    results (an ``error`` key where a row failed, timed out or was skipped)."""
+    results = []
+    for row in rows:
+        left = budget_s - (time.time() - t0)
+        if left < 15:
+            results.append({"row": row, "error": "skipped: time budget spent"})
+            print(f"[{row}] skipped (time budget)", flush=True)
+            continue
+        cmd = [sys.executable, os.path.abspath(script), "--child", row, *extra_args]
+        print(f"[{row}] ...", flush=True)
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=min(row_timeout_s, left))
+            lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+            for ln in p.stdout.splitlines():
+                if not ln.startswith("RESULT "):
+                    print(ln)
+            if lines:
+                res = json.loads(lines[-1][len("RESULT "):])
+            else:
+                res = {"row": row, "error": f"child exited {p.returncode}: {p.stderr[-2000:]}"}
+            if "error" in res and p.stderr:
+                print(p.stderr[-3000:])
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            print(out)
+            res = {"row": row, "error": f"timed out after {e.timeout:.0f} s (hang or slow compile)"}
+        results.append(res)
+        if "error" in res:
+            print(f"[{row}] ERROR: {res['error'][:500]}", flush=True)
+        elif "correct" in res and not res["correct"]:
+            print(f"[{row}] FAILED correctness (timed anyway)", flush=True)
+    return results
