@@ -1,14 +1,13 @@
-"""Check and time the Gluon sm90 attention forward prototype against the Triton forward and cuDNN (H100/H200).
+"""Check and time the Gluon sm90 attention forward against the Triton forward and cuDNN (H100/H200).
 
     PYTHONPATH=$PWD python scripts/gluon_probe.py --out DIR
 
-Rows: each Gluon schedule (`video_sparse_attn.kernels.gluon_fwd.SCHEDULES`, plus ``ws_pingpong`` with a
-3-deep K/V ring), the package's Triton forward on a dense plan (kernel option ``gluon=False``, 384-token
-blocks), the block-sparse Gluon forward on the same plan (``gluon_sparse:dense_plan``) and cuDNN SDPA. Gluon rows are first checked against float32 attention on random bf16 data (B=1, H=16,
-D=128, S=4096 and S=16384): relative L2 error of ``out`` and max abs error of ``lse``. Then every row is
-timed with ``triton.testing.do_bench`` (median) at B=1, H=16, D=128 and S=32640 (85 blocks of 384: the
-Triton row needs whole 384-token blocks, the Gluon kernels multiples of 128; all rows use the same S).
-TFLOP/s counts 4·S²·D·H.
+Rows: the block-sparse Gluon forward on a dense plan (``gluon_sparse:dense_plan``), the package's
+Triton forward on the same plan (kernel option ``gluon=False``, 384-token blocks) and cuDNN SDPA. The
+Gluon row is first checked against float32 attention on random bf16 data (B=1, H=16, D=128, S=4096 and
+S=16384, dense plans of 128-token blocks): relative L2 error of ``out`` and max abs error of ``lse``.
+Then every row is timed with ``triton.testing.do_bench`` (median) at B=1, H=16, D=128 and S=32640 (85
+blocks of 384). TFLOP/s counts 4·S²·D·H.
 
 With ``--sparse``: the block-sparse forward at HunyuanVideo-1.5 720p/121f (thw (31, 45, 80), released
 config, 1,985 text tokens of which 1,200 valid, B=1, H=16, D=128, bf16; the mask and plans as
@@ -35,20 +34,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from isolated_rows import run_rows  # noqa: E402
 
-ROWS = ["gluon:pipelined", "gluon:ws", "gluon:ws_pingpong", "gluon:ws_pingpong:3", "triton:dense_plan",
-        "gluon_sparse:dense_plan", "cudnn"]
+ROWS = ["gluon_sparse:dense_plan", "triton:dense_plan", "cudnn"]
 CHECK_SEQS = (4096, 16384)
 H, D = 16, 128
 OUT_TOL, LSE_TOL = 1e-2, 1e-2
-
-
-def _gluon_fn(row):
-    from video_sparse_attn.kernels.gluon_fwd import gluon_attention_forward
-
-    parts = row.split(":")
-    schedule = parts[1]
-    stages = int(parts[2]) if len(parts) > 2 else None
-    return lambda q, k, v: gluon_attention_forward(q, k, v, schedule=schedule, stages=stages)
 
 
 def _reference(q, k, v, scale):
@@ -71,9 +60,6 @@ def _make_fn(row, S):
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    if row.startswith("gluon:"):
-        g = _gluon_fn(row)
-        return (lambda: g(q, k, v)), q, k, v
     if row in ("triton:dense_plan", "gluon_sparse:dense_plan"):   # the Triton forward / the Gluon block-sparse one
         from video_sparse_attn import BlockSparsePlan
         from video_sparse_attn.kernels.triton_op import block_sparse_attention_triton
@@ -227,8 +213,13 @@ def run_row(row, bench_seq):
     from triton.testing import do_bench
 
     res = {"row": row, "checks": [], "seq": bench_seq}
-    if row.startswith("gluon:"):
-        g = _gluon_fn(row)
+    if row.startswith("gluon_sparse:"):   # checked on dense plans of 128-token blocks against float32 attention
+        from video_sparse_attn import BlockSparsePlan
+        from video_sparse_attn.kernels.gluon_fwd import gluon_sparse_forward
+
+        def g(q, k, v):
+            n = q.shape[2] // 128
+            return gluon_sparse_forward(q, k, v, BlockSparsePlan.dense(1, 1, n, n, 128, device="cuda"), D ** -0.5)
         for S in CHECK_SEQS:
             torch.manual_seed(1)
             q, k, v = (torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))

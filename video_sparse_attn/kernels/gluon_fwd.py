@@ -1,37 +1,25 @@
-"""Prototype attention forward for Hopper (sm90) written in Gluon; not wired into the backend registry.
+"""Block-sparse attention forward for Hopper (sm90) written in Gluon: the Triton backend's forward on
+Hopper (`triton_fwd.gluon_usable` decides; `gluon_sparse_forward` is its entry).
 
-Dense, non-causal attention, bf16 (or fp16), head dim 64 or 128. One program owns ``BLOCK_M = 128``
-query rows of one (batch, head) and walks all keys in ``BLOCK_N``-row tiles. K and V tiles arrive by
-TMA into a ring of ``STAGES`` shared-memory buffers, each with its own "full" mbarrier (separate ones
-for K and V, so QKᵀ can start before V has landed). Both GEMMs are ``warpgroup_mma`` (wgmma): QKᵀ
-reads Q and K from shared memory, PV reads P from registers and V from shared memory. Softmax is
-online in base 2 with the scale folded into the exp2 argument (``p = exp2(s·scale·log2e - m)``, one
-FMA per score); ``lse`` is returned in natural-log units, ``[B, H, S]`` float32, like the Triton
-forward (`triton_fwd.attention_forward`). Grid: ``(S // BLOCK_M, B*H)``, query tiles fastest, so the
-programs running together share one head's K/V in L2.
+FA3's layout of work: one program owns ``BLOCK_M = 128`` query rows of one (batch, head), in three
+partitions (`gl.warp_specialize`): a producer warpgroup (24 registers, one thread issuing) TMA-loads
+the Q tile once, then walks the query block's kept key blocks (``plan.kv_index[:kv_count]``) in
+128-row sub-tiles up to each block's ``k_valid``, loading K and V into separate rings of ``STAGES``
+slots with "full" and "empty" mbarriers (so QKᵀ can start before V has landed, and a K slot is
+refilled as soon as both consumers' QKᵀ that read it retired); two consumer warpgroups (240
+registers) own 64 query rows each and walk the same sequence of sub-tiles. In a consumer, QKᵀ of
+sub-tile ``n`` (Q and K from shared memory) and PV of sub-tile ``n-1`` (P from registers) are issued
+back to back and the softmax of ``n`` runs while PV of ``n-1`` is on the tensor cores (FA3's
+intra-warpgroup overlap; `tile_loop_reference` is the same order of operations in torch). Softmax is
+online in base 2 with the scale folded into the exp2 argument; ``lse`` is natural log, ``[B, H, Sq]``
+float32, as the Triton forward's. Grid ``(Nq * Q_BLOCK // 128, B*H)``: query tiles fastest in
+``row_order`` rank, as the Triton forward.
 
-Two schedules:
-
-* ``"pipelined"`` (stage 1): one partition of 8 warps (two warpgroups of 64 rows each). Within the
-  key loop, QKᵀ of tile ``j`` and PV of tile ``j-1`` are issued back to back and the softmax of tile
-  ``j`` runs while PV of ``j-1`` is still on the tensor cores (FA3's intra-warpgroup overlap). The
-  same warps also issue the TMA loads: a K slot is refilled as soon as the QKᵀ that read it retires,
-  a V slot as soon as its PV does (each refill behind a CTA-wide barrier, so the two warpgroups run
-  in step).
-* ``"ws"`` (stage 2): warp specialised, FA3's layout of work: a producer partition (one warpgroup at
-  24 registers, one thread issuing) does all TMA loads and two consumer warpgroups (64 query rows
-  each, 240 registers) run the loop above on their own rows. A K (V) slot goes back to the producer
-  through its "empty" mbarrier once both consumers' QKᵀ (PV) that read it have retired.
-* ``"ws_pingpong"``: ``"ws"`` where the consumers take turns at the tensor cores (two mbarriers pass
-  the turn after each issue of an iteration's two GEMMs), so one warpgroup's softmax runs while the
-  other's GEMMs do.
-
-Limits of the prototype: q, k, v ``[B, H, S, D]`` contiguous with the same S for queries and keys,
-S a multiple of 128 (no masking of ragged tiles), no causal or sparse pattern. Importing this module
-never fails: without Gluon (``triton.experimental.gluon``) `HAS_GLUON` is False and the launcher
-raises.
+Dense prototypes of this kernel (one 8-warp partition issuing its own loads: 533 TFLOP/s dense at
+S=32,640 on an H200; this layout: 635; with the consumers taking turns at the tensor cores: 626) were
+measured and dropped (benchmarks/NOTES.md, "Gluon sm90 forward: prototype"); a dense plan runs here.
+Importing this module never fails: without Gluon `HAS_GLUON` is False and the entry raises.
 """
-
 from __future__ import annotations
 
 import torch
@@ -45,262 +33,13 @@ if HAS_GLUON:
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
-__all__ = ["HAS_GLUON", "gluon_attention_forward", "SCHEDULES", "gluon_sparse_forward", "sparse_unsupported",
-           "tma_rows"]
+__all__ = ["HAS_GLUON", "gluon_sparse_forward", "sparse_unsupported", "tma_rows", "tile_loop_reference"]
 
-SCHEDULES = ("pipelined", "ws", "ws_pingpong")
 
 
 if HAS_GLUON:
 
     C_LN2 = gl.constexpr(LN2)
-
-    # ----------------------------------------------------------------------------------------------
-    # Shared pieces
-    # ----------------------------------------------------------------------------------------------
-
-    @gluon.jit
-    def _load_tile(desc, smem, bars, row, stage, pred):
-        """TMA the tile of ``desc`` starting at row ``row`` into ring slot ``stage``; its full barrier
-        expects the tile's bytes. Nothing when ``pred`` is false."""
-        bar = bars.index(stage)
-        mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
-        tma_load(desc, [row, 0], bar, smem.index(stage), pred=pred)
-
-    @gluon.jit
-    def _store_out(acc, m_i, l_i, o_desc, o_smem, LSE, lse_row0, q_row0,
-                   BLOCK_M: gl.constexpr, o_layout: gl.constexpr):
-        """out = acc / l through shared memory and a TMA store; lse = (m + log2 l)·ln2 (m in log2 units)."""
-        row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
-        l_o = gl.convert_layout(l_i, row_layout)
-        m_o = gl.convert_layout(m_i, row_layout)
-        out = acc * (1.0 / l_o)[:, None]
-        o_smem.store(out.to(o_desc.dtype))
-        fence_async_shared()
-        tma_store(o_desc, [q_row0, 0], o_smem)
-        lse = (m_o + gl.log2(l_o)) * C_LN2
-        offs = gl.arange(0, BLOCK_M, layout=row_layout)
-        gl.store(LSE + lse_row0 + offs, lse)
-        tma.store_wait(pendings=0)
-
-    @gluon.jit
-    def _softmax_first(s, qk_scale, p_layout: gl.constexpr, p_dtype: gl.constexpr):
-        """First key tile: the row max, P (``p_dtype``, the inputs' dtype, as the A operand of the PV wgmma) and the row sums."""
-        m_i = gl.max(s, axis=1) * qk_scale
-        p = gl.exp2(s * qk_scale - m_i[:, None])
-        l_i = gl.sum(p, axis=1)
-        p_op = gl.convert_layout(p.to(p_dtype), p_layout)
-        return m_i, l_i, p_op
-
-    @gluon.jit
-    def _softmax_next(s, m_i, l_i, qk_scale, p_layout: gl.constexpr, p_dtype: gl.constexpr):
-        """A later key tile: new max, the rescale factor of the old sums (alpha), P and the row sums."""
-        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        p_op = gl.convert_layout(p.to(p_dtype), p_layout)
-        return m_new, l_i, alpha, p_op
-
-    # ----------------------------------------------------------------------------------------------
-    # Stage 1: one partition, TMA ring issued by the compute warps, intra-warpgroup overlap
-    # ----------------------------------------------------------------------------------------------
-
-    @gluon.jit
-    def _fwd_pipelined_kernel(q_desc, k_desc, v_desc, o_desc, LSE, S, qk_scale,
-                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                              STAGES: gl.constexpr, num_warps: gl.constexpr):
-        pid_m = gl.program_id(0)
-        bh = gl.program_id(1)
-        q_row0 = bh * S + pid_m * BLOCK_M          # q/k/v/o are [B*H*S, D] views
-        kv_row0 = bh * S
-        n_tiles = S // BLOCK_N
-
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                            instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                            instr_shape=[16, D, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, D], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, D], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_bars.index(i), count=1)
-            mbarrier.init(v_bars.index(i), count=1)
-        fence_async_shared()
-
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma_load(q_desc, [q_row0, 0], q_bar, q_smem)
-        for i in gl.static_range(STAGES):
-            _load_tile(k_desc, k_smem, k_bars, kv_row0 + i * BLOCK_N, i, i < n_tiles)
-            _load_tile(v_desc, v_smem, v_bars, kv_row0 + i * BLOCK_N, i, i < n_tiles)
-
-        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-        acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
-
-        # Tile 0: QKᵀ alone.
-        mbarrier.wait(q_bar, 0)
-        mbarrier.wait(k_bars.index(0), 0)
-        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        _load_tile(k_desc, k_smem, k_bars, kv_row0 + STAGES * BLOCK_N, 0, STAGES < n_tiles)
-        m_i, l_i, p_op = _softmax_first(s, qk_scale, p_layout, v_smem.dtype)
-
-        # Tile j: issue QKᵀ(j), then PV(j-1); softmax(j) runs while PV(j-1) is in flight.
-        for j in range(1, n_tiles):
-            stage = j % STAGES
-            prev = (j - 1) % STAGES
-            mbarrier.wait(k_bars.index(stage), (j // STAGES) & 1)
-            s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
-            acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
-            # QKᵀ(j) retired: K slot `stage` takes K(j+STAGES) now, not after PV(j-1) (K and V slots
-            # are released separately, so the next K load is not issued just before it is waited on).
-            _load_tile(k_desc, k_smem, k_bars, kv_row0 + (j + STAGES) * BLOCK_N, stage, j + STAGES < n_tiles)
-            m_i, l_i, alpha, p_new = _softmax_next(s, m_i, l_i, qk_scale, p_layout, v_smem.dtype)
-            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-            # PV(j-1) retired: V slot `prev` takes V(j-1+STAGES).
-            _load_tile(v_desc, v_smem, v_bars, kv_row0 + (j - 1 + STAGES) * BLOCK_N, prev, j - 1 + STAGES < n_tiles)
-            acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
-            p_op = p_new
-
-        last = (n_tiles - 1) % STAGES
-        mbarrier.wait(v_bars.index(last), ((n_tiles - 1) // STAGES) & 1)
-        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-
-        mbarrier.invalidate(q_bar)
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(k_bars.index(i))
-            mbarrier.invalidate(v_bars.index(i))
-        _store_out(acc, m_i, l_i, o_desc, q_smem, LSE, bh * S + pid_m * BLOCK_M, q_row0, BLOCK_M, o_layout)
-
-
-    # ----------------------------------------------------------------------------------------------
-    # Stage 2: warp specialised: a TMA producer warp and two consumer warpgroups of 64 rows each
-    # ----------------------------------------------------------------------------------------------
-
-    @gluon.jit
-    def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty,
-                     q_row0, kv_row0, n_tiles, BLOCK_MC: gl.constexpr, BLOCK_N: gl.constexpr,
-                     STAGES: gl.constexpr):
-        """Loads both consumers' Q halves, then K and V tiles into the ring; a slot is rewritten only
-        after both consumers released it (its empty barrier completed a phase). A fresh barrier counts
-        as released for the first pass (waiting on parity 1 returns at once)."""
-        for c in gl.static_range(2):
-            mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
-            tma_load(q_desc, [q_row0 + c * BLOCK_MC, 0], q_bars.index(c), q_smem.index(c))
-        for j in range(n_tiles):
-            stage = j % STAGES
-            free_phase = ((j // STAGES) & 1) ^ 1
-            row = kv_row0 + j * BLOCK_N
-            mbarrier.wait(k_empty.index(stage), free_phase)
-            _load_tile(k_desc, k_smem, k_full, row, stage, True)
-            mbarrier.wait(v_empty.index(stage), free_phase)
-            _load_tile(v_desc, v_smem, v_full, row, stage, True)
-
-    @gluon.jit
-    def _ws_consumer(c: gl.constexpr, o_desc, LSE, q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty,
-                     v_empty, turn, q_row0, lse_row0, n_tiles, qk_scale,
-                     BLOCK_MC: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                     PINGPONG: gl.constexpr):
-        """Consumer warpgroup ``c`` (4 warps, query rows ``c·BLOCK_MC ...``): the pipelined loop of stage
-        1 on its rows, releasing ring slots to the producer through the empty barriers. With
-        ``PINGPONG`` it issues its two GEMMs of an iteration only when it holds the turn, and passes the
-        turn to the other consumer right after issuing them."""
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                            instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                            instr_shape=[16, D, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
-        q_c = q_smem.index(c)
-        s_zero = gl.zeros([BLOCK_MC, BLOCK_N], gl.float32, s_layout)
-        acc = gl.zeros([BLOCK_MC, D], gl.float32, o_layout)
-
-        mbarrier.wait(q_bars.index(c), 0)
-        mbarrier.wait(k_full.index(0), 0)
-        s = warpgroup_mma(q_c, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        mbarrier.arrive(k_empty.index(0), count=1)
-        m_i, l_i, p_op = _softmax_first(s, qk_scale, p_layout, v_smem.dtype)
-
-        for j in range(1, n_tiles):
-            stage = j % STAGES
-            prev = (j - 1) % STAGES
-            if PINGPONG:   # consumer 0 holds the turn first (parity 1 on a fresh barrier passes)
-                mbarrier.wait(turn.index(c), ((j - 1) & 1) ^ (1 - c))
-            mbarrier.wait(k_full.index(stage), (j // STAGES) & 1)
-            s = warpgroup_mma(q_c, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            mbarrier.wait(v_full.index(prev), ((j - 1) // STAGES) & 1)
-            acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turn.index(1 - c), count=1)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
-            mbarrier.arrive(k_empty.index(stage), count=1)
-            m_i, l_i, alpha, p_new = _softmax_next(s, m_i, l_i, qk_scale, p_layout, v_smem.dtype)
-            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-            mbarrier.arrive(v_empty.index(prev), count=1)
-            acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
-            p_op = p_new
-
-        last = (n_tiles - 1) % STAGES
-        mbarrier.wait(v_full.index(last), ((n_tiles - 1) // STAGES) & 1)
-        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(v_empty.index(last), count=1)
-        _store_out(acc, m_i, l_i, o_desc, q_c, LSE, lse_row0 + c * BLOCK_MC, q_row0 + c * BLOCK_MC,
-                   BLOCK_MC, o_layout)
-
-    @gluon.jit
-    def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, S, qk_scale,
-                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                       PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                       num_warps: gl.constexpr):
-        gl.static_assert(num_warps == 4, "the default partition is consumer warpgroup 0")
-        BLOCK_MC: gl.constexpr = BLOCK_M // 2
-        pid_m = gl.program_id(0)
-        bh = gl.program_id(1)
-        q_row0 = bh * S + pid_m * BLOCK_M
-        kv_row0 = bh * S
-        n_tiles = S // BLOCK_N
-
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_MC, D], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, D], v_desc.layout)
-        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for c in gl.static_range(2):
-            mbarrier.init(q_bars.index(c), count=1)
-            mbarrier.init(turn.index(c), count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_full.index(i), count=1)
-            mbarrier.init(v_full.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)     # one arrival per consumer warpgroup
-            mbarrier.init(v_empty.index(i), count=2)
-        fence_async_shared()
-
-        lse_row0 = bh * S + pid_m * BLOCK_M
-        gl.warp_specialize([
-            (_ws_consumer, (0, o_desc, LSE, q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty, turn,
-                            q_row0, lse_row0, n_tiles, qk_scale, BLOCK_MC, BLOCK_N, D, STAGES, PINGPONG)),
-            (_ws_consumer, (1, o_desc, LSE, q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty, turn,
-                            q_row0, lse_row0, n_tiles, qk_scale, BLOCK_MC, BLOCK_N, D, STAGES, PINGPONG)),
-            (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty,
-                            v_empty, q_row0, kv_row0, n_tiles, BLOCK_MC, BLOCK_N, STAGES)),
-        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
-
 
     # ----------------------------------------------------------------------------------------------
     # Block-sparse "ws": the producer walks a query block's kept key blocks (plan.kv_index), in
@@ -509,81 +248,7 @@ if HAS_GLUON:
 # Launcher
 # --------------------------------------------------------------------------------------------------
 
-_CONFIGS = {
-    # schedule: (BLOCK_M, BLOCK_N, STAGES, num_warps of the kernel / of its default partition)
-    "pipelined": (128, 128, 2, 8),
-    "ws": (128, 128, 2, 4),
-    "ws_pingpong": (128, 128, 2, 4),
-}
-_WS_REGS = (240, 24)   # setmaxnreg of the consumer worker and the producer partition
-
-
-def _descriptors(q, k, v, out, block_m, block_n):
-    """TMA descriptors over the ``[B*H*S, D]`` views: q/out tiles of ``block_m`` rows, k/v of ``block_n``."""
-    B, H, S, D = q.shape
-    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_layout = gl.NVMMASharedLayout.get_default_for([block_m, D], gdt)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, D], gdt)
-
-    def desc(t, rows, layout):
-        t2 = t.view(B * H * S, D)
-        return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), [rows, D], layout)
-
-    return (desc(q, block_m, q_layout), desc(k, block_n, kv_layout), desc(v, block_n, kv_layout),
-            desc(out, block_m, q_layout))
-
-
-def gluon_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                            schedule: str = "pipelined", stages: int | None = None, compile_only: bool = False):
-    """Dense attention forward on Hopper through the Gluon kernel of ``schedule`` (see `SCHEDULES`).
-
-    q, k, v: ``[B, H, S, D]`` contiguous, bf16 (or fp16), the same S, ``S % 128 == 0``, D in {64, 128}.
-    ``scale`` defaults to ``D ** -0.5``. Returns ``out [B, H, S, D]`` (q's dtype) and
-    ``lse [B, H, S]`` float32 in natural-log units. ``stages``: depth of the K/V ring (default: the
-    schedule's, 2; 3 still fits in shared memory at D=128, BLOCK_N=128). ``compile_only``: compile for the active target and
-    return the compiled kernel instead of launching (q, k, v may be meta tensors).
-    """
-    if not HAS_GLUON:
-        raise RuntimeError("gluon_attention_forward needs Triton with Gluon (triton.experimental.gluon)")
-    if schedule not in _CONFIGS:
-        raise ValueError(f"unknown schedule {schedule!r}; known: {tuple(_CONFIGS)}")
-    B, H, S, D = q.shape
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError("q, k, v must all be bf16 or all fp16")
-    if D not in (64, 128):
-        raise ValueError(f"head dim {D} not supported (64 or 128)")
-    if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
-        raise ValueError("q, k, v must be contiguous")
-    block_m, block_n, default_stages, num_warps = _CONFIGS[schedule]
-    stages = default_stages if stages is None else int(stages)
-    if S % block_m or S % block_n:
-        raise ValueError(f"S={S} must be a multiple of {max(block_m, block_n)}")
-    scale = D ** -0.5 if scale is None else float(scale)
-    out = torch.empty_like(q)
-    lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
-    ws = schedule.startswith("ws")
-    # the warp-specialised kernel loads and stores Q / O per consumer warpgroup: half-height tiles
-    q_d, k_d, v_d, o_d = _descriptors(q, k, v, out, block_m // 2 if ws else block_m, block_n)
-    grid = (S // block_m, B * H)
-    args = (q_d, k_d, v_d, o_d, lse, S, scale * LOG2E)
-    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, D=D, STAGES=stages, num_warps=num_warps)
-    if ws:
-        kernel = _fwd_ws_kernel
-        meta.update(PINGPONG=schedule == "ws_pingpong", CONSUMER_REGS=_WS_REGS[0], PRODUCER_REGS=_WS_REGS[1])
-    else:
-        kernel = _fwd_pipelined_kernel
-    if compile_only:
-        return kernel.warmup(*args, grid=grid, **meta)
-    kernel[grid](*args, **meta)
-    return out, lse
-
-
-# --------------------------------------------------------------------------------------------------
-# Block-sparse forward over a `BlockSparsePlan` (the Triton backend's forward on Hopper)
-# --------------------------------------------------------------------------------------------------
-
+_WS_REGS = (240, 24)   # setmaxnreg of the consumer warpgroups and of the producer partition
 SPARSE_CONFIG = (128, 128, 2, 4)   # BLOCK_M (two consumers of 64 rows), BLOCK_N, STAGES, num_warps
 
 
