@@ -17,13 +17,11 @@ import sys
 
 import torch
 import triton
-from triton.runtime import driver
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gluon_compile_check import report  # noqa: E402
+from gluon_compile_check import report, sm90_target  # noqa: E402
 
 from video_sparse_attn.kernels import gluon_bwd as gb  # noqa: E402
-from video_sparse_attn.kernels.variants import _Sm90Driver  # noqa: E402
 
 
 def _meta_plan(S, block):
@@ -52,10 +50,8 @@ def main():
     print(f"triton {triton.__version__}, torch {torch.__version__}")
     variants = [(st, sp, dq) for sp in ([False, True] if args.sparse else [False]) for dq in args.dq
                 for st in args.stages]
-    old = driver._active if hasattr(driver, "_active") else None
-    driver.set_active(_Sm90Driver())
     ok = True
-    try:
+    with sm90_target():
         for stages, sparse, dq in variants:
             name = f"{'sparse' if sparse else 'dense'}:{dq}:stages{stages}"
             q = torch.empty(1, 16, args.seq, 128, device="meta", dtype=torch.bfloat16)
@@ -65,9 +61,6 @@ def main():
                 return gb.gluon_attention_backward(q, q, q, q, q, lse, plan=plan, stages=stages, dq_reduce=dq,
                                                    compile_only=True)
             ok = report(name, build, args.dump, _bwd_facts) and ok
-    finally:
-        if old is not None:
-            driver._active = old
     sys.exit(0 if ok else 1)
 
 

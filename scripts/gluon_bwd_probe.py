@@ -28,7 +28,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from isolated_rows import run_rows  # noqa: E402
+from isolated_rows import child, run_rows  # noqa: E402
 
 ROWS = ["gluon:atomic", "gluon:tma", "triton:dense_plan", "cudnn"]
 SPARSE_ROWS = ["sparse:gluon:atomic", "sparse:gluon:tma", "sparse:triton"]
@@ -236,14 +236,7 @@ def main():
     args = ap.parse_args()
 
     if args.child:
-        try:
-            res = run_row(args.child, args.seq)
-        except Exception as e:  # noqa: BLE001 - reported by the parent
-            import traceback
-
-            traceback.print_exc()
-            res = {"row": args.child, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
-        print("RESULT " + json.dumps(res), flush=True)
+        child(lambda: run_row(args.child, args.seq), args.child)
         return
 
     import torch

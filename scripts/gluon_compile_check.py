@@ -15,6 +15,7 @@ waits, layout conversions through shared memory, named barriers).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -73,6 +74,18 @@ def compile_sparse(sched: str, seq: int):
     return compiled[0]
 
 
+@contextlib.contextmanager
+def sm90_target():
+    """Within: Triton's active driver answers "sm90, device 0, stream 0" (compiles only; launch nothing)."""
+    old = driver._active if hasattr(driver, "_active") else None
+    driver.set_active(_Sm90Driver())
+    try:
+        yield
+    finally:
+        if old is not None:
+            driver._active = old
+
+
 def report(name: str, build, dump=None, more=None) -> bool:
     """Compile one kernel (``build()`` returns Triton's compiled kernel) and print its resources and
     facts (plus ``more(ttgir, ptx)``, a dict), or the failure; optionally dump its ttgir / ptx. True
@@ -104,15 +117,10 @@ def main():
     ap.add_argument("--seq", type=int, default=4096)
     args = ap.parse_args()
     print(f"triton {triton.__version__}, torch {torch.__version__}")
-    old = driver._active if hasattr(driver, "_active") else None
-    driver.set_active(_Sm90Driver())
     ok = True
-    try:
+    with sm90_target():
         for sched in args.schedule:
             ok = report(sched, lambda sched=sched: compile_sparse(sched, args.seq), args.dump) and ok
-    finally:
-        if old is not None:
-            driver._active = old
     sys.exit(0 if ok else 1)
 
 

@@ -32,7 +32,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from isolated_rows import run_rows  # noqa: E402
+from isolated_rows import child, run_rows  # noqa: E402
 
 ROWS = ["gluon_sparse:dense_plan", "triton:dense_plan", "cudnn"]
 CHECK_SEQS = (4096, 16384)
@@ -261,14 +261,7 @@ def main():
         args.row_timeout = 120.0 if args.sparse else 100.0
 
     if args.child:
-        try:
-            res = run_sparse_row(args.child) if args.sparse else run_row(args.child, args.seq)
-        except Exception as e:  # noqa: BLE001 - reported by the parent
-            import traceback
-
-            traceback.print_exc()
-            res = {"row": args.child, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
-        print("RESULT " + json.dumps(res), flush=True)
+        child(lambda: run_sparse_row(args.child) if args.sparse else run_row(args.child, args.seq), args.child)
         return
 
     import torch

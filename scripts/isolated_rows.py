@@ -52,3 +52,16 @@ def run_rows(script: str, rows: Sequence[str], extra_args: Sequence[str], budget
         elif "correct" in res and not res["correct"]:
             print(f"[{row}] FAILED correctness (timed anyway)", flush=True)
     return results
+
+
+def child(run, row: str) -> None:
+    """The child side: ``run()`` returns the row's result dict; print it as the ``RESULT`` line (or the
+    error, with its traceback on stderr)."""
+    try:
+        res = run()
+    except Exception as e:  # noqa: BLE001 - reported by the parent
+        import traceback
+
+        traceback.print_exc()
+        res = {"row": row, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
+    print("RESULT " + json.dumps(res), flush=True)
