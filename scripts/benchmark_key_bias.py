@@ -8,12 +8,14 @@ rescaling. Plain Triton kernels (``gluon=False``: the Gluon forward takes no bia
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import torch
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
     from triton.testing import do_bench
 
     from video_sparse_attn import BlockSparsePlan, SSTAConfig, TileLayout
