@@ -7,12 +7,14 @@ classification that windows (causal, sliding) need, on the same plan.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import torch
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
     from triton.testing import do_bench
 
     from video_sparse_attn import BlockSparsePlan, SSTAConfig, TileLayout
