@@ -38,8 +38,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: Optio
 
 
 #: The backward that runs when the caller does not choose. On an H200 at the HunyuanVideo-1.5 720p SSTA
-#: mask (benchmarks/NOTES.md, v6): single pass with atomic dQ and pointer loads 186.4 ms, two-pass
-#: (no atomics, bit-reproducible: ``deterministic=True``) 193.5 ms, FlexAttention 194.8 ms.
+#: mask (benchmarks/NOTES.md, v6, v9): single pass with atomic dQ and pointer loads 186.4 ms (on Hopper
+#: the Gluon single pass, dQ by TMA reduce-add: 149.0 ms), two-pass (no atomics, bit-reproducible:
+#: ``deterministic=True``) 193.5 ms, FlexAttention 194.8 ms.
 DEFAULT_DETERMINISTIC = False
 
 
@@ -86,8 +87,8 @@ def block_sparse_attention_triton(
         plan: `BlockSparsePlan` on the same device, batch/head dims B or 1. Query rows past
             ``plan.q_valid`` are not computed (out 0, lse -inf, dq 0, no dk/dv contribution).
         scale: softmax scale, default ``1/sqrt(D)``.
-        kernel_options: tuning knobs (`KernelOptions`: ``tma``, ``warp_specialize``, ``fwd_peel``,
-            ``fwd_lazy``, ``autotune``, ``dq_reduce``); unknown keys raise ValueError.
+        kernel_options: tuning knobs (`KernelOptions`: ``gluon``, ``tma``, ``warp_specialize``, ``fwd_peel``,
+            ``fwd_lazy``, ``autotune``, ``dq_reduce``, ``skip_padded_queries``); unknown keys raise ValueError.
         deterministic: True: the two-pass backward (no atomics, bit-reproducible); False: the single
             pass that adds dQ with atomics (5 block GEMMs instead of 7); None: the default,
             `DEFAULT_DETERMINISTIC` (the single pass, measured faster).
