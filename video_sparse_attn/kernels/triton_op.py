@@ -38,9 +38,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: Optio
 
 
 #: The backward that runs when the caller does not choose. On an H200 at the HunyuanVideo-1.5 720p SSTA
-#: mask (benchmarks/NOTES.md, v6, v9): single pass with atomic dQ and pointer loads 186.4 ms (on Hopper
-#: the Gluon single pass, dQ by TMA reduce-add: 149.0 ms), two-pass (no atomics, bit-reproducible:
-#: ``deterministic=True``) 193.5 ms, FlexAttention 194.8 ms.
+#: mask (benchmarks/NOTES.md, v6): single pass with atomic dQ and pointer loads 186.4 ms, two-pass (no
+#: atomics, bit-reproducible: ``deterministic=True``) 193.5 ms, FlexAttention 194.8 ms; on Hopper the
+#: single pass runs the Gluon kernel (dQ by TMA reduce-add; v9, another run: 149.0 ms, Flex 195.4 ms).
 DEFAULT_DETERMINISTIC = False
 
 
