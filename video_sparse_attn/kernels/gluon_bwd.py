@@ -517,7 +517,7 @@ def gluon_sparse_backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None
     ``plan.q_valid`` contribute nothing and get dq 0, whatever q / dout hold there (they are zeroed in
     the kernel's copies of q and dout); keys past ``k_valid`` get dk = dv = 0 (their k and v must be
     finite, as in the forward). dQ goes by TMA reduce-add where this Triton's Gluon has it, else by atomics.
-    ``compile_only``: compile the kernel only (`precompile.compile_only`)."""
+    ``compile_only``: inside `precompile.compile_only` (tensors become meta tensors, ``launch`` compiles)."""
     if compile_only:
         def dense(t):
             return torch.empty(t.shape, dtype=t.dtype, device="meta")
@@ -530,9 +530,9 @@ def gluon_sparse_backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None
         k_c, v_c, o_c = (t.contiguous() for t in (k, v, out))
         lse = lse.contiguous()
     mode = "tma" if HAS_TMA_REDUCE else "atomic"
+    # compiling only, the launches (through ``launch``: `precompile.launch`) compile all three kernels
     return gluon_attention_backward(q_c, k_c, v_c, o_c, do_c, lse, scale, plan=plan, dq_reduce=mode,
-                                    steps=_steps_for(plan, compile_only), compile_only=compile_only, dlse=dlse,
-                                    launch=launch)
+                                    steps=_steps_for(plan, compile_only), dlse=dlse, launch=launch)
 
 
 def tile_loop_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,

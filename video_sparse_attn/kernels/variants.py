@@ -48,11 +48,13 @@ class Variant(NamedTuple):
 
 def kernels() -> list:
     """Every Triton JIT function of the package (the kernels `precompile.launch` launches)."""
-    from . import triton_bwd, triton_fwd, triton_gather, triton_untile
+    from . import gluon_bwd, gluon_fwd, triton_bwd, triton_fwd, triton_gather, triton_untile
 
+    gluon = [gluon_fwd._sparse_ws_kernel, gluon_bwd._prep_kernel, gluon_bwd._bwd_kernel,
+             gluon_bwd._dq_convert_kernel] if gluon_fwd.HAS_GLUON else []
     return [triton_fwd._fwd_kernel, triton_bwd._delta_kernel, triton_bwd._dkdv_kernel, triton_bwd._dq_convert_kernel,
             triton_bwd._dq_kernel, triton_gather._gather_rows_kernel, triton_untile._untile_scaled_fwd_kernel,
-            triton_untile._untile_scaled_bwd_kernel]
+            triton_untile._untile_scaled_bwd_kernel, *gluon]
 
 
 def _summary(fn, compile_info: dict) -> str:
@@ -149,14 +151,21 @@ def sm90(gpu: str = "NVIDIA H200"):
     take, for tensors on any device (meta tensors stand in for CUDA ones): Triton's target is sm90,
     tensor descriptors are usable where the strides allow, tuned configs come from the shipped table
     for ``gpu`` (not from this machine's tuning cache), the Triton gather / untile paths and the
-    ``triton`` backend are taken. Restores everything on exit (not thread-safe: patches modules)."""
+    ``triton`` backend are taken, with its Gluon kernels where they apply (when this Triton has Gluon). Restores everything on exit (not thread-safe: patches modules)."""
     from triton.runtime import driver
 
     from .. import layout
-    from . import registry, triton_bwd, triton_common, triton_fwd, tuning
+    from . import gluon_bwd, gluon_common, gluon_fwd, registry, triton_bwd, triton_common, triton_fwd, tuning
 
     def tma_usable(D, *tensors, enabled=True):     # the device half answered as sm90 would
         return enabled and triton_common.tma_layout_ok(D, *tensors)
+
+    def hopper_unsupported(q, k, v):               # the Gluon kernels' device check, answered as sm90 would
+        if not gluon_common.HAS_GLUON:
+            return "Triton has no Gluon"
+        if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+            return f"dtype {q.dtype} (bf16 / fp16 only)"
+        return None
 
     real_tuned = tuning.tuned_kernel
 
@@ -170,7 +179,8 @@ def sm90(gpu: str = "NVIDIA H200"):
                (triton_fwd, "tuned_kernel", tuned_kernel), (triton_bwd, "tuned_kernel", tuned_kernel),
                (tuning, "gpu_name", lambda index: gpu), (triton_common, "INTERPRET", False),
                (registry, "triton_runs_on", runs_on), (layout, "triton_runs_on", runs_on),
-               (registry, "_interpreting", lambda: True)]        # the named triton backend accepts meta tensors
+               (registry, "_interpreting", lambda: True),        # the named triton backend accepts meta tensors
+               (gluon_fwd, "hopper_unsupported", hopper_unsupported), (gluon_bwd, "hopper_unsupported", hopper_unsupported)]
     saved = [(m, n, getattr(m, n)) for m, n, _ in patches]
     old_driver, old_state, old_kernels = driver._active, dict(tuning._state), dict(tuning._kernels)
     try:
