@@ -202,3 +202,34 @@ def test_wired_backward_finite_when_every_score_is_very_negative():
         assert torch.isfinite(a).all(), name
         if name != "dq":   # dq = Σ dS k with Σ dS = 0 and k ≈ -4 everywhere: rounding noise, in both kernels
             assert _rel(a, b) < 2e-2, (name, _rel(a, b))
+
+
+def test_backward_support_reasons(monkeypatch):
+    """What the wired Gluon backward refuses (so the Triton kernels run instead), the device half answered
+    as a Hopper GPU would: one reason per limit, None for a call it runs."""
+    import dataclasses
+
+    monkeypatch.setattr(gb, "hopper_unsupported", lambda q, k, v: None)
+    plan = BlockSparsePlan.from_block_mask(torch.ones(1, 1, 2, 2, dtype=torch.bool), 384, 384)
+    q = torch.zeros(1, 2, 768, 128, dtype=torch.bfloat16)
+    assert gb.sparse_backward_unsupported(q, q, q, plan) is None
+    assert "head dim" in gb.sparse_backward_unsupported(q[..., :64], q[..., :64], q[..., :64], plan)
+    assert "shapes" in gb.sparse_backward_unsupported(q, q[:, :1], q[:, :1], plan)
+    small = BlockSparsePlan.from_block_mask(torch.ones(1, 1, 12, 12, dtype=torch.bool), 64, 64)
+    assert "multiples of 128" in gb.sparse_backward_unsupported(q, q, q, small)
+    assert "cover" in gb.sparse_backward_unsupported(q[:, :, :384], q[:, :, :384], q[:, :, :384], plan)
+    assert "window" in gb.sparse_backward_unsupported(q, q, q, dataclasses.replace(plan, window_hi=0))
+    bias = dataclasses.replace(plan, key_bias=torch.zeros(1, 768))
+    assert "bias" in gb.sparse_backward_unsupported(q, q, q, bias)
+
+
+def test_step_table_kept_on_the_plan_and_its_compile_only_shapes():
+    """The step table is built once per plan (kept on it); compiling only, meta tensors of the same shapes
+    and dtypes stand in for it."""
+    mask = torch.rand(2, 3, 4, 5) < 0.5
+    plan = BlockSparsePlan.from_block_mask(mask, 384, 384, q_valid=torch.tensor([[384, 100, 0, 384]], dtype=torch.int32))
+    first = gb._steps_for(plan, False)
+    assert gb._steps_for(plan, False) is first
+    meta = gb._steps_for(plan, True)
+    for real, stand_in in zip(first, meta):
+        assert stand_in.device.type == "meta" and stand_in.shape == real.shape and stand_in.dtype == real.dtype
