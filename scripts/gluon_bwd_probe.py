@@ -28,7 +28,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from isolated_rows import child, run_rows  # noqa: E402
+from isolated_rows import add_arguments, child, run_rows  # noqa: E402
 
 ROWS = ["gluon:atomic", "gluon:tma", "triton:dense_plan", "cudnn"]
 SPARSE_ROWS = ["sparse:gluon:atomic", "sparse:gluon:tma", "sparse:triton"]
@@ -226,13 +226,8 @@ def run_row(row, bench_seq):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=".")
-    ap.add_argument("--seq", type=int, default=85 * 384, help="timing sequence length (multiple of 384)")
-    ap.add_argument("--rows", nargs="*", default=None)
+    add_arguments(ap, None, "seconds per row (child process)", 90.0)
     ap.add_argument("--sparse", action="store_true", help="add the 720p/121f SSTA plan rows")
-    ap.add_argument("--row-timeout", type=float, default=90.0, help="seconds per row (child process)")
-    ap.add_argument("--budget", type=float, default=230.0, help="seconds for all rows; later rows are skipped")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child:

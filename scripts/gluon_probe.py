@@ -32,7 +32,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from isolated_rows import child, run_rows  # noqa: E402
+from isolated_rows import add_arguments, child, run_rows  # noqa: E402
 
 ROWS = ["gluon_sparse:dense_plan", "triton:dense_plan", "cudnn"]
 CHECK_SEQS = (4096, 16384)
@@ -246,14 +246,8 @@ def run_row(row, bench_seq):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=".")
-    ap.add_argument("--seq", type=int, default=85 * 384, help="timing sequence length (multiple of 384)")
-    ap.add_argument("--rows", nargs="*", default=ROWS)
-    ap.add_argument("--row-timeout", type=float, default=None,
-                    help="seconds per row (child process); default 100, 120 with --sparse")
-    ap.add_argument("--budget", type=float, default=230.0, help="seconds for all rows; later rows are skipped")
+    add_arguments(ap, ROWS, "seconds per row (child process); default 100, 120 with --sparse")
     ap.add_argument("--sparse", action="store_true", help="the block-sparse rows at 720p (SPARSE_ROWS)")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.sparse and args.rows == ROWS:
         args.rows = SPARSE_ROWS

@@ -65,3 +65,16 @@ def child(run, row: str) -> None:
         traceback.print_exc()
         res = {"row": row, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
     print("RESULT " + json.dumps(res), flush=True)
+
+
+def add_arguments(ap, rows, row_timeout_help: str, row_timeout=None) -> None:
+    """The options every probe built on this takes: ``--out``, ``--seq``, ``--rows`` (default ``rows``),
+    ``--row-timeout``, ``--budget`` and the hidden ``--child``."""
+    import argparse
+
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--seq", type=int, default=85 * 384, help="timing sequence length (multiple of 384)")
+    ap.add_argument("--rows", nargs="*", default=rows)
+    ap.add_argument("--row-timeout", type=float, default=row_timeout, help=row_timeout_help)
+    ap.add_argument("--budget", type=float, default=230.0, help="seconds for all rows; later rows are skipped")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
