@@ -19,7 +19,8 @@ int or ``(q_block, k_block)``). For every shape:
 2. the forward and backward of `block_sparse_attention` over a banded block mask at length S (what a
    direct caller of the block-sparse op runs), with ``kernel_options`` / ``deterministic`` / ``bshd``.
 
-Triton compiles each kernel variant, and kernel families that neither the on-disk tuning cache nor
+Triton compiles each kernel variant (on Hopper also the Gluon kernels the `triton` backend runs
+there), and kernel families that neither the on-disk tuning cache nor
 the shipped table know are autotuned and recorded (see `video_sparse_attn.kernels.tuning`), so later
 processes skip tuning too. The kernels do not specialise on the sequence length, the grid or the
 plan's strides (their shape arguments are ``do_not_specialize``; the block-ordered lengths are
