@@ -20,16 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 
 import torch
 
-from video_sparse_attn import BlockSparsePlan, SSTAConfig, TileLayout, block_sparse_attention, ssta_attention
-from video_sparse_attn.attention import _key_args
+from video_sparse_attn import block_sparse_attention, ssta_attention
 from video_sparse_attn.config import PAD_TYPES
 from video_sparse_attn.masks.build import block_mask_from_tiled
 from video_sparse_attn.kernels.registry import BACKENDS
 
-THW, TEXT, VALID = (31, 45, 80), 1985, 1200
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ssta720p  # noqa: E402
+from ssta720p import TEXT, THW, VALID  # noqa: E402
 
 
 def bench(fn) -> float:
@@ -62,16 +65,10 @@ def main() -> None:
     ap.add_argument("--profile", default=None, metavar="FILE",
                     help="also profile one padding-free fwd+bwd of ssta_attention per backend; CUDA kernel table here")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    H, D, dt, dev = args.heads, 128, torch.bfloat16, "cuda"
+    H, D, dev = args.heads, 128, "cuda"
     backends = [b for b in args.backends.split(",") if BACKENDS[b].importable() is None]
-    cfg = SSTAConfig().for_thw(THW)
-    if args.pad_type is not None:
-        cfg = cfg.replace(pad_type=args.pad_type)
-    S = math.prod(THW) + TEXT
-    q, k, v = (torch.randn(1, H, S, D, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
-    tm = torch.zeros(1, TEXT, dtype=torch.bool, device=dev)
-    tm[:, :VALID] = True
+    problem = ssta720p.build(H, D, args.pad_type, device=dev, requires_grad=True)
+    cfg, layout, q, k, v, tm = problem.cfg, problem.layout, problem.q, problem.k, problem.v, problem.text_mask
     rows = []
 
     def add(name, ms, flop=None):
@@ -82,20 +79,16 @@ def main() -> None:
         print(f"{name:44s} {ms:9.2f} ms" + (f"  {row['eff_tflops']:6.0f} TF" if flop else ""), flush=True)
 
     # ---- one plan, kernels alone
-    layout = TileLayout(THW, cfg.tile_thw, TEXT, cfg.pad_type)
     bs = layout.block_size
-    with torch.no_grad():
-        q_t, k_t, v_t = (layout.tile(x.detach()) for x in (q, k, v))
-        mask = block_mask_from_tiled(q_t, k_t, layout, cfg, tm)
-    padded = BlockSparsePlan.from_block_mask(mask, bs, bs, layout.key_valid(tm, dev))
+    q_t, k_t, v_t = problem.tiled
+    mask = problem.mask
+    padded = ssta720p.padded_plan(problem)
 
     def padding_free_plan(be, backward=True):   # the keys ssta_attention skips on this backend when training
         # (zero keys by whole key tiles, repeat copies with a key bias where the backend adds one), or in a forward alone
-        k_valid, key_bias = _key_args(layout, BACKENDS[be], q, tm, True, backward=backward)
-        return BlockSparsePlan.from_block_mask(mask, bs, bs, k_valid, layout.query_valid(dev), key_bias=key_bias)
+        return ssta720p.padding_free_plan(problem, be, backward)
 
-    kept = int(mask.expand(1, H, -1, -1).sum())
-    flop = 4.0 * kept * bs * bs * D
+    flop = problem.flop(D)
     print(f"pad_type {cfg.pad_type}, density {float(mask.float().mean()):.3f}, blocks {mask.shape[-1]}, "
           f"padded S {layout.padded_len}")
     tq, tk, tv = (x.detach().requires_grad_() for x in (q_t, k_t, v_t))
@@ -197,7 +190,7 @@ def main() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     n_valid = math.prod(THW) + VALID
-    dq, dk, dv = (torch.randn(1, H, n_valid, D, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+    dq, dk, dv = (torch.randn(1, H, n_valid, D, device=dev, dtype=q.dtype, requires_grad=True) for _ in range(3))
     gd = torch.randn_like(dq)
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         f = lambda: torch.nn.functional.scaled_dot_product_attention(dq, dk, dv)          # noqa: E731

@@ -128,29 +128,15 @@ def _dense_row(row, S):
 
 
 def _sparse_setup():
-    """q/k/v/dout on the padded SSTA plan at 720p/121f (block-ordered tensors), the plan and its flops."""
-    import math
-
+    """q/k/v/dout on the padded SSTA plan at 720p/121f (`ssta720p`; block-ordered tensors), the plan and its
+    backward flops."""
     import torch
 
-    from video_sparse_attn import BlockSparsePlan, SSTAConfig, TileLayout
-    from video_sparse_attn.masks.build import block_mask_from_tiled
+    import ssta720p
 
-    THW, TEXT, VALID = (31, 45, 80), 1985, 1200
-    torch.manual_seed(0)
-    cfg = SSTAConfig().for_thw(THW)
-    S = math.prod(THW) + TEXT
-    q, k, v = (torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    tm = torch.zeros(1, TEXT, dtype=torch.bool, device="cuda")
-    tm[:, :VALID] = True
-    layout = TileLayout(THW, cfg.tile_thw, TEXT, cfg.pad_type)
-    bs = layout.block_size
-    q_t, k_t, v_t = (layout.tile(x).contiguous() for x in (q, k, v))
-    mask = block_mask_from_tiled(q_t, k_t, layout, cfg, tm)
-    plan = BlockSparsePlan.from_block_mask(mask, bs, bs, layout.key_valid(tm, "cuda"))
-    kept = int(mask.expand(1, H, -1, -1).sum())
-    do_t = torch.randn_like(q_t)
-    return q_t, k_t, v_t, do_t, plan, 10.0 * kept * bs * bs * D, float(mask.float().mean())
+    p = ssta720p.build(H, D)
+    q_t, k_t, v_t = (x.contiguous() for x in p.tiled)
+    return q_t, k_t, v_t, torch.randn_like(q_t), ssta720p.padded_plan(p), 2.5 * p.flop(D), float(p.mask.float().mean())
 
 
 def _sparse_row(row, res):

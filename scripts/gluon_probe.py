@@ -33,6 +33,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from isolated_rows import add_arguments, child, run_rows  # noqa: E402
+from ssta720p import TEXT, THW  # noqa: E402
 
 ROWS = ["gluon_sparse:dense_plan", "triton:dense_plan", "cudnn"]
 CHECK_SEQS = (4096, 16384)
@@ -80,37 +81,16 @@ def _make_fn(row, S):
 
 
 SPARSE_ROWS = ["kernel:gluon", "kernel:triton", "ssta:gluon", "ssta:triton"]
-THW, TEXT, VALID = (31, 45, 80), 1985, 1200
 
 
 def _sparse_setup():
-    """720p inputs, layout, mask, the padded and the padding-free plan (as benchmark_ssta.py builds them)."""
-    import math
+    """720p inputs, mask, the padded and the padding-free plan (`ssta720p`, as benchmark_ssta.py builds them)."""
+    import ssta720p
 
-    import torch
-
-    from video_sparse_attn import BlockSparsePlan, SSTAConfig, TileLayout
-    from video_sparse_attn.attention import _key_args
-    from video_sparse_attn.kernels.registry import BACKENDS
-    from video_sparse_attn.masks.build import block_mask_from_tiled
-
-    torch.manual_seed(0)
-    cfg = SSTAConfig().for_thw(THW)
-    S = math.prod(THW) + TEXT
-    q, k, v = (torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    tm = torch.zeros(1, TEXT, dtype=torch.bool, device="cuda")
-    tm[:, :VALID] = True
-    layout = TileLayout(THW, cfg.tile_thw, TEXT, cfg.pad_type)
-    bs = layout.block_size
-    with torch.no_grad():
-        q_t, k_t, v_t = (layout.tile(x) for x in (q, k, v))
-        mask = block_mask_from_tiled(q_t, k_t, layout, cfg, tm)
-    padded = BlockSparsePlan.from_block_mask(mask, bs, bs, layout.key_valid(tm, "cuda"))
-    k_valid, key_bias = _key_args(layout, BACKENDS["triton"], q, tm, True, backward=True)
-    free = BlockSparsePlan.from_block_mask(mask, bs, bs, k_valid, layout.query_valid("cuda"), key_bias=key_bias)
-    kept = int(mask.expand(1, H, -1, -1).sum())
-    return dict(cfg=cfg, q=q, k=k, v=v, tm=tm, tiled=(q_t, k_t, v_t), plans={"padded": padded, "padding-free": free},
-                flop=4.0 * kept * bs * bs * D, density=float(mask.float().mean()))
+    p = ssta720p.build(H, D)
+    plans = {"padded": ssta720p.padded_plan(p), "padding-free": ssta720p.padding_free_plan(p, "triton")}
+    return dict(cfg=p.cfg, q=p.q, k=p.k, v=p.v, tm=p.text_mask, tiled=p.tiled, plans=plans, flop=p.flop(D),
+                density=float(p.mask.float().mean()))
 
 
 def _compare(a, b):
