@@ -22,13 +22,11 @@ count 10·kept·384²·D. Prints a table and writes ``gluon_bwd_probe.json`` und
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from isolated_rows import add_arguments, child, run_rows  # noqa: E402
+from isolated_rows import add_arguments, child, parent  # noqa: E402
 
 ROWS = ["gluon:atomic", "gluon:tma", "triton:dense_plan", "cudnn"]
 SPARSE_ROWS = ["sparse:gluon:atomic", "sparse:gluon:tma", "sparse:triton"]
@@ -220,19 +218,11 @@ def main():
         child(lambda: run_row(args.child, args.seq), args.child)
         return
 
-    import torch
-    import triton
-
     rows = args.rows or (ROWS + (SPARSE_ROWS if args.sparse else []))
-    info = {"torch": torch.__version__, "triton": triton.__version__,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "seq": args.seq,
-            "heads": H, "head_dim": D}
-    print(f"torch {info['torch']}, triton {info['triton']}, {info['device']}; timing at B=1 H={H} "
-          f"S={args.seq} D={D}", flush=True)
-    t0 = time.time()
-    results = run_rows(__file__, rows, ["--seq", str(args.seq)], args.budget, args.row_timeout, t0)
+    parent(__file__, rows, ["--seq", str(args.seq)], args, H, D, _table, "gluon_bwd_probe.json")
 
-    print()
+
+def _table(results):
     print(f"{'row':24s} {'S':>7s} {'bwd ms':>9s} {'TFLOP/s':>9s}  check (rel L2 dq/dk/dv)")
     for r in results:
         if "error" in r:
@@ -241,12 +231,6 @@ def main():
         chk = "" if "correct" not in r else ("ok" if r["correct"] else "FAILED") + " (" + ", ".join(
             f"S={c['seq']}: {c['dq']:.1e}/{c['dk']:.1e}/{c['dv']:.1e}" for c in r["checks"]) + ")"
         print(f"{r['row']:24s} {r['seq']:7d} {r['ms']:9.3f} {r['tflops']:9.1f}  {chk}")
-    print(f"total {time.time() - t0:.0f} s")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "gluon_bwd_probe.json")
-    with open(path, "w") as f:
-        json.dump({"info": info, "rows": results}, f, indent=1)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

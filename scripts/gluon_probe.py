@@ -26,13 +26,11 @@ and writes ``gluon_probe.json`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from isolated_rows import add_arguments, child, run_rows  # noqa: E402
+from isolated_rows import add_arguments, child, parent  # noqa: E402
 from ssta720p import TEXT, THW  # noqa: E402
 
 ROWS = ["gluon_sparse:dense_plan", "triton:dense_plan", "cudnn"]
@@ -238,36 +236,20 @@ def main():
         child(lambda: run_sparse_row(args.child) if args.sparse else run_row(args.child, args.seq), args.child)
         return
 
-    import torch
-    import triton
-
-    info = {"torch": torch.__version__, "triton": triton.__version__,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "seq": args.seq,
-            "heads": H, "head_dim": D}
-    print(f"torch {info['torch']}, triton {info['triton']}, {info['device']}; timing at B=1 H={H} "
-          f"S={args.seq} D={D}", flush=True)
-    t0 = time.time()
     extra = ["--seq", str(args.seq)] + (["--sparse"] if args.sparse else [])
-    results = run_rows(__file__, args.rows, extra, args.budget, args.row_timeout, t0)
+    parent(__file__, args.rows, extra, args, H, D, print_sparse_table if args.sparse else _table,
+           "gluon_probe_sparse.json" if args.sparse else "gluon_probe.json")
 
-    print()
-    if args.sparse:
-        print_sparse_table(results)
-    else:
-        print(f"{'row':24s} {'ms':>9s} {'TFLOP/s':>9s}  check")
-    for r in [] if args.sparse else results:
+
+def _table(results):
+    print(f"{'row':24s} {'ms':>9s} {'TFLOP/s':>9s}  check")
+    for r in results:
         if "error" in r:
             print(f"{r['row']:24s} {'-':>9s} {'-':>9s}  error: {r['error'][:80]}")
             continue
         chk = "" if "correct" not in r else ("ok" if r["correct"] else "FAILED") + " (" + ", ".join(
             f"S={c['seq']}: {c['out_rel_l2']:.1e}/{c['lse_max_abs']:.1e}" for c in r["checks"]) + ")"
         print(f"{r['row']:24s} {r['ms']:9.3f} {r['tflops']:9.1f}  {chk}")
-    print(f"total {time.time() - t0:.0f} s")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "gluon_probe_sparse.json" if args.sparse else "gluon_probe.json")
-    with open(path, "w") as f:
-        json.dump({"info": info, "rows": results}, f, indent=1)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -78,3 +78,28 @@ def add_arguments(ap, rows, row_timeout_help: str, row_timeout=None) -> None:
     ap.add_argument("--row-timeout", type=float, default=row_timeout, help=row_timeout_help)
     ap.add_argument("--budget", type=float, default=230.0, help="seconds for all rows; later rows are skipped")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+
+
+def parent(script: str, rows: Sequence[str], extra_args: Sequence[str], args, heads: int, head_dim: int,
+           table, json_name: str) -> List[dict]:
+    """The parent side: print the setup, `run_rows`, print ``table(results)`` and the total time, and write
+    ``{"info", "rows"}`` as ``json_name`` under ``args.out``. Returns the results."""
+    import torch
+    import triton
+
+    info = {"torch": torch.__version__, "triton": triton.__version__,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "seq": args.seq,
+            "heads": heads, "head_dim": head_dim}
+    print(f"torch {info['torch']}, triton {info['triton']}, {info['device']}; timing at B=1 H={heads} "
+          f"S={args.seq} D={head_dim}", flush=True)
+    t0 = time.time()
+    results = run_rows(script, rows, extra_args, args.budget, args.row_timeout, t0)
+    print()
+    table(results)
+    print(f"total {time.time() - t0:.0f} s")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, json_name)
+    with open(path, "w") as f:
+        json.dump({"info": info, "rows": results}, f, indent=1)
+    print(f"wrote {path}")
+    return results
