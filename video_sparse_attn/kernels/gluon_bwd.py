@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import torch
 
-from .gluon_common import HAS_GLUON, hopper_unsupported
+from .gluon_common import HAS_GLUON, hopper_unsupported, plan_unsupported
 
 if HAS_GLUON:
     from .gluon_common import (TensorDescriptor, cta_barrier, fence_async_shared, gl, gluon, mbarrier, tl, tma,
@@ -415,12 +415,9 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         strides = (0,) * 8
         n_tiles = S // BLOCK_N
     else:
-        if plan.has_window or plan.key_bias is not None:
-            raise ValueError("plans with windows or a key bias are not supported")
-        if plan.q_block % BLOCK_N or plan.k_block % BLOCK_N:
-            raise ValueError(f"plan blocks must be multiples of {BLOCK_N}, got {plan.q_block} / {plan.k_block}")
-        if plan.num_q_blocks * plan.q_block != S or plan.num_k_blocks * plan.k_block != S:
-            raise ValueError("the plan must cover S exactly")
+        why = _plan_unsupported(plan, S)
+        if why is not None:
+            raise ValueError(f"the Gluon backward does not run {why}")
         sparse, k_block = True, plan.k_block
         n_steps, step_rows = step_table(plan) if steps is None else steps
         col_order, k_valid = plan.col_order, plan.k_valid
@@ -482,16 +479,14 @@ def sparse_backward_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         return f"head dim {q.shape[-1]} (128 only)"
     if k.shape != q.shape or v.shape != q.shape:
         return "q, k, v of different shapes"
-    if plan.q_block % BLOCK_N or plan.k_block % BLOCK_N:
-        return f"blocks {plan.q_block}/{plan.k_block} (multiples of {BLOCK_N} only)"
-    S = q.shape[2]
+    return _plan_unsupported(plan, q.shape[2])
+
+
+def _plan_unsupported(plan, S: int) -> str | None:
+    """`gluon_common.plan_unsupported` and a plan covering the ``S`` rows of queries and keys exactly."""
     if plan.num_q_blocks * plan.q_block != S or plan.num_k_blocks * plan.k_block != S:
         return "a plan that does not cover the sequence exactly"
-    if plan.has_window:
-        return "a token window"
-    if plan.key_bias is not None:
-        return "a key bias"
-    return None
+    return plan_unsupported(plan, BLOCK_N)
 
 
 def _steps_for(plan, compile_only: bool):

@@ -31,7 +31,7 @@ try:  # any import problem means "no Gluon"
 except Exception:  # noqa: BLE001
     HAS_GLUON = False
 
-__all__ = ["HAS_GLUON", "hopper_unsupported"]
+__all__ = ["HAS_GLUON", "hopper_unsupported", "plan_unsupported"]
 if HAS_GLUON:
     __all__ += ["triton", "tl", "gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma",
                 "warpgroup_mma_wait", "TensorDescriptor", "tma_load", "tma_store", "cta_barrier"]
@@ -48,4 +48,16 @@ def hopper_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Opt
         return "not a Hopper (sm90) GPU"
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtype {q.dtype} (bf16 / fp16 only)"
+    return None
+
+
+def plan_unsupported(plan, block: int = 128) -> Optional[str]:
+    """Why no Gluon kernel runs this plan (None: one may): plan blocks multiples of ``block`` (the
+    kernels' 128-row tiles), no token window, no key bias."""
+    if plan.q_block % block or plan.k_block % block:
+        return f"blocks {plan.q_block}/{plan.k_block} (multiples of {block} only)"
+    if plan.has_window:
+        return "a token window"
+    if plan.key_bias is not None:
+        return "a key bias"
     return None

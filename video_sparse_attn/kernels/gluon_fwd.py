@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .gluon_common import HAS_GLUON, hopper_unsupported
+from .gluon_common import HAS_GLUON, hopper_unsupported, plan_unsupported
 
 if HAS_GLUON:
     from .gluon_common import (TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma, tma_load,
@@ -293,12 +293,9 @@ def sparse_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) 
     D = q.shape[-1]
     if D not in (64, 128) or k.shape[-1] != D or v.shape[-1] != D:
         return f"head dim {D} (64 or 128 only)"
-    if plan.q_block % 128 or plan.k_block % 128:
-        return f"blocks {plan.q_block}/{plan.k_block} (multiples of 128 only)"
-    if plan.has_window:
-        return "a token window"
-    if plan.key_bias is not None:
-        return "a key bias"
+    why = plan_unsupported(plan)
+    if why is not None:
+        return why
     for name, t in (("q", q), ("k", k), ("v", v)):
         if tma_rows(t) is None:
             return f"{name} strides {t.stride()} (no 2-D TMA view)"
