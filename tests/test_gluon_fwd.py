@@ -238,3 +238,12 @@ def test_gluon_through_ssta_attention(bshd, monkeypatch):
     for name, a, b in zip(("out", "dq", "dk", "dv"), results[True], results[False]):
         assert not a.isnan().any(), name
         assert rel_l2(a, b) < 2e-2, name
+
+
+def test_gluon_needs_a_recent_triton():
+    """Gluon's API changed between releases: a Triton older than the one the kernels are written for counts
+    as "no Gluon" (the Triton kernels run), instead of failing to compile at the first call."""
+    from video_sparse_attn.kernels.gluon_common import version_supported
+
+    assert version_supported("3.6.0") and version_supported("3.9.0+git1a2b3c") and version_supported("4.0.0")
+    assert not version_supported("3.5.1") and not version_supported("3.4.0") and not version_supported("2.3.1")

@@ -15,8 +15,25 @@ from typing import Optional
 
 import torch
 
-try:  # any import problem means "no Gluon"
+#: the oldest Triton whose Gluon API these kernels are written for (3.6: run on Hopper; 3.9: compiled for sm90)
+MIN_TRITON = (3, 6)
+
+
+def version_supported(version: str) -> bool:
+    """Whether Triton ``version`` (e.g. ``"3.6.0"``, ``"3.9.0+git1a2b"``) is one the Gluon kernels run on:
+    Gluon's API changed between releases, and an older one would fail to compile them at the first call."""
+    parts = []
+    for piece in version.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts) >= MIN_TRITON
+
+
+try:  # any import problem, or a Triton older than MIN_TRITON, means "no Gluon"
     import triton
+
+    if not version_supported(triton.__version__):
+        raise ImportError(f"Triton {triton.__version__} is older than {MIN_TRITON}")
     import triton.language as tl
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -31,7 +48,7 @@ try:  # any import problem means "no Gluon"
 except Exception:  # noqa: BLE001
     HAS_GLUON = False
 
-__all__ = ["HAS_GLUON", "hopper_unsupported", "plan_unsupported"]
+__all__ = ["HAS_GLUON", "MIN_TRITON", "version_supported", "hopper_unsupported", "plan_unsupported"]
 if HAS_GLUON:
     __all__ += ["triton", "tl", "gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma",
                 "warpgroup_mma_wait", "TensorDescriptor", "tma_load", "tma_store", "cta_barrier"]
