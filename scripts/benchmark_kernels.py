@@ -67,6 +67,10 @@ CASES = {
 VARIANTS = {
     "tma": ({}, False),                                          # defaults (Gluon kernels on Hopper)
     "triton": ({"gluon": False}, False),                         # the Triton kernels on Hopper too
+    "fs3": ({"gluon_fwd_stages": 3}, False),                     # Gluon forward, 3-slot K/V rings
+    "bs3": ({"gluon_bwd_stages": 3}, False),                     # Gluon backward, 3-slot Q/dO ring
+    "ovl": ({"gluon_bwd_overlap": True}, False),                 # Gluon backward, next Sᵀ under the dQ adds
+    "ovl3": ({"gluon_bwd_overlap": True, "gluon_bwd_stages": 3}, False),
     "ptr": ({"tma": False}, False),                              # pointer loads (Ampere/Ada path), forced
     "det": ({}, True),                                           # deterministic two-pass backward
     "ptrdet": ({"tma": False}, True),
@@ -78,7 +82,7 @@ VARIANTS = {
     "peel": ({"fwd_lazy": False}, False),                        # peeled ragged tiles only
     "lazy": ({"fwd_peel": False}, False),                        # lazy rescaling only
 }
-_FWD_KEYS = ("tma", "warp_specialize", "fwd_peel", "fwd_lazy", "gluon")
+_FWD_KEYS = ("tma", "warp_specialize", "fwd_peel", "fwd_lazy", "gluon", "gluon_fwd_stages")
 
 
 def block_mask_for(name: str, heads: int, dim: int, dtype) -> tuple:

@@ -1,6 +1,6 @@
 """Compile the Gluon backward kernel for sm90 on any machine (no GPU needed) and report its resources.
 
-    PYTHONPATH=$PWD python scripts/gluon_bwd_compile_check.py [--stages N ...] [--sparse] [--dump DIR]
+    PYTHONPATH=$PWD python scripts/gluon_bwd_compile_check.py [--stages N ...] [--overlap 0 1] [--sparse] [--dump DIR]
 
 As `gluon_compile_check.py` does for the forward: the active Triton driver is replaced by one that
 only answers "sm90, device 0, stream 0" and the tensors are meta tensors, so nothing runs. Per
@@ -44,22 +44,24 @@ def main():
     ap.add_argument("--stages", nargs="*", type=int, default=[2, 3])
     ap.add_argument("--sparse", action="store_true", help="also the block-sparse variant (384-token blocks)")
     ap.add_argument("--dq", nargs="*", default=["atomic", "tma"], help="dQ reductions to compile")
+    ap.add_argument("--overlap", nargs="*", type=int, default=[0, 1],
+                    help="walks to compile: 0 the stepwise walk, 1 the overlapping one (gluon_bwd overlap=)")
     ap.add_argument("--dump", default=None, help="write each kernel's ttgir / ptx here")
     ap.add_argument("--seq", type=int, default=4608)
     args = ap.parse_args()
     print(f"triton {triton.__version__}, torch {torch.__version__}")
-    variants = [(st, sp, dq) for sp in ([False, True] if args.sparse else [False]) for dq in args.dq
-                for st in args.stages]
+    variants = [(st, sp, dq, ov) for sp in ([False, True] if args.sparse else [False]) for dq in args.dq
+                for st in args.stages for ov in args.overlap]
     ok = True
     with sm90_target():
-        for stages, sparse, dq in variants:
-            name = f"{'sparse' if sparse else 'dense'}:{dq}:stages{stages}"
+        for stages, sparse, dq, overlap in variants:
+            name = f"{'sparse' if sparse else 'dense'}:{dq}:stages{stages}{':overlap' if overlap else ''}"
             q = torch.empty(1, 16, args.seq, 128, device="meta", dtype=torch.bfloat16)
             lse = torch.empty(1, 16, args.seq, device="meta", dtype=torch.float32)
             plan = _meta_plan(args.seq, 384) if sparse else None
-            def build(q=q, lse=lse, plan=plan, stages=stages, dq=dq):
+            def build(q=q, lse=lse, plan=plan, stages=stages, dq=dq, overlap=overlap):
                 return gb.gluon_attention_backward(q, q, q, q, q, lse, plan=plan, stages=stages, dq_reduce=dq,
-                                                   compile_only=True)
+                                                   compile_only=True, overlap=bool(overlap))
             ok = report(name, build, args.dump, _bwd_facts) and ok
     sys.exit(0 if ok else 1)
 

@@ -57,8 +57,9 @@ def facts(ttgir: str, ptx: str) -> dict:
 SPARSE = {"sparse": (128, torch.bfloat16), "sparse64": (64, torch.bfloat16), "sparse_fp16": (128, torch.float16)}
 
 
-def compile_sparse(sched: str, seq: int):
-    """The block-sparse kernel compiled for sm90 on meta tensors (a dense plan of 384-token blocks)."""
+def compile_sparse(sched: str, seq: int, stages: int | None = None):
+    """The block-sparse kernel compiled for sm90 on meta tensors (a dense plan of 384-token blocks), its
+    K / V rings ``stages`` deep (None: the launcher's default)."""
     from video_sparse_attn import BlockSparsePlan
 
     D, dtype = SPARSE[sched]
@@ -70,7 +71,7 @@ def compile_sparse(sched: str, seq: int):
     def launch(kernel, grid, *args, **kwargs):
         compiled.append(kernel.warmup(*args, grid=grid, **kwargs))
 
-    gf.gluon_sparse_forward(q, q, q, plan, D ** -0.5, launch=launch)
+    gf.gluon_sparse_forward(q, q, q, plan, D ** -0.5, launch=launch, stages=stages)
     return compiled[0]
 
 
@@ -115,12 +116,15 @@ def main():
     ap.add_argument("--schedule", nargs="*", default=list(SPARSE), choices=list(SPARSE))
     ap.add_argument("--dump", default=None, help="write each kernel's ttgir / ptx here")
     ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--stages", nargs="*", type=int, default=[None], help="K / V ring depths (default: the launcher's)")
     args = ap.parse_args()
     print(f"triton {triton.__version__}, torch {torch.__version__}")
     ok = True
     with sm90_target():
         for sched in args.schedule:
-            ok = report(sched, lambda sched=sched: compile_sparse(sched, args.seq), args.dump) and ok
+            for st in args.stages:
+                name = sched if st is None else f"{sched}:stages{st}"
+                ok = report(name, lambda sched=sched, st=st: compile_sparse(sched, args.seq, st), args.dump) and ok
     sys.exit(0 if ok else 1)
 
 

@@ -61,9 +61,9 @@ def test_step_table_matches_the_walk():
 
 @pytest.mark.skipif(not gb.HAS_GLUON, reason="needs Triton with Gluon")
 def test_gluon_bwd_compiles_for_sm90():
-    """Dense and sparse variants, both dQ reductions, compile for sm90 without a GPU within 227 KiB of
-    shared memory; under Triton 3.6 (what the GPU machine runs) the dense ones without stack (spills;
-    later ptxas bundles spill a few bytes). In a child process: the CPU suite runs Triton's
+    """Dense and sparse variants, both dQ reductions, both walks, compile for sm90 without a GPU within
+    227 KiB of shared memory; under Triton 3.6 (what the GPU machine runs) the dense stepwise ones
+    without stack (spills; later ptxas bundles spill a few bytes). In a child process: the CPU suite runs Triton's
     interpreter, Gluon has none."""
     import os
     import re
@@ -76,14 +76,15 @@ def test_gluon_bwd_compiles_for_sm90():
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     dq = ["atomic"] + (["tma"] if gb.HAS_TMA_REDUCE else [])
     p = subprocess.run([sys.executable, str(root / "scripts" / "gluon_bwd_compile_check.py"), "--stages", "2",
-                        "--sparse", "--dq", *dq], env=env, capture_output=True, text=True, timeout=900)
+                        "--sparse", "--dq", *dq, "--overlap", "0", "1"], env=env, capture_output=True, text=True,
+                       timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    found = re.findall(r"\[(\w+):\w+:stages\d+\] compiled for sm90: num_warps=\d+ shared=(\d+) B.*?STACK:(\d+)",
-                       p.stdout, re.S)
-    assert len(found) == 2 * len(dq), p.stdout
-    assert all(int(shared) <= 232448 for _, shared, _ in found), p.stdout
+    found = re.findall(r"\[(\w+):\w+:stages\d+(:overlap)?\] compiled for sm90: num_warps=\d+ shared=(\d+) B.*?"
+                       r"STACK:(\d+)", p.stdout, re.S)
+    assert len(found) == 4 * len(dq), p.stdout
+    assert all(int(shared) <= 232448 for _, _, shared, _ in found), p.stdout
     if re.search(r"^triton 3\.6\.", p.stdout, re.M):
-        assert all(stack == "0" for kind, _, stack in found if kind == "dense"), p.stdout
+        assert all(stack == "0" for kind, ov, _, stack in found if kind == "dense" and not ov), p.stdout
 
 
 _HOPPER = torch.cuda.is_available() and gb.HAS_GLUON and torch.cuda.get_device_capability()[0] == 9
@@ -134,6 +135,44 @@ def test_gluon_backward_sparse_gpu(dq_reduce):
     for g, r in zip(got, ref):
         assert torch.isfinite(g).all()
         assert _rel(g, r) < 1e-2
+
+
+@pytest.mark.skipif(not _HOPPER, reason="needs a Hopper GPU and Gluon")
+@pytest.mark.parametrize("dq_reduce", ["atomic", "tma"])
+def test_gluon_backward_schedules_agree(dq_reduce):
+    """Ring depth 2 / 3 and the walk that issues the next Sᵀ early (``overlap``) compute the same dK and
+    dV bits (the same products in the same order) and dQ up to the order of its additions, on a plan
+    with key blocks no query keeps (no steps), kept once (one step), ragged ones and padded queries;
+    and dense."""
+    if dq_reduce == "tma" and not gb.HAS_TMA_REDUCE:
+        pytest.skip("no TMA reduce-add in this Triton's Gluon")
+    from video_sparse_attn.kernels.triton_common import resolve_kernel_options
+    from video_sparse_attn.kernels.triton_fwd import attention_forward
+
+    torch.manual_seed(2)
+    B, H, N, blk = 1, 3, 6, 384
+    mask = torch.rand(B, H, N, N, device="cuda") < 0.5
+    mask[..., 0] = True
+    mask[..., 3] = False                                  # key block 3: no query step
+    mask[..., 4] = False
+    mask[..., 1, 4] = True                                # key block 4: one query block
+    k_valid = torch.full((1, N), blk, dtype=torch.int32, device="cuda")
+    k_valid[0, 2], k_valid[0, 5] = 200, 64
+    q_valid = torch.full((1, N), blk, dtype=torch.int32, device="cuda")
+    q_valid[0, 1], q_valid[0, 4] = 100, 0
+    plan = BlockSparsePlan.from_block_mask(mask, blk, blk, k_valid, q_valid)
+    q, k, v, dout = (torch.randn(B, H, N * blk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    scale = 128 ** -0.5
+    out, lse = attention_forward(q, k, v, plan, scale, resolve_kernel_options(None))
+    out = out.contiguous()
+    for p in (plan, None):
+        runs = {(st, ov): gb.gluon_attention_backward(q, k, v, out, dout, lse, scale, plan=p, dq_reduce=dq_reduce,
+                                                      stages=st, overlap=ov)
+                for st in (2, 3) for ov in (False, True)}
+        dq0, dk0, dv0 = runs[(2, False)]
+        for key, (dq, dk, dv) in runs.items():
+            assert torch.equal(dk, dk0) and torch.equal(dv, dv0), key
+            assert _rel(dq, dq0) < 1e-4, (key, _rel(dq, dq0))
 
 
 @pytest.mark.skipif(not _HOPPER, reason="needs a Hopper GPU and Gluon")

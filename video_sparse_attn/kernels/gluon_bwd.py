@@ -193,6 +193,33 @@ if HAS_GLUON:
                            gl.zeros([BLOCK_M, BLOCK_KC], gl.float32, dq_layout), use_acc=False, is_async=True)
         dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
         mbarrier.arrive(empty.index(s), count=1)   # Q / dO / lse2 / delta of slot s no longer read
+        _dq_out(c, dq, row, DQ_ACC, dq_offs, dq_desc, dq_smem, BLOCK_KC, D, DQ_TMA)
+        return dk, dv
+
+    @gluon.jit
+    def _issue_s(c: gl.constexpr, i, q_smem, k_smem, full, BLOCK_M: gl.constexpr, BLOCK_KC: gl.constexpr,
+                 STAGES: gl.constexpr):
+        """Step ``i``'s Sᵀ = K_c Qᵀ issued (async) once its slot has landed."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, BLOCK_M, 16])
+        s = i % STAGES
+        mbarrier.wait(full.index(s), (i // STAGES) & 1)
+        return warpgroup_mma(k_smem.slice(c * BLOCK_KC, BLOCK_KC, dim=0), q_smem.index(s).permute((1, 0)),
+                             gl.zeros([BLOCK_KC, BLOCK_M], gl.float32, s_layout), use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _issue_dp(c: gl.constexpr, i, do_smem, v_smem, BLOCK_M: gl.constexpr, BLOCK_KC: gl.constexpr,
+                  STAGES: gl.constexpr):
+        """Step ``i``'s dPᵀ = V_c dOᵀ issued (async; its slot has landed)."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, BLOCK_M, 16])
+        return warpgroup_mma(v_smem.slice(c * BLOCK_KC, BLOCK_KC, dim=0), do_smem.index(i % STAGES).permute((1, 0)),
+                             gl.zeros([BLOCK_KC, BLOCK_M], gl.float32, s_layout), use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _dq_out(c: gl.constexpr, dq, row, DQ_ACC, dq_offs, dq_desc, dq_smem, BLOCK_KC: gl.constexpr,
+                D: gl.constexpr, DQ_TMA: gl.constexpr):
+        """This warpgroup's dQ half tile (rows ``row ...``) added to the float32 buffer."""
         if DQ_TMA:   # through this warpgroup's shared buffer and one bulk reduce-add
             dq_buf = dq_smem.index(c)
             tma.store_wait(0)            # the previous step's reduce has read the buffer
@@ -203,6 +230,65 @@ if HAS_GLUON:
             tma_reduce_add(dq_desc, [row, c * BLOCK_KC], dq_buf)
         else:
             gl.atomic_add(DQ_ACC + row.to(gl.int64) * D + dq_offs, dq, sem="relaxed")
+
+    @gluon.jit
+    def _consumer_walk_overlap(c: gl.constexpr, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
+                               ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, row_base, n_steps,
+                               steps_ptr, qk_scale, SPARSE: gl.constexpr, BLOCK_M: gl.constexpr,
+                               BLOCK_KC: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                               DQ_TMA: gl.constexpr):
+        """The walk of `_consumer_walk` with step ``i+1``'s Sᵀ issued before step ``i``'s dQ GEMM is waited
+        for, so that it runs on the tensor cores while this warpgroup adds step ``i``'s dQ (FA3's overlap
+        across steps); step ``i+1``'s dPᵀ is issued at its start and runs under the softmax. The Q / dO
+        slot is released as soon as dV and dK retired (the dQ GEMM reads dSᵀ and K only). wgmma groups
+        retire in issue order, so each wait names how many later groups may stay in flight.
+
+        Sᵀ is waited for at the end of its iteration: a wgmma in flight across the loop's back edge makes
+        ptxas serialise every wgmma of the kernel, and dPᵀ issued early as well does not fit the
+        registers (ptxas serialises for lack of them). The last step issues its own Sᵀ once more instead
+        of branching (its slot is never reloaded, its full barrier has passed)."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, BLOCK_M, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                              instr_shape=[16, D, 16])
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BLOCK_KC, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+        if n_steps > 0:
+            st = warpgroup_mma_wait(num_outstanding=0,
+                                    deps=(_issue_s(c, 0, q_smem, k_smem, full, BLOCK_M, BLOCK_KC, STAGES),))
+            for i in range(n_steps):
+                s = i % STAGES
+                buf = i % 2
+                row = row_base + _step_row(SPARSE, steps_ptr, i, BLOCK_M)
+                q_s = q_smem.index(s)
+                do_s = do_smem.index(s)
+                dpt_acc = _issue_dp(c, i, do_smem, v_smem, BLOCK_M, BLOCK_KC, STAGES)
+                lse2 = lse_smem.index(s).load(col_layout)
+                pt = gl.exp2(gl.minimum(st * qk_scale - lse2[None, :], 0.0))    # P <= 1: see _consumer_step
+                pt_op = gl.convert_layout(pt.to(q_s.dtype), a_layout)
+                dv = warpgroup_mma(pt_op, do_s, dv, is_async=True)
+                delta = delta_smem.index(s).load(col_layout)
+                dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt_acc,))
+                dst = (pt * (dpt - delta[None, :])).to(q_s.dtype)
+                ds_smem.index(buf).slice(c * BLOCK_KC, BLOCK_KC, dim=0).store(dst)
+                dst_op = gl.convert_layout(dst, a_layout)
+                dk = warpgroup_mma(dst_op, q_s, dk, is_async=True)
+                fence_async_shared()
+                mbarrier.arrive(ds_bar, count=1)
+                mbarrier.wait(ds_bar, i & 1)
+                dq_acc = warpgroup_mma(ds_smem.index(buf).permute((1, 0)),
+                                       k_smem.slice(c * BLOCK_KC, BLOCK_KC, dim=1),
+                                       gl.zeros([BLOCK_M, BLOCK_KC], gl.float32, dq_layout), use_acc=False,
+                                       is_async=True)
+                dv, dk, pt_op, dst_op = warpgroup_mma_wait(num_outstanding=1, deps=(dv, dk, pt_op, dst_op))
+                mbarrier.arrive(empty.index(s), count=1)   # Q / dO / lse2 / delta of slot s no longer read
+                st_acc = _issue_s(c, gl.minimum(i + 1, n_steps - 1), q_smem, k_smem, full, BLOCK_M, BLOCK_KC,
+                                  STAGES)
+                dq = warpgroup_mma_wait(num_outstanding=1, deps=(dq_acc,))
+                _dq_out(c, dq, row, DQ_ACC, dq_offs, dq_desc, dq_smem, BLOCK_KC, D, DQ_TMA)
+                st = warpgroup_mma_wait(num_outstanding=0, deps=(st_acc,))
         return dk, dv
 
     @gluon.jit
@@ -233,7 +319,7 @@ if HAS_GLUON:
     def _consumer(c: gl.constexpr, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem, dq_smem,
                   kv_bar, full, empty, ds_bar, DQ_ACC, dq_desc, DK, DV, row_base, key_row0, rem, n_steps, steps_ptr,
                   qk_scale, sm_scale, SPARSE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_KC: gl.constexpr,
-                  D: gl.constexpr, STAGES: gl.constexpr, DQ_TMA: gl.constexpr):
+                  D: gl.constexpr, STAGES: gl.constexpr, DQ_TMA: gl.constexpr, OVERLAP: gl.constexpr):
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                               instr_shape=[16, D, 16])
         dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -248,9 +334,15 @@ if HAS_GLUON:
         if SPARSE:
             if rem < 2 * BLOCK_KC:   # a ragged key tile: see _zero_rows_past
                 _zero_rows_past(k_smem.slice(c * BLOCK_KC, BLOCK_KC, dim=0), rem - c * BLOCK_KC, BLOCK_KC, D)
-        dk, dv = _consumer_walk(c, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem,
-                                full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, row_base, n_steps,
-                                steps_ptr, qk_scale, SPARSE, BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA)
+        if OVERLAP:
+            dk, dv = _consumer_walk_overlap(c, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
+                                            ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem,
+                                            row_base, n_steps, steps_ptr, qk_scale, SPARSE, BLOCK_M, BLOCK_KC, D,
+                                            STAGES, DQ_TMA)
+        else:
+            dk, dv = _consumer_walk(c, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem,
+                                    full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, row_base, n_steps,
+                                    steps_ptr, qk_scale, SPARSE, BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA)
         if DQ_TMA:
             tma.store_wait(0)
         rows = gl.arange(0, BLOCK_KC, layout=gl.SliceLayout(1, acc_layout))
@@ -270,7 +362,7 @@ if HAS_GLUON:
                     N_STEPS, STEPS, COL_ORDER, K_VALID,
                     s_ns_b, s_ns_h, s_st_b, s_st_h, s_st_n, s_ord_b, s_ord_h, s_val_b,
                     H, S, qk_scale, sm_scale,
-                    SPARSE: gl.constexpr, DQ_TMA: gl.constexpr, K_BLOCK: gl.constexpr,
+                    SPARSE: gl.constexpr, DQ_TMA: gl.constexpr, OVERLAP: gl.constexpr, K_BLOCK: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
         gl.static_assert(num_warps == 4, "the default partition is consumer warpgroup 0")
@@ -322,10 +414,10 @@ if HAS_GLUON:
         gl.warp_specialize([
             (_consumer, (0, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, full,
                          empty, ds_bar, DQ_ACC, dq_desc, DK, DV, row_base, key_row0, rem, n_steps, steps_ptr,
-                         qk_scale, sm_scale, SPARSE, BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA)),
+                         qk_scale, sm_scale, SPARSE, BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA, OVERLAP)),
             (_consumer, (1, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, full,
                          empty, ds_bar, DQ_ACC, dq_desc, DK, DV, row_base, key_row0, rem, n_steps, steps_ptr,
-                         qk_scale, sm_scale, SPARSE, BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA)),
+                         qk_scale, sm_scale, SPARSE, BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA, OVERLAP)),
             (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem,
                          lse_smem, delta_smem, kv_bar, full, empty, row_base, key_row0, n_steps, steps_ptr,
                          SPARSE, BLOCK_M, STAGES)),
@@ -370,7 +462,7 @@ def step_table(plan, block_m: int = BLOCK_M):
 def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                              dout: torch.Tensor, lse: torch.Tensor, scale: float | None = None, plan=None,
                              stages: int = 2, dq_reduce: str = "atomic", steps=None, compile_only: bool = False,
-                             dlse=None, launch=None):
+                             dlse=None, launch=None, overlap: bool = False):
     """dq, dk, dv of attention ``out = softmax(q kᵀ·scale) v`` (``lse [B, H, S]`` float32, natural log,
     from the forward) given ``dout``, on Hopper through the Gluon kernel.
 
@@ -381,7 +473,8 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     tensor reduce-add per half tile). ``steps``: `step_table` of ``plan``, if already built (it depends
     on the plan only). ``compile_only``: compile the main kernel for the active target and return it
     instead of launching (tensors may be meta tensors). ``dlse``: gradient of ``lse`` ``[B, H, S]`` (it
-    shifts the row term: ``delta ← delta − dlse``). ``launch``: `precompile.launch` (compiles only
+    shifts the row term: ``delta ← delta − dlse``). ``overlap``: issue each step's Sᵀ before the previous
+    step's dQ GEMM is waited for (`_consumer_walk_overlap`). ``launch``: `precompile.launch` (compiles only
     inside `precompile.compile_only`); default: launch.
     """
     if not HAS_GLUON:
@@ -448,8 +541,8 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             desc2(v, BLOCK_N, n_layout), desc1(lse2), desc1(delta),
             TensorDescriptor(dq_acc, [n_rows, D], [D, 1], [BLOCK_M, BLOCK_N // 2], dq_layout), dq_acc, dk, dv,
             n_steps, step_rows, col_order, k_valid, *strides, H, S, scale * LOG2E, scale)
-    meta = dict(SPARSE=sparse, DQ_TMA=dq_reduce == "tma", K_BLOCK=k_block, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D,
-                STAGES=int(stages), CONSUMER_REGS=_REGS[0], PRODUCER_REGS=_REGS[1], num_warps=4)
+    meta = dict(SPARSE=sparse, DQ_TMA=dq_reduce == "tma", OVERLAP=bool(overlap), K_BLOCK=k_block, BLOCK_M=BLOCK_M,
+                BLOCK_N=BLOCK_N, D=D, STAGES=int(stages), CONSUMER_REGS=_REGS[0], PRODUCER_REGS=_REGS[1], num_warps=4)
     grid = (n_tiles, B * H)
     if compile_only:
         return _bwd_kernel.warmup(*args, grid=grid, **meta)
@@ -506,13 +599,14 @@ def _steps_for(plan, compile_only: bool):
 
 
 def gluon_sparse_backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None, launch=None,
-                          compile_only: bool = False):
+                          compile_only: bool = False, stages: int = 2, overlap: bool = False):
     """dq, dk, dv of `gluon_fwd` / `triton_fwd`'s block-sparse ``out`` over ``plan`` (checked by the caller:
     `sparse_backward_unsupported`), the Triton backward's contract: any strides; query rows past
     ``plan.q_valid`` contribute nothing and get dq 0, whatever q / dout hold there (they are zeroed in
     the kernel's copies of q and dout); keys past ``k_valid`` get dk = dv = 0 (their k and v must be
     finite, as in the forward). dQ goes by TMA reduce-add where this Triton's Gluon has it, else by atomics.
-    ``compile_only``: inside `precompile.compile_only` (tensors become meta tensors, ``launch`` compiles)."""
+    ``compile_only``: inside `precompile.compile_only` (tensors become meta tensors, ``launch`` compiles).
+    ``stages`` / ``overlap``: `gluon_attention_backward`'s."""
     if compile_only:
         def dense(t):
             return torch.empty(t.shape, dtype=t.dtype, device="meta")
@@ -527,7 +621,8 @@ def gluon_sparse_backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None
     mode = "tma" if HAS_TMA_REDUCE else "atomic"
     # compiling only, the launches (through ``launch``: `precompile.launch`) compile all three kernels
     return gluon_attention_backward(q_c, k_c, v_c, o_c, do_c, lse, scale, plan=plan, dq_reduce=mode,
-                                    steps=_steps_for(plan, compile_only), dlse=dlse, launch=launch)
+                                    steps=_steps_for(plan, compile_only), dlse=dlse, launch=launch,
+                                    stages=stages, overlap=overlap)
 
 
 def tile_loop_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,

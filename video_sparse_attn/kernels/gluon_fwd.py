@@ -308,7 +308,7 @@ def _matrix_desc(t: torch.Tensor, view, block_rows: int, layout):
 
 
 def gluon_sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: float,
-                         launch=None, empty_like=None, empty=None):
+                         launch=None, empty_like=None, empty=None, stages: int | None = None):
     """Block-sparse attention forward over ``plan`` with the warp-specialised Gluon kernel (the
     ``"ws"`` schedule walking the plan's kept key blocks). Same contract as
     `triton_fwd.attention_forward`: q ``[B, H, Sq, D]``, k / v ``[B, H, Sk, D]`` (checked by the
@@ -320,6 +320,7 @@ def gluon_sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan
 
     ``launch`` / ``empty_like`` / ``empty``: `precompile.launch` and its allocators (the defaults:
     launch, ``torch.empty_like``, ``torch.empty``), so that a compile-only run compiles this kernel.
+    ``stages``: slots of the K and V rings (default `SPARSE_CONFIG`'s).
     """
     if not HAS_GLUON:
         raise RuntimeError("gluon_sparse_forward needs Triton with Gluon (triton.experimental.gluon)")
@@ -327,7 +328,8 @@ def gluon_sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan
     empty_like = empty_like or torch.empty_like
     empty = empty or torch.empty
     B, H, Sq, D = q.shape
-    block_m, block_n, stages, num_warps = SPARSE_CONFIG
+    block_m, block_n, default_stages, num_warps = SPARSE_CONFIG
+    stages = default_stages if stages is None else int(stages)
     out = empty_like(q)
     o_view = tma_rows(out)
     if o_view is None:     # q not dense: out contiguous

@@ -409,6 +409,7 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
         from .gluon_bwd import gluon_sparse_backward
 
         return gluon_sparse_backward(q, k, v, out, lse, dout, plan, scale, dlse=dlse, launch=pc.launch,
+                                     stages=options["gluon_bwd_stages"], overlap=options["gluon_bwd_overlap"],
                                      compile_only=pc.compiling_only())
     B, H, Sq, D = q.shape
     d_pad = max(16, triton.next_power_of_2(D))

@@ -90,12 +90,23 @@ class KernelOptions(TypedDict, total=False):
     covering the sequence; `gluon_bwd.sparse_backward_unsupported`); ``deterministic=True`` never does.
     ``False``: the Triton kernels always. Default ``True``."""
 
+    gluon_fwd_stages: int
+    """Gluon forward: depth of its K and V rings (2 or 3 slots of 128 keys each). Default 2."""
+
+    gluon_bwd_stages: int
+    """Gluon backward: depth of its Q / dO ring (2 or 3 slots of 64 query rows). Default 2."""
+
+    gluon_bwd_overlap: bool
+    """Gluon backward: issue each query step's Sᵀ before the previous step's dQ is waited for and added
+    (`gluon_bwd._consumer_walk_overlap`), so that the two overlap on the tensor cores. Default ``False``."""
+
 
 _DEFAULTS: KernelOptions = {
     "tma": True, "warp_specialize": False, "fwd_peel": True, "fwd_lazy": True, "autotune": True,
-    "dq_reduce": "atomic", "skip_padded_queries": True, "gluon": True,
+    "dq_reduce": "atomic", "skip_padded_queries": True, "gluon": True, "gluon_fwd_stages": 2, "gluon_bwd_stages": 2,
+    "gluon_bwd_overlap": False,
 }
-_CHOICES = {"dq_reduce": ("atomic", "tma")}
+_CHOICES = {"dq_reduce": ("atomic", "tma"), "gluon_fwd_stages": (2, 3), "gluon_bwd_stages": (2, 3)}
 
 
 def resolve_kernel_options(options: Optional[dict] = None) -> dict:
