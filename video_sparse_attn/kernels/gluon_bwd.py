@@ -27,6 +27,11 @@ FA3's layout of work for head dim 128: one program (CTA) owns ``BLOCK_N = 128`` 
   double buffered: a warpgroup writes step ``i``'s half only after it met the other at step ``i-1``,
   which the other reached after its dQ GEMM of step ``i-2`` (the last reader of that buffer) retired.
 
+By default (``overlap``, `_consumer_walk_overlap`) a consumer issues step ``i+1``'s Sᵀ right after step
+``i``'s dQ GEMM, so that Sᵀ runs on the tensor cores while step ``i``'s dQ is waited for and added, and
+issues ``dPᵀ`` at the start of its step, under the softmax (8-10% faster at 720p on an H200 than the
+walk that waits for all of a step's GEMMs first, `_consumer_walk`).
+
 At the end dK (scaled by ``scale``) and dV are written from registers; a small kernel scales the dQ
 buffer and casts it. A Triton preprocess kernel computes ``delta = rowsum(dout·out)`` and
 ``lse2 = lse·log2e`` (+inf where lse = -inf).
@@ -462,7 +467,7 @@ def step_table(plan, block_m: int = BLOCK_M):
 def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                              dout: torch.Tensor, lse: torch.Tensor, scale: float | None = None, plan=None,
                              stages: int = 2, dq_reduce: str = "atomic", steps=None, compile_only: bool = False,
-                             dlse=None, launch=None, overlap: bool = False):
+                             dlse=None, launch=None, overlap: bool = True):
     """dq, dk, dv of attention ``out = softmax(q kᵀ·scale) v`` (``lse [B, H, S]`` float32, natural log,
     from the forward) given ``dout``, on Hopper through the Gluon kernel.
 
@@ -599,7 +604,7 @@ def _steps_for(plan, compile_only: bool):
 
 
 def gluon_sparse_backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None, launch=None,
-                          compile_only: bool = False, stages: int = 2, overlap: bool = False):
+                          compile_only: bool = False, stages: int = 2, overlap: bool = True):
     """dq, dk, dv of `gluon_fwd` / `triton_fwd`'s block-sparse ``out`` over ``plan`` (checked by the caller:
     `sparse_backward_unsupported`), the Triton backward's contract: any strides; query rows past
     ``plan.q_valid`` contribute nothing and get dq 0, whatever q / dout hold there (they are zeroed in

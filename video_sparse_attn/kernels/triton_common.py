@@ -91,20 +91,24 @@ class KernelOptions(TypedDict, total=False):
     ``False``: the Triton kernels always. Default ``True``."""
 
     gluon_fwd_stages: int
-    """Gluon forward: depth of its K and V rings (2 or 3 slots of 128 keys each). Default 2."""
+    """Gluon forward: depth of its K and V rings (2 or 3 slots of 128 keys each; 3 measured no faster).
+    Default 2."""
 
     gluon_bwd_stages: int
-    """Gluon backward: depth of its Q / dO ring (2 or 3 slots of 64 query rows). Default 2."""
+    """Gluon backward: depth of its Q / dO ring (2 or 3 slots of 64 query rows; 3 measured slower with
+    the overlapping walk). Default 2."""
 
     gluon_bwd_overlap: bool
     """Gluon backward: issue each query step's Sᵀ before the previous step's dQ is waited for and added
-    (`gluon_bwd._consumer_walk_overlap`), so that the two overlap on the tensor cores. Default ``False``."""
+    (`gluon_bwd._consumer_walk_overlap`), so that the two overlap. ``False``: each step waits for all
+    its GEMMs before the dQ adds (the first walk; 5-10% slower on an H200, benchmarks/NOTES.md v10).
+    Default ``True``."""
 
 
 _DEFAULTS: KernelOptions = {
     "tma": True, "warp_specialize": False, "fwd_peel": True, "fwd_lazy": True, "autotune": True,
     "dq_reduce": "atomic", "skip_padded_queries": True, "gluon": True, "gluon_fwd_stages": 2, "gluon_bwd_stages": 2,
-    "gluon_bwd_overlap": False,
+    "gluon_bwd_overlap": True,
 }
 _CHOICES = {"dq_reduce": ("atomic", "tma"), "gluon_fwd_stages": (2, 3), "gluon_bwd_stages": (2, 3)}
 
