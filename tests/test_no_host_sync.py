@@ -97,3 +97,39 @@ def test_window_plan_and_fa4_lists_make_no_sync():
         _window_plan_and_lists("cuda")
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "fa4"])
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_ssta_attention_makes_no_sync(backend, padding_free):
+    """A whole `ssta_attention` call (layout, mask, plan, kernels, untile), forward and backward, enqueues
+    without waiting for the GPU once its shape was seen (a host wait each call leaves the GPU idle while
+    the host enqueues the mask and plan kernels)."""
+    from video_sparse_attn import ssta_attention
+    from video_sparse_attn.attention import resolve_backend
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    try:
+        resolve_backend(backend, torch.empty(1, 2, 1, 128, device="cuda", dtype=torch.bfloat16))
+    except (ValueError, RuntimeError) as e:
+        pytest.skip(f"{backend}: {e}")
+    thw, L = (6, 16, 16), 100
+    cfg = SSTAConfig(tile_thw=(6, 8, 8), kernel_thw=(1, 3, 3), topk=2, caller_rules=False)
+    q, k, v = (torch.randn(1, 2, math.prod(thw) + L, 128, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    tm = torch.zeros(1, L, dtype=torch.bool, device="cuda")
+    tm[:, :60] = True
+
+    def step():
+        out = ssta_attention(q, k, v, thw, cfg, L, tm, backend=backend, padding_free=padding_free)
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -97,10 +97,12 @@ def _build_indices(grid: Triple, tile: Triple, text_len: int, pad_type: str,
         0, src.flatten(), holds.flatten().to(torch.float32))
     video_mult = torch.where(valid, mult[src], 1.0)
     key_mult = torch.cat([video_mult.flatten(), torch.ones(Nt * bs, dtype=torch.float32, device=device)])
+    video_valid = valid.sum(1).to(torch.int32)
+    text_valid = (text_len - torch.arange(Nt, device=device) * bs_t).clamp(0, bs_t).to(torch.int32)
     return {
         "src": src_all, "zero_pos": zero_pos, "inverse": inverse, "kernel_src": kernel_src, "owner": owner,
-        "video_valid": valid.sum(1).to(torch.int32), "slot_raster": slot_raster, "key_mult": key_mult,
-        "key_bias": key_mult.log(),
+        "video_valid": video_valid, "slot_raster": slot_raster, "key_mult": key_mult,
+        "key_bias": key_mult.log(), "query_valid": torch.cat([video_valid, text_valid])[None],
     }
 
 
@@ -338,7 +340,8 @@ class TileLayout:
         original token; ``owner [padded_len]`` its inverse (the token a slot holds, -1 for padding and
         copies); ``video_valid [Nv]`` real tokens per video tile; ``slot_raster [Nv, bs]`` raster
         position inside its tile of each slot; ``key_mult [padded_len]`` float32 multiplicity of the
-        token on its own slot (1 elsewhere) and ``key_bias`` its log (`key_bias`).
+        token on its own slot (1 elsewhere) and ``key_bias`` its log (`key_bias`); ``query_valid [1, N]``
+        real query rows per block (`query_valid`).
         """
         if torch.compiler.is_compiling():   # built in the graph (a few small static-shape ops), not cached
             return _build_indices(self.grid_thw, self.tile_thw, self.text_len, self.pad_type, device)
@@ -382,11 +385,7 @@ class TileLayout:
         """Real query rows per block, int32 ``[1, N]`` (a `BlockSparsePlan.q_valid`): video tiles count
         their real tokens, text blocks their tokens before the padding copies. Rows past the count
         are dropped by `untile`, so they need not be computed."""
-        bs, Nt = self.tile_volume, self.num_text_blocks
-        video = self.indices(device)["video_valid"]
-        # static per layout: Python ints (a constant under torch.compile, no index arithmetic to lower)
-        text = torch.tensor([min(bs, self.text_len - j * bs) for j in range(Nt)], dtype=torch.int32, device=device)
-        return torch.cat([video, text]).to(torch.int32)[None]
+        return self.indices(device)["query_valid"]     # built once per layout and device (no copy per call)
 
     def _loaded_video_keys(self, device, key_tile: int) -> torch.Tensor:
         """Keys per video tile that padding-free ``zero`` padding loads: the real tokens, rounded up to
