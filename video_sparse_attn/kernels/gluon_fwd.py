@@ -10,9 +10,7 @@ refilled as soon as both consumers' QKᵀ that read it retired); two consumer wa
 registers) own 64 query rows each and walk the same sequence of sub-tiles. In a consumer, QKᵀ of
 sub-tile ``n`` (Q and K from shared memory) and PV of sub-tile ``n-1`` (P from registers) are issued
 back to back and the softmax of ``n`` runs while PV of ``n-1`` is on the tensor cores (FA3's
-intra-warpgroup overlap; `tile_loop_reference` is the same order of operations in torch); the
-accumulator's rescale by the softmax of ``n-1`` runs while QKᵀ of ``n`` is, before PV of ``n-1`` is
-issued (the same products in the same order). Softmax is
+intra-warpgroup overlap; `tile_loop_reference` is the same order of operations in torch). Softmax is
 online in base 2 with the scale folded into the exp2 argument; ``lse`` is natural log, ``[B, H, Sq]``
 float32, as the Triton forward's. Grid ``(Nq * Q_BLOCK // 128, B*H)``: query tiles fastest in
 ``row_order`` rank, as the Triton forward.
@@ -67,16 +65,10 @@ if HAS_GLUON:
         for c in gl.static_range(2):
             mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes, pred=has_keys)
             tma_load(q_desc, [q_row + c * BLOCK_MC, q_col], q_bars.index(c), q_smem.index(c), pred=has_keys)
-        # the kept block ids run two blocks ahead and their k_valid one block ahead of the loads, so that
-        # no block boundary waits for the two dependent index loads
-        last = gl.maximum(count - 1, 0)
-        k_blk = gl.load(idx_ptr)
-        kv = gl.load(valid_ptr + k_blk)
-        k_next = gl.load(idx_ptr + gl.minimum(1, last))
         n = 0
         for j in range(count):
-            kv_next = gl.load(valid_ptr + k_next)
-            k_after = gl.load(idx_ptr + gl.minimum(j + 2, last))
+            k_blk = gl.load(idx_ptr + j)
+            kv = gl.load(valid_ptr + k_blk)
             for sub in range(_sub_tiles(kv, BLOCK_N)):
                 stage = n % STAGES
                 free_phase = ((n // STAGES) & 1) ^ 1
@@ -88,7 +80,6 @@ if HAS_GLUON:
                 mbarrier.expect(v_full.index(stage), v_desc.block_type.nbytes)
                 tma_load(v_desc, [v_row0 + off, v_col], v_full.index(stage), v_smem.index(stage))
                 n += 1
-            k_blk, kv, k_next = k_next, kv_next, k_after
 
     @gluon.jit
     def _sparse_softmax(s, m_i, l_i, rem, qk_scale, p_layout: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -105,12 +96,6 @@ if HAS_GLUON:
         l_i = l_i * alpha + gl.sum(p, axis=1)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         return m_new, l_i, alpha, p_op
-
-    @gluon.jit
-    def _after_issue(x):
-        """``x`` unchanged, through a move the compiler keeps in program order with the (side-effecting)
-        wgmma issues around it: what uses the result is not scheduled before the preceding issue."""
-        return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=False, pack=1)
 
     @gluon.jit
     def _sparse_next(j, sub, kv, count, idx_ptr, valid_ptr, BLOCK_N: gl.constexpr):
@@ -165,9 +150,6 @@ if HAS_GLUON:
                 rem = kv - sub * BLOCK_N
                 mbarrier.wait(k_full.index(stage), (n // STAGES) & 1)
                 s = warpgroup_mma(q_c, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                # the previous softmax's rescale while QKᵀ runs (acc holds everything up to PV of n-2); alpha
-                # passes a side-effecting move so that the compiler cannot hoist the rescale above the issue
-                acc = acc * gl.convert_layout(_after_issue(alpha), orow_layout)[:, None]
                 mbarrier.wait(v_full.index(prev), ((n - 1) // STAGES) & 1)
                 acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
@@ -176,11 +158,11 @@ if HAS_GLUON:
                                                          dtype)
                 acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
                 mbarrier.arrive(v_empty.index(prev), count=1)
+                acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
                 p_op = p_new
                 j, sub, kv = _sparse_next(j, sub, kv, count, idx_ptr, valid_ptr, BLOCK_N)
                 n += 1
             last = (n - 1) % STAGES
-            acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
             mbarrier.wait(v_full.index(last), ((n - 1) // STAGES) & 1)
             acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
