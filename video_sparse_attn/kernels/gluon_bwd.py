@@ -29,8 +29,9 @@ FA3's layout of work for head dim 128: one program (CTA) owns ``BLOCK_N = 128`` 
 
 By default (``overlap``, `_consumer_walk_overlap`) a consumer issues step ``i+1``'s Sᵀ right after step
 ``i``'s dQ GEMM, so that Sᵀ runs on the tensor cores while step ``i``'s dQ is waited for and added, and
-issues ``dPᵀ`` at the start of its step, under the softmax (8-10% faster at 720p on an H200 than the
-walk that waits for all of a step's GEMMs first, `_consumer_walk`).
+issues ``dPᵀ`` at the start of its step, under the softmax. On an H200 it is 5% faster than the walk
+that waits for all of a step's GEMMs first (`_consumer_walk`) on an STA mask at S = 46k in three runs,
+and level with it at 720p/121f (within ±2% in two runs, 10% faster in one; benchmarks/NOTES.md v10).
 
 At the end dK (scaled by ``scale``) and dV are written from registers; a small kernel scales the dQ
 buffer and casts it. A Triton preprocess kernel computes ``delta = rowsum(dout·out)`` and

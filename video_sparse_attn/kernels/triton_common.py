@@ -101,8 +101,8 @@ class KernelOptions(TypedDict, total=False):
     gluon_bwd_overlap: bool
     """Gluon backward: issue each query step's Sᵀ before the previous step's dQ is waited for and added
     (`gluon_bwd._consumer_walk_overlap`), so that the two overlap. ``False``: each step waits for all
-    its GEMMs before the dQ adds (the first walk; 5-10% slower on an H200, benchmarks/NOTES.md v10).
-    Default ``True``."""
+    its GEMMs before the dQ adds (the first walk: 5% slower on an H200 on an STA mask at S = 46k, level
+    at 720p/121f; benchmarks/NOTES.md v10). Default ``True``."""
 
 
 _DEFAULTS: KernelOptions = {
