@@ -17,7 +17,8 @@ atomics for dQ), ``ptr`` (pointer loads forced, the Ampere/Ada path), ``det`` / 
 ``flatdet`` (dK/dV in one flat loop over every query sub-tile instead of an inner loop per kept
 query block up to q_valid; the benchmark masks have no padded queries, so this is the cost of the
 inner loop), and forward variants ``ws`` / ``v3`` / ``peel`` / ``lazy``. A variant's forward is timed once per distinct set of
-forward options. Every variant's output and gradients are compared with FlexAttention's.
+forward options. Every variant's output and gradients are compared with FlexAttention's. ``--rounds N``
+times FlexAttention and the variants N times, alternating the order, and reports medians.
 
 Parity cases (the public ops on ``--backend``, each beside compiled FlexAttention over the same token
 mask: Flex's `BlockMask` is built by `create_block_mask`, at Flex's 128-token blocks, from a
@@ -48,6 +49,7 @@ import argparse
 import csv
 import math
 import os
+import statistics
 
 import torch
 
@@ -131,40 +133,56 @@ def run_case(name: str, args) -> dict:
         t_b = bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
         return t_f, t_b
 
+    def bwd_timer(fwd):
+        """A function timing the backward of one forward (its graph kept for every round)."""
+        if args.fwd_only:
+            return lambda: float("nan")
+        out = fwd()
+        return lambda: bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
+
     counts = plan.kv_count.expand(1, H, N).contiguous()
     index = plan.kv_index.expand(1, H, N, N).contiguous()
     block_mask = BlockMask.from_kv_blocks(torch.zeros_like(counts), index, counts, index, BLOCK_SIZE=bs)
     flex = torch.compile(flex_attention, dynamic=False)
-    flex_out = flex(q, k, v, block_mask=block_mask)
+    flex_fn = lambda: flex(q, k, v, block_mask=block_mask)  # noqa: E731
+    flex_out = flex_fn()
     flex_grads = torch.autograd.grad(flex_out, (q, k, v), dout)
-    row["flex_fwd_ms"], row["flex_bwd_ms"] = fwd_bwd_times(lambda: flex(q, k, v, block_mask=block_mask))
 
     def rel(a, b):
         return float((a.float() - b.float()).norm() / b.float().norm())
 
-    fwd_seen = {}
+    # (name, forward, backward timer, forward key): FlexAttention and every variant that builds and runs
+    timed = [("flex", flex_fn, bwd_timer(flex_fn), "flex")]
     for variant in args.variants:                      # see VARIANTS
         options, det = VARIANTS[variant]
         options = {**options, **({"autotune": False} if args.no_autotune else {})}
-        fn = lambda: block_sparse_attention_triton(q, k, v, plan, kernel_options=options, deterministic=det)[0]  # noqa: E731
+        fn = lambda options=options, det=det: block_sparse_attention_triton(  # noqa: E731
+            q, k, v, plan, kernel_options=options, deterministic=det)[0]
         try:
             out = fn()
             row[f"{variant}_vs_flex_rel_l2"] = rel(out, flex_out)
             if not args.fwd_only:
                 grads = torch.autograd.grad(out, (q, k, v), dout)
                 row[f"{variant}_grad_vs_flex_rel_l2"] = max(rel(g, r) for g, r in zip(grads, flex_grads))
-            fkey = tuple(options.get(x) for x in _FWD_KEYS)
-            if fkey not in fwd_seen:
-                fwd_seen[fkey] = bench(fn)
-            row[f"{variant}_fwd_ms"] = fwd_seen[fkey]
-            if args.fwd_only:
-                row[f"{variant}_bwd_ms"] = float("nan")
-            else:
-                out = fn()
-                row[f"{variant}_bwd_ms"] = bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
+            timed.append((variant, fn, bwd_timer(fn), tuple(options.get(x) for x in _FWD_KEYS)))
         except Exception as e:  # a variant that fails to build is reported, not fatal
             print(f"variant {variant} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             row[f"{variant}_fwd_ms"] = row[f"{variant}_bwd_ms"] = float("inf")
+    # Rounds: every entry timed once per round, in reverse order every other round (timings drift with
+    # the order of measurement in one process); each reports its median over the rounds. A forward is
+    # timed once per round per distinct set of forward options.
+    samples = {name: ([], []) for name, *_ in timed}
+    for r in range(args.rounds):
+        fwd_round = {}
+        for name, fwd, bwd, fkey in (timed if r % 2 == 0 else timed[::-1]):
+            if fkey not in fwd_round:
+                fwd_round[fkey] = bench(fwd)
+            samples[name][0].append(fwd_round[fkey])
+            samples[name][1].append(bwd())
+    for name, (f_ms, b_ms) in samples.items():
+        row[f"{name}_fwd_ms"], row[f"{name}_bwd_ms"] = statistics.median(f_ms), statistics.median(b_ms)
+        if args.rounds > 1:
+            row[f"{name}_bwd_ms_rounds"] = " ".join(f"{t:.2f}" for t in b_ms)
     row["ours_fwd_ms"] = min(row[f"{x}_fwd_ms"] for x in args.variants)
     row["ours_bwd_ms"] = min(row[f"{x}_bwd_ms"] for x in args.variants)
     row["flex_vs_ours_rel_l2"] = max(row.get(f"{x}_vs_flex_rel_l2", float("inf")) for x in args.variants)
@@ -400,6 +418,9 @@ def main() -> None:
     p.add_argument("--tuning-cache", default=None, help="tuning cache file (default: next to --csv)")
     p.add_argument("--bshd", action="store_true", help="q, k, v as transposed [B, S, H, D] tensors")
     p.add_argument("--fwd-only", action="store_true", help="time the forward only (backward reported as nan)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time FlexAttention and every variant this many times, in reverse order every other "
+                        "round, and report medians (A/B comparisons within a run)")
     p.add_argument("--skip-cudnn", action="store_true", help="skip the dense cuDNN reference")
     p.add_argument("--csv", default="benchmark_kernels.csv")
     p.add_argument("--plot", default="benchmark_kernels.png")
