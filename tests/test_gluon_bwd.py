@@ -105,6 +105,34 @@ def test_gluon_backward_dense_gpu(dq_reduce):
         assert _rel(g, r) < 1e-2
 
 
+def _ragged_case(seed: int, H: int, q_ragged, drop_keys=()):
+    """A random plan of six 384-token blocks (B=1, D=128, bf16, every query keeps key block 0): key blocks
+    2 / 5 ragged (200 / 64 keys), query blocks ragged as ``q_ragged`` ``{block: rows}``, key blocks in
+    ``drop_keys`` kept by no query and key block 4, if dropped, kept by query block 1 alone. Returns
+    the plan, q, k, v, dout, and the Triton forward's out (contiguous), lse and scale."""
+    from video_sparse_attn.kernels.triton_common import resolve_kernel_options
+    from video_sparse_attn.kernels.triton_fwd import attention_forward
+
+    torch.manual_seed(seed)
+    B, N, blk = 1, 6, 384
+    mask = torch.rand(B, H, N, N, device="cuda") < 0.5
+    mask[..., 0] = True
+    for j in drop_keys:
+        mask[..., j] = False
+    if 4 in drop_keys:
+        mask[..., 1, 4] = True
+    k_valid = torch.full((1, N), blk, dtype=torch.int32, device="cuda")
+    k_valid[0, 2], k_valid[0, 5] = 200, 64
+    q_valid = torch.full((1, N), blk, dtype=torch.int32, device="cuda")
+    for i, rows in q_ragged.items():
+        q_valid[0, i] = rows
+    plan = BlockSparsePlan.from_block_mask(mask, blk, blk, k_valid, q_valid)
+    q, k, v, dout = (torch.randn(B, H, N * blk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    scale = 128 ** -0.5
+    out, lse = attention_forward(q, k, v, plan, scale, resolve_kernel_options(None))
+    return plan, q, k, v, dout, out.contiguous(), lse, scale
+
+
 @pytest.mark.skipif(not _HOPPER, reason="needs a Hopper GPU and Gluon")
 @pytest.mark.parametrize("dq_reduce", ["atomic", "tma"])
 def test_gluon_backward_sparse_gpu(dq_reduce):
@@ -114,23 +142,9 @@ def test_gluon_backward_sparse_gpu(dq_reduce):
         pytest.skip("no TMA reduce-add in this Triton's Gluon")
     from video_sparse_attn.kernels.triton_bwd import attention_backward
     from video_sparse_attn.kernels.triton_common import resolve_kernel_options
-    from video_sparse_attn.kernels.triton_fwd import attention_forward
 
-    torch.manual_seed(0)
-    B, H, N, blk = 1, 4, 6, 384
-    mask = torch.rand(B, H, N, N, device="cuda") < 0.5
-    mask[..., 0] = True
-    k_valid = torch.full((1, N), blk, dtype=torch.int32, device="cuda")
-    k_valid[0, 2], k_valid[0, 5] = 200, 64
-    q_valid = torch.full((1, N), blk, dtype=torch.int32, device="cuda")
-    q_valid[0, 1], q_valid[0, 4] = 100, 300
-    plan = BlockSparsePlan.from_block_mask(mask, blk, blk, k_valid, q_valid)
-    q, k, v, dout = (torch.randn(B, H, N * blk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    scale = 128 ** -0.5
-    opts = resolve_kernel_options(None)
-    out, lse = attention_forward(q, k, v, plan, scale, opts)
-    out = out.contiguous()
-    ref = attention_backward(q, k, v, out, lse, dout, plan, scale, opts)
+    plan, q, k, v, dout, out, lse, scale = _ragged_case(0, 4, {1: 100, 4: 300})
+    ref = attention_backward(q, k, v, out, lse, dout, plan, scale, resolve_kernel_options(None))
     got = gb.gluon_attention_backward(q, k, v, out, dout, lse, scale, plan=plan, dq_reduce=dq_reduce)
     for g, r in zip(got, ref):
         assert torch.isfinite(g).all()
@@ -146,25 +160,7 @@ def test_gluon_backward_schedules_agree(dq_reduce):
     and dense."""
     if dq_reduce == "tma" and not gb.HAS_TMA_REDUCE:
         pytest.skip("no TMA reduce-add in this Triton's Gluon")
-    from video_sparse_attn.kernels.triton_common import resolve_kernel_options
-    from video_sparse_attn.kernels.triton_fwd import attention_forward
-
-    torch.manual_seed(2)
-    B, H, N, blk = 1, 3, 6, 384
-    mask = torch.rand(B, H, N, N, device="cuda") < 0.5
-    mask[..., 0] = True
-    mask[..., 3] = False                                  # key block 3: no query step
-    mask[..., 4] = False
-    mask[..., 1, 4] = True                                # key block 4: one query block
-    k_valid = torch.full((1, N), blk, dtype=torch.int32, device="cuda")
-    k_valid[0, 2], k_valid[0, 5] = 200, 64
-    q_valid = torch.full((1, N), blk, dtype=torch.int32, device="cuda")
-    q_valid[0, 1], q_valid[0, 4] = 100, 0
-    plan = BlockSparsePlan.from_block_mask(mask, blk, blk, k_valid, q_valid)
-    q, k, v, dout = (torch.randn(B, H, N * blk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    scale = 128 ** -0.5
-    out, lse = attention_forward(q, k, v, plan, scale, resolve_kernel_options(None))
-    out = out.contiguous()
+    plan, q, k, v, dout, out, lse, scale = _ragged_case(2, 3, {1: 100, 4: 0}, drop_keys=(3, 4))
     for p in (plan, None):
         runs = {(st, ov): gb.gluon_attention_backward(q, k, v, out, dout, lse, scale, plan=p, dq_reduce=dq_reduce,
                                                       stages=st, overlap=ov)

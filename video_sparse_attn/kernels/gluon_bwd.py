@@ -90,6 +90,19 @@ BLOCK_M = 64        # query rows per step
 BLOCK_N = 128       # keys per program (two consumer warpgroups of 64)
 _REGS = (240, 24)   # setmaxnreg of the consumer worker and of the producer partition
 _ROWS = 64          # rows per program of the preprocess and convert kernels
+_D = 128            # the head dim the kernel runs
+
+if HAS_GLUON:
+    # a consumer warpgroup's wgmma register layouts: Sᵀ / dPᵀ [64 keys, BLOCK_M rows], dK / dV [64 keys, D],
+    # the dQ half tile [BLOCK_M rows, 64 columns]; Pᵀ and dSᵀ as register A operands; per-row vectors of Sᵀ
+    _S_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_M, 16]))
+    _ACC_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, _D, 16]))
+    _DQ_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_N // 2, 16]))
+    _A_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_ACC_LAYOUT.value, k_width=2))
+    _COL_LAYOUT = gl.constexpr(gl.SliceLayout(0, _S_LAYOUT.value))
 
 
 if HAS_GLUON:
@@ -158,14 +171,6 @@ if HAS_GLUON:
                        BLOCK_M: gl.constexpr, BLOCK_KC: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                        DQ_TMA: gl.constexpr):
         """Step ``i`` (query rows ``row ...`` of the flat [B·H·S] index) of consumer warpgroup ``c``."""
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                            instr_shape=[16, BLOCK_M, 16])
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                              instr_shape=[16, D, 16])
-        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, BLOCK_KC, 16])
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-        col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
 
         s = i % STAGES
         buf = i % 2
@@ -173,30 +178,30 @@ if HAS_GLUON:
         do_s = do_smem.index(s)
         k_c = k_smem.slice(c * BLOCK_KC, BLOCK_KC, dim=0)
         v_c = v_smem.slice(c * BLOCK_KC, BLOCK_KC, dim=0)
-        zero = gl.zeros([BLOCK_KC, BLOCK_M], gl.float32, s_layout)
+        zero = gl.zeros([BLOCK_KC, BLOCK_M], gl.float32, _S_LAYOUT)
 
         mbarrier.wait(full.index(s), (i // STAGES) & 1)
         st = warpgroup_mma(k_c, q_s.permute((1, 0)), zero, use_acc=False, is_async=True)
         dpt = warpgroup_mma(v_c, do_s.permute((1, 0)), zero, use_acc=False, is_async=True)
-        lse2 = lse_smem.index(s).load(col_layout)
+        lse2 = lse_smem.index(s).load(_COL_LAYOUT)
         st = warpgroup_mma_wait(num_outstanding=1, deps=(st,))
         # P <= 1 (the exact P is, up to rounding): keeps P finite for the zeroed keys past k_valid
         # (S = 0) in rows whose lse is very negative, so that their dS·K adds exactly 0 to dQ
         pt = gl.exp2(gl.minimum(st * qk_scale - lse2[None, :], 0.0))
-        pt_op = gl.convert_layout(pt.to(q_s.dtype), a_layout)
+        pt_op = gl.convert_layout(pt.to(q_s.dtype), _A_LAYOUT)
         dv = warpgroup_mma(pt_op, do_s, dv, is_async=True)
-        delta = delta_smem.index(s).load(col_layout)
+        delta = delta_smem.index(s).load(_COL_LAYOUT)
         dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt,))
         dst = (pt * (dpt - delta[None, :])).to(q_s.dtype)
         ds_half = ds_smem.index(buf).slice(c * BLOCK_KC, BLOCK_KC, dim=0)
         ds_half.store(dst)
-        dst_op = gl.convert_layout(dst, a_layout)
+        dst_op = gl.convert_layout(dst, _A_LAYOUT)
         dk = warpgroup_mma(dst_op, q_s, dk, is_async=True)
         fence_async_shared()
         mbarrier.arrive(ds_bar, count=1)           # this warpgroup's half of dSᵀ is in shared memory
         mbarrier.wait(ds_bar, i & 1)               # ... and the other's
         dq = warpgroup_mma(ds_smem.index(buf).permute((1, 0)), k_smem.slice(c * BLOCK_KC, BLOCK_KC, dim=1),
-                           gl.zeros([BLOCK_M, BLOCK_KC], gl.float32, dq_layout), use_acc=False, is_async=True)
+                           gl.zeros([BLOCK_M, BLOCK_KC], gl.float32, _DQ_LAYOUT), use_acc=False, is_async=True)
         dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
         mbarrier.arrive(empty.index(s), count=1)   # Q / dO / lse2 / delta of slot s no longer read
         _dq_out(c, dq, row, DQ_ACC, dq_offs, dq_desc, dq_smem, BLOCK_KC, D, DQ_TMA)
@@ -206,21 +211,17 @@ if HAS_GLUON:
     def _issue_s(c: gl.constexpr, i, q_smem, k_smem, full, BLOCK_M: gl.constexpr, BLOCK_KC: gl.constexpr,
                  STAGES: gl.constexpr):
         """Step ``i``'s Sᵀ = K_c Qᵀ issued (async) once its slot has landed."""
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                            instr_shape=[16, BLOCK_M, 16])
         s = i % STAGES
         mbarrier.wait(full.index(s), (i // STAGES) & 1)
         return warpgroup_mma(k_smem.slice(c * BLOCK_KC, BLOCK_KC, dim=0), q_smem.index(s).permute((1, 0)),
-                             gl.zeros([BLOCK_KC, BLOCK_M], gl.float32, s_layout), use_acc=False, is_async=True)
+                             gl.zeros([BLOCK_KC, BLOCK_M], gl.float32, _S_LAYOUT), use_acc=False, is_async=True)
 
     @gluon.jit
     def _issue_dp(c: gl.constexpr, i, do_smem, v_smem, BLOCK_M: gl.constexpr, BLOCK_KC: gl.constexpr,
                   STAGES: gl.constexpr):
         """Step ``i``'s dPᵀ = V_c dOᵀ issued (async; its slot has landed)."""
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                            instr_shape=[16, BLOCK_M, 16])
         return warpgroup_mma(v_smem.slice(c * BLOCK_KC, BLOCK_KC, dim=0), do_smem.index(i % STAGES).permute((1, 0)),
-                             gl.zeros([BLOCK_KC, BLOCK_M], gl.float32, s_layout), use_acc=False, is_async=True)
+                             gl.zeros([BLOCK_KC, BLOCK_M], gl.float32, _S_LAYOUT), use_acc=False, is_async=True)
 
     @gluon.jit
     def _dq_out(c: gl.constexpr, dq, row, DQ_ACC, dq_offs, dq_desc, dq_smem, BLOCK_KC: gl.constexpr,
@@ -253,14 +254,6 @@ if HAS_GLUON:
         ptxas serialise every wgmma of the kernel, and dPᵀ issued early as well does not fit the
         registers (ptxas serialises for lack of them). The last step issues its own Sᵀ once more instead
         of branching (its slot is never reloaded, its full barrier has passed)."""
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                            instr_shape=[16, BLOCK_M, 16])
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                              instr_shape=[16, D, 16])
-        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, BLOCK_KC, 16])
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-        col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
         if n_steps > 0:
             st = warpgroup_mma_wait(num_outstanding=0,
                                     deps=(_issue_s(c, 0, q_smem, k_smem, full, BLOCK_M, BLOCK_KC, STAGES),))
@@ -271,22 +264,22 @@ if HAS_GLUON:
                 q_s = q_smem.index(s)
                 do_s = do_smem.index(s)
                 dpt_acc = _issue_dp(c, i, do_smem, v_smem, BLOCK_M, BLOCK_KC, STAGES)
-                lse2 = lse_smem.index(s).load(col_layout)
+                lse2 = lse_smem.index(s).load(_COL_LAYOUT)
                 pt = gl.exp2(gl.minimum(st * qk_scale - lse2[None, :], 0.0))    # P <= 1: see _consumer_step
-                pt_op = gl.convert_layout(pt.to(q_s.dtype), a_layout)
+                pt_op = gl.convert_layout(pt.to(q_s.dtype), _A_LAYOUT)
                 dv = warpgroup_mma(pt_op, do_s, dv, is_async=True)
-                delta = delta_smem.index(s).load(col_layout)
+                delta = delta_smem.index(s).load(_COL_LAYOUT)
                 dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt_acc,))
                 dst = (pt * (dpt - delta[None, :])).to(q_s.dtype)
                 ds_smem.index(buf).slice(c * BLOCK_KC, BLOCK_KC, dim=0).store(dst)
-                dst_op = gl.convert_layout(dst, a_layout)
+                dst_op = gl.convert_layout(dst, _A_LAYOUT)
                 dk = warpgroup_mma(dst_op, q_s, dk, is_async=True)
                 fence_async_shared()
                 mbarrier.arrive(ds_bar, count=1)
                 mbarrier.wait(ds_bar, i & 1)
                 dq_acc = warpgroup_mma(ds_smem.index(buf).permute((1, 0)),
                                        k_smem.slice(c * BLOCK_KC, BLOCK_KC, dim=1),
-                                       gl.zeros([BLOCK_M, BLOCK_KC], gl.float32, dq_layout), use_acc=False,
+                                       gl.zeros([BLOCK_M, BLOCK_KC], gl.float32, _DQ_LAYOUT), use_acc=False,
                                        is_async=True)
                 dv, dk, pt_op, dst_op = warpgroup_mma_wait(num_outstanding=1, deps=(dv, dk, pt_op, dst_op))
                 mbarrier.arrive(empty.index(s), count=1)   # Q / dO / lse2 / delta of slot s no longer read
@@ -326,15 +319,11 @@ if HAS_GLUON:
                   kv_bar, full, empty, ds_bar, DQ_ACC, dq_desc, DK, DV, row_base, key_row0, rem, n_steps, steps_ptr,
                   qk_scale, sm_scale, SPARSE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_KC: gl.constexpr,
                   D: gl.constexpr, STAGES: gl.constexpr, DQ_TMA: gl.constexpr, OVERLAP: gl.constexpr):
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                              instr_shape=[16, D, 16])
-        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, BLOCK_KC, 16])
-        dq_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
-        dq_cols = c * BLOCK_KC + gl.arange(0, BLOCK_KC, layout=gl.SliceLayout(0, dq_layout))
+        dq_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, _DQ_LAYOUT))
+        dq_cols = c * BLOCK_KC + gl.arange(0, BLOCK_KC, layout=gl.SliceLayout(0, _DQ_LAYOUT))
         dq_offs = dq_rows[:, None] * D + dq_cols[None, :]
-        dk = gl.zeros([BLOCK_KC, D], gl.float32, acc_layout)
-        dv = gl.zeros([BLOCK_KC, D], gl.float32, acc_layout)
+        dk = gl.zeros([BLOCK_KC, D], gl.float32, _ACC_LAYOUT)
+        dv = gl.zeros([BLOCK_KC, D], gl.float32, _ACC_LAYOUT)
 
         mbarrier.wait(kv_bar, 0)
         if SPARSE:
@@ -351,8 +340,8 @@ if HAS_GLUON:
                                     steps_ptr, qk_scale, SPARSE, BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA)
         if DQ_TMA:
             tma.store_wait(0)
-        rows = gl.arange(0, BLOCK_KC, layout=gl.SliceLayout(1, acc_layout))
-        cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
+        rows = gl.arange(0, BLOCK_KC, layout=gl.SliceLayout(1, _ACC_LAYOUT))
+        cols = gl.arange(0, D, layout=gl.SliceLayout(0, _ACC_LAYOUT))
         offs = (key_row0 + c * BLOCK_KC + rows).to(gl.int64)[:, None] * D + cols[None, :]
         if SPARSE:   # keys past k_valid: zero gradients
             keep = (c * BLOCK_KC + rows < rem)[:, None]
@@ -534,7 +523,7 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     m_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], gdt)
     n_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gdt)
     r_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M], gl.float32)
-    dq_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N // 2], gl.float32)
+    dq_smem_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N // 2], gl.float32)
 
     def desc2(t, rows, layout):
         t2 = t.view(n_rows, D)
@@ -545,7 +534,7 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     args = (desc2(q, BLOCK_M, m_layout), desc2(dout, BLOCK_M, m_layout), desc2(k, BLOCK_N, n_layout),
             desc2(v, BLOCK_N, n_layout), desc1(lse2), desc1(delta),
-            TensorDescriptor(dq_acc, [n_rows, D], [D, 1], [BLOCK_M, BLOCK_N // 2], dq_layout), dq_acc, dk, dv,
+            TensorDescriptor(dq_acc, [n_rows, D], [D, 1], [BLOCK_M, BLOCK_N // 2], dq_smem_layout), dq_acc, dk, dv,
             n_steps, step_rows, col_order, k_valid, *strides, H, S, scale * LOG2E, scale)
     meta = dict(SPARSE=sparse, DQ_TMA=dq_reduce == "tma", OVERLAP=bool(overlap), K_BLOCK=k_block, BLOCK_M=BLOCK_M,
                 BLOCK_N=BLOCK_N, D=D, STAGES=int(stages), CONSUMER_REGS=_REGS[0], PRODUCER_REGS=_REGS[1], num_warps=4)
