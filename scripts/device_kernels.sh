@@ -3,16 +3,16 @@
 #
 #   bash scripts/device_kernels.sh [extra benchmark_kernels.py args...]      # logs under $OUT (default ./out)
 #
-# 1. pytest tests/test_triton_gpu.py tests/test_tuning.py (timeout 180 s): fwd/bwd vs float64 with ragged
-#    keys and padded queries (q_valid), deterministic backward bit-identical, pointer path forced, every
-#    config of the single-pass backward and its TMA reduce-add. Prints the pytest summary.
+# 1. pytest tests/test_gluon_fwd.py tests/test_gluon_bwd.py tests/test_triton_gpu.py tests/test_tuning.py
+#    (timeout 240 s): the Gluon kernels against the Triton ones and float64 (ragged keys, padded queries,
+#    both backward walks), fwd/bwd vs float64, deterministic backward bit-identical, pointer path forced,
+#    every config of the single-pass backward. Prints the pytest summary.
 # 2. scripts/benchmark_kernels.py (timeout 300 s; ssta720p first, its table printed as soon as it is done), one process, do_bench medians, cases ssta720p
 #    (HunyuanVideo-1.5 720p/121f SSTA mask) and sta46k (STA, S=46k), B=1 H=16 D=128 bf16. For each case
-#    a table: rows tma (default: TMA loads, single-pass backward, dQ by pointer atomics), ptr (pointer
-#    loads forced, the Ampere/Ada path), det (deterministic two-pass backward), tmared (single pass, dQ
-#    by TMA reduce-add), flat / flatdet (single pass / deterministic with the dK/dV loop flat over every
-#    query sub-tile, the v5 loop, instead of per-block inner loops that skip padded queries: what that
-#    skip costs on masks without padding), flex (compiled FlexAttention, same mask); columns fwd ms, TFLOP/s,
+#    a table: rows tma (the defaults: the Gluon kernels on sm90), stepwise (the Gluon backward without
+#    the next step's S^T under the dQ adds), triton (the Triton kernels on sm90), ptr (pointer loads
+#    forced, the Ampere/Ada path), det (deterministic two-pass backward) — VARIANTS overrides, ROUNDS=N
+#    times them N times in alternating order (medians) — and flex (compiled FlexAttention, same mask); columns fwd ms, TFLOP/s,
 #    FlexAttention time / ours, the same for bwd, and rel. L2 of out / worst gradient vs FlexAttention.
 #    Kernel families missing from the shipped tuning table (the single-pass backward) are autotuned;
 #    the picks are printed at the end and saved in $OUT/tuning_cache.json. CSV: $OUT/bench.csv.
@@ -30,13 +30,14 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 if [ -z "${SKIP_TESTS:-}" ]; then
     echo "== GPU tests"
-    timeout ${TEST_TIMEOUT:-180} python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_triton_gpu.py tests/test_tuning.py \
+    timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_gluon_fwd.py \
+        tests/test_gluon_bwd.py tests/test_triton_gpu.py tests/test_tuning.py \
         -k "${GPU_TESTS:-}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 25
 fi
 
 echo "== benchmark"
 timeout ${BENCH_TIMEOUT:-300} python3 scripts/benchmark_kernels.py --cases ssta720p sta46k \
-    --variants tma ptr det tmared flat flatdet --skip-cudnn \
+    --variants ${VARIANTS:-tma stepwise triton ptr det} --rounds ${ROUNDS:-1} --skip-cudnn \
     --csv "$OUT/bench.csv" --plot "$OUT/bench.png" --tuning-cache "$OUT/tuning_cache.json" "$@" 2>&1 \
     | tee "$OUT/bench.log" | grep -v "^ *warnings.warn\|UserWarning"
 
