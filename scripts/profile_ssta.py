@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Where the time of one `ssta_attention` forward goes at 720p/121f (the released config, padding-free),
-per backend: wall time, the host time to enqueue one call, the GPU time of its kernels and the GPU
-idle time between them, and the kernels by total time (torch.profiler).
+"""Where the time of one `ssta_attention` forward (``--backward``: forward + backward) goes at 720p/121f
+(the released config, padding-free), per backend: wall time, the host time to enqueue one call, the
+GPU time of its kernels and the GPU idle time between them, and the kernels by total time
+(torch.profiler).
 
-    PYTHONPATH=$PWD python scripts/profile_ssta.py [--backends triton fa4] [--out DIR]
+    PYTHONPATH=$PWD python scripts/profile_ssta.py [--backends triton fa4] [--backward] [--out DIR]
 
 Needs CUDA. The call's GPU time is the sum of its kernels' durations; idle = wall − GPU time (the GPU
 waiting for the host to enqueue the next kernel).
@@ -22,17 +23,23 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def profile_backend(p, backend: str, reps: int = 5) -> dict:
+def profile_backend(p, backend: str, backward: bool = False, reps: int = 5) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from triton.testing import do_bench
 
     from video_sparse_attn import ssta_attention
     from ssta720p import TEXT, THW
 
-    def call():
-        return ssta_attention(p.q, p.k, p.v, THW, p.cfg, TEXT, p.text_mask, backend=backend)
+    q, k, v = (t.detach().requires_grad_(backward) for t in (p.q, p.k, p.v))
+    grad = torch.randn_like(q) if backward else None
 
-    with torch.no_grad():
+    def call():
+        out = ssta_attention(q, k, v, THW, p.cfg, TEXT, p.text_mask, backend=backend)
+        if backward:
+            torch.autograd.grad(out, (q, k, v), grad)
+        return out
+
+    with torch.set_grad_enabled(backward):
         for _ in range(3):
             call()
         torch.cuda.synchronize()
@@ -57,7 +64,7 @@ def profile_backend(p, backend: str, reps: int = 5) -> dict:
             n_launch += 1
     gpu = sum(t for t, _ in kernels.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])
-    return {"backend": backend, "wall_ms": wall, "host_enqueue_ms": host, "gpu_ms": gpu,
+    return {"backend": backend, "backward": backward, "wall_ms": wall, "host_enqueue_ms": host, "gpu_ms": gpu,
             "idle_ms": wall - gpu, "launches_per_call": n_launch / reps,
             "kernels": [{"name": n, "ms": t, "per_call": c / reps} for n, (t, c) in top]}
 
@@ -68,6 +75,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--out", default=None, help="write profile.json here")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--backward", action="store_true", help="profile forward + backward")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_ssta.py needs CUDA")
@@ -81,9 +89,10 @@ def main() -> None:
         if BACKENDS[be].importable() is not None:
             print(f"{be}: not importable, skipped")
             continue
-        r = profile_backend(p, be)
+        r = profile_backend(p, be, args.backward)
         rows.append(r)
-        print(f"\n{be}: wall {r['wall_ms']:.2f} ms, host enqueue {r['host_enqueue_ms']:.2f} ms/call, "
+        mode = " fwd+bwd" if args.backward else ""
+        print(f"\n{be}{mode}: wall {r['wall_ms']:.2f} ms, host enqueue {r['host_enqueue_ms']:.2f} ms/call, "
               f"GPU kernels {r['gpu_ms']:.2f} ms, GPU idle {r['idle_ms']:.2f} ms, "
               f"{r['launches_per_call']:.0f} kernels per call")
         print(f"  {'kernel':80s} {'ms':>7s} {'n':>4s}")
