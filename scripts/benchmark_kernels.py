@@ -71,7 +71,7 @@ VARIANTS = {
     "triton": ({"gluon": False}, False),                         # the Triton kernels on Hopper too
     "fs3": ({"gluon_fwd_stages": 3}, False),                     # Gluon forward, 3-slot K/V rings
     "bs3": ({"gluon_bwd_stages": 3}, False),                     # Gluon backward, 3-slot Q/dO ring
-    "stepwise": ({"gluon_bwd_overlap": False}, False),           # Gluon backward without the next Sᵀ under the dQ adds
+    "stepwise": ({"gluon_bwd_overlap": False}, False),           # Gluon backward, no Sᵀ under the dQ adds
     "overlap": ({"gluon_bwd_overlap": True}, False),             # = the default, named (to time A/B/A with stepwise)
     "ptr": ({"tma": False}, False),                              # pointer loads (Ampere/Ada path), forced
     "det": ({}, True),                                           # deterministic two-pass backward
