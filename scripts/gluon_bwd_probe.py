@@ -26,7 +26,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from isolated_rows import add_arguments, child, parent  # noqa: E402
+from isolated_rows import add_arguments, check_text, child, parent  # noqa: E402
 
 ROWS = ["gluon:atomic", "gluon:tma", "triton:dense_plan", "cudnn"]
 SPARSE_ROWS = ["sparse:gluon:atomic", "sparse:gluon:tma", "sparse:triton"]
@@ -228,8 +228,7 @@ def _table(results):
         if "error" in r:
             print(f"{r['row']:24s} {'-':>7s} {'-':>9s} {'-':>9s}  error: {r['error'][:80]}")
             continue
-        chk = "" if "correct" not in r else ("ok" if r["correct"] else "FAILED") + " (" + ", ".join(
-            f"S={c['seq']}: {c['dq']:.1e}/{c['dk']:.1e}/{c['dv']:.1e}" for c in r["checks"]) + ")"
+        chk = check_text(r, lambda c: f"S={c['seq']}: {c['dq']:.1e}/{c['dk']:.1e}/{c['dv']:.1e}")
         print(f"{r['row']:24s} {r['seq']:7d} {r['ms']:9.3f} {r['tflops']:9.1f}  {chk}")
 
 

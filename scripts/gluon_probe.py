@@ -30,7 +30,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from isolated_rows import add_arguments, child, parent  # noqa: E402
+from isolated_rows import add_arguments, check_text, child, parent  # noqa: E402
 from ssta720p import TEXT, THW  # noqa: E402
 
 ROWS = ["gluon_sparse:dense_plan", "triton:dense_plan", "cudnn"]
@@ -175,8 +175,7 @@ def print_sparse_table(results):
         if "error" in r:
             print(f"{r['row']:16s} {'-':24s} {'-':>9s} {'-':>8s}  error: {r['error'][:80]}")
             continue
-        chk = "" if "correct" not in r else ("ok" if r["correct"] else "FAILED") + " (" + ", ".join(
-            f"{c['seq']}: {c['out_rel_l2']:.1e}/{c['lse_max_abs']:.1e}" for c in r["checks"]) + ")"
+        chk = check_text(r, lambda c: f"{c['seq']}: {c['out_rel_l2']:.1e}/{c['lse_max_abs']:.1e}")
         used = {k: v for k, v in r.items() if k.startswith("gluon_used/")}
         if used:
             chk += " used: " + ", ".join(f"{k[11:]}={v}" for k, v in used.items())
@@ -247,8 +246,7 @@ def _table(results):
         if "error" in r:
             print(f"{r['row']:24s} {'-':>9s} {'-':>9s}  error: {r['error'][:80]}")
             continue
-        chk = "" if "correct" not in r else ("ok" if r["correct"] else "FAILED") + " (" + ", ".join(
-            f"S={c['seq']}: {c['out_rel_l2']:.1e}/{c['lse_max_abs']:.1e}" for c in r["checks"]) + ")"
+        chk = check_text(r, lambda c: f"S={c['seq']}: {c['out_rel_l2']:.1e}/{c['lse_max_abs']:.1e}")
         print(f"{r['row']:24s} {r['ms']:9.3f} {r['tflops']:9.1f}  {chk}")
 
 

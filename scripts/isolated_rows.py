@@ -67,6 +67,14 @@ def child(run, row: str) -> None:
     print("RESULT " + json.dumps(res), flush=True)
 
 
+def check_text(result: dict, item) -> str:
+    """A row's check column: "" when it was not checked, else "ok" / "FAILED" and ``item(check)`` of each
+    of its ``checks``."""
+    if "correct" not in result:
+        return ""
+    return ("ok" if result["correct"] else "FAILED") + " (" + ", ".join(item(c) for c in result["checks"]) + ")"
+
+
 def add_arguments(ap, rows, row_timeout_help: str, row_timeout=None) -> None:
     """The options every probe built on this takes: ``--out``, ``--seq``, ``--rows`` (default ``rows``),
     ``--row-timeout``, ``--budget`` and the hidden ``--child``."""
