@@ -425,6 +425,8 @@ def main() -> None:
     p.add_argument("--csv", default="benchmark_kernels.csv")
     p.add_argument("--plot", default="benchmark_kernels.png")
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.dry_run:
         for name, kept, err in dry_run():
             print(f"{name:7s} kept blocks {kept:5d}  ours vs dense over Flex's token mask: rel. error {err:.1e}")

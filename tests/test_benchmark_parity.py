@@ -48,3 +48,14 @@ def test_parity_case_equals_flex_over_its_mask_mod(bench, name):
     ref = flex_attention(q, k, v, block_mask=mask, enable_gqa=st["gqa"])
     out = st["to_flex"](st["ours"]())
     assert float((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_rounds_below_one_is_a_usage_error():
+    """``--rounds 0`` would time nothing and then fail taking a median: refused as one usage line."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, SCRIPT, "--rounds", "0"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1].endswith("--rounds must be at least 1, got 0")
+    assert "Traceback" not in p.stderr
