@@ -77,11 +77,14 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--backward", action="store_true", help="profile forward + backward")
     args = ap.parse_args()
+    from video_sparse_attn.kernels.registry import BACKENDS
+
+    unknown = [b for b in args.backends if b not in BACKENDS]
+    if unknown:
+        ap.error(f"unknown backends {unknown}; known: {sorted(BACKENDS)}")
     if not torch.cuda.is_available():
         sys.exit("profile_ssta.py needs CUDA")
     import ssta720p
-
-    from video_sparse_attn.kernels.registry import BACKENDS
 
     p = ssta720p.build(heads=args.heads)
     rows = []

@@ -59,3 +59,17 @@ def test_rounds_below_one_is_a_usage_error():
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].endswith("--rounds must be at least 1, got 0")
     assert "Traceback" not in p.stderr
+
+
+def test_profile_script_refuses_an_unknown_backend():
+    """scripts/profile_ssta.py: an unknown backend is one usage line naming the known ones (not a
+    KeyError after the 720p problem was built)."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "profile_ssta.py")
+    env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), os.pardir)}
+    p = subprocess.run([sys.executable, script, "--backends", "nope"], capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "unknown backends ['nope']" in p.stderr.strip().splitlines()[-1]
