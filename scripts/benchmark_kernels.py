@@ -65,12 +65,14 @@ CASES = {
 }
 
 
-# Kernel variants: (kernel_options, deterministic backward).
+# Kernel variants: (kernel_options, deterministic backward[, "natural": the plan's query / key blocks
+# walked in block order instead of heaviest first]).
 VARIANTS = {
     "tma": ({}, False),                                          # defaults (Gluon kernels on Hopper)
     "triton": ({"gluon": False}, False),                         # the Triton kernels on Hopper too
     "fs3": ({"gluon_fwd_stages": 3}, False),                     # Gluon forward, 3-slot K/V rings
     "bs3": ({"gluon_bwd_stages": 3}, False),                     # Gluon backward, 3-slot Q/dO ring
+    "natural": ({}, False, "natural"),                          # defaults, grid in block order
     "stepwise": ({"gluon_bwd_overlap": False}, False),           # Gluon backward, no Sᵀ under the dQ adds
     "overlap": ({"gluon_bwd_overlap": True}, False),             # = the default, named (to time A/B/A with stepwise)
     "ptr": ({"tma": False}, False),                              # pointer loads (Ampere/Ada path), forced
@@ -85,6 +87,17 @@ VARIANTS = {
     "lazy": ({"fwd_peel": False}, False),                        # lazy rescaling only
 }
 _FWD_KEYS = ("tma", "warp_specialize", "fwd_peel", "fwd_lazy", "gluon", "gluon_fwd_stages")
+
+
+def natural_order(plan):
+    """``plan`` with its query and key blocks walked in block order (``row_order`` / ``col_order``
+    ascending) instead of heaviest first."""
+    import dataclasses
+
+    def ascending(order):
+        return torch.arange(order.shape[-1], device=order.device, dtype=order.dtype).expand(order.shape).contiguous()
+
+    return dataclasses.replace(plan, row_order=ascending(plan.row_order), col_order=ascending(plan.col_order))
 
 
 def block_mask_for(name: str, heads: int, dim: int, dtype) -> tuple:
@@ -154,17 +167,18 @@ def run_case(name: str, args) -> dict:
     # (name, forward, backward timer, forward key): FlexAttention and every variant that builds and runs
     timed = [("flex", flex_fn, bwd_timer(flex_fn), "flex")]
     for variant in args.variants:                      # see VARIANTS
-        options, det = VARIANTS[variant]
+        options, det, *order = VARIANTS[variant]
         options = {**options, **({"autotune": False} if args.no_autotune else {})}
-        fn = lambda options=options, det=det: block_sparse_attention_triton(  # noqa: E731
-            q, k, v, plan, kernel_options=options, deterministic=det)[0]
+        p = natural_order(plan) if order else plan
+        fn = lambda options=options, det=det, p=p: block_sparse_attention_triton(  # noqa: E731
+            q, k, v, p, kernel_options=options, deterministic=det)[0]
         try:
             out = fn()
             row[f"{variant}_vs_flex_rel_l2"] = rel(out, flex_out)
             if not args.fwd_only:
                 grads = torch.autograd.grad(out, (q, k, v), dout)
                 row[f"{variant}_grad_vs_flex_rel_l2"] = max(rel(g, r) for g, r in zip(grads, flex_grads))
-            timed.append((variant, fn, bwd_timer(fn), tuple(options.get(x) for x in _FWD_KEYS)))
+            timed.append((variant, fn, bwd_timer(fn), (*(options.get(x) for x in _FWD_KEYS), *order)))
         except Exception as e:  # a variant that fails to build is reported, not fatal
             print(f"variant {variant} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             row[f"{variant}_fwd_ms"] = row[f"{variant}_bwd_ms"] = float("inf")
