@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
 import os
 import statistics
@@ -72,7 +73,7 @@ VARIANTS = {
     "triton": ({"gluon": False}, False),                         # the Triton kernels on Hopper too
     "fs3": ({"gluon_fwd_stages": 3}, False),                     # Gluon forward, 3-slot K/V rings
     "bs3": ({"gluon_bwd_stages": 3}, False),                     # Gluon backward, 3-slot Q/dO ring
-    "natural": ({}, False, "natural"),                          # defaults, grid in block order
+    "natural": ({}, False, "natural"),                           # defaults, grid in block order
     "stepwise": ({"gluon_bwd_overlap": False}, False),           # Gluon backward, no Sᵀ under the dQ adds
     "overlap": ({"gluon_bwd_overlap": True}, False),             # = the default, named (to time A/B/A with stepwise)
     "ptr": ({"tma": False}, False),                              # pointer loads (Ampere/Ada path), forced
@@ -92,8 +93,6 @@ _FWD_KEYS = ("tma", "warp_specialize", "fwd_peel", "fwd_lazy", "gluon", "gluon_f
 def natural_order(plan):
     """``plan`` with its query and key blocks walked in block order (``row_order`` / ``col_order``
     ascending) instead of heaviest first."""
-    import dataclasses
-
     def ascending(order):
         return torch.arange(order.shape[-1], device=order.device, dtype=order.dtype).expand(order.shape).contiguous()
 

@@ -73,3 +73,26 @@ def test_profile_script_refuses_an_unknown_backend():
                        env=env)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "unknown backends ['nope']" in p.stderr.strip().splitlines()[-1]
+
+
+def test_natural_order_variant(bench):
+    """Variant ``natural``: the same plan walked in block order (ascending row / col orders, broadcast
+    shapes kept), the kept lists untouched; our op gives the same output as with heaviest first."""
+    import torch
+
+    from video_sparse_attn import block_sparse_attention
+    from video_sparse_attn.plan import BlockSparsePlan
+
+    torch.manual_seed(0)
+    plan = BlockSparsePlan.from_block_mask(torch.rand(1, 2, 5, 5) < 0.5, 64, 64)
+    nat = bench.natural_order(plan)
+    assert not torch.equal(plan.row_order, nat.row_order) or not torch.equal(plan.col_order, nat.col_order)
+    for got, ref in ((nat.row_order, plan.row_order), (nat.col_order, plan.col_order)):
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        assert torch.equal(got, torch.arange(ref.shape[-1], dtype=ref.dtype).expand(ref.shape))
+    assert torch.equal(nat.kv_index, plan.kv_index) and torch.equal(nat.q_index, plan.q_index)
+    assert bench.VARIANTS["natural"][2:] == ("natural",)
+    q, k, v = (torch.randn(1, 2, 320, 32) for _ in range(3))
+    out, _ = block_sparse_attention(q, k, v, plan, backend="torch")
+    out_nat, _ = block_sparse_attention(q, k, v, nat, backend="torch")
+    assert torch.allclose(out, out_nat)
