@@ -112,7 +112,8 @@ if HAS_GLUON:
     @gluon.jit
     def _sparse_consumer(c: gl.constexpr, o_desc, LSE, q_smem, k_smem, v_smem, q_bars, k_full, v_full,
                          k_empty, v_empty, o_row, o_col, lse_row, n_rows, count, idx_ptr, valid_ptr, qk_scale,
-                         BLOCK_MC: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
+                         BLOCK_MC: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                         SKIP_IDLE: gl.constexpr):
         """Consumer warpgroup ``c`` (query rows ``c·BLOCK_MC ...`` of the tile): the pipelined loop of
         ``"ws"`` (QKᵀ of sub-tile n, then PV of n-1, softmax of n under PV) over the producer's
         sequence of sub-tiles, masking ragged ones. Rows past ``n_rows`` (padding) and rows that saw
@@ -130,43 +131,64 @@ if HAS_GLUON:
         m_i = gl.full([BLOCK_MC], -1.0e30, gl.float32, srow_layout)
         l_i = gl.zeros([BLOCK_MC], gl.float32, srow_layout)
 
+        drain = False
+        if SKIP_IDLE:   # every row of this warpgroup is padding (a tile with at most 64 valid rows)
+            drain = n_rows <= c * BLOCK_MC
         if count > 0:
-            s_zero = gl.zeros([BLOCK_MC, BLOCK_N], gl.float32, s_layout)
-            j = 0
-            sub = 0
-            kv = gl.load(valid_ptr + gl.load(idx_ptr))
-            # sub-tile 0: QKᵀ alone
-            mbarrier.wait(q_bars.index(c), 0)
-            mbarrier.wait(k_full.index(0), 0)
-            s = warpgroup_mma(q_c, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-            mbarrier.arrive(k_empty.index(0), count=1)
-            m_i, l_i, alpha, p_op = _sparse_softmax(s, m_i, l_i, kv, qk_scale, p_layout, BLOCK_N, s_layout, dtype)
-            j, sub, kv = _sparse_next(j, sub, kv, count, idx_ptr, valid_ptr, BLOCK_N)
-            n = 1
-            while j < count:
-                stage = n % STAGES
-                prev = (n - 1) % STAGES
-                rem = kv - sub * BLOCK_N
-                mbarrier.wait(k_full.index(stage), (n // STAGES) & 1)
-                s = warpgroup_mma(q_c, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                mbarrier.wait(v_full.index(prev), ((n - 1) // STAGES) & 1)
-                acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
-                mbarrier.arrive(k_empty.index(stage), count=1)
-                m_i, l_i, alpha, p_new = _sparse_softmax(s, m_i, l_i, rem, qk_scale, p_layout, BLOCK_N, s_layout,
-                                                         dtype)
-                acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-                mbarrier.arrive(v_empty.index(prev), count=1)
-                acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
-                p_op = p_new
+            if drain:
+                # release each K / V slot once per fill without computing (the producer's ring needs both
+                # consumers' arrivals); out 0 and lse -inf as for any padded row. Q must have landed:
+                # the epilogue stores through its buffer
+                mbarrier.wait(q_bars.index(c), 0)
+                j = 0
+                sub = 0
+                kv = gl.load(valid_ptr + gl.load(idx_ptr))
+                n = 0
+                while j < count:
+                    stage = n % STAGES
+                    mbarrier.wait(k_full.index(stage), (n // STAGES) & 1)
+                    mbarrier.arrive(k_empty.index(stage), count=1)
+                    mbarrier.wait(v_full.index(stage), (n // STAGES) & 1)
+                    mbarrier.arrive(v_empty.index(stage), count=1)
+                    j, sub, kv = _sparse_next(j, sub, kv, count, idx_ptr, valid_ptr, BLOCK_N)
+                    n += 1
+            else:
+                s_zero = gl.zeros([BLOCK_MC, BLOCK_N], gl.float32, s_layout)
+                j = 0
+                sub = 0
+                kv = gl.load(valid_ptr + gl.load(idx_ptr))
+                # sub-tile 0: QKᵀ alone
+                mbarrier.wait(q_bars.index(c), 0)
+                mbarrier.wait(k_full.index(0), 0)
+                s = warpgroup_mma(q_c, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+                mbarrier.arrive(k_empty.index(0), count=1)
+                m_i, l_i, alpha, p_op = _sparse_softmax(s, m_i, l_i, kv, qk_scale, p_layout, BLOCK_N, s_layout, dtype)
                 j, sub, kv = _sparse_next(j, sub, kv, count, idx_ptr, valid_ptr, BLOCK_N)
-                n += 1
-            last = (n - 1) % STAGES
-            mbarrier.wait(v_full.index(last), ((n - 1) // STAGES) & 1)
-            acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(v_empty.index(last), count=1)
+                n = 1
+                while j < count:
+                    stage = n % STAGES
+                    prev = (n - 1) % STAGES
+                    rem = kv - sub * BLOCK_N
+                    mbarrier.wait(k_full.index(stage), (n // STAGES) & 1)
+                    s = warpgroup_mma(q_c, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                    mbarrier.wait(v_full.index(prev), ((n - 1) // STAGES) & 1)
+                    acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                    s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+                    mbarrier.arrive(k_empty.index(stage), count=1)
+                    m_i, l_i, alpha, p_new = _sparse_softmax(s, m_i, l_i, rem, qk_scale, p_layout, BLOCK_N, s_layout,
+                                                             dtype)
+                    acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+                    mbarrier.arrive(v_empty.index(prev), count=1)
+                    acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
+                    p_op = p_new
+                    j, sub, kv = _sparse_next(j, sub, kv, count, idx_ptr, valid_ptr, BLOCK_N)
+                    n += 1
+                last = (n - 1) % STAGES
+                mbarrier.wait(v_full.index(last), ((n - 1) // STAGES) & 1)
+                acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                mbarrier.arrive(v_empty.index(last), count=1)
 
         # out = acc / l (TMA store through this consumer's Q buffer), lse = (m + log2 l)·ln2; padded rows
         # and rows with no key: 0 and -inf
@@ -190,7 +212,7 @@ if HAS_GLUON:
                           s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b, s_qv_b,
                           H, Sq, qk_scale, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch, o_rb, o_rh, o_ch,
                           Q_BLOCK: gl.constexpr, K_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr,
-                          BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                          BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, SKIP_IDLE: gl.constexpr,
                           CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
         # Grid (Mq * Q_BLOCK // BLOCK_M, B*H): tile -> query block of rank tile // SUB_M in row_order
         # (heaviest first), sub-tile tile % SUB_M, as the Triton forward (`triton_common.query_tile`).
@@ -234,10 +256,10 @@ if HAS_GLUON:
         gl.warp_specialize([
             (_sparse_consumer, (0, o_desc, LSE, q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty,
                                 o_row, h * o_ch, lse_row, n_rows, count, idx_ptr, valid_ptr, qk_scale,
-                                BLOCK_MC, BLOCK_N, D, STAGES)),
+                                BLOCK_MC, BLOCK_N, D, STAGES, SKIP_IDLE)),
             (_sparse_consumer, (1, o_desc, LSE, q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty,
                                 o_row, h * o_ch, lse_row, n_rows, count, idx_ptr, valid_ptr, qk_scale,
-                                BLOCK_MC, BLOCK_N, D, STAGES)),
+                                BLOCK_MC, BLOCK_N, D, STAGES, SKIP_IDLE)),
             (_sparse_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty,
                                 v_empty, q_row, h * q_ch, b * k_rb + h * k_rh, h * k_ch, b * v_rb + h * v_rh,
                                 h * v_ch, count, idx_ptr, valid_ptr, K_BLOCK, BLOCK_MC, BLOCK_N, STAGES)),
@@ -308,7 +330,8 @@ def _matrix_desc(t: torch.Tensor, view, block_rows: int, layout):
 
 
 def gluon_sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: float,
-                         launch=None, empty_like=None, empty=None, stages: int | None = None):
+                         launch=None, empty_like=None, empty=None, stages: int | None = None,
+                         skip_idle: bool = False):
     """Block-sparse attention forward over ``plan`` with the warp-specialised Gluon kernel (the
     ``"ws"`` schedule walking the plan's kept key blocks). Same contract as
     `triton_fwd.attention_forward`: q ``[B, H, Sq, D]``, k / v ``[B, H, Sk, D]`` (checked by the
@@ -320,7 +343,8 @@ def gluon_sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan
 
     ``launch`` / ``empty_like`` / ``empty``: `precompile.launch` and its allocators (the defaults:
     launch, ``torch.empty_like``, ``torch.empty``), so that a compile-only run compiles this kernel.
-    ``stages``: slots of the K and V rings (default `SPARSE_CONFIG`'s).
+    ``stages``: slots of the K and V rings (default `SPARSE_CONFIG`'s). ``skip_idle``: a consumer
+    warpgroup whose 64 rows are all padding only releases the ring's slots (no GEMMs).
     """
     if not HAS_GLUON:
         raise RuntimeError("gluon_sparse_forward needs Triton with Gluon (triton.experimental.gluon)")
@@ -358,7 +382,7 @@ def gluon_sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan
            cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b, qv_b,
            H, Sq, float(scale) * LOG2E, *coeffs,
            Q_BLOCK=plan.q_block, K_BLOCK=plan.k_block, BLOCK_M=block_m, BLOCK_N=block_n, D=D, STAGES=stages,
-           CONSUMER_REGS=_WS_REGS[0], PRODUCER_REGS=_WS_REGS[1], num_warps=num_warps)
+           SKIP_IDLE=bool(skip_idle), CONSUMER_REGS=_WS_REGS[0], PRODUCER_REGS=_WS_REGS[1], num_warps=num_warps)
     return out, lse
 
 

@@ -89,7 +89,7 @@ def block_sparse_attention_triton(
         scale: softmax scale, default ``1/sqrt(D)``.
         kernel_options: tuning knobs (`KernelOptions`: ``gluon``, ``tma``, ``warp_specialize``, ``fwd_peel``,
             ``fwd_lazy``, ``autotune``, ``dq_reduce``, ``skip_padded_queries``, ``gluon_fwd_stages``,
-            ``gluon_bwd_stages``, ``gluon_bwd_overlap``); unknown keys raise ValueError.
+            ``gluon_fwd_skip_idle``, ``gluon_bwd_stages``, ``gluon_bwd_overlap``); unknown keys raise ValueError.
         deterministic: True: the two-pass backward (no atomics, bit-reproducible); False: the single
             pass that adds dQ with atomics (5 block GEMMs instead of 7); None: the default,
             `DEFAULT_DETERMINISTIC` (the single pass, measured faster).
