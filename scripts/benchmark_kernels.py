@@ -72,7 +72,7 @@ VARIANTS = {
     "tma": ({}, False),                                          # defaults (Gluon kernels on Hopper)
     "triton": ({"gluon": False}, False),                         # the Triton kernels on Hopper too
     "fs3": ({"gluon_fwd_stages": 3}, False),                     # Gluon forward, 3-slot K/V rings
-    "skipidle": ({"gluon_fwd_skip_idle": True}, False),          # Gluon forward, all-padding warpgroup idle
+    "noidle": ({"gluon_fwd_skip_idle": False}, False),           # Gluon forward, all-padding warpgroup computes too
     "bs3": ({"gluon_bwd_stages": 3}, False),                     # Gluon backward, 3-slot Q/dO ring
     "natural": ({}, False, "natural"),                           # defaults, grid in block order
     "stepwise": ({"gluon_bwd_overlap": False}, False),           # Gluon backward, no Sᵀ under the dQ adds

@@ -71,8 +71,7 @@ def compile_sparse(sched: str, seq: int, stages: int | None = None):
     def launch(kernel, grid, *args, **kwargs):
         compiled.append(kernel.warmup(*args, grid=grid, **kwargs))
 
-    gf.gluon_sparse_forward(q, q, q, plan, D ** -0.5, launch=launch, stages=stages,
-                            skip_idle=os.environ.get("VSA_SKIP_IDLE") == "1")
+    gf.gluon_sparse_forward(q, q, q, plan, D ** -0.5, launch=launch, stages=stages)
     return compiled[0]
 
 

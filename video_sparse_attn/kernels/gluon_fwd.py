@@ -13,7 +13,9 @@ back to back and the softmax of ``n`` runs while PV of ``n-1`` is on the tensor 
 intra-warpgroup overlap; `tile_loop_reference` is the same order of operations in torch). Softmax is
 online in base 2 with the scale folded into the exp2 argument; ``lse`` is natural log, ``[B, H, Sq]``
 float32, as the Triton forward's. Grid ``(Nq * Q_BLOCK // 128, B*H)``: query tiles fastest in
-``row_order`` rank, as the Triton forward.
+``row_order`` rank, as the Triton forward. In a tile with at most 64 valid rows (padding-free plans:
+the last frames' tiles, the text tail) the second consumer's rows are all padding: it only releases
+each K / V slot (``SKIP_IDLE``), so the first consumer has the tensor cores to itself.
 
 Dense prototypes of this kernel (one 8-warp partition issuing its own loads: 533 TFLOP/s dense at
 S=32,640 on an H200; this layout: 635; with the consumers taking turns at the tensor cores: 626) were
@@ -331,7 +333,7 @@ def _matrix_desc(t: torch.Tensor, view, block_rows: int, layout):
 
 def gluon_sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: float,
                          launch=None, empty_like=None, empty=None, stages: int | None = None,
-                         skip_idle: bool = False):
+                         skip_idle: bool = True):
     """Block-sparse attention forward over ``plan`` with the warp-specialised Gluon kernel (the
     ``"ws"`` schedule walking the plan's kept key blocks). Same contract as
     `triton_fwd.attention_forward`: q ``[B, H, Sq, D]``, k / v ``[B, H, Sk, D]`` (checked by the

@@ -96,7 +96,8 @@ class KernelOptions(TypedDict, total=False):
 
     gluon_fwd_skip_idle: bool
     """Gluon forward: in a 128-row tile with at most 64 valid rows, the second consumer warpgroup (all
-    padding) only releases the K / V ring's slots instead of computing. Same outputs. Default ``False``."""
+    padding) only releases the K / V ring's slots instead of computing. Same outputs; on an H200 at
+    720p/121f 1.5% off the padding-free inference plan's forward (37.22 vs 37.79 ms). Default ``True``."""
 
     gluon_bwd_stages: int
     """Gluon backward: depth of its Q / dO ring (2 or 3 slots of 64 query rows; 3 measured slower with
@@ -112,7 +113,7 @@ class KernelOptions(TypedDict, total=False):
 _DEFAULTS: KernelOptions = {
     "tma": True, "warp_specialize": False, "fwd_peel": True, "fwd_lazy": True, "autotune": True,
     "dq_reduce": "atomic", "skip_padded_queries": True, "gluon": True, "gluon_fwd_stages": 2, "gluon_bwd_stages": 2,
-    "gluon_bwd_overlap": True, "gluon_fwd_skip_idle": False,
+    "gluon_bwd_overlap": True, "gluon_fwd_skip_idle": True,
 }
 _CHOICES = {"dq_reduce": ("atomic", "tma"), "gluon_fwd_stages": (2, 3), "gluon_bwd_stages": (2, 3)}
 
