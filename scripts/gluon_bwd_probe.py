@@ -26,7 +26,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from isolated_rows import add_arguments, check_text, child, parent  # noqa: E402
+from isolated_rows import add_arguments, check_text, child, parent, print_table  # noqa: E402
 
 ROWS = ["gluon:atomic", "gluon:tma", "triton:dense_plan", "cudnn"]
 SPARSE_ROWS = ["sparse:gluon:atomic", "sparse:gluon:tma", "sparse:triton"]
@@ -223,13 +223,12 @@ def main():
 
 
 def _table(results):
-    print(f"{'row':24s} {'S':>7s} {'bwd ms':>9s} {'TFLOP/s':>9s}  check (rel L2 dq/dk/dv)")
-    for r in results:
-        if "error" in r:
-            print(f"{r['row']:24s} {'-':>7s} {'-':>9s} {'-':>9s}  error: {r['error'][:80]}")
-            continue
+    def lines(r):
         chk = check_text(r, lambda c: f"S={c['seq']}: {c['dq']:.1e}/{c['dk']:.1e}/{c['dv']:.1e}")
-        print(f"{r['row']:24s} {r['seq']:7d} {r['ms']:9.3f} {r['tflops']:9.1f}  {chk}")
+        yield r["row"], str(r["seq"]), f"{r['ms']:.3f}", f"{r['tflops']:.1f}", chk
+
+    print_table(results, [("row", 24, "<"), ("S", 7, ">"), ("bwd ms", 9, ">"), ("TFLOP/s", 9, ">")], lines,
+                "check (rel L2 dq/dk/dv)")
 
 
 if __name__ == "__main__":

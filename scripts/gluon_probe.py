@@ -30,7 +30,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from isolated_rows import add_arguments, check_text, child, parent  # noqa: E402
+from isolated_rows import add_arguments, check_text, child, parent, print_table  # noqa: E402
 from ssta720p import TEXT, THW  # noqa: E402
 
 ROWS = ["gluon_sparse:dense_plan", "triton:dense_plan", "cudnn"]
@@ -170,18 +170,15 @@ def run_sparse_row(row):
 
 
 def print_sparse_table(results):
-    print(f"{'row':16s} {'what':24s} {'ms':>9s} {'eff TF':>8s}  check")
-    for r in results:
-        if "error" in r:
-            print(f"{r['row']:16s} {'-':24s} {'-':>9s} {'-':>8s}  error: {r['error'][:80]}")
-            continue
+    def lines(r):
         chk = check_text(r, lambda c: f"{c['seq']}: {c['out_rel_l2']:.1e}/{c['lse_max_abs']:.1e}")
         used = {k: v for k, v in r.items() if k.startswith("gluon_used/")}
         if used:
             chk += " used: " + ", ".join(f"{k[11:]}={v}" for k, v in used.items())
-        for name, t in r["timings"].items():
-            print(f"{r['row']:16s} {name:24s} {t['ms']:9.3f} {t['tflops']:8.1f}  {chk}")
-            chk = ""
+        for i, (name, t) in enumerate(r["timings"].items()):
+            yield r["row"], name, f"{t['ms']:.3f}", f"{t['tflops']:.1f}", chk if i == 0 else ""
+
+    print_table(results, [("row", 16, "<"), ("what", 24, "<"), ("ms", 9, ">"), ("eff TF", 8, ">")], lines)
 
 
 def run_row(row, bench_seq):
@@ -241,13 +238,11 @@ def main():
 
 
 def _table(results):
-    print(f"{'row':24s} {'ms':>9s} {'TFLOP/s':>9s}  check")
-    for r in results:
-        if "error" in r:
-            print(f"{r['row']:24s} {'-':>9s} {'-':>9s}  error: {r['error'][:80]}")
-            continue
+    def lines(r):
         chk = check_text(r, lambda c: f"S={c['seq']}: {c['out_rel_l2']:.1e}/{c['lse_max_abs']:.1e}")
-        print(f"{r['row']:24s} {r['ms']:9.3f} {r['tflops']:9.1f}  {chk}")
+        yield r["row"], f"{r['ms']:.3f}", f"{r['tflops']:.1f}", chk
+
+    print_table(results, [("row", 24, "<"), ("ms", 9, ">"), ("TFLOP/s", 9, ">")], lines)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,22 @@ def check_text(result: dict, item) -> str:
     return ("ok" if result["correct"] else "FAILED") + " (" + ", ".join(item(c) for c in result["checks"]) + ")"
 
 
+def print_table(results: Sequence[dict], columns: Sequence[tuple], lines, check_title: str = "check") -> None:
+    """The probes' result table: a header of ``columns`` (``(title, width, "<" or ">")``) and the check
+    column, then per result the lines ``lines(result)`` gives (each its cells, the check text last), or
+    for a row that failed to run its name, dashes and the error."""
+    def fmt(cells):
+        return " ".join(f"{c:{align}{width}s}" for c, (_, width, align) in zip(cells, columns))
+
+    print(fmt([title for title, *_ in columns]) + "  " + check_title)
+    for r in results:
+        if "error" in r:
+            print(fmt([r["row"]] + ["-"] * (len(columns) - 1)) + f"  error: {r['error'][:80]}")
+            continue
+        for *cells, check in lines(r):
+            print(fmt(cells) + "  " + check)
+
+
 def add_arguments(ap, rows, row_timeout_help: str, row_timeout=None) -> None:
     """The options every probe built on this takes: ``--out``, ``--seq``, ``--rows`` (default ``rows``),
     ``--row-timeout``, ``--budget`` and the hidden ``--child``."""
