@@ -17,6 +17,17 @@ from video_sparse_attn import SSTAConfig
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
 
 
+def load_script(filename: str, module_name: str | None = None):
+    """``scripts/<filename>`` imported as a module (named ``module_name``, default its stem)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", filename)
+    spec = importlib.util.spec_from_file_location(module_name or filename.removesuffix(".py"), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))

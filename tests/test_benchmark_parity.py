@@ -1,20 +1,18 @@
 """scripts/benchmark_kernels.py's parity cases (GQA, varlen, causal beside FlexAttention) build on the CPU
 at tiny shapes, and our op matches dense attention over the token mask Flex would be given."""
 
-import importlib.util
 import os
 
 import pytest
+
+from helpers import load_script
 
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "benchmark_kernels.py")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_kernels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark_kernels.py")
 
 
 def test_parity_cases_dry_run(bench):

@@ -15,14 +15,13 @@ import torch
 from video_sparse_attn.cli import OneLineParser, UsageError, add_ssta_arguments, run_main, triple
 from video_sparse_attn.commands import COMMANDS, load_command
 
+from helpers import load_script
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(name.replace(".py", "_script"), os.path.join(ROOT, "scripts", name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name, name.replace(".py", "_script"))
 
 
 def _run(main, argv, capsys):

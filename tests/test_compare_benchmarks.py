@@ -2,20 +2,18 @@
 tolerance, and only that; the recorded baseline parses."""
 
 import csv
-import importlib.util
 import os
 
 import pytest
+
+from helpers import load_script
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 
 
 @pytest.fixture(scope="module")
 def cmp():
-    spec = importlib.util.spec_from_file_location("compare_benchmarks", os.path.join(ROOT, "scripts", "compare_benchmarks.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("compare_benchmarks.py")
 
 
 def _csv(path, rows):

@@ -1,20 +1,10 @@
 """scripts/isolated_rows.py: the probes' result table (one home for its header, error and check columns)."""
 
-import importlib.util
-import os
-
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "isolated_rows.py")
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("isolated_rows", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_script
 
 
 def test_print_table_rows_errors_and_checks(capsys):
-    rows = _module()
+    rows = load_script("isolated_rows.py")
     results = [{"row": "broken", "error": "x" * 100},
                {"row": "fast", "ms": 1.5, "correct": False, "checks": [{"seq": 384, "err": 0.25}]},
                {"row": "plain", "ms": 2.0}]

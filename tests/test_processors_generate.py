@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import pytest
 
+from helpers import load_script
+
 pytest.importorskip("diffusers")
 pytest.importorskip("imageio_ffmpeg")
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "generate.py")
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("generate_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("generate.py", "generate_script")
 
 
 def test_offline_default_writes_video_and_report(tmp_path, capsys):
