@@ -262,7 +262,8 @@ def test_step_table_kept_on_the_plan_and_its_compile_only_shapes():
     """The step table is built once per plan (kept on it); compiling only, meta tensors of the same shapes
     and dtypes stand in for it."""
     mask = torch.rand(2, 3, 4, 5) < 0.5
-    plan = BlockSparsePlan.from_block_mask(mask, 384, 384, q_valid=torch.tensor([[384, 100, 0, 384]], dtype=torch.int32))
+    q_valid = torch.tensor([[384, 100, 0, 384]], dtype=torch.int32)
+    plan = BlockSparsePlan.from_block_mask(mask, 384, 384, q_valid=q_valid)
     first = gb._steps_for(plan, False)
     assert gb._steps_for(plan, False) is first
     meta = gb._steps_for(plan, True)

@@ -37,7 +37,8 @@ def test_gluon_tile_loop_reference_matches_dense(block_n):
 @pytest.mark.skipif(not gf.HAS_GLUON, reason="needs Triton with Gluon")
 def test_gluon_compiles_for_sm90():
     """The block-sparse kernel (D=128 and 64 in bf16, D=128 in fp16) compiles for sm90 without a GPU, with no
-    stack (spills) and within 227 KiB of shared memory. In a child process: the CPU suite runs Triton's interpreter, Gluon has none."""
+    stack (spills) and within 227 KiB of shared memory. In a child process: the CPU suite runs Triton's
+    interpreter, Gluon has none."""
     import os
     import re
     import subprocess

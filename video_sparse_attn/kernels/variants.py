@@ -151,7 +151,8 @@ def sm90(gpu: str = "NVIDIA H200"):
     take, for tensors on any device (meta tensors stand in for CUDA ones): Triton's target is sm90,
     tensor descriptors are usable where the strides allow, tuned configs come from the shipped table
     for ``gpu`` (not from this machine's tuning cache), the Triton gather / untile paths and the
-    ``triton`` backend are taken, with its Gluon kernels where they apply (when this Triton has Gluon). Restores everything on exit (not thread-safe: patches modules)."""
+    ``triton`` backend are taken, with its Gluon kernels where they apply (when this Triton has Gluon).
+    Restores everything on exit (not thread-safe: patches modules)."""
     from triton.runtime import driver
 
     from .. import layout
@@ -180,7 +181,8 @@ def sm90(gpu: str = "NVIDIA H200"):
                (tuning, "gpu_name", lambda index: gpu), (triton_common, "INTERPRET", False),
                (registry, "triton_runs_on", runs_on), (layout, "triton_runs_on", runs_on),
                (registry, "_interpreting", lambda: True),        # the named triton backend accepts meta tensors
-               (gluon_fwd, "hopper_unsupported", hopper_unsupported), (gluon_bwd, "hopper_unsupported", hopper_unsupported)]
+               (gluon_fwd, "hopper_unsupported", hopper_unsupported),
+               (gluon_bwd, "hopper_unsupported", hopper_unsupported)]
     saved = [(m, n, getattr(m, n)) for m, n, _ in patches]
     old_driver, old_state, old_kernels = driver._active, dict(tuning._state), dict(tuning._kernels)
     try:
