@@ -39,6 +39,52 @@ def test_gluon_bwd_tile_loop_reference_matches_autograd():
         assert _rel(g, r) < 1e-2
 
 
+@pytest.mark.parametrize("dout_scale", [1.0, 1e5, 1e-7], ids=["unit", "large", "tiny"])
+def test_fixed_point_dq_reference_is_order_free_and_accurate(dout_scale):
+    """dQ as 64-bit fixed point (`fixed_point_scales`): the same bits whatever order the key tiles add in
+    (float32 additions do depend on it), and as close to float32 autograd as the float32 dQ, from huge
+    to tiny gradients (no overflow, no precision lost to the fixed point)."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 512, 128, dtype=torch.bfloat16) for _ in range(3))
+    dout = (torch.randn(1, 2, 512, 128) * dout_scale).to(torch.bfloat16)
+    scale = 128 ** -0.5
+    out, lse, ref = _grads(q, k, v, dout, scale)
+    out = out.to(q.dtype)
+    fixed = gb.tile_loop_reference(q, k, v, out, dout, lse, scale, dq_fixed=True)
+    fixed_rev = gb.tile_loop_reference(q, k, v, out, dout, lse, scale, dq_fixed=True, key_tiles=[3, 1, 0, 2])
+    float_dq, float_dk, float_dv = gb.tile_loop_reference(q, k, v, out, dout, lse, scale)
+    assert torch.equal(fixed[0], fixed_rev[0])
+    assert torch.equal(fixed[1], float_dk) and torch.equal(fixed[2], float_dv)    # dK / dV: the same path
+    assert torch.isfinite(fixed[0]).all()
+    assert _rel(fixed[0], ref[0]) < 1e-2
+    assert abs(_rel(fixed[0], ref[0]) - _rel(float_dq, ref[0])) < 1e-3
+
+
+def test_fixed_point_scales_bound_every_partial_sum():
+    """Powers of two; every running sum of a row's per-tile dQ contributions (float64) stays below 2^62
+    once scaled; zero rows get 2^126, rows with a non-finite input 0."""
+    torch.manual_seed(2)
+    B, H, S, D = 1, 2, 256, 128
+    q, k, v, dout = (torch.randn(B, H, S, D, dtype=torch.bfloat16) for _ in range(4))
+    dout[0, 0, 5] = 0.0
+    dout[0, 1, 7, 3] = float("nan")
+    scale = D ** -0.5
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    p = torch.softmax(s, -1)
+    out = p @ v.double()
+    delta = (out * dout.double()).sum(-1)
+    dqs = gb.fixed_point_scales(k, v, dout, delta.float())
+    ok = dqs > 0
+    assert torch.equal(torch.exp2(torch.log2(dqs[ok]).round()), dqs[ok])
+    assert dqs[0, 0, 5] == 2.0 ** 126 and dqs[0, 1, 7] == 0 and ok.sum() == B * H * S - 1
+    ds = p * ((dout.double() @ v.double().transpose(-1, -2)) - delta[..., None])
+    parts = torch.stack([ds[..., t:t + 64] @ k.double()[:, :, t:t + 64] for t in range(0, S, 64)])  # [tiles,B,H,S,D]
+    running = parts.cumsum(0) * dqs.double()[None, ..., None]
+    finite = torch.isfinite(running)
+    assert running[finite].abs().max() < 2.0 ** 62
+    assert running[finite].abs().max() > 2.0 ** 50        # the bound is not so loose that precision is lost
+
+
 def test_step_table_matches_the_walk():
     """Each key block's steps: its kept query blocks in q_index order, sub-tiles of 64 rows up to the
     last one holding a valid row (q_valid), then padding."""
@@ -61,10 +107,10 @@ def test_step_table_matches_the_walk():
 
 @pytest.mark.skipif(not gb.HAS_GLUON, reason="needs Triton with Gluon")
 def test_gluon_bwd_compiles_for_sm90():
-    """Dense and sparse variants, both dQ reductions, both walks, compile for sm90 without a GPU within
-    227 KiB of shared memory; under Triton 3.6 (what the GPU machine runs) the dense stepwise ones
-    without stack (spills; later ptxas bundles spill a few bytes). In a child process: the CPU suite runs Triton's
-    interpreter, Gluon has none."""
+    """Dense and sparse variants, both dQ reductions, both walks and the fixed-point dQ compile for sm90
+    without a GPU within 227 KiB of shared memory; under Triton 3.6 (what the GPU machine runs) the
+    dense stepwise float ones without stack (spills; later ptxas bundles spill a few bytes). In a child
+    process: the CPU suite runs Triton's interpreter, Gluon has none."""
     import os
     import re
     import subprocess
@@ -76,15 +122,15 @@ def test_gluon_bwd_compiles_for_sm90():
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     dq = ["atomic"] + (["tma"] if gb.HAS_TMA_REDUCE else [])
     p = subprocess.run([sys.executable, str(root / "scripts" / "gluon_bwd_compile_check.py"), "--stages", "2",
-                        "--sparse", "--dq", *dq, "--overlap", "0", "1"], env=env, capture_output=True, text=True,
-                       timeout=900)
+                        "--sparse", "--dq", *dq, "--overlap", "0", "1", "--fixed"], env=env, capture_output=True,
+                       text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    found = re.findall(r"\[(\w+):\w+:stages\d+(:overlap)?\] compiled for sm90: num_warps=\d+ shared=(\d+) B.*?"
-                       r"STACK:(\d+)", p.stdout, re.S)
-    assert len(found) == 4 * len(dq), p.stdout
-    assert all(int(shared) <= 232448 for _, _, shared, _ in found), p.stdout
+    found = re.findall(r"\[(\w+):\w+:stages\d+(:overlap)?(:fixed)?\] compiled for sm90: num_warps=\d+ shared=(\d+) "
+                       r"B.*?STACK:(\d+)", p.stdout, re.S)
+    assert len(found) == 6 * len(dq), p.stdout
+    assert all(int(shared) <= 232448 for *_, shared, _ in found), p.stdout
     if re.search(r"^triton 3\.6\.", p.stdout, re.M):
-        assert all(stack == "0" for kind, ov, _, stack in found if kind == "dense" and not ov), p.stdout
+        assert all(stack == "0" for kind, ov, fx, _, stack in found if kind == "dense" and not ov and not fx), p.stdout
 
 
 _HOPPER = torch.cuda.is_available() and gb.HAS_GLUON and torch.cuda.get_device_capability()[0] == 9
@@ -268,3 +314,44 @@ def test_step_table_kept_on_the_plan_and_its_compile_only_shapes():
     meta = gb._steps_for(plan, True)
     for real, stand_in in zip(first, meta):
         assert stand_in.device.type == "meta" and stand_in.shape == real.shape and stand_in.dtype == real.dtype
+
+
+@pytest.mark.skipif(not _HOPPER, reason="needs a Hopper GPU and Gluon")
+@pytest.mark.parametrize("dq_reduce", ["atomic", "tma"])
+def test_fixed_point_backward_is_bit_reproducible(dq_reduce):
+    """``dq_fixed``: three runs give the same bits (dense and a ragged plan); dK / dV are the stepwise
+    walk's bits, dQ the float32 path's up to rounding; a NaN in one row of dout makes that row's dq NaN
+    (its scale is 0), not 0."""
+    if dq_reduce == "tma" and not gb.HAS_TMA_REDUCE:
+        pytest.skip("no TMA reduce-add in this Triton's Gluon")
+    plan, q, k, v, dout, out, lse, scale = _ragged_case(3, 4, {1: 100, 4: 300})
+    for p in (plan, None):
+        runs = [gb.gluon_attention_backward(q, k, v, out, dout, lse, scale, plan=p, dq_reduce=dq_reduce,
+                                            dq_fixed=True) for _ in range(3)]
+        for r in runs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(r, runs[0]))
+        dq_f, dk_f, dv_f = gb.gluon_attention_backward(q, k, v, out, dout, lse, scale, plan=p, dq_reduce=dq_reduce,
+                                                       overlap=False)
+        assert torch.equal(runs[0][1], dk_f) and torch.equal(runs[0][2], dv_f)
+        assert torch.isfinite(runs[0][0]).all() and _rel(runs[0][0], dq_f) < 1e-3
+    bad = dout.clone()
+    bad[0, 1, 700, 5] = float("nan")
+    dq = gb.gluon_attention_backward(q, k, v, out, bad, lse, scale, dq_reduce=dq_reduce, dq_fixed=True)[0]
+    assert torch.isnan(dq[0, 1, 700]).all() and torch.isfinite(dq[0, 0]).all()
+
+
+@pytest.mark.skipif(not _HOPPER, reason="needs a Hopper GPU and Gluon")
+def test_wired_deterministic_backward_runs_gluon_fixed_point():
+    """``deterministic=True`` on Hopper: the Gluon single pass in fixed point, the same bits twice, and
+    the Triton two-pass kernels' gradients (``gluon=False``) up to rounding."""
+    from video_sparse_attn.kernels.triton_op import block_sparse_attention_triton
+
+    plan, q, k, v, dout, _, _, _ = _ragged_case(4, 2, {2: 50})
+    grads = {}
+    for key, opts in (("a", {}), ("b", {}), ("triton", {"gluon": False})):
+        qi, ki, vi = (t.detach().requires_grad_() for t in (q, k, v))
+        out, _ = block_sparse_attention_triton(qi, ki, vi, plan, kernel_options=opts, deterministic=True)
+        grads[key] = torch.autograd.grad(out, (qi, ki, vi), dout)
+    assert all(torch.equal(a, b) for a, b in zip(grads["a"], grads["b"]))
+    for a, b in zip(grads["a"], grads["triton"]):
+        assert _rel(a, b) < 2e-2
