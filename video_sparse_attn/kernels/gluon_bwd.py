@@ -390,6 +390,7 @@ if HAS_GLUON:
                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
         gl.static_assert(num_warps == 4, "the default partition is consumer warpgroup 0")
         gl.static_assert(not (DQ_FIXED and OVERLAP), "fixed-point dQ runs the stepwise walk")
+        gl.static_assert(not (DQ_FIXED and DQ_TMA), "fixed-point dQ goes by 64-bit atomics")
         BLOCK_KC: gl.constexpr = BLOCK_N // 2
         tile = gl.program_id(0)
         bh = gl.program_id(1)
@@ -424,7 +425,7 @@ if HAS_GLUON:
             dqs_smem = delta_smem
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dt)
         ds_smem = gl.allocate_shared_memory(dt, [2, BLOCK_N, BLOCK_M], ds_layout)
-        if DQ_TMA:   # a dQ half tile per consumer warpgroup (fp32 or int64 fixed point), the bulk reduce-add's source
+        if DQ_TMA:   # a dQ half tile per consumer warpgroup (float32), the bulk reduce-add's source
             dq_smem = gl.allocate_shared_memory(dq_desc.dtype, [2, BLOCK_M, BLOCK_KC], dq_desc.layout)
         else:
             dq_smem = ds_smem
@@ -506,9 +507,9 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     shifts the row term: ``delta ← delta − dlse``). ``overlap``: issue each step's Sᵀ before the previous
     step's dQ GEMM is waited for (`_consumer_walk_overlap`). ``dq_fixed``: accumulate dQ deterministically
     as 64-bit fixed point (`fixed_point_scales`; the stepwise walk, ``overlap`` ignored): the same bits
-    in every run; by TMA reduce-add where this Triton builds int64 descriptors (`int64_descriptors`),
-    else by 64-bit atomics. ``launch``: `precompile.launch` (compiles only inside `precompile.compile_only`);
-    default: launch.
+    in every run, added by 64-bit atomics whatever ``dq_reduce`` says (an sm90 bulk tensor reduce-add
+    through an INT64 tensor map is an illegal instruction, and Triton builds no UINT64 one).
+    ``launch``: `precompile.launch` (compiles only inside `precompile.compile_only`); default: launch.
     """
     if not HAS_GLUON:
         raise RuntimeError("gluon_attention_backward needs Triton with Gluon (triton.experimental.gluon)")
@@ -530,8 +531,8 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError(f"dq_reduce must be 'atomic' or 'tma', got {dq_reduce!r}")
     if dq_reduce == "tma" and not HAS_TMA_REDUCE:
         raise RuntimeError("this Triton's Gluon has no TMA reduce-add")
-    if dq_fixed and dq_reduce == "tma" and not int64_descriptors():
-        dq_reduce = "atomic"      # 64-bit atomics from registers
+    if dq_fixed:
+        dq_reduce = "atomic"      # 64-bit atomics from registers (no bulk reduce-add of signed 64-bit)
     scale = D ** -0.5 if scale is None else float(scale)
     dev = q.device
     if plan is None:
@@ -565,10 +566,9 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     n_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gdt)
     r_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M], gl.float32)
     dq_tma = dq_reduce == "tma"
-    dq_smem_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N // 2],
-                                                          gl.int64 if dq_fixed and dq_tma else gl.float32)
+    dq_smem_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N // 2], gl.float32)
     # the dQ buffer's descriptor (an unused float32 one when the adds go by atomics)
-    if dq_tma or not dq_fixed:
+    if not dq_fixed:
         dq_d = TensorDescriptor(dq_acc, [n_rows, D], [D, 1], [BLOCK_M, BLOCK_N // 2], dq_smem_layout)
     else:
         dq_d = TensorDescriptor(lse2, [1, BLOCK_N // 2], [BLOCK_N // 2, 1], [BLOCK_M, BLOCK_N // 2], dq_smem_layout)
@@ -604,23 +604,6 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     else:
         launch(_dq_convert_kernel, row_grid, dq_acc, dq, n_rows, scale, D=D, ROWS=_ROWS)
     return dq, dk, dv
-
-
-_INT64_DESCRIPTORS = {}
-
-
-def int64_descriptors() -> bool:
-    """Whether this Triton builds int64 tensor descriptors (Triton 3.6 does, later releases refuse them):
-    the fixed-point dQ then goes by TMA reduce-add, else by 64-bit atomics."""
-    if "ok" not in _INT64_DESCRIPTORS:
-        try:
-            t = torch.empty(BLOCK_M, BLOCK_N // 2, dtype=torch.int64, device="meta")
-            layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N // 2], gl.int64)
-            TensorDescriptor(t, list(t.shape), [BLOCK_N // 2, 1], list(t.shape), layout)
-            _INT64_DESCRIPTORS["ok"] = True
-        except Exception:  # noqa: BLE001 - refused (an assertion in later releases)
-            _INT64_DESCRIPTORS["ok"] = False
-    return _INT64_DESCRIPTORS["ok"]
 
 
 def fixed_point_scales(k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
