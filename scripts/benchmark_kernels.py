@@ -70,7 +70,6 @@ VARIANTS = {
     "tma": ({}, False),                                          # defaults (Gluon kernels on Hopper)
     "triton": ({"gluon": False}, False),                         # the Triton kernels on Hopper too
     "fs3": ({"gluon_fwd_stages": 3}, False),                     # Gluon forward, 3-slot K/V rings
-    "late": ({"gluon_fwd_late_rescale": True}, False),          # Gluon forward, rescale under the next QKᵀ
     "bs3": ({"gluon_bwd_stages": 3}, False),                     # Gluon backward, 3-slot Q/dO ring
     "stepwise": ({"gluon_bwd_overlap": False}, False),           # Gluon backward, no Sᵀ under the dQ adds
     "overlap": ({"gluon_bwd_overlap": True}, False),             # = the default, named (to time A/B/A with stepwise)
@@ -86,8 +85,7 @@ VARIANTS = {
     "peel": ({"fwd_lazy": False}, False),                        # peeled ragged tiles only
     "lazy": ({"fwd_peel": False}, False),                        # lazy rescaling only
 }
-_FWD_KEYS = ("tma", "warp_specialize", "fwd_peel", "fwd_lazy", "gluon", "gluon_fwd_stages",
-             "gluon_fwd_late_rescale")
+_FWD_KEYS = ("tma", "warp_specialize", "fwd_peel", "fwd_lazy", "gluon", "gluon_fwd_stages")
 
 
 def block_mask_for(name: str, heads: int, dim: int, dtype) -> tuple:

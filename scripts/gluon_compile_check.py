@@ -57,10 +57,9 @@ def facts(ttgir: str, ptx: str) -> dict:
 SPARSE = {"sparse": (128, torch.bfloat16), "sparse64": (64, torch.bfloat16), "sparse_fp16": (128, torch.float16)}
 
 
-def compile_sparse(sched: str, seq: int, stages: int | None = None, late_rescale: bool = False):
+def compile_sparse(sched: str, seq: int, stages: int | None = None):
     """The block-sparse kernel compiled for sm90 on meta tensors (a dense plan of 384-token blocks), its
-    K / V rings ``stages`` deep (None: the launcher's default), the rescale under the next QKᵀ with
-    ``late_rescale``."""
+    K / V rings ``stages`` deep (None: the launcher's default)."""
     from video_sparse_attn import BlockSparsePlan
 
     D, dtype = SPARSE[sched]
@@ -72,7 +71,7 @@ def compile_sparse(sched: str, seq: int, stages: int | None = None, late_rescale
     def launch(kernel, grid, *args, **kwargs):
         compiled.append(kernel.warmup(*args, grid=grid, **kwargs))
 
-    gf.gluon_sparse_forward(q, q, q, plan, D ** -0.5, launch=launch, stages=stages, late_rescale=late_rescale)
+    gf.gluon_sparse_forward(q, q, q, plan, D ** -0.5, launch=launch, stages=stages)
     return compiled[0]
 
 
@@ -118,16 +117,14 @@ def main():
     ap.add_argument("--dump", default=None, help="write each kernel's ttgir / ptx here")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--stages", nargs="*", type=int, default=[None], help="K / V ring depths (default: the launcher's)")
-    ap.add_argument("--late-rescale", action="store_true", help="the accumulator's rescale under the next QKᵀ")
     args = ap.parse_args()
     print(f"triton {triton.__version__}, torch {torch.__version__}")
     ok = True
     with sm90_target():
         for sched in args.schedule:
             for st in args.stages:
-                name = (sched if st is None else f"{sched}:stages{st}") + (":late" if args.late_rescale else "")
-                ok = report(name, lambda sched=sched, st=st: compile_sparse(sched, args.seq, st, args.late_rescale),
-                            args.dump) and ok
+                name = sched if st is None else f"{sched}:stages{st}"
+                ok = report(name, lambda sched=sched, st=st: compile_sparse(sched, args.seq, st), args.dump) and ok
     sys.exit(0 if ok else 1)
 
 

@@ -183,14 +183,11 @@ def test_gluon_sparse_forward_gpu(case):
     assert torch.allclose(lse[fin], lse_t[fin], atol=1e-2, rtol=1e-3)
     assert rel_l2(out, ref) < 1e-2
     assert rel_l2(out, out_t) < 1e-2
-    # three-slot K/V rings, and the rescale under the next QKᵀ: the same operations in the same order,
-    # so the same bits
+    # three-slot K/V rings: the same operations in the same order, so the same bits
     from video_sparse_attn.kernels.triton_op import block_sparse_attention_triton
 
-    for options in ({"gluon_fwd_stages": 3}, {"gluon_fwd_late_rescale": True},
-                    {"gluon_fwd_late_rescale": True, "gluon_fwd_stages": 3}):
-        out3, lse3 = block_sparse_attention_triton(q, k, v, plan, kernel_options=options)
-        assert torch.equal(out3, out) and torch.equal(lse3, lse), options
+    out3, lse3 = block_sparse_attention_triton(q, k, v, plan, kernel_options={"gluon_fwd_stages": 3})
+    assert torch.equal(out3, out) and torch.equal(lse3, lse)
 
 
 @hopper

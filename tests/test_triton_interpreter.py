@@ -254,10 +254,10 @@ def test_kernel_options_rejects_unknown_keys_and_bad_values():
     assert resolve_kernel_options(None) == resolve_kernel_options({}) == {
         "tma": True, "warp_specialize": False, "fwd_peel": True, "fwd_lazy": True, "autotune": True,
         "dq_reduce": "atomic", "skip_padded_queries": True, "gluon": True, "gluon_fwd_stages": 2,
-        "gluon_bwd_stages": 2, "gluon_bwd_overlap": True, "gluon_fwd_late_rescale": False}
+        "gluon_bwd_stages": 2, "gluon_bwd_overlap": True}
     assert resolve_kernel_options({"tma": False})["tma"] is False
     assert resolve_kernel_options({"gluon_fwd_stages": 3})["gluon_fwd_stages"] == 3
-    for key, bad in (("gluon_fwd_stages", 4), ("gluon_bwd_stages", True), ("gluon_bwd_overlap", 1), ("gluon_fwd_late_rescale", "yes")):
+    for key, bad in (("gluon_fwd_stages", 4), ("gluon_bwd_stages", True), ("gluon_bwd_overlap", 1)):
         with pytest.raises(ValueError, match=key):
             resolve_kernel_options({key: bad})
 

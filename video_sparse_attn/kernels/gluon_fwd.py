@@ -10,9 +10,7 @@ refilled as soon as both consumers' QKᵀ that read it retired); two consumer wa
 registers) own 64 query rows each and walk the same sequence of sub-tiles. In a consumer, QKᵀ of
 sub-tile ``n`` (Q and K from shared memory) and PV of sub-tile ``n-1`` (P from registers) are issued
 back to back and the softmax of ``n`` runs while PV of ``n-1`` is on the tensor cores (FA3's
-intra-warpgroup overlap; `tile_loop_reference` is the same order of operations in torch). With
-``LATE_RESCALE`` the accumulator's rescale by the softmax of ``n-1`` runs while QKᵀ of ``n`` does,
-before PV of ``n-1`` is issued (the same products in the same order). Softmax is
+intra-warpgroup overlap; `tile_loop_reference` is the same order of operations in torch). Softmax is
 online in base 2 with the scale folded into the exp2 argument; ``lse`` is natural log, ``[B, H, Sq]``
 float32, as the Triton forward's. Grid ``(Nq * Q_BLOCK // 128, B*H)``: query tiles fastest in
 ``row_order`` rank, as the Triton forward.
@@ -100,12 +98,6 @@ if HAS_GLUON:
         return m_new, l_i, alpha, p_op
 
     @gluon.jit
-    def _after_issue(x):
-        """``x`` unchanged, through a move the compiler keeps in program order with the (side-effecting)
-        wgmma issues around it: what uses the result is not scheduled before the preceding issue."""
-        return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=False, pack=1)
-
-    @gluon.jit
     def _sparse_next(j, sub, kv, count, idx_ptr, valid_ptr, BLOCK_N: gl.constexpr):
         """The cursor ``(kept block j, sub-tile sub, its block's k_valid kv)`` moved to the next sub-tile
         (``j == count`` past the end), branch-free."""
@@ -120,8 +112,7 @@ if HAS_GLUON:
     @gluon.jit
     def _sparse_consumer(c: gl.constexpr, o_desc, LSE, q_smem, k_smem, v_smem, q_bars, k_full, v_full,
                          k_empty, v_empty, o_row, o_col, lse_row, n_rows, count, idx_ptr, valid_ptr, qk_scale,
-                         BLOCK_MC: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                         LATE_RESCALE: gl.constexpr):
+                         BLOCK_MC: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
         """Consumer warpgroup ``c`` (query rows ``c·BLOCK_MC ...`` of the tile): the pipelined loop of
         ``"ws"`` (QKᵀ of sub-tile n, then PV of n-1, softmax of n under PV) over the producer's
         sequence of sub-tiles, masking ragged ones. Rows past ``n_rows`` (padding) and rows that saw
@@ -159,10 +150,6 @@ if HAS_GLUON:
                 rem = kv - sub * BLOCK_N
                 mbarrier.wait(k_full.index(stage), (n // STAGES) & 1)
                 s = warpgroup_mma(q_c, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                if LATE_RESCALE:
-                    # the previous softmax's rescale while QKᵀ runs (acc holds everything up to PV of n-2);
-                    # alpha passes a side-effecting move so that the rescale is not hoisted above the issue
-                    acc = acc * gl.convert_layout(_after_issue(alpha), orow_layout)[:, None]
                 mbarrier.wait(v_full.index(prev), ((n - 1) // STAGES) & 1)
                 acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
@@ -171,14 +158,11 @@ if HAS_GLUON:
                                                          dtype)
                 acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
                 mbarrier.arrive(v_empty.index(prev), count=1)
-                if not LATE_RESCALE:
-                    acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
+                acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
                 p_op = p_new
                 j, sub, kv = _sparse_next(j, sub, kv, count, idx_ptr, valid_ptr, BLOCK_N)
                 n += 1
             last = (n - 1) % STAGES
-            if LATE_RESCALE:
-                acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
             mbarrier.wait(v_full.index(last), ((n - 1) // STAGES) & 1)
             acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
@@ -206,7 +190,7 @@ if HAS_GLUON:
                           s_cnt_b, s_cnt_h, s_idx_b, s_idx_h, s_idx_m, s_ord_b, s_ord_h, s_val_b, s_qv_b,
                           H, Sq, qk_scale, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch, o_rb, o_rh, o_ch,
                           Q_BLOCK: gl.constexpr, K_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr,
-                          BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, LATE_RESCALE: gl.constexpr,
+                          BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                           CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
         # Grid (Mq * Q_BLOCK // BLOCK_M, B*H): tile -> query block of rank tile // SUB_M in row_order
         # (heaviest first), sub-tile tile % SUB_M, as the Triton forward (`triton_common.query_tile`).
@@ -250,10 +234,10 @@ if HAS_GLUON:
         gl.warp_specialize([
             (_sparse_consumer, (0, o_desc, LSE, q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty,
                                 o_row, h * o_ch, lse_row, n_rows, count, idx_ptr, valid_ptr, qk_scale,
-                                BLOCK_MC, BLOCK_N, D, STAGES, LATE_RESCALE)),
+                                BLOCK_MC, BLOCK_N, D, STAGES)),
             (_sparse_consumer, (1, o_desc, LSE, q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty,
                                 o_row, h * o_ch, lse_row, n_rows, count, idx_ptr, valid_ptr, qk_scale,
-                                BLOCK_MC, BLOCK_N, D, STAGES, LATE_RESCALE)),
+                                BLOCK_MC, BLOCK_N, D, STAGES)),
             (_sparse_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty,
                                 v_empty, q_row, h * q_ch, b * k_rb + h * k_rh, h * k_ch, b * v_rb + h * v_rh,
                                 h * v_ch, count, idx_ptr, valid_ptr, K_BLOCK, BLOCK_MC, BLOCK_N, STAGES)),
@@ -324,8 +308,7 @@ def _matrix_desc(t: torch.Tensor, view, block_rows: int, layout):
 
 
 def gluon_sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: float,
-                         launch=None, empty_like=None, empty=None, stages: int | None = None,
-                         late_rescale: bool = False):
+                         launch=None, empty_like=None, empty=None, stages: int | None = None):
     """Block-sparse attention forward over ``plan`` with the warp-specialised Gluon kernel (the
     ``"ws"`` schedule walking the plan's kept key blocks). Same contract as
     `triton_fwd.attention_forward`: q ``[B, H, Sq, D]``, k / v ``[B, H, Sk, D]`` (checked by the
@@ -337,8 +320,7 @@ def gluon_sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan
 
     ``launch`` / ``empty_like`` / ``empty``: `precompile.launch` and its allocators (the defaults:
     launch, ``torch.empty_like``, ``torch.empty``), so that a compile-only run compiles this kernel.
-    ``stages``: slots of the K and V rings (default `SPARSE_CONFIG`'s); ``late_rescale``: the
-    accumulator's rescale under the next QKᵀ (``LATE_RESCALE``).
+    ``stages``: slots of the K and V rings (default `SPARSE_CONFIG`'s).
     """
     if not HAS_GLUON:
         raise RuntimeError("gluon_sparse_forward needs Triton with Gluon (triton.experimental.gluon)")
@@ -376,7 +358,7 @@ def gluon_sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan
            cs[0], cs[1], ix[0], ix[1], ix[2], ro[0], ro[1], val_b, qv_b,
            H, Sq, float(scale) * LOG2E, *coeffs,
            Q_BLOCK=plan.q_block, K_BLOCK=plan.k_block, BLOCK_M=block_m, BLOCK_N=block_n, D=D, STAGES=stages,
-           LATE_RESCALE=bool(late_rescale), CONSUMER_REGS=_WS_REGS[0], PRODUCER_REGS=_WS_REGS[1], num_warps=num_warps)
+           CONSUMER_REGS=_WS_REGS[0], PRODUCER_REGS=_WS_REGS[1], num_warps=num_warps)
     return out, lse
 
 

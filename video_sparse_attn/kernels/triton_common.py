@@ -94,11 +94,6 @@ class KernelOptions(TypedDict, total=False):
     """Gluon forward: depth of its K and V rings (2 or 3 slots of 128 keys each; 3 measured no faster).
     Default 2."""
 
-    gluon_fwd_late_rescale: bool
-    """Gluon forward: rescale the output accumulator by the previous softmax's correction while the next
-    QKᵀ runs, before PV is issued (``LATE_RESCALE``), instead of after PV retires. Same products in the
-    same order. Default ``False``."""
-
     gluon_bwd_stages: int
     """Gluon backward: depth of its Q / dO ring (2 or 3 slots of 64 query rows; 3 measured slower with
     the overlapping walk). Default 2."""
@@ -113,7 +108,7 @@ class KernelOptions(TypedDict, total=False):
 _DEFAULTS: KernelOptions = {
     "tma": True, "warp_specialize": False, "fwd_peel": True, "fwd_lazy": True, "autotune": True,
     "dq_reduce": "atomic", "skip_padded_queries": True, "gluon": True, "gluon_fwd_stages": 2, "gluon_bwd_stages": 2,
-    "gluon_bwd_overlap": True, "gluon_fwd_late_rescale": False,
+    "gluon_bwd_overlap": True,
 }
 _CHOICES = {"dq_reduce": ("atomic", "tma"), "gluon_fwd_stages": (2, 3), "gluon_bwd_stages": (2, 3)}
 

@@ -251,8 +251,7 @@ def attention_forward(q, k, v, plan, scale: float, options: dict):
         from .gluon_fwd import gluon_sparse_forward
 
         return gluon_sparse_forward(q, k, v, plan, scale, launch=pc.launch, empty_like=pc.empty_like, empty=pc.empty,
-                                    stages=options["gluon_fwd_stages"],
-                                    late_rescale=options["gluon_fwd_late_rescale"])
+                                    stages=options["gluon_fwd_stages"])
     B, H, Sq, D = q.shape
     out = pc.empty_like(q)
     lse = pc.empty(B, H, Sq, device=q.device, dtype=torch.float32)

@@ -90,7 +90,7 @@ def block_sparse_attention_triton(
         scale: softmax scale, default ``1/sqrt(D)``.
         kernel_options: tuning knobs (`KernelOptions`: ``gluon``, ``tma``, ``warp_specialize``, ``fwd_peel``,
             ``fwd_lazy``, ``autotune``, ``dq_reduce``, ``skip_padded_queries``, ``gluon_fwd_stages``,
-            ``gluon_fwd_late_rescale``, ``gluon_bwd_stages``, ``gluon_bwd_overlap``); unknown keys raise ValueError.
+            ``gluon_bwd_stages``, ``gluon_bwd_overlap``); unknown keys raise ValueError.
         deterministic: True: a bit-reproducible backward (the two-pass kernels, no atomics; on Hopper
             the Gluon single pass with dQ added as 64-bit fixed point, whose integer sums do not depend
             on their order); False: the single pass that adds dQ with float atomics (5 block GEMMs
