@@ -41,7 +41,7 @@ def test_gluon_bwd_tile_loop_reference_matches_autograd():
 
 @pytest.mark.parametrize("dout_scale", [1.0, 1e5, 1e-7], ids=["unit", "large", "tiny"])
 def test_fixed_point_dq_reference_is_order_free_and_accurate(dout_scale):
-    """dQ as 64-bit fixed point (`fixed_point_scales`): the same bits whatever order the key tiles add in
+    """dQ as fixed point (`fixed_point_scales`, two int32 sums): the same bits whatever order the key tiles add in
     (float32 additions do depend on it), and as close to float32 autograd as the float32 dQ, from huge
     to tiny gradients (no overflow, no precision lost to the fixed point)."""
     torch.manual_seed(1)
@@ -61,8 +61,9 @@ def test_fixed_point_dq_reference_is_order_free_and_accurate(dout_scale):
 
 
 def test_fixed_point_scales_bound_every_partial_sum():
-    """Powers of two; every running sum of a row's per-tile dQ contributions (float64) stays below 2^62
-    once scaled; zero rows get 2^126, rows with a non-finite input 0."""
+    """Powers of two; every running sum of a row's per-tile dQ contributions (float64) stays below
+    2^(FIXED_BITS-1) once scaled, and so do the hi / lo int32 sums below 2^31; zero rows get 2^126, rows
+    with a non-finite input 0."""
     torch.manual_seed(2)
     B, H, S, D = 1, 2, 256, 128
     q, k, v, dout = (torch.randn(B, H, S, D, dtype=torch.bfloat16) for _ in range(4))
@@ -79,10 +80,19 @@ def test_fixed_point_scales_bound_every_partial_sum():
     assert dqs[0, 0, 5] == 2.0 ** 126 and dqs[0, 1, 7] == 0 and ok.sum() == B * H * S - 1
     ds = p * ((dout.double() @ v.double().transpose(-1, -2)) - delta[..., None])
     parts = torch.stack([ds[..., t:t + 64] @ k.double()[:, :, t:t + 64] for t in range(0, S, 64)])  # [tiles,B,H,S,D]
-    running = parts.cumsum(0) * dqs.double()[None, ..., None]
+    y = parts * dqs.double()[None, ..., None]
+    running = y.cumsum(0)
     finite = torch.isfinite(running)
-    assert running[finite].abs().max() < 2.0 ** 62
-    assert running[finite].abs().max() > 2.0 ** 50        # the bound is not so loose that precision is lost
+    assert running[finite].abs().max() < 2.0 ** (gb.FIXED_BITS - 1)
+    assert running[finite].abs().max() > 2.0 ** (gb.FIXED_BITS - 13)   # not so loose that precision is lost
+    hi = torch.trunc(y * 2.0 ** -gb.FIXED_LO_BITS)
+    lo = torch.trunc(y - hi * 2.0 ** gb.FIXED_LO_BITS)
+    for part in (hi, lo):
+        assert part.cumsum(0)[finite].abs().max() < 2.0 ** 31
+    # the worst case the constants allow: FIXED_MAX_TERMS terms, each lo below 2^FIXED_LO_BITS, hi sums
+    # below 2^(FIXED_BITS-1-FIXED_LO_BITS) + one per term
+    assert gb.FIXED_MAX_TERMS * (2 ** gb.FIXED_LO_BITS - 1) < 2 ** 31
+    assert 2 ** (gb.FIXED_BITS - 1 - gb.FIXED_LO_BITS) + gb.FIXED_MAX_TERMS < 2 ** 31
 
 
 def test_step_table_matches_the_walk():
@@ -308,7 +318,8 @@ def test_step_table_kept_on_the_plan_and_its_compile_only_shapes():
     """The step table is built once per plan (kept on it); compiling only, meta tensors of the same shapes
     and dtypes stand in for it."""
     mask = torch.rand(2, 3, 4, 5) < 0.5
-    plan = BlockSparsePlan.from_block_mask(mask, 384, 384, q_valid=torch.tensor([[384, 100, 0, 384]], dtype=torch.int32))
+    q_valid = torch.tensor([[384, 100, 0, 384]], dtype=torch.int32)
+    plan = BlockSparsePlan.from_block_mask(mask, 384, 384, q_valid=q_valid)
     first = gb._steps_for(plan, False)
     assert gb._steps_for(plan, False) is first
     meta = gb._steps_for(plan, True)
@@ -320,11 +331,12 @@ def test_step_table_kept_on_the_plan_and_its_compile_only_shapes():
 def test_fixed_point_backward_is_bit_reproducible():
     """``dq_fixed``: three runs give the same bits (dense and a ragged plan); dK / dV are the stepwise
     walk's bits, dQ the float32 path's up to rounding; a NaN in one row of dout makes that row's dq NaN
-    (its scale is 0), not 0. The adds go by 64-bit atomics even when the TMA reduce is asked for."""
+    (its scale is 0), not 0. Both reductions (int32 atomics, TMA reduce-add) give the same bits."""
     plan, q, k, v, dout, out, lse, scale = _ragged_case(3, 4, {1: 100, 4: 300})
+    modes = ("tma", "tma", "atomic") if gb.HAS_TMA_REDUCE else ("atomic", "atomic")
     for p in (plan, None):
         runs = [gb.gluon_attention_backward(q, k, v, out, dout, lse, scale, plan=p, dq_reduce=mode, dq_fixed=True)
-                for mode in ("atomic", "atomic", "tma")]
+                for mode in modes]
         for r in runs[1:]:
             assert all(torch.equal(a, b) for a, b in zip(r, runs[0]))
         dq_f, dk_f, dv_f = gb.gluon_attention_backward(q, k, v, out, dout, lse, scale, plan=p, overlap=False)
@@ -332,8 +344,26 @@ def test_fixed_point_backward_is_bit_reproducible():
         assert torch.isfinite(runs[0][0]).all() and _rel(runs[0][0], dq_f) < 1e-3
     bad = dout.clone()
     bad[0, 1, 700, 5] = float("nan")
-    dq = gb.gluon_attention_backward(q, k, v, out, bad, lse, scale, dq_fixed=True)[0]
-    assert torch.isnan(dq[0, 1, 700]).all() and torch.isfinite(dq[0, 0]).all()
+    for mode in set(modes):
+        dq = gb.gluon_attention_backward(q, k, v, out, bad, lse, scale, dq_reduce=mode, dq_fixed=True)[0]
+        assert torch.isnan(dq[0, 1, 700]).all() and torch.isfinite(dq[0, 0]).all()
+
+
+@pytest.mark.skipif(not _HOPPER, reason="needs a Hopper GPU and Gluon")
+def test_fixed_point_backward_limits_its_sequence(monkeypatch):
+    """Past `FIXED_MAX_TERMS` key tiles the int32 sums could overflow: the kernel refuses, and the
+    deterministic backward takes the Triton two passes there instead."""
+    from video_sparse_attn.kernels.triton_bwd import gluon_backward_usable
+    from video_sparse_attn.kernels.triton_common import resolve_kernel_options
+
+    plan, q, k, v, dout, out, lse, scale = _ragged_case(2, 2, {})
+    options = resolve_kernel_options(None)
+    assert gluon_backward_usable(q, k, v, plan, options, deterministic=True)
+    monkeypatch.setattr(gb, "FIXED_MAX_TERMS", q.shape[2] // gb.BLOCK_N - 1)
+    assert not gluon_backward_usable(q, k, v, plan, options, deterministic=True)
+    assert gluon_backward_usable(q, k, v, plan, options, deterministic=False)
+    with pytest.raises(ValueError, match="key tiles"):
+        gb.gluon_attention_backward(q, k, v, out, dout, lse, scale, plan=plan, dq_fixed=True)
 
 
 @pytest.mark.skipif(not _HOPPER, reason="needs a Hopper GPU and Gluon")

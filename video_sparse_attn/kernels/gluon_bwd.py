@@ -90,6 +90,13 @@ BLOCK_M = 64        # query rows per step
 BLOCK_N = 128       # keys per program (two consumer warpgroups of 64)
 _REGS = (240, 24)   # setmaxnreg of the consumer worker and of the producer partition
 _ROWS = 64          # rows per program of the preprocess and convert kernels
+# Fixed-point dQ (``dq_fixed``): each contribution y (scaled so that every partial sum of a row is below
+# 2^(FIXED_BITS-1)) is split as y = hi·2^FIXED_LO_BITS + lo (both truncated toward zero, |lo| < 2^FIXED_LO_BITS)
+# and hi, lo are summed in two int32 buffers: with at most FIXED_MAX_TERMS contributions per element
+# (one per 128-key tile), |Σlo| < 2^12·2^19 = 2^31 and |Σhi| < 2^30 + 2^12: no partial sum overflows.
+FIXED_LO_BITS = 19
+FIXED_MAX_TERMS = 4096                 # key tiles of 128: sequences up to 524,288 tokens
+FIXED_BITS = 31 + FIXED_LO_BITS         # |Σy| < 2^(FIXED_BITS-1) = 2^49
 _D = 128            # the head dim the kernel runs
 
 if HAS_GLUON:
@@ -103,6 +110,8 @@ if HAS_GLUON:
                                                         instr_shape=[16, BLOCK_N // 2, 16]))
     _A_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_ACC_LAYOUT.value, k_width=2))
     _COL_LAYOUT = gl.constexpr(gl.SliceLayout(0, _S_LAYOUT.value))
+    _FIXED_UNIT = gl.constexpr(float(2 ** FIXED_LO_BITS))
+    _FIXED_INV_UNIT = gl.constexpr(float(2.0 ** -FIXED_LO_BITS))
 
 
 if HAS_GLUON:
@@ -132,12 +141,18 @@ if HAS_GLUON:
         tl.store(DQ + offs, (acc * scale).to(DQ.dtype.element_ty), mask=ok[:, None])
 
     @triton.jit
-    def _dq_fixed_convert_kernel(DQ_ACC, DQS, DQ, n_rows, scale, D: tl.constexpr, ROWS: tl.constexpr):
-        # int64 fixed point / the row's power-of-two scale (exact) · softmax scale; NaN where the scale is 0
+    def _dq_fixed_convert_kernel(DQ_ACC, DQS, DQ, n_rows, scale, D: tl.constexpr, ROWS: tl.constexpr,
+                                 LO_BITS: tl.constexpr):
+        # DQ_ACC [n_rows, 2·D] int32: Σhi in columns 0..D-1, Σlo in D..2D-1. Σhi·2^LO_BITS + Σlo (exact in
+        # int64) / the row's power-of-two scale (exact) · softmax scale; NaN where the scale is 0
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         ok = rows < n_rows
-        offs = rows.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
-        acc = tl.load(DQ_ACC + offs, mask=ok[:, None], other=0).to(tl.float32)
+        cols = tl.arange(0, D)[None, :]
+        acc_offs = rows.to(tl.int64)[:, None] * (2 * D) + cols
+        hi = tl.load(DQ_ACC + acc_offs, mask=ok[:, None], other=0).to(tl.int64)
+        lo = tl.load(DQ_ACC + acc_offs + D, mask=ok[:, None], other=0).to(tl.int64)
+        acc = (hi * (1 << LO_BITS) + lo).to(tl.float32)
+        offs = rows.to(tl.int64)[:, None] * D + cols
         s = tl.load(DQS + rows, mask=ok, other=1.0)
         dq = tl.where(s[:, None] == 0.0, float("nan"), acc / s[:, None] * scale)
         tl.store(DQ + offs, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
@@ -245,23 +260,37 @@ if HAS_GLUON:
     def _dq_out(c: gl.constexpr, dq, row, DQ_ACC, dq_offs, dq_desc, dq_smem, dq_scale, BLOCK_KC: gl.constexpr,
                 D: gl.constexpr, DQ_TMA: gl.constexpr, DQ_FIXED: gl.constexpr = False):
         """This warpgroup's dQ half tile (rows ``row ...``) added to the float32 buffer; with ``DQ_FIXED``
-        to the int64 buffer as fixed point: each row times its power-of-two ``dq_scale`` (a slice of
-        `_DQ_LAYOUT` rows), truncated to an integer. Integer additions do not depend on their order, so
-        the sum is the same bits whatever order the programs add in."""
+        to the int32 pair buffer ``[B·H·S, 2·D]`` as fixed point: each row times its power-of-two
+        ``dq_scale`` (a slice of `_DQ_LAYOUT` rows) is exact, then split into integers hi (columns
+        0..D-1) and lo (D..2D-1) (`FIXED_LO_BITS`). Integer additions do not depend on their order, so the
+        sums are the same bits whatever order the programs add in."""
         if DQ_FIXED:
-            out = (dq * dq_scale[:, None]).to(gl.int64)
-        else:
-            out = dq
-        if DQ_TMA:   # through this warpgroup's shared buffer and one bulk reduce-add
+            y = dq * dq_scale[:, None]
+            hi = (y * _FIXED_INV_UNIT).to(gl.int32)                          # truncated toward zero
+            lo = (y - hi.to(gl.float32) * _FIXED_UNIT).to(gl.int32)          # the bits below: exact
+            if DQ_TMA:   # hi and lo through this warpgroup's two shared buffers, two bulk reduce-adds
+                tma.store_wait(0)
+                cta_barrier()
+                dq_smem.index(c).store(hi)
+                dq_smem.index(2 + c).store(lo)
+                fence_async_shared()
+                cta_barrier()
+                tma_reduce_add(dq_desc, [row, c * BLOCK_KC], dq_smem.index(c))
+                tma_reduce_add(dq_desc, [row, D + c * BLOCK_KC], dq_smem.index(2 + c))
+            else:
+                ptrs = DQ_ACC + row.to(gl.int64) * (2 * D) + dq_offs
+                gl.atomic_add(ptrs, hi, sem="relaxed")
+                gl.atomic_add(ptrs + D, lo, sem="relaxed")
+        elif DQ_TMA:   # through this warpgroup's shared buffer and one bulk reduce-add
             dq_buf = dq_smem.index(c)
             tma.store_wait(0)            # the previous step's reduce has read the buffer
             cta_barrier()
-            dq_buf.store(out)
+            dq_buf.store(dq)
             fence_async_shared()
             cta_barrier()
             tma_reduce_add(dq_desc, [row, c * BLOCK_KC], dq_buf)
         else:
-            gl.atomic_add(DQ_ACC + row.to(gl.int64) * D + dq_offs, out, sem="relaxed")
+            gl.atomic_add(DQ_ACC + row.to(gl.int64) * D + dq_offs, dq, sem="relaxed")
 
     @gluon.jit
     def _consumer_walk_overlap(c: gl.constexpr, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
@@ -347,7 +376,10 @@ if HAS_GLUON:
                   OVERLAP: gl.constexpr, DQ_FIXED: gl.constexpr):
         dq_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, _DQ_LAYOUT))
         dq_cols = c * BLOCK_KC + gl.arange(0, BLOCK_KC, layout=gl.SliceLayout(0, _DQ_LAYOUT))
-        dq_offs = dq_rows[:, None] * D + dq_cols[None, :]
+        if DQ_FIXED:   # rows of the int32 pair buffer [B·H·S, 2·D]
+            dq_offs = dq_rows[:, None] * (2 * D) + dq_cols[None, :]
+        else:
+            dq_offs = dq_rows[:, None] * D + dq_cols[None, :]
         dk = gl.zeros([BLOCK_KC, D], gl.float32, _ACC_LAYOUT)
         dv = gl.zeros([BLOCK_KC, D], gl.float32, _ACC_LAYOUT)
 
@@ -390,7 +422,6 @@ if HAS_GLUON:
                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
         gl.static_assert(num_warps == 4, "the default partition is consumer warpgroup 0")
         gl.static_assert(not (DQ_FIXED and OVERLAP), "fixed-point dQ runs the stepwise walk")
-        gl.static_assert(not (DQ_FIXED and DQ_TMA), "fixed-point dQ goes by 64-bit atomics")
         BLOCK_KC: gl.constexpr = BLOCK_N // 2
         tile = gl.program_id(0)
         bh = gl.program_id(1)
@@ -425,8 +456,10 @@ if HAS_GLUON:
             dqs_smem = delta_smem
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dt)
         ds_smem = gl.allocate_shared_memory(dt, [2, BLOCK_N, BLOCK_M], ds_layout)
-        if DQ_TMA:   # a dQ half tile per consumer warpgroup (float32), the bulk reduce-add's source
-            dq_smem = gl.allocate_shared_memory(dq_desc.dtype, [2, BLOCK_M, BLOCK_KC], dq_desc.layout)
+        if DQ_TMA:   # the bulk reduce-adds' sources: a dQ half tile per consumer warpgroup (float32), or
+            # its hi and lo halves (int32: hi of warpgroup c at c, lo at 2 + c)
+            N_DQ_BUF: gl.constexpr = 4 if DQ_FIXED else 2
+            dq_smem = gl.allocate_shared_memory(dq_desc.dtype, [N_DQ_BUF, BLOCK_M, BLOCK_KC], dq_desc.layout)
         else:
             dq_smem = ds_smem
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -506,9 +539,9 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     instead of launching (tensors may be meta tensors). ``dlse``: gradient of ``lse`` ``[B, H, S]`` (it
     shifts the row term: ``delta ← delta − dlse``). ``overlap``: issue each step's Sᵀ before the previous
     step's dQ GEMM is waited for (`_consumer_walk_overlap`). ``dq_fixed``: accumulate dQ deterministically
-    as 64-bit fixed point (`fixed_point_scales`; the stepwise walk, ``overlap`` ignored): the same bits
-    in every run, added by 64-bit atomics whatever ``dq_reduce`` says (an sm90 bulk tensor reduce-add
-    through an INT64 tensor map is an illegal instruction, and Triton builds no UINT64 one).
+    in fixed point (`fixed_point_scales`; the stepwise walk, ``overlap`` ignored): the same bits
+    in every run, as two int32 sums per element (`FIXED_LO_BITS`; sequences up to `FIXED_MAX_TERMS`·128
+    tokens).
     ``launch``: `precompile.launch` (compiles only inside `precompile.compile_only`); default: launch.
     """
     if not HAS_GLUON:
@@ -531,8 +564,9 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError(f"dq_reduce must be 'atomic' or 'tma', got {dq_reduce!r}")
     if dq_reduce == "tma" and not HAS_TMA_REDUCE:
         raise RuntimeError("this Triton's Gluon has no TMA reduce-add")
-    if dq_fixed:
-        dq_reduce = "atomic"      # 64-bit atomics from registers (no bulk reduce-add of signed 64-bit)
+    if dq_fixed and S > FIXED_MAX_TERMS * BLOCK_N:
+        raise ValueError(f"fixed-point dQ sums at most {FIXED_MAX_TERMS} key tiles per row (S <= "
+                         f"{FIXED_MAX_TERMS * BLOCK_N}), got S={S}")
     scale = D ** -0.5 if scale is None else float(scale)
     dev = q.device
     if plan is None:
@@ -557,7 +591,11 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     n_rows = B * H * S
     delta = torch.empty(n_rows, device=dev, dtype=torch.float32)
     lse2 = torch.empty(n_rows, device=dev, dtype=torch.float32)
-    dq_acc = torch.zeros(n_rows, D, device=dev, dtype=torch.int64 if dq_fixed else torch.float32)
+    # float32 [B·H·S, D]; fixed point: int32 [B·H·S, 2·D] (Σhi, then Σlo)
+    if dq_fixed:
+        dq_acc = torch.zeros(n_rows, 2 * D, device=dev, dtype=torch.int32)
+    else:
+        dq_acc = torch.zeros(n_rows, D, device=dev, dtype=torch.float32)
     dqs = torch.empty(n_rows, device=dev, dtype=torch.float32) if dq_fixed else delta
     dk, dv = torch.empty_like(k), torch.empty_like(v)
 
@@ -566,12 +604,10 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     n_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gdt)
     r_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M], gl.float32)
     dq_tma = dq_reduce == "tma"
-    dq_smem_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N // 2], gl.float32)
-    # the dQ buffer's descriptor (an unused float32 one when the adds go by atomics)
-    if not dq_fixed:
-        dq_d = TensorDescriptor(dq_acc, [n_rows, D], [D, 1], [BLOCK_M, BLOCK_N // 2], dq_smem_layout)
-    else:
-        dq_d = TensorDescriptor(lse2, [1, BLOCK_N // 2], [BLOCK_N // 2, 1], [BLOCK_M, BLOCK_N // 2], dq_smem_layout)
+    dq_smem_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N // 2],
+                                                          gl.int32 if dq_fixed else gl.float32)
+    width = dq_acc.shape[1]
+    dq_d = TensorDescriptor(dq_acc, [n_rows, width], [width, 1], [BLOCK_M, BLOCK_N // 2], dq_smem_layout)
 
     def desc2(t, rows, layout):
         t2 = t.view(n_rows, D)
@@ -600,22 +636,23 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     launch(_bwd_kernel, grid, *args, **meta)
     dq = torch.empty_like(q)
     if dq_fixed:
-        launch(_dq_fixed_convert_kernel, row_grid, dq_acc, dqs, dq, n_rows, scale, D=D, ROWS=_ROWS)
+        launch(_dq_fixed_convert_kernel, row_grid, dq_acc, dqs, dq, n_rows, scale, D=D, ROWS=_ROWS,
+               LO_BITS=FIXED_LO_BITS)
     else:
         launch(_dq_convert_kernel, row_grid, dq_acc, dq, n_rows, scale, D=D, ROWS=_ROWS)
     return dq, dk, dv
 
 
 def fixed_point_scales(k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Per query row, the power of two that turns its dQ contributions into 64-bit fixed point, float32
+    """Per query row, the power of two that turns its dQ contributions into fixed point, float32
     ``[B, H, S]`` (0 where the inputs are not finite: those rows' dq become NaN).
 
     Every partial sum of row ``i``'s dQ contributions (``Σ_j dS_ij k_j`` over any set of keys, with
     ``dS_ij = P_ij (dP_ij − δ_i)``, ``Σ_j P_ij ≤ 1``, ``|dP_ij| ≤ |dO_i| |v_j|``) is below, per coordinate,
     ``max|k| · (|dO_i| · max_j |v_j| + |δ_i|)`` (maxima over the (batch, head)); twice that is rounded up
-    to a power of two ``2^e`` and the scale is ``2^(62 − e)``, so no sum reaches 2^62 and the sum of
-    truncated contributions keeps ≈ 62 bits below the bound (exactly the float32 products above
-    2^(e − 39)). Rows whose bound is 0 (no gradient) get 2^126.
+    to a power of two ``2^e`` and the scale is ``2^(FIXED_BITS − e)``, so no scaled sum reaches
+    2^(FIXED_BITS − 1) and the sum of truncated contributions keeps ``FIXED_BITS`` = 50 bits below
+    the bound. Rows whose bound is 0 (no gradient) get 2^126.
 
     k, v, dout ``[B, H, S, D]``; delta ``[B, H, S]`` (rowsum(dout·out), shifted by an lse gradient).
     """
@@ -625,8 +662,8 @@ def fixed_point_scales(k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, del
     vmax = torch.linalg.vector_norm(v, dim=-1, dtype=torch.float32).amax(-1)                  # [B, H]
     dnorm = torch.linalg.vector_norm(dout, dim=-1, dtype=torch.float32)                       # [B, H, S]
     bound = 2.0 * kmax[..., None] * (dnorm * vmax[..., None] + delta.float().abs())
-    exp = torch.ceil(torch.log2(bound)).clamp(min=-64.0, max=126.0)
-    scale = torch.ldexp(torch.ones_like(bound), (62.0 - exp).to(torch.int32))
+    exp = torch.ceil(torch.log2(bound)).clamp(min=FIXED_BITS - 126.0, max=126.0)   # scale <= 2^126
+    scale = torch.ldexp(torch.ones_like(bound), (FIXED_BITS - exp).to(torch.int32))
     return torch.where(torch.isfinite(bound), scale, torch.zeros_like(scale))
 
 
@@ -706,16 +743,17 @@ def tile_loop_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
 
     Per key tile of ``block_n`` keys and per query step of ``block_m`` rows: Sᵀ and dPᵀ in float32,
     Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), Pᵀ rounded to the input dtype for dV, dSᵀ rounded for dK and
-    for dQ (which adds dS·K into a float32 buffer, or with ``dq_fixed`` into an int64 one as fixed point,
-    `fixed_point_scales`). ``key_tiles``: the order the key tiles are walked in (default ascending; the
-    order of dQ's additions). Returns dq, dk, dv in the inputs' dtype.
+    for dQ (which adds dS·K into a float32 buffer, or with ``dq_fixed`` as fixed point split into two int32
+    sums, `fixed_point_scales` and `FIXED_LO_BITS`). ``key_tiles``: the order the key tiles are walked in
+    (default ascending; the order of dQ's additions). Returns dq, dk, dv in the inputs' dtype.
     """
     B, H, S, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
     dt = q.dtype
     delta = (out.float() * dout.float()).sum(-1)
     lse2 = torch.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    dq_acc = torch.zeros(B, H, S, D, dtype=torch.int64 if dq_fixed else torch.float32, device=q.device)
+    dq_acc = torch.zeros(B, H, S, D, dtype=torch.float32, device=q.device)
+    dq_hi, dq_lo = (torch.zeros(B, H, S, D, dtype=torch.int32, device=q.device) for _ in range(2))
     dqs = fixed_point_scales(k, v, dout, delta) if dq_fixed else None
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -733,12 +771,17 @@ def tile_loop_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
             dk_acc += dst @ qt
             part = dst.transpose(-1, -2) @ kt
             if dq_fixed:
-                part = (part * dqs[:, :, m0:m0 + block_m, None]).to(torch.int64)
-            dq_acc[:, :, m0:m0 + block_m] += part
+                y = part * dqs[:, :, m0:m0 + block_m, None]
+                hi = (y * 2.0 ** -FIXED_LO_BITS).to(torch.int32)
+                dq_hi[:, :, m0:m0 + block_m] += hi
+                dq_lo[:, :, m0:m0 + block_m] += (y - hi.float() * 2.0 ** FIXED_LO_BITS).to(torch.int32)
+            else:
+                dq_acc[:, :, m0:m0 + block_m] += part
         dk[:, :, n0:n0 + block_n] = (dk_acc * scale).to(dt)
         dv[:, :, n0:n0 + block_n] = dv_acc.to(dt)
     if dq_fixed:
-        dq = torch.where(dqs[..., None] == 0, float("nan"), dq_acc.float() / dqs[..., None] * scale)
+        total = (dq_hi.long() * 2 ** FIXED_LO_BITS + dq_lo.long()).float()
+        dq = torch.where(dqs[..., None] == 0, float("nan"), total / dqs[..., None] * scale)
         return dq.to(dt), dk, dv
     return (dq_acc * scale).to(dt), dk, dv
 

@@ -88,7 +88,7 @@ class KernelOptions(TypedDict, total=False):
     lse the backward reuses) to rounding. The single-pass backward likewise runs the Gluon backward
     (`gluon_bwd`, dQ by TMA reduce-add) where it supports the call (D=128, q / k / v of one shape, plan
     covering the sequence; `gluon_bwd.sparse_backward_unsupported`), with ``deterministic=True`` too (dQ
-    then in 64-bit fixed point). ``False``: the Triton kernels always. Default ``True``."""
+    then in fixed point). ``False``: the Triton kernels always. Default ``True``."""
 
     gluon_fwd_stages: int
     """Gluon forward: depth of its K and V rings (2 or 3 slots of 128 keys each; 3 measured no faster).

@@ -47,7 +47,7 @@ DEFAULT_DETERMINISTIC = False
 class _BlockSparseAttention(torch.autograd.Function):
     """out, lse = attention(q, k, v); backward: single pass (float32 dQ buffer) or, with
     ``deterministic``, bit-reproducible (two passes without atomics; on Hopper the Gluon single pass with
-    dQ in 64-bit fixed point)."""
+    dQ in fixed point)."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scale, options, deterministic):
@@ -92,7 +92,7 @@ def block_sparse_attention_triton(
             ``fwd_lazy``, ``autotune``, ``dq_reduce``, ``skip_padded_queries``, ``gluon_fwd_stages``,
             ``gluon_bwd_stages``, ``gluon_bwd_overlap``); unknown keys raise ValueError.
         deterministic: True: a bit-reproducible backward (the two-pass kernels, no atomics; on Hopper
-            the Gluon single pass with dQ added as 64-bit fixed point, whose integer sums do not depend
+            the Gluon single pass with dQ added in fixed point, whose integer sums do not depend
             on their order); False: the single pass that adds dQ with float atomics (5 block GEMMs
             instead of 7); None: the default, `DEFAULT_DETERMINISTIC` (the single pass, measured faster).
 
