@@ -78,7 +78,8 @@ VARIANTS = {
     "stepwise": ({"gluon_bwd_overlap": False}, False),           # Gluon backward, no Sᵀ under the dQ adds
     "overlap": ({"gluon_bwd_overlap": True}, False),             # = the default, named (to time A/B/A with stepwise)
     "ptr": ({"tma": False}, False),                              # pointer loads (Ampere/Ada path), forced
-    "det": ({}, True),                                           # deterministic two-pass backward
+    "det": ({}, True),                                           # deterministic backward (Gluon fixed point on sm90)
+    "tritondet": ({"gluon": False}, True),                       # deterministic two-pass Triton backward
     "ptrdet": ({"tma": False}, True),
     "tmared": ({"dq_reduce": "tma"}, False),                     # single pass, dQ by TMA reduce-add
     "flat": ({"skip_padded_queries": False}, False),             # single pass, flat dK/dV loop (no q_valid skip)

@@ -46,22 +46,27 @@ def main():
     ap.add_argument("--dq", nargs="*", default=["atomic", "tma"], help="dQ reductions to compile")
     ap.add_argument("--overlap", nargs="*", type=int, default=[0, 1],
                     help="walks to compile: 0 the stepwise walk, 1 the overlapping one (gluon_bwd overlap=)")
+    ap.add_argument("--fixed", action="store_true", help="also the fixed-point dQ variants (dq_fixed, stepwise walk)")
     ap.add_argument("--dump", default=None, help="write each kernel's ttgir / ptx here")
     ap.add_argument("--seq", type=int, default=4608)
     args = ap.parse_args()
     print(f"triton {triton.__version__}, torch {torch.__version__}")
-    variants = [(st, sp, dq, ov) for sp in ([False, True] if args.sparse else [False]) for dq in args.dq
+    variants = [(st, sp, dq, ov, False) for sp in ([False, True] if args.sparse else [False]) for dq in args.dq
                 for st in args.stages for ov in args.overlap]
+    if args.fixed:
+        variants += [(st, sp, dq, 0, True) for sp in ([False, True] if args.sparse else [False]) for dq in args.dq
+                     for st in args.stages]
     ok = True
     with sm90_target():
-        for stages, sparse, dq, overlap in variants:
-            name = f"{'sparse' if sparse else 'dense'}:{dq}:stages{stages}{':overlap' if overlap else ''}"
+        for stages, sparse, dq, overlap, fixed in variants:
+            name = (f"{'sparse' if sparse else 'dense'}:{dq}:stages{stages}{':overlap' if overlap else ''}"
+                    f"{':fixed' if fixed else ''}")
             q = torch.empty(1, 16, args.seq, 128, device="meta", dtype=torch.bfloat16)
             lse = torch.empty(1, 16, args.seq, device="meta", dtype=torch.float32)
             plan = _meta_plan(args.seq, 384) if sparse else None
-            def build(q=q, lse=lse, plan=plan, stages=stages, dq=dq, overlap=overlap):
+            def build(q=q, lse=lse, plan=plan, stages=stages, dq=dq, overlap=overlap, fixed=fixed):
                 return gb.gluon_attention_backward(q, q, q, q, q, lse, plan=plan, stages=stages, dq_reduce=dq,
-                                                   compile_only=True, overlap=bool(overlap))
+                                                   compile_only=True, overlap=bool(overlap), dq_fixed=fixed)
             ok = report(name, build, args.dump, _bwd_facts) and ok
     sys.exit(0 if ok else 1)
 

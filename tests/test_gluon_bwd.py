@@ -39,6 +39,62 @@ def test_gluon_bwd_tile_loop_reference_matches_autograd():
         assert _rel(g, r) < 1e-2
 
 
+@pytest.mark.parametrize("dout_scale", [1.0, 1e5, 1e-7], ids=["unit", "large", "tiny"])
+def test_fixed_point_dq_reference_is_order_free_and_accurate(dout_scale):
+    """dQ as fixed point (`fixed_point_scales`, two int32 sums): the same bits whatever order the key tiles add in
+    (float32 additions do depend on it), and as close to float32 autograd as the float32 dQ, from huge
+    to tiny gradients (no overflow, no precision lost to the fixed point)."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 512, 128, dtype=torch.bfloat16) for _ in range(3))
+    dout = (torch.randn(1, 2, 512, 128) * dout_scale).to(torch.bfloat16)
+    scale = 128 ** -0.5
+    out, lse, ref = _grads(q, k, v, dout, scale)
+    out = out.to(q.dtype)
+    fixed = gb.tile_loop_reference(q, k, v, out, dout, lse, scale, dq_fixed=True)
+    fixed_rev = gb.tile_loop_reference(q, k, v, out, dout, lse, scale, dq_fixed=True, key_tiles=[3, 1, 0, 2])
+    float_dq, float_dk, float_dv = gb.tile_loop_reference(q, k, v, out, dout, lse, scale)
+    assert torch.equal(fixed[0], fixed_rev[0])
+    assert torch.equal(fixed[1], float_dk) and torch.equal(fixed[2], float_dv)    # dK / dV: the same path
+    assert torch.isfinite(fixed[0]).all()
+    assert _rel(fixed[0], ref[0]) < 1e-2
+    assert abs(_rel(fixed[0], ref[0]) - _rel(float_dq, ref[0])) < 1e-3
+
+
+def test_fixed_point_scales_bound_every_partial_sum():
+    """Powers of two; every running sum of a row's per-tile dQ contributions (float64) stays below
+    2^(FIXED_BITS-1) once scaled, and so do the hi / lo int32 sums below 2^31; zero rows get 2^126, rows
+    with a non-finite input 0."""
+    torch.manual_seed(2)
+    B, H, S, D = 1, 2, 256, 128
+    q, k, v, dout = (torch.randn(B, H, S, D, dtype=torch.bfloat16) for _ in range(4))
+    dout[0, 0, 5] = 0.0
+    dout[0, 1, 7, 3] = float("nan")
+    scale = D ** -0.5
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    p = torch.softmax(s, -1)
+    out = p @ v.double()
+    delta = (out * dout.double()).sum(-1)
+    dqs = gb.fixed_point_scales(k, v, dout, delta.float())
+    ok = dqs > 0
+    assert torch.equal(torch.exp2(torch.log2(dqs[ok]).round()), dqs[ok])
+    assert dqs[0, 0, 5] == 2.0 ** 126 and dqs[0, 1, 7] == 0 and ok.sum() == B * H * S - 1
+    ds = p * ((dout.double() @ v.double().transpose(-1, -2)) - delta[..., None])
+    parts = torch.stack([ds[..., t:t + 64] @ k.double()[:, :, t:t + 64] for t in range(0, S, 64)])  # [tiles,B,H,S,D]
+    y = parts * dqs.double()[None, ..., None]
+    running = y.cumsum(0)
+    finite = torch.isfinite(running)
+    assert running[finite].abs().max() < 2.0 ** (gb.FIXED_BITS - 1)
+    assert running[finite].abs().max() > 2.0 ** (gb.FIXED_BITS - 13)   # not so loose that precision is lost
+    hi = torch.trunc(y * 2.0 ** -gb.FIXED_LO_BITS)
+    lo = torch.trunc(y - hi * 2.0 ** gb.FIXED_LO_BITS)
+    for part in (hi, lo):
+        assert part.cumsum(0)[finite].abs().max() < 2.0 ** 31
+    # the worst case the constants allow: FIXED_MAX_TERMS terms, each lo below 2^FIXED_LO_BITS, hi sums
+    # below 2^(FIXED_BITS-1-FIXED_LO_BITS) + one per term
+    assert gb.FIXED_MAX_TERMS * (2 ** gb.FIXED_LO_BITS - 1) < 2 ** 31
+    assert 2 ** (gb.FIXED_BITS - 1 - gb.FIXED_LO_BITS) + gb.FIXED_MAX_TERMS < 2 ** 31
+
+
 def test_step_table_matches_the_walk():
     """Each key block's steps: its kept query blocks in q_index order, sub-tiles of 64 rows up to the
     last one holding a valid row (q_valid), then padding."""
@@ -61,10 +117,10 @@ def test_step_table_matches_the_walk():
 
 @pytest.mark.skipif(not gb.HAS_GLUON, reason="needs Triton with Gluon")
 def test_gluon_bwd_compiles_for_sm90():
-    """Dense and sparse variants, both dQ reductions, both walks, compile for sm90 without a GPU within
-    227 KiB of shared memory; under Triton 3.6 (what the GPU machine runs) the dense stepwise ones
-    without stack (spills; later ptxas bundles spill a few bytes). In a child process: the CPU suite runs Triton's
-    interpreter, Gluon has none."""
+    """Dense and sparse variants, both dQ reductions, both walks and the fixed-point dQ compile for sm90
+    without a GPU within 227 KiB of shared memory; under Triton 3.6 (what the GPU machine runs) the
+    dense stepwise float ones without stack (spills; later ptxas bundles spill a few bytes). In a child
+    process: the CPU suite runs Triton's interpreter, Gluon has none."""
     import os
     import re
     import subprocess
@@ -76,15 +132,15 @@ def test_gluon_bwd_compiles_for_sm90():
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     dq = ["atomic"] + (["tma"] if gb.HAS_TMA_REDUCE else [])
     p = subprocess.run([sys.executable, str(root / "scripts" / "gluon_bwd_compile_check.py"), "--stages", "2",
-                        "--sparse", "--dq", *dq, "--overlap", "0", "1"], env=env, capture_output=True, text=True,
-                       timeout=900)
+                        "--sparse", "--dq", *dq, "--overlap", "0", "1", "--fixed"], env=env, capture_output=True,
+                       text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    found = re.findall(r"\[(\w+):\w+:stages\d+(:overlap)?\] compiled for sm90: num_warps=\d+ shared=(\d+) B.*?"
-                       r"STACK:(\d+)", p.stdout, re.S)
-    assert len(found) == 4 * len(dq), p.stdout
-    assert all(int(shared) <= 232448 for _, _, shared, _ in found), p.stdout
+    found = re.findall(r"\[(\w+):\w+:stages\d+(:overlap)?(:fixed)?\] compiled for sm90: num_warps=\d+ shared=(\d+) "
+                       r"B.*?STACK:(\d+)", p.stdout, re.S)
+    assert len(found) == 6 * len(dq), p.stdout
+    assert all(int(shared) <= 232448 for *_, shared, _ in found), p.stdout
     if re.search(r"^triton 3\.6\.", p.stdout, re.M):
-        assert all(stack == "0" for kind, ov, _, stack in found if kind == "dense" and not ov), p.stdout
+        assert all(stack == "0" for kind, ov, fx, _, stack in found if kind == "dense" and not ov and not fx), p.stdout
 
 
 _HOPPER = torch.cuda.is_available() and gb.HAS_GLUON and torch.cuda.get_device_capability()[0] == 9
@@ -269,3 +325,59 @@ def test_step_table_kept_on_the_plan_and_its_compile_only_shapes():
     meta = gb._steps_for(plan, True)
     for real, stand_in in zip(first, meta):
         assert stand_in.device.type == "meta" and stand_in.shape == real.shape and stand_in.dtype == real.dtype
+
+
+@pytest.mark.skipif(not _HOPPER, reason="needs a Hopper GPU and Gluon")
+def test_fixed_point_backward_is_bit_reproducible():
+    """``dq_fixed``: three runs give the same bits (dense and a ragged plan); dK / dV are the stepwise
+    walk's bits, dQ the float32 path's up to rounding; a NaN in one row of dout makes that row's dq NaN
+    (its scale is 0), not 0. Both reductions (int32 atomics, TMA reduce-add) give the same bits."""
+    plan, q, k, v, dout, out, lse, scale = _ragged_case(3, 4, {1: 100, 4: 300})
+    modes = ("tma", "tma", "atomic") if gb.HAS_TMA_REDUCE else ("atomic", "atomic")
+    for p in (plan, None):
+        runs = [gb.gluon_attention_backward(q, k, v, out, dout, lse, scale, plan=p, dq_reduce=mode, dq_fixed=True)
+                for mode in modes]
+        for r in runs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(r, runs[0]))
+        dq_f, dk_f, dv_f = gb.gluon_attention_backward(q, k, v, out, dout, lse, scale, plan=p, overlap=False)
+        assert torch.equal(runs[0][1], dk_f) and torch.equal(runs[0][2], dv_f)
+        assert torch.isfinite(runs[0][0]).all() and _rel(runs[0][0], dq_f) < 1e-3
+    bad = dout.clone()
+    bad[0, 1, 700, 5] = float("nan")
+    for mode in set(modes):
+        dq = gb.gluon_attention_backward(q, k, v, out, bad, lse, scale, dq_reduce=mode, dq_fixed=True)[0]
+        assert torch.isnan(dq[0, 1, 700]).all() and torch.isfinite(dq[0, 0]).all()
+
+
+@pytest.mark.skipif(not _HOPPER, reason="needs a Hopper GPU and Gluon")
+def test_fixed_point_backward_limits_its_sequence(monkeypatch):
+    """Past `FIXED_MAX_TERMS` key tiles the int32 sums could overflow: the kernel refuses, and the
+    deterministic backward takes the Triton two passes there instead."""
+    from video_sparse_attn.kernels.triton_bwd import gluon_backward_usable
+    from video_sparse_attn.kernels.triton_common import resolve_kernel_options
+
+    plan, q, k, v, dout, out, lse, scale = _ragged_case(2, 2, {})
+    options = resolve_kernel_options(None)
+    assert gluon_backward_usable(q, k, v, plan, options, deterministic=True)
+    monkeypatch.setattr(gb, "FIXED_MAX_TERMS", q.shape[2] // gb.BLOCK_N - 1)
+    assert not gluon_backward_usable(q, k, v, plan, options, deterministic=True)
+    assert gluon_backward_usable(q, k, v, plan, options, deterministic=False)
+    with pytest.raises(ValueError, match="key tiles"):
+        gb.gluon_attention_backward(q, k, v, out, dout, lse, scale, plan=plan, dq_fixed=True)
+
+
+@pytest.mark.skipif(not _HOPPER, reason="needs a Hopper GPU and Gluon")
+def test_wired_deterministic_backward_runs_gluon_fixed_point():
+    """``deterministic=True`` on Hopper: the Gluon single pass in fixed point, the same bits twice, and
+    the Triton two-pass kernels' gradients (``gluon=False``) up to rounding."""
+    from video_sparse_attn.kernels.triton_op import block_sparse_attention_triton
+
+    plan, q, k, v, dout, _, _, _ = _ragged_case(4, 2, {2: 50})
+    grads = {}
+    for key, opts in (("a", {}), ("b", {}), ("triton", {"gluon": False})):
+        qi, ki, vi = (t.detach().requires_grad_() for t in (q, k, v))
+        out, _ = block_sparse_attention_triton(qi, ki, vi, plan, kernel_options=opts, deterministic=True)
+        grads[key] = torch.autograd.grad(out, (qi, ki, vi), dout)
+    assert all(torch.equal(a, b) for a, b in zip(grads["a"], grads["b"]))
+    for a, b in zip(grads["a"], grads["triton"]):
+        assert _rel(a, b) < 2e-2

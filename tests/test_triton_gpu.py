@@ -167,13 +167,17 @@ def test_golden_cases_through_ssta_attention_auto(no_autotuning):
         assert rel_l2(out[agree], t["out"].cuda()[agree]) < 1e-5, name
 
 
+@pytest.mark.parametrize("gluon", [True, False], ids=["gluon", "triton"])
 @pytest.mark.parametrize("block", [128, 384])
 @pytest.mark.parametrize("D", [64, 128])
-def test_deterministic_backward_bit_identical(D, block):
+def test_deterministic_backward_bit_identical(D, block, gluon):
+    """Two runs, the same bits: on Hopper at D=128 the Gluon single pass with fixed-point dQ (option
+    ``gluon``), elsewhere and with ``gluon=False`` the Triton two-pass kernels; both against float64."""
     n = max(6, 3072 // block)
     plan, q, k, v = _case(2, 2, n, n, block, block, D, torch.bfloat16, 0.3)
-    _, first = _check(plan, q, k, v, torch.bfloat16, deterministic=True)
-    _, second = _check(plan, q, k, v, torch.bfloat16, deterministic=True)
+    opts = {**NO_TUNE, "gluon": gluon}
+    _, first = _check(plan, q, k, v, torch.bfloat16, deterministic=True, options=opts)
+    _, second = _check(plan, q, k, v, torch.bfloat16, deterministic=True, options=opts)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 

@@ -84,12 +84,19 @@ if HAS_GLUON:
         HAS_TMA_REDUCE = False
 
 __all__ = ["HAS_GLUON", "gluon_attention_backward", "gluon_sparse_backward", "sparse_backward_unsupported",
-           "step_table", "tile_loop_reference", "backward_flops"]
+           "step_table", "tile_loop_reference", "backward_flops", "fixed_point_scales"]
 
 BLOCK_M = 64        # query rows per step
 BLOCK_N = 128       # keys per program (two consumer warpgroups of 64)
 _REGS = (240, 24)   # setmaxnreg of the consumer worker and of the producer partition
 _ROWS = 64          # rows per program of the preprocess and convert kernels
+# Fixed-point dQ (``dq_fixed``): each contribution y (scaled so that every partial sum of a row is below
+# 2^(FIXED_BITS-1)) is split as y = hi·2^FIXED_LO_BITS + lo (both truncated toward zero, |lo| < 2^FIXED_LO_BITS)
+# and hi, lo are summed in two int32 buffers: with at most FIXED_MAX_TERMS contributions per element
+# (one per 128-key tile), |Σlo| < 2^12·2^19 = 2^31 and |Σhi| < 2^30 + 2^12: no partial sum overflows.
+FIXED_LO_BITS = 19
+FIXED_MAX_TERMS = 4096                 # key tiles of 128: sequences up to 524,288 tokens
+FIXED_BITS = 31 + FIXED_LO_BITS         # |Σy| < 2^(FIXED_BITS-1) = 2^49
 _D = 128            # the head dim the kernel runs
 
 if HAS_GLUON:
@@ -103,6 +110,8 @@ if HAS_GLUON:
                                                         instr_shape=[16, BLOCK_N // 2, 16]))
     _A_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_ACC_LAYOUT.value, k_width=2))
     _COL_LAYOUT = gl.constexpr(gl.SliceLayout(0, _S_LAYOUT.value))
+    _FIXED_UNIT = gl.constexpr(float(2 ** FIXED_LO_BITS))
+    _FIXED_INV_UNIT = gl.constexpr(float(2.0 ** -FIXED_LO_BITS))
 
 
 if HAS_GLUON:
@@ -131,6 +140,23 @@ if HAS_GLUON:
         acc = tl.load(DQ_ACC + offs, mask=ok[:, None], other=0.0)
         tl.store(DQ + offs, (acc * scale).to(DQ.dtype.element_ty), mask=ok[:, None])
 
+    @triton.jit
+    def _dq_fixed_convert_kernel(DQ_ACC, DQS, DQ, n_rows, scale, D: tl.constexpr, ROWS: tl.constexpr,
+                                 LO_BITS: tl.constexpr):
+        # DQ_ACC [n_rows, 2·D] int32: Σhi in columns 0..D-1, Σlo in D..2D-1. Σhi·2^LO_BITS + Σlo (exact in
+        # int64) / the row's power-of-two scale (exact) · softmax scale; NaN where the scale is 0
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        ok = rows < n_rows
+        cols = tl.arange(0, D)[None, :]
+        acc_offs = rows.to(tl.int64)[:, None] * (2 * D) + cols
+        hi = tl.load(DQ_ACC + acc_offs, mask=ok[:, None], other=0).to(tl.int64)
+        lo = tl.load(DQ_ACC + acc_offs + D, mask=ok[:, None], other=0).to(tl.int64)
+        acc = (hi * (1 << LO_BITS) + lo).to(tl.float32)
+        offs = rows.to(tl.int64)[:, None] * D + cols
+        s = tl.load(DQS + rows, mask=ok, other=1.0)
+        dq = tl.where(s[:, None] == 0.0, float("nan"), acc / s[:, None] * scale)
+        tl.store(DQ + offs, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
+
     # ----------------------------------------------------------------------------------------------
     # Partitions
     # ----------------------------------------------------------------------------------------------
@@ -144,16 +170,17 @@ if HAS_GLUON:
             return i * BLOCK_M
 
     @gluon.jit
-    def _producer(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc,
-                  q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, kv_bar, full, empty,
+    def _producer(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, dqs_desc,
+                  q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, dqs_smem, kv_bar, full, empty,
                   row_base, key_row0, n_steps, steps_ptr,
-                  SPARSE: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
-        """K and V once, then per step Q, dO, lse2 and delta into slot ``i % STAGES`` (after both
-        consumers released it; a fresh empty barrier passes the wait on parity 1)."""
+                  SPARSE: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, DQ_FIXED: gl.constexpr):
+        """K and V once, then per step Q, dO, lse2 and delta (and with ``DQ_FIXED`` the rows' dQ scales)
+        into slot ``i % STAGES`` (after both consumers released it; a fresh empty barrier passes the wait
+        on parity 1)."""
         mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
         tma_load(k_desc, [key_row0, 0], kv_bar, k_smem)
         tma_load(v_desc, [key_row0, 0], kv_bar, v_smem)
-        nbytes: gl.constexpr = (2 * q_desc.block_type.nbytes + 2 * lse_desc.block_type.nbytes)
+        nbytes: gl.constexpr = (2 * q_desc.block_type.nbytes + (3 if DQ_FIXED else 2) * lse_desc.block_type.nbytes)
         for i in range(n_steps):
             row = row_base + _step_row(SPARSE, steps_ptr, i, BLOCK_M)
             s = i % STAGES
@@ -164,12 +191,14 @@ if HAS_GLUON:
             tma_load(do_desc, [row, 0], bar, do_smem.index(s))
             tma_load(lse_desc, [row], bar, lse_smem.index(s))
             tma_load(delta_desc, [row], bar, delta_smem.index(s))
+            if DQ_FIXED:
+                tma_load(dqs_desc, [row], bar, dqs_smem.index(s))
 
     @gluon.jit
     def _consumer_step(c: gl.constexpr, i, row, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
-                       ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, qk_scale,
+                       dqs_smem, ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, qk_scale,
                        BLOCK_M: gl.constexpr, BLOCK_KC: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                       DQ_TMA: gl.constexpr):
+                       DQ_TMA: gl.constexpr, DQ_FIXED: gl.constexpr):
         """Step ``i`` (query rows ``row ...`` of the flat [B·H·S] index) of consumer warpgroup ``c``."""
 
         s = i % STAGES
@@ -184,6 +213,10 @@ if HAS_GLUON:
         st = warpgroup_mma(k_c, q_s.permute((1, 0)), zero, use_acc=False, is_async=True)
         dpt = warpgroup_mma(v_c, do_s.permute((1, 0)), zero, use_acc=False, is_async=True)
         lse2 = lse_smem.index(s).load(_COL_LAYOUT)
+        if DQ_FIXED:   # the rows' scales, read before the slot is released
+            dq_scale = dqs_smem.index(s).load(gl.SliceLayout(1, _DQ_LAYOUT))
+        else:
+            dq_scale = 1.0
         st = warpgroup_mma_wait(num_outstanding=1, deps=(st,))
         # P <= 1 (the exact P is, up to rounding): keeps P finite for the zeroed keys past k_valid
         # (S = 0) in rows whose lse is very negative, so that their dS·K adds exactly 0 to dQ
@@ -204,7 +237,7 @@ if HAS_GLUON:
                            gl.zeros([BLOCK_M, BLOCK_KC], gl.float32, _DQ_LAYOUT), use_acc=False, is_async=True)
         dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
         mbarrier.arrive(empty.index(s), count=1)   # Q / dO / lse2 / delta of slot s no longer read
-        _dq_out(c, dq, row, DQ_ACC, dq_offs, dq_desc, dq_smem, BLOCK_KC, D, DQ_TMA)
+        _dq_out(c, dq, row, DQ_ACC, dq_offs, dq_desc, dq_smem, dq_scale, BLOCK_KC, D, DQ_TMA, DQ_FIXED)
         return dk, dv
 
     @gluon.jit
@@ -224,10 +257,31 @@ if HAS_GLUON:
                              gl.zeros([BLOCK_KC, BLOCK_M], gl.float32, _S_LAYOUT), use_acc=False, is_async=True)
 
     @gluon.jit
-    def _dq_out(c: gl.constexpr, dq, row, DQ_ACC, dq_offs, dq_desc, dq_smem, BLOCK_KC: gl.constexpr,
-                D: gl.constexpr, DQ_TMA: gl.constexpr):
-        """This warpgroup's dQ half tile (rows ``row ...``) added to the float32 buffer."""
-        if DQ_TMA:   # through this warpgroup's shared buffer and one bulk reduce-add
+    def _dq_out(c: gl.constexpr, dq, row, DQ_ACC, dq_offs, dq_desc, dq_smem, dq_scale, BLOCK_KC: gl.constexpr,
+                D: gl.constexpr, DQ_TMA: gl.constexpr, DQ_FIXED: gl.constexpr = False):
+        """This warpgroup's dQ half tile (rows ``row ...``) added to the float32 buffer; with ``DQ_FIXED``
+        to the int32 pair buffer ``[B·H·S, 2·D]`` as fixed point: each row times its power-of-two
+        ``dq_scale`` (a slice of `_DQ_LAYOUT` rows) is exact, then split into integers hi (columns
+        0..D-1) and lo (D..2D-1) (`FIXED_LO_BITS`). Integer additions do not depend on their order, so the
+        sums are the same bits whatever order the programs add in."""
+        if DQ_FIXED:
+            y = dq * dq_scale[:, None]
+            hi = (y * _FIXED_INV_UNIT).to(gl.int32)                          # truncated toward zero
+            lo = (y - hi.to(gl.float32) * _FIXED_UNIT).to(gl.int32)          # the bits below: exact
+            if DQ_TMA:   # hi and lo through this warpgroup's two shared buffers, two bulk reduce-adds
+                tma.store_wait(0)
+                cta_barrier()
+                dq_smem.index(c).store(hi)
+                dq_smem.index(2 + c).store(lo)
+                fence_async_shared()
+                cta_barrier()
+                tma_reduce_add(dq_desc, [row, c * BLOCK_KC], dq_smem.index(c))
+                tma_reduce_add(dq_desc, [row, D + c * BLOCK_KC], dq_smem.index(2 + c))
+            else:
+                ptrs = DQ_ACC + row.to(gl.int64) * (2 * D) + dq_offs
+                gl.atomic_add(ptrs, hi, sem="relaxed")
+                gl.atomic_add(ptrs + D, lo, sem="relaxed")
+        elif DQ_TMA:   # through this warpgroup's shared buffer and one bulk reduce-add
             dq_buf = dq_smem.index(c)
             tma.store_wait(0)            # the previous step's reduce has read the buffer
             cta_barrier()
@@ -286,7 +340,7 @@ if HAS_GLUON:
                 st_acc = _issue_s(c, gl.minimum(i + 1, n_steps - 1), q_smem, k_smem, full, BLOCK_M, BLOCK_KC,
                                   STAGES)
                 dq = warpgroup_mma_wait(num_outstanding=1, deps=(dq_acc,))
-                _dq_out(c, dq, row, DQ_ACC, dq_offs, dq_desc, dq_smem, BLOCK_KC, D, DQ_TMA)
+                _dq_out(c, dq, row, DQ_ACC, dq_offs, dq_desc, dq_smem, 1.0, BLOCK_KC, D, DQ_TMA)
                 st = warpgroup_mma_wait(num_outstanding=0, deps=(st_acc,))
         return dk, dv
 
@@ -303,25 +357,29 @@ if HAS_GLUON:
         cta_barrier()                   # every warp's rows are written before the first wgmma reads them
 
     @gluon.jit
-    def _consumer_walk(c: gl.constexpr, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem,
-                       full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, row_base, n_steps, steps_ptr,
+    def _consumer_walk(c: gl.constexpr, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, dqs_smem,
+                       ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, row_base, n_steps, steps_ptr,
                        qk_scale, SPARSE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_KC: gl.constexpr,
-                       D: gl.constexpr, STAGES: gl.constexpr, DQ_TMA: gl.constexpr):
+                       D: gl.constexpr, STAGES: gl.constexpr, DQ_TMA: gl.constexpr, DQ_FIXED: gl.constexpr):
         for i in range(n_steps):
             row = row_base + _step_row(SPARSE, steps_ptr, i, BLOCK_M)
             dk, dv = _consumer_step(c, i, row, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
-                                    ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, qk_scale,
-                                    BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA)
+                                    dqs_smem, ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem,
+                                    qk_scale, BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA, DQ_FIXED)
         return dk, dv
 
     @gluon.jit
-    def _consumer(c: gl.constexpr, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem, dq_smem,
-                  kv_bar, full, empty, ds_bar, DQ_ACC, dq_desc, DK, DV, row_base, key_row0, rem, n_steps, steps_ptr,
-                  qk_scale, sm_scale, SPARSE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_KC: gl.constexpr,
-                  D: gl.constexpr, STAGES: gl.constexpr, DQ_TMA: gl.constexpr, OVERLAP: gl.constexpr):
+    def _consumer(c: gl.constexpr, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, dqs_smem, ds_smem,
+                  dq_smem, kv_bar, full, empty, ds_bar, DQ_ACC, dq_desc, DK, DV, row_base, key_row0, rem, n_steps,
+                  steps_ptr, qk_scale, sm_scale, SPARSE: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_KC: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, DQ_TMA: gl.constexpr,
+                  OVERLAP: gl.constexpr, DQ_FIXED: gl.constexpr):
         dq_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, _DQ_LAYOUT))
         dq_cols = c * BLOCK_KC + gl.arange(0, BLOCK_KC, layout=gl.SliceLayout(0, _DQ_LAYOUT))
-        dq_offs = dq_rows[:, None] * D + dq_cols[None, :]
+        if DQ_FIXED:   # rows of the int32 pair buffer [B·H·S, 2·D]
+            dq_offs = dq_rows[:, None] * (2 * D) + dq_cols[None, :]
+        else:
+            dq_offs = dq_rows[:, None] * D + dq_cols[None, :]
         dk = gl.zeros([BLOCK_KC, D], gl.float32, _ACC_LAYOUT)
         dv = gl.zeros([BLOCK_KC, D], gl.float32, _ACC_LAYOUT)
 
@@ -335,9 +393,10 @@ if HAS_GLUON:
                                             row_base, n_steps, steps_ptr, qk_scale, SPARSE, BLOCK_M, BLOCK_KC, D,
                                             STAGES, DQ_TMA)
         else:
-            dk, dv = _consumer_walk(c, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem,
-                                    full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, row_base, n_steps,
-                                    steps_ptr, qk_scale, SPARSE, BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA)
+            dk, dv = _consumer_walk(c, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, dqs_smem,
+                                    ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, row_base,
+                                    n_steps, steps_ptr, qk_scale, SPARSE, BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA,
+                                    DQ_FIXED)
         if DQ_TMA:
             tma.store_wait(0)
         rows = gl.arange(0, BLOCK_KC, layout=gl.SliceLayout(1, _ACC_LAYOUT))
@@ -353,14 +412,16 @@ if HAS_GLUON:
     # the plan's strides and H change with the video size: not specialised on (no new variant per size)
     @gluon.jit(do_not_specialize=["s_ns_b", "s_ns_h", "s_st_b", "s_st_h", "s_st_n", "s_ord_b", "s_ord_h", "s_val_b",
                                   "H"])
-    def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, dq_desc, DQ_ACC, DK, DV,
+    def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, dqs_desc, dq_desc, DQ_ACC, DK, DV,
                     N_STEPS, STEPS, COL_ORDER, K_VALID,
                     s_ns_b, s_ns_h, s_st_b, s_st_h, s_st_n, s_ord_b, s_ord_h, s_val_b,
                     H, S, qk_scale, sm_scale,
-                    SPARSE: gl.constexpr, DQ_TMA: gl.constexpr, OVERLAP: gl.constexpr, K_BLOCK: gl.constexpr,
+                    SPARSE: gl.constexpr, DQ_TMA: gl.constexpr, OVERLAP: gl.constexpr, DQ_FIXED: gl.constexpr,
+                    K_BLOCK: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
         gl.static_assert(num_warps == 4, "the default partition is consumer warpgroup 0")
+        gl.static_assert(not (DQ_FIXED and OVERLAP), "fixed-point dQ runs the stepwise walk")
         BLOCK_KC: gl.constexpr = BLOCK_N // 2
         tile = gl.program_id(0)
         bh = gl.program_id(1)
@@ -389,10 +450,16 @@ if HAS_GLUON:
         v_smem = gl.allocate_shared_memory(dt, [BLOCK_N, D], v_desc.layout)
         lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], lse_desc.layout)
         delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], delta_desc.layout)
+        if DQ_FIXED:
+            dqs_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], dqs_desc.layout)
+        else:
+            dqs_smem = delta_smem
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dt)
         ds_smem = gl.allocate_shared_memory(dt, [2, BLOCK_N, BLOCK_M], ds_layout)
-        if DQ_TMA:   # one fp32 dQ half tile per consumer warpgroup, the source of its bulk reduce-add
-            dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, BLOCK_KC], dq_desc.layout)
+        if DQ_TMA:   # the bulk reduce-adds' sources: a dQ half tile per consumer warpgroup (float32), or
+            # its hi and lo halves (int32: hi of warpgroup c at c, lo at 2 + c)
+            N_DQ_BUF: gl.constexpr = 4 if DQ_FIXED else 2
+            dq_smem = gl.allocate_shared_memory(dq_desc.dtype, [N_DQ_BUF, BLOCK_M, BLOCK_KC], dq_desc.layout)
         else:
             dq_smem = ds_smem
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -407,15 +474,17 @@ if HAS_GLUON:
         fence_async_shared()
 
         gl.warp_specialize([
-            (_consumer, (0, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, full,
-                         empty, ds_bar, DQ_ACC, dq_desc, DK, DV, row_base, key_row0, rem, n_steps, steps_ptr,
-                         qk_scale, sm_scale, SPARSE, BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA, OVERLAP)),
-            (_consumer, (1, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, full,
-                         empty, ds_bar, DQ_ACC, dq_desc, DK, DV, row_base, key_row0, rem, n_steps, steps_ptr,
-                         qk_scale, sm_scale, SPARSE, BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA, OVERLAP)),
-            (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem,
-                         lse_smem, delta_smem, kv_bar, full, empty, row_base, key_row0, n_steps, steps_ptr,
-                         SPARSE, BLOCK_M, STAGES)),
+            (_consumer, (0, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, dqs_smem, ds_smem, dq_smem,
+                         kv_bar, full, empty, ds_bar, DQ_ACC, dq_desc, DK, DV, row_base, key_row0, rem, n_steps,
+                         steps_ptr, qk_scale, sm_scale, SPARSE, BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA, OVERLAP,
+                         DQ_FIXED)),
+            (_consumer, (1, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, dqs_smem, ds_smem, dq_smem,
+                         kv_bar, full, empty, ds_bar, DQ_ACC, dq_desc, DK, DV, row_base, key_row0, rem, n_steps,
+                         steps_ptr, qk_scale, sm_scale, SPARSE, BLOCK_M, BLOCK_KC, D, STAGES, DQ_TMA, OVERLAP,
+                         DQ_FIXED)),
+            (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, dqs_desc, q_smem, do_smem, k_smem,
+                         v_smem, lse_smem, delta_smem, dqs_smem, kv_bar, full, empty, row_base, key_row0, n_steps,
+                         steps_ptr, SPARSE, BLOCK_M, STAGES, DQ_FIXED)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -457,7 +526,7 @@ def step_table(plan, block_m: int = BLOCK_M):
 def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                              dout: torch.Tensor, lse: torch.Tensor, scale: float | None = None, plan=None,
                              stages: int = 2, dq_reduce: str = "atomic", steps=None, compile_only: bool = False,
-                             dlse=None, launch=None, overlap: bool = True):
+                             dlse=None, launch=None, overlap: bool = True, dq_fixed: bool = False):
     """dq, dk, dv of attention ``out = softmax(q kᵀ·scale) v`` (``lse [B, H, S]`` float32, natural log,
     from the forward) given ``dout``, on Hopper through the Gluon kernel.
 
@@ -469,8 +538,11 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     on the plan only). ``compile_only``: compile the main kernel for the active target and return it
     instead of launching (tensors may be meta tensors). ``dlse``: gradient of ``lse`` ``[B, H, S]`` (it
     shifts the row term: ``delta ← delta − dlse``). ``overlap``: issue each step's Sᵀ before the previous
-    step's dQ GEMM is waited for (`_consumer_walk_overlap`). ``launch``: `precompile.launch` (compiles only
-    inside `precompile.compile_only`); default: launch.
+    step's dQ GEMM is waited for (`_consumer_walk_overlap`). ``dq_fixed``: accumulate dQ deterministically
+    in fixed point (`fixed_point_scales`; the stepwise walk, ``overlap`` ignored): the same bits
+    in every run, as two int32 sums per element (`FIXED_LO_BITS`; sequences up to `FIXED_MAX_TERMS`·128
+    tokens).
+    ``launch``: `precompile.launch` (compiles only inside `precompile.compile_only`); default: launch.
     """
     if not HAS_GLUON:
         raise RuntimeError("gluon_attention_backward needs Triton with Gluon (triton.experimental.gluon)")
@@ -492,6 +564,9 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError(f"dq_reduce must be 'atomic' or 'tma', got {dq_reduce!r}")
     if dq_reduce == "tma" and not HAS_TMA_REDUCE:
         raise RuntimeError("this Triton's Gluon has no TMA reduce-add")
+    if dq_fixed and S > FIXED_MAX_TERMS * BLOCK_N:
+        raise ValueError(f"fixed-point dQ sums at most {FIXED_MAX_TERMS} key tiles per row (S <= "
+                         f"{FIXED_MAX_TERMS * BLOCK_N}), got S={S}")
     scale = D ** -0.5 if scale is None else float(scale)
     dev = q.device
     if plan is None:
@@ -516,14 +591,23 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     n_rows = B * H * S
     delta = torch.empty(n_rows, device=dev, dtype=torch.float32)
     lse2 = torch.empty(n_rows, device=dev, dtype=torch.float32)
-    dq_acc = torch.zeros(n_rows, D, device=dev, dtype=torch.float32)
+    # float32 [B·H·S, D]; fixed point: int32 [B·H·S, 2·D] (Σhi, then Σlo)
+    if dq_fixed:
+        dq_acc = torch.zeros(n_rows, 2 * D, device=dev, dtype=torch.int32)
+    else:
+        dq_acc = torch.zeros(n_rows, D, device=dev, dtype=torch.float32)
+    dqs = torch.empty(n_rows, device=dev, dtype=torch.float32) if dq_fixed else delta
     dk, dv = torch.empty_like(k), torch.empty_like(v)
 
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     m_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], gdt)
     n_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gdt)
     r_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M], gl.float32)
-    dq_smem_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N // 2], gl.float32)
+    dq_tma = dq_reduce == "tma"
+    dq_smem_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N // 2],
+                                                          gl.int32 if dq_fixed else gl.float32)
+    width = dq_acc.shape[1]
+    dq_d = TensorDescriptor(dq_acc, [n_rows, width], [width, 1], [BLOCK_M, BLOCK_N // 2], dq_smem_layout)
 
     def desc2(t, rows, layout):
         t2 = t.view(n_rows, D)
@@ -533,10 +617,11 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return TensorDescriptor(t, [n_rows], [1], [BLOCK_M], r_layout)
 
     args = (desc2(q, BLOCK_M, m_layout), desc2(dout, BLOCK_M, m_layout), desc2(k, BLOCK_N, n_layout),
-            desc2(v, BLOCK_N, n_layout), desc1(lse2), desc1(delta),
-            TensorDescriptor(dq_acc, [n_rows, D], [D, 1], [BLOCK_M, BLOCK_N // 2], dq_smem_layout), dq_acc, dk, dv,
+            desc2(v, BLOCK_N, n_layout), desc1(lse2), desc1(delta), desc1(dqs),
+            dq_d, dq_acc, dk, dv,
             n_steps, step_rows, col_order, k_valid, *strides, H, S, scale * LOG2E, scale)
-    meta = dict(SPARSE=sparse, DQ_TMA=dq_reduce == "tma", OVERLAP=bool(overlap), K_BLOCK=k_block, BLOCK_M=BLOCK_M,
+    meta = dict(SPARSE=sparse, DQ_TMA=dq_tma, OVERLAP=bool(overlap) and not dq_fixed,
+                DQ_FIXED=bool(dq_fixed), K_BLOCK=k_block, BLOCK_M=BLOCK_M,
                 BLOCK_N=BLOCK_N, D=D, STAGES=int(stages), CONSUMER_REGS=_REGS[0], PRODUCER_REGS=_REGS[1], num_warps=4)
     grid = (n_tiles, B * H)
     if compile_only:
@@ -546,10 +631,40 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     launch(_prep_kernel, row_grid, out, dout, lse, delta, lse2, n_rows, D=D, ROWS=_ROWS)
     if dlse is not None:
         delta.sub_(dlse.reshape(n_rows))
+    if dq_fixed:
+        dqs.copy_(fixed_point_scales(k, v, dout, delta.view(B, H, S)).reshape(n_rows))
     launch(_bwd_kernel, grid, *args, **meta)
     dq = torch.empty_like(q)
-    launch(_dq_convert_kernel, row_grid, dq_acc, dq, n_rows, scale, D=D, ROWS=_ROWS)
+    if dq_fixed:
+        launch(_dq_fixed_convert_kernel, row_grid, dq_acc, dqs, dq, n_rows, scale, D=D, ROWS=_ROWS,
+               LO_BITS=FIXED_LO_BITS)
+    else:
+        launch(_dq_convert_kernel, row_grid, dq_acc, dq, n_rows, scale, D=D, ROWS=_ROWS)
     return dq, dk, dv
+
+
+def fixed_point_scales(k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Per query row, the power of two that turns its dQ contributions into fixed point, float32
+    ``[B, H, S]`` (0 where the inputs are not finite: those rows' dq become NaN).
+
+    Every partial sum of row ``i``'s dQ contributions (``Σ_j dS_ij k_j`` over any set of keys, with
+    ``dS_ij = P_ij (dP_ij − δ_i)``, ``Σ_j P_ij ≤ 1``, ``|dP_ij| ≤ |dO_i| |v_j|``) is below, per coordinate,
+    ``max|k| · (|dO_i| · max_j |v_j| + |δ_i|)`` (maxima over the (batch, head)); twice that is rounded up
+    to a power of two ``2^e`` and the scale is ``2^(FIXED_BITS − e)``, so no scaled sum reaches
+    2^(FIXED_BITS − 1) and the sum of truncated contributions keeps ``FIXED_BITS`` = 50 bits below
+    the bound. Rows whose bound is 0 (no gradient) get 2^126.
+
+    k, v, dout ``[B, H, S, D]``; delta ``[B, H, S]`` (rowsum(dout·out), shifted by an lse gradient).
+    """
+    B, H, S, D = k.shape
+    kf = k.reshape(B, H, S * D)
+    kmax = torch.maximum(kf.amax(-1), -kf.amin(-1)).float()                                     # [B, H]
+    vmax = torch.linalg.vector_norm(v, dim=-1, dtype=torch.float32).amax(-1)                  # [B, H]
+    dnorm = torch.linalg.vector_norm(dout, dim=-1, dtype=torch.float32)                       # [B, H, S]
+    bound = 2.0 * kmax[..., None] * (dnorm * vmax[..., None] + delta.float().abs())
+    exp = torch.ceil(torch.log2(bound)).clamp(min=FIXED_BITS - 126.0, max=126.0)   # scale <= 2^126
+    scale = torch.ldexp(torch.ones_like(bound), (FIXED_BITS - exp).to(torch.int32))
+    return torch.where(torch.isfinite(bound), scale, torch.zeros_like(scale))
 
 
 _STEPS_ATTR = "_gluon_bwd_steps"
@@ -594,14 +709,15 @@ def _steps_for(plan, compile_only: bool):
 
 
 def gluon_sparse_backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None, launch=None,
-                          compile_only: bool = False, stages: int = 2, overlap: bool = True):
+                          compile_only: bool = False, stages: int = 2, overlap: bool = True, dq_fixed: bool = False):
     """dq, dk, dv of `gluon_fwd` / `triton_fwd`'s block-sparse ``out`` over ``plan`` (checked by the caller:
     `sparse_backward_unsupported`), the Triton backward's contract: any strides; query rows past
     ``plan.q_valid`` contribute nothing and get dq 0, whatever q / dout hold there (they are zeroed in
     the kernel's copies of q and dout); keys past ``k_valid`` get dk = dv = 0 (their k and v must be
     finite, as in the forward). dQ goes by TMA reduce-add where this Triton's Gluon has it, else by atomics.
     ``compile_only``: inside `precompile.compile_only` (tensors become meta tensors, ``launch`` compiles).
-    ``stages`` / ``overlap``: `gluon_attention_backward`'s."""
+    ``stages`` / ``overlap`` / ``dq_fixed``: `gluon_attention_backward`'s (``dq_fixed``: the bit-reproducible
+    backward)."""
     if compile_only:
         def dense(t):
             return torch.empty(t.shape, dtype=t.dtype, device="meta")
@@ -617,17 +733,19 @@ def gluon_sparse_backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None
     # compiling only, the launches (through ``launch``: `precompile.launch`) compile all three kernels
     return gluon_attention_backward(q_c, k_c, v_c, o_c, do_c, lse, scale, plan=plan, dq_reduce=mode,
                                     steps=_steps_for(plan, compile_only), dlse=dlse, launch=launch,
-                                    stages=stages, overlap=overlap)
+                                    stages=stages, overlap=overlap, dq_fixed=dq_fixed)
 
 
 def tile_loop_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
                         lse: torch.Tensor, scale: float | None = None, block_m: int = BLOCK_M,
-                        block_n: int = BLOCK_N):
+                        block_n: int = BLOCK_N, dq_fixed: bool = False, key_tiles=None):
     """The kernel's algorithm in torch, in its order of operations and roundings (any device, dense).
 
     Per key tile of ``block_n`` keys and per query step of ``block_m`` rows: Sᵀ and dPᵀ in float32,
     Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), Pᵀ rounded to the input dtype for dV, dSᵀ rounded for dK and
-    for dQ (which adds dS·K into a float32 buffer). Returns dq, dk, dv in the inputs' dtype.
+    for dQ (which adds dS·K into a float32 buffer, or with ``dq_fixed`` as fixed point split into two int32
+    sums, `fixed_point_scales` and `FIXED_LO_BITS`). ``key_tiles``: the order the key tiles are walked in
+    (default ascending; the order of dQ's additions). Returns dq, dk, dv in the inputs' dtype.
     """
     B, H, S, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
@@ -635,9 +753,11 @@ def tile_loop_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     delta = (out.float() * dout.float()).sum(-1)
     lse2 = torch.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     dq_acc = torch.zeros(B, H, S, D, dtype=torch.float32, device=q.device)
+    dq_hi, dq_lo = (torch.zeros(B, H, S, D, dtype=torch.int32, device=q.device) for _ in range(2))
+    dqs = fixed_point_scales(k, v, dout, delta) if dq_fixed else None
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    for n0 in range(0, S, block_n):
+    for n0 in (range(0, S, block_n) if key_tiles is None else [t * block_n for t in key_tiles]):
         kt, vt = k[:, :, n0:n0 + block_n].float(), v[:, :, n0:n0 + block_n].float()
         dk_acc = torch.zeros(B, H, block_n, D, device=q.device)
         dv_acc = torch.zeros(B, H, block_n, D, device=q.device)
@@ -649,9 +769,20 @@ def tile_loop_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
             dv_acc += pt.to(dt).float() @ dot
             dst = (pt * (dpt - delta[:, :, None, m0:m0 + block_m])).to(dt).float()
             dk_acc += dst @ qt
-            dq_acc[:, :, m0:m0 + block_m] += dst.transpose(-1, -2) @ kt
+            part = dst.transpose(-1, -2) @ kt
+            if dq_fixed:
+                y = part * dqs[:, :, m0:m0 + block_m, None]
+                hi = (y * 2.0 ** -FIXED_LO_BITS).to(torch.int32)
+                dq_hi[:, :, m0:m0 + block_m] += hi
+                dq_lo[:, :, m0:m0 + block_m] += (y - hi.float() * 2.0 ** FIXED_LO_BITS).to(torch.int32)
+            else:
+                dq_acc[:, :, m0:m0 + block_m] += part
         dk[:, :, n0:n0 + block_n] = (dk_acc * scale).to(dt)
         dv[:, :, n0:n0 + block_n] = dv_acc.to(dt)
+    if dq_fixed:
+        total = (dq_hi.long() * 2 ** FIXED_LO_BITS + dq_lo.long()).float()
+        dq = torch.where(dqs[..., None] == 0, float("nan"), total / dqs[..., None] * scale)
+        return dq.to(dt), dk, dv
     return (dq_acc * scale).to(dt), dk, dv
 
 

@@ -30,7 +30,10 @@ Grids put the tile axis fastest (one head at a time, heavy tiles first); tensor 
 replace pointer loads of the walked operands on sm90+ when strides allow (see `tma_usable`).
 On Hopper the single pass runs the Gluon kernel instead (`gluon_bwd`: a TMA producer warpgroup and two
 consumer warpgroups, dQ by TMA reduce-add) wherever it supports the call (`gluon_backward_usable`,
-kernel option ``gluon``); the same gradients up to the order of the dQ additions.
+kernel option ``gluon``); the same gradients up to the order of the dQ additions. There
+``deterministic=True`` runs the same single pass with dQ accumulated in fixed point, two int32 sums per
+element (integer additions give the same bits in any order; `gluon_bwd.fixed_point_scales`) instead of
+two passes.
 """
 
 from __future__ import annotations
@@ -381,14 +384,18 @@ def _dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=d_ok[None, :])
 
 
-def gluon_backward_usable(q, k, v, plan, options: dict) -> bool:
+def gluon_backward_usable(q, k, v, plan, options: dict, deterministic: bool = False) -> bool:
     """Whether the single-pass backward runs the Gluon kernel (`gluon_bwd`, Hopper): option ``gluon`` and
     a call it supports (`gluon_bwd.sparse_backward_unsupported`: sm90 with Gluon, bf16 / fp16, D=128,
     q / k / v of one shape, blocks multiples of 128 covering the sequence, no window, no key bias).
-    The one place that decides; ``deterministic=True`` always takes the Triton two-pass kernels."""
+    The one place that decides, for both modes (``deterministic=True``: dQ in fixed point, which sums
+    at most `gluon_bwd.FIXED_MAX_TERMS` key tiles per row; longer sequences take the two passes)."""
     if not options.get("gluon", True):
         return False
     from . import gluon_bwd
+
+    if deterministic and k.shape[2] > gluon_bwd.FIXED_MAX_TERMS * gluon_bwd.BLOCK_N:
+        return False
 
     return gluon_bwd.sparse_backward_unsupported(q, k, v, plan) is None
 
@@ -398,19 +405,21 @@ def attention_backward(q, k, v, out, lse, dout, plan, scale: float, options: dic
     """dq, dk, dv (each like its input) of `attention_forward`'s ``out`` given ``dout`` (any strides)
     and, optionally, the gradient ``dlse [B, H, Sq]`` of its lse.
 
-    ``options``: resolved kernel options. ``deterministic``: two passes without atomics
-    (bit-reproducible) instead of the single pass with a float32 dQ buffer.
+    ``options``: resolved kernel options. ``deterministic``: bit-reproducible — two passes without atomics,
+    or on Hopper (Gluon) the single pass with dQ in fixed point — instead of the single pass with
+    a float32 dQ buffer.
 
     With ``L = <dout, out> + <dlse, lse>``: ``dL/ds_ij = p_ij (dp_ij − delta_i) + p_ij dlse_i``, so the
     lse gradient only shifts the row term: ``delta_i ← delta_i − dlse_i``.
     """
     pc.wait()                                   # background compiles of these kernels, if any, first
-    if not deterministic and gluon_backward_usable(q, k, v, plan, options):
+    if gluon_backward_usable(q, k, v, plan, options, deterministic):
         from .gluon_bwd import gluon_sparse_backward
 
+        # deterministic: dQ in fixed point (integer additions in any order give the same bits)
         return gluon_sparse_backward(q, k, v, out, lse, dout, plan, scale, dlse=dlse, launch=pc.launch,
                                      stages=options["gluon_bwd_stages"], overlap=options["gluon_bwd_overlap"],
-                                     compile_only=pc.compiling_only())
+                                     dq_fixed=deterministic, compile_only=pc.compiling_only())
     B, H, Sq, D = q.shape
     d_pad = max(16, triton.next_power_of_2(D))
     table = "large_d" if d_pad > 128 else "small_d"

@@ -87,8 +87,8 @@ class KernelOptions(TypedDict, total=False):
     view describes; `gluon_fwd.sparse_unsupported`), else the Triton forward. Same outputs (out, and the
     lse the backward reuses) to rounding. The single-pass backward likewise runs the Gluon backward
     (`gluon_bwd`, dQ by TMA reduce-add) where it supports the call (D=128, q / k / v of one shape, plan
-    covering the sequence; `gluon_bwd.sparse_backward_unsupported`); ``deterministic=True`` never does.
-    ``False``: the Triton kernels always. Default ``True``."""
+    covering the sequence; `gluon_bwd.sparse_backward_unsupported`), with ``deterministic=True`` too (dQ
+    then in fixed point). ``False``: the Triton kernels always. Default ``True``."""
 
     gluon_fwd_stages: int
     """Gluon forward: depth of its K and V rings (2 or 3 slots of 128 keys each; 3 measured no faster).

@@ -46,7 +46,8 @@ DEFAULT_DETERMINISTIC = False
 
 class _BlockSparseAttention(torch.autograd.Function):
     """out, lse = attention(q, k, v); backward: single pass (float32 dQ buffer) or, with
-    ``deterministic``, two passes without atomics."""
+    ``deterministic``, bit-reproducible (two passes without atomics; on Hopper the Gluon single pass with
+    dQ in fixed point)."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scale, options, deterministic):
@@ -90,9 +91,10 @@ def block_sparse_attention_triton(
         kernel_options: tuning knobs (`KernelOptions`: ``gluon``, ``tma``, ``warp_specialize``, ``fwd_peel``,
             ``fwd_lazy``, ``autotune``, ``dq_reduce``, ``skip_padded_queries``, ``gluon_fwd_stages``,
             ``gluon_fwd_skip_idle``, ``gluon_bwd_stages``, ``gluon_bwd_overlap``); unknown keys raise ValueError.
-        deterministic: True: the two-pass backward (no atomics, bit-reproducible); False: the single
-            pass that adds dQ with atomics (5 block GEMMs instead of 7); None: the default,
-            `DEFAULT_DETERMINISTIC` (the single pass, measured faster).
+        deterministic: True: a bit-reproducible backward (the two-pass kernels, no atomics; on Hopper
+            the Gluon single pass with dQ added in fixed point, whose integer sums do not depend
+            on their order); False: the single pass that adds dQ with float atomics (5 block GEMMs
+            instead of 7); None: the default, `DEFAULT_DETERMINISTIC` (the single pass, measured faster).
 
     Returns:
         ``out [B, H, Sq, D]`` in q's dtype and ``lse [B, H, Sq]`` float32 (natural log; -inf and
