@@ -46,7 +46,7 @@ def main():
     ap.add_argument("--dq", nargs="*", default=["atomic", "tma"], help="dQ reductions to compile")
     ap.add_argument("--overlap", nargs="*", type=int, default=[0, 1],
                     help="walks to compile: 0 the stepwise walk, 1 the overlapping one (gluon_bwd overlap=)")
-    ap.add_argument("--fixed", action="store_true", help="also the fixed-point dQ variants (dq_fixed, stepwise walk)")
+    ap.add_argument("--fixed", action="store_true", help="also the fixed-point dQ variants (dq_fixed)")
     ap.add_argument("--dump", default=None, help="write each kernel's ttgir / ptx here")
     ap.add_argument("--seq", type=int, default=4608)
     args = ap.parse_args()
@@ -54,8 +54,8 @@ def main():
     variants = [(st, sp, dq, ov, False) for sp in ([False, True] if args.sparse else [False]) for dq in args.dq
                 for st in args.stages for ov in args.overlap]
     if args.fixed:
-        variants += [(st, sp, dq, 0, True) for sp in ([False, True] if args.sparse else [False]) for dq in args.dq
-                     for st in args.stages]
+        variants += [(st, sp, dq, ov, True) for sp in ([False, True] if args.sparse else [False]) for dq in args.dq
+                     for st in args.stages for ov in args.overlap]
     ok = True
     with sm90_target():
         for stages, sparse, dq, overlap, fixed in variants:

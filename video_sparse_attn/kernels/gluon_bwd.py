@@ -90,13 +90,12 @@ BLOCK_M = 64        # query rows per step
 BLOCK_N = 128       # keys per program (two consumer warpgroups of 64)
 _REGS = (240, 24)   # setmaxnreg of the consumer worker and of the producer partition
 _ROWS = 64          # rows per program of the preprocess and convert kernels
-# Fixed-point dQ (``dq_fixed``): each contribution y (scaled so that every partial sum of a row is below
-# 2^(FIXED_BITS-1)) is split as y = hi·2^FIXED_LO_BITS + lo (both truncated toward zero, |lo| < 2^FIXED_LO_BITS)
-# and hi, lo are summed in two int32 buffers: with at most FIXED_MAX_TERMS contributions per element
-# (one per 128-key tile), |Σlo| < 2^12·2^19 = 2^31 and |Σhi| < 2^30 + 2^12: no partial sum overflows.
-FIXED_LO_BITS = 19
+# Fixed-point dQ (``dq_fixed``): each row's contributions are scaled by a power of two so that every partial
+# sum of them is at most 2^FIXED_BITS (`fixed_point_scales`), rounded to the nearest integer and summed in
+# one int32 per element. Up to rounding of the kernel's own arithmetic (< 1%) and half a unit per term, with at
+# most FIXED_MAX_TERMS terms (one per 128-key tile): |Σ| <= 1.01·2^30 + 2^11 < 2^31, no partial sum overflows.
+FIXED_BITS = 30
 FIXED_MAX_TERMS = 4096                 # key tiles of 128: sequences up to 524,288 tokens
-FIXED_BITS = 31 + FIXED_LO_BITS         # |Σy| < 2^(FIXED_BITS-1) = 2^49
 _D = 128            # the head dim the kernel runs
 
 if HAS_GLUON:
@@ -110,8 +109,6 @@ if HAS_GLUON:
                                                         instr_shape=[16, BLOCK_N // 2, 16]))
     _A_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_ACC_LAYOUT.value, k_width=2))
     _COL_LAYOUT = gl.constexpr(gl.SliceLayout(0, _S_LAYOUT.value))
-    _FIXED_UNIT = gl.constexpr(float(2 ** FIXED_LO_BITS))
-    _FIXED_INV_UNIT = gl.constexpr(float(2.0 ** -FIXED_LO_BITS))
 
 
 if HAS_GLUON:
@@ -141,18 +138,13 @@ if HAS_GLUON:
         tl.store(DQ + offs, (acc * scale).to(DQ.dtype.element_ty), mask=ok[:, None])
 
     @triton.jit
-    def _dq_fixed_convert_kernel(DQ_ACC, DQS, DQ, n_rows, scale, D: tl.constexpr, ROWS: tl.constexpr,
-                                 LO_BITS: tl.constexpr):
-        # DQ_ACC [n_rows, 2·D] int32: Σhi in columns 0..D-1, Σlo in D..2D-1. Σhi·2^LO_BITS + Σlo (exact in
-        # int64) / the row's power-of-two scale (exact) · softmax scale; NaN where the scale is 0
+    def _dq_fixed_convert_kernel(DQ_ACC, DQS, DQ, n_rows, scale, D: tl.constexpr, ROWS: tl.constexpr):
+        # DQ_ACC [n_rows, D] int32 sums (one rounding to float32) / the row's power-of-two scale (exact)
+        # · softmax scale; NaN where the scale is 0 (a non-finite input in the row)
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         ok = rows < n_rows
-        cols = tl.arange(0, D)[None, :]
-        acc_offs = rows.to(tl.int64)[:, None] * (2 * D) + cols
-        hi = tl.load(DQ_ACC + acc_offs, mask=ok[:, None], other=0).to(tl.int64)
-        lo = tl.load(DQ_ACC + acc_offs + D, mask=ok[:, None], other=0).to(tl.int64)
-        acc = (hi * (1 << LO_BITS) + lo).to(tl.float32)
-        offs = rows.to(tl.int64)[:, None] * D + cols
+        offs = rows.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
+        acc = tl.load(DQ_ACC + offs, mask=ok[:, None], other=0).to(tl.float32)
         s = tl.load(DQS + rows, mask=ok, other=1.0)
         dq = tl.where(s[:, None] == 0.0, float("nan"), acc / s[:, None] * scale)
         tl.store(DQ + offs, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
@@ -260,28 +252,14 @@ if HAS_GLUON:
     def _dq_out(c: gl.constexpr, dq, row, DQ_ACC, dq_offs, dq_desc, dq_smem, dq_scale, BLOCK_KC: gl.constexpr,
                 D: gl.constexpr, DQ_TMA: gl.constexpr, DQ_FIXED: gl.constexpr = False):
         """This warpgroup's dQ half tile (rows ``row ...``) added to the float32 buffer; with ``DQ_FIXED``
-        to the int32 pair buffer ``[B·H·S, 2·D]`` as fixed point: each row times its power-of-two
-        ``dq_scale`` (a slice of `_DQ_LAYOUT` rows) is exact, then split into integers hi (columns
-        0..D-1) and lo (D..2D-1) (`FIXED_LO_BITS`). Integer additions do not depend on their order, so the
-        sums are the same bits whatever order the programs add in."""
+        to the int32 buffer as fixed point: each row times its power-of-two ``dq_scale`` (a slice of
+        `_DQ_LAYOUT` rows; exact), rounded to the nearest integer (`FIXED_BITS`). Integer additions do
+        not depend on their order, so the sums are the same bits whatever order the programs add in."""
         if DQ_FIXED:
             y = dq * dq_scale[:, None]
-            hi = (y * _FIXED_INV_UNIT).to(gl.int32)                          # truncated toward zero
-            lo = (y - hi.to(gl.float32) * _FIXED_UNIT).to(gl.int32)          # the bits below: exact
-            if DQ_TMA:   # hi and lo through this warpgroup's two shared buffers, two bulk reduce-adds
-                tma.store_wait(0)
-                cta_barrier()
-                dq_smem.index(c).store(hi)
-                dq_smem.index(2 + c).store(lo)
-                fence_async_shared()
-                cta_barrier()
-                tma_reduce_add(dq_desc, [row, c * BLOCK_KC], dq_smem.index(c))
-                tma_reduce_add(dq_desc, [row, D + c * BLOCK_KC], dq_smem.index(2 + c))
-            else:
-                ptrs = DQ_ACC + row.to(gl.int64) * (2 * D) + dq_offs
-                gl.atomic_add(ptrs, hi, sem="relaxed")
-                gl.atomic_add(ptrs + D, lo, sem="relaxed")
-        elif DQ_TMA:   # through this warpgroup's shared buffer and one bulk reduce-add
+            dq = gl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,r", [y], dtype=gl.int32,
+                                           is_pure=True, pack=1)
+        if DQ_TMA:   # through this warpgroup's shared buffer and one bulk reduce-add
             dq_buf = dq_smem.index(c)
             tma.store_wait(0)            # the previous step's reduce has read the buffer
             cta_barrier()
@@ -294,10 +272,10 @@ if HAS_GLUON:
 
     @gluon.jit
     def _consumer_walk_overlap(c: gl.constexpr, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
-                               ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, row_base, n_steps,
-                               steps_ptr, qk_scale, SPARSE: gl.constexpr, BLOCK_M: gl.constexpr,
+                               dqs_smem, ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, row_base,
+                               n_steps, steps_ptr, qk_scale, SPARSE: gl.constexpr, BLOCK_M: gl.constexpr,
                                BLOCK_KC: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                               DQ_TMA: gl.constexpr):
+                               DQ_TMA: gl.constexpr, DQ_FIXED: gl.constexpr):
         """The walk of `_consumer_walk` with step ``i+1``'s Sᵀ issued before step ``i``'s dQ GEMM is waited
         for, so that it runs on the tensor cores while this warpgroup adds step ``i``'s dQ (FA3's overlap
         across steps); step ``i+1``'s dPᵀ is issued at its start and runs under the softmax. The Q / dO
@@ -323,6 +301,10 @@ if HAS_GLUON:
                 pt_op = gl.convert_layout(pt.to(q_s.dtype), _A_LAYOUT)
                 dv = warpgroup_mma(pt_op, do_s, dv, is_async=True)
                 delta = delta_smem.index(s).load(_COL_LAYOUT)
+                if DQ_FIXED:   # the rows' scales, read before the slot is released
+                    dq_scale = dqs_smem.index(s).load(gl.SliceLayout(1, _DQ_LAYOUT))
+                else:
+                    dq_scale = 1.0
                 dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt_acc,))
                 dst = (pt * (dpt - delta[None, :])).to(q_s.dtype)
                 ds_smem.index(buf).slice(c * BLOCK_KC, BLOCK_KC, dim=0).store(dst)
@@ -340,7 +322,7 @@ if HAS_GLUON:
                 st_acc = _issue_s(c, gl.minimum(i + 1, n_steps - 1), q_smem, k_smem, full, BLOCK_M, BLOCK_KC,
                                   STAGES)
                 dq = warpgroup_mma_wait(num_outstanding=1, deps=(dq_acc,))
-                _dq_out(c, dq, row, DQ_ACC, dq_offs, dq_desc, dq_smem, 1.0, BLOCK_KC, D, DQ_TMA)
+                _dq_out(c, dq, row, DQ_ACC, dq_offs, dq_desc, dq_smem, dq_scale, BLOCK_KC, D, DQ_TMA, DQ_FIXED)
                 st = warpgroup_mma_wait(num_outstanding=0, deps=(st_acc,))
         return dk, dv
 
@@ -376,10 +358,7 @@ if HAS_GLUON:
                   OVERLAP: gl.constexpr, DQ_FIXED: gl.constexpr):
         dq_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, _DQ_LAYOUT))
         dq_cols = c * BLOCK_KC + gl.arange(0, BLOCK_KC, layout=gl.SliceLayout(0, _DQ_LAYOUT))
-        if DQ_FIXED:   # rows of the int32 pair buffer [B·H·S, 2·D]
-            dq_offs = dq_rows[:, None] * (2 * D) + dq_cols[None, :]
-        else:
-            dq_offs = dq_rows[:, None] * D + dq_cols[None, :]
+        dq_offs = dq_rows[:, None] * D + dq_cols[None, :]
         dk = gl.zeros([BLOCK_KC, D], gl.float32, _ACC_LAYOUT)
         dv = gl.zeros([BLOCK_KC, D], gl.float32, _ACC_LAYOUT)
 
@@ -389,9 +368,9 @@ if HAS_GLUON:
                 _zero_rows_past(k_smem.slice(c * BLOCK_KC, BLOCK_KC, dim=0), rem - c * BLOCK_KC, BLOCK_KC, D)
         if OVERLAP:
             dk, dv = _consumer_walk_overlap(c, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
-                                            ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem,
-                                            row_base, n_steps, steps_ptr, qk_scale, SPARSE, BLOCK_M, BLOCK_KC, D,
-                                            STAGES, DQ_TMA)
+                                            dqs_smem, ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc,
+                                            dq_smem, row_base, n_steps, steps_ptr, qk_scale, SPARSE, BLOCK_M,
+                                            BLOCK_KC, D, STAGES, DQ_TMA, DQ_FIXED)
         else:
             dk, dv = _consumer_walk(c, dk, dv, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, dqs_smem,
                                     ds_smem, full, empty, ds_bar, DQ_ACC, dq_offs, dq_desc, dq_smem, row_base,
@@ -421,7 +400,6 @@ if HAS_GLUON:
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
         gl.static_assert(num_warps == 4, "the default partition is consumer warpgroup 0")
-        gl.static_assert(not (DQ_FIXED and OVERLAP), "fixed-point dQ runs the stepwise walk")
         BLOCK_KC: gl.constexpr = BLOCK_N // 2
         tile = gl.program_id(0)
         bh = gl.program_id(1)
@@ -456,10 +434,8 @@ if HAS_GLUON:
             dqs_smem = delta_smem
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dt)
         ds_smem = gl.allocate_shared_memory(dt, [2, BLOCK_N, BLOCK_M], ds_layout)
-        if DQ_TMA:   # the bulk reduce-adds' sources: a dQ half tile per consumer warpgroup (float32), or
-            # its hi and lo halves (int32: hi of warpgroup c at c, lo at 2 + c)
-            N_DQ_BUF: gl.constexpr = 4 if DQ_FIXED else 2
-            dq_smem = gl.allocate_shared_memory(dq_desc.dtype, [N_DQ_BUF, BLOCK_M, BLOCK_KC], dq_desc.layout)
+        if DQ_TMA:   # the bulk reduce-adds' sources: a dQ half tile per consumer warpgroup (float32 or int32)
+            dq_smem = gl.allocate_shared_memory(dq_desc.dtype, [2, BLOCK_M, BLOCK_KC], dq_desc.layout)
         else:
             dq_smem = ds_smem
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -539,9 +515,8 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     instead of launching (tensors may be meta tensors). ``dlse``: gradient of ``lse`` ``[B, H, S]`` (it
     shifts the row term: ``delta ← delta − dlse``). ``overlap``: issue each step's Sᵀ before the previous
     step's dQ GEMM is waited for (`_consumer_walk_overlap`). ``dq_fixed``: accumulate dQ deterministically
-    in fixed point (`fixed_point_scales`; the stepwise walk, ``overlap`` ignored): the same bits
-    in every run, as two int32 sums per element (`FIXED_LO_BITS`; sequences up to `FIXED_MAX_TERMS`·128
-    tokens).
+    in fixed point (`fixed_point_scales`): the same bits in every run, one int32 sum per element
+    (`FIXED_BITS`; sequences up to `FIXED_MAX_TERMS`·128 tokens).
     ``launch``: `precompile.launch` (compiles only inside `precompile.compile_only`); default: launch.
     """
     if not HAS_GLUON:
@@ -591,11 +566,7 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     n_rows = B * H * S
     delta = torch.empty(n_rows, device=dev, dtype=torch.float32)
     lse2 = torch.empty(n_rows, device=dev, dtype=torch.float32)
-    # float32 [B·H·S, D]; fixed point: int32 [B·H·S, 2·D] (Σhi, then Σlo)
-    if dq_fixed:
-        dq_acc = torch.zeros(n_rows, 2 * D, device=dev, dtype=torch.int32)
-    else:
-        dq_acc = torch.zeros(n_rows, D, device=dev, dtype=torch.float32)
+    dq_acc = torch.zeros(n_rows, D, device=dev, dtype=torch.int32 if dq_fixed else torch.float32)
     dqs = torch.empty(n_rows, device=dev, dtype=torch.float32) if dq_fixed else delta
     dk, dv = torch.empty_like(k), torch.empty_like(v)
 
@@ -606,8 +577,7 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     dq_tma = dq_reduce == "tma"
     dq_smem_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N // 2],
                                                           gl.int32 if dq_fixed else gl.float32)
-    width = dq_acc.shape[1]
-    dq_d = TensorDescriptor(dq_acc, [n_rows, width], [width, 1], [BLOCK_M, BLOCK_N // 2], dq_smem_layout)
+    dq_d = TensorDescriptor(dq_acc, [n_rows, D], [D, 1], [BLOCK_M, BLOCK_N // 2], dq_smem_layout)
 
     def desc2(t, rows, layout):
         t2 = t.view(n_rows, D)
@@ -620,7 +590,7 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             desc2(v, BLOCK_N, n_layout), desc1(lse2), desc1(delta), desc1(dqs),
             dq_d, dq_acc, dk, dv,
             n_steps, step_rows, col_order, k_valid, *strides, H, S, scale * LOG2E, scale)
-    meta = dict(SPARSE=sparse, DQ_TMA=dq_tma, OVERLAP=bool(overlap) and not dq_fixed,
+    meta = dict(SPARSE=sparse, DQ_TMA=dq_tma, OVERLAP=bool(overlap),
                 DQ_FIXED=bool(dq_fixed), K_BLOCK=k_block, BLOCK_M=BLOCK_M,
                 BLOCK_N=BLOCK_N, D=D, STAGES=int(stages), CONSUMER_REGS=_REGS[0], PRODUCER_REGS=_REGS[1], num_warps=4)
     grid = (n_tiles, B * H)
@@ -636,8 +606,7 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     launch(_bwd_kernel, grid, *args, **meta)
     dq = torch.empty_like(q)
     if dq_fixed:
-        launch(_dq_fixed_convert_kernel, row_grid, dq_acc, dqs, dq, n_rows, scale, D=D, ROWS=_ROWS,
-               LO_BITS=FIXED_LO_BITS)
+        launch(_dq_fixed_convert_kernel, row_grid, dq_acc, dqs, dq, n_rows, scale, D=D, ROWS=_ROWS)
     else:
         launch(_dq_convert_kernel, row_grid, dq_acc, dq, n_rows, scale, D=D, ROWS=_ROWS)
     return dq, dk, dv
@@ -648,11 +617,12 @@ def fixed_point_scales(k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, del
     ``[B, H, S]`` (0 where the inputs are not finite: those rows' dq become NaN).
 
     Every partial sum of row ``i``'s dQ contributions (``Σ_j dS_ij k_j`` over any set of keys, with
-    ``dS_ij = P_ij (dP_ij − δ_i)``, ``Σ_j P_ij ≤ 1``, ``|dP_ij| ≤ |dO_i| |v_j|``) is below, per coordinate,
-    ``max|k| · (|dO_i| · max_j |v_j| + |δ_i|)`` (maxima over the (batch, head)); twice that is rounded up
-    to a power of two ``2^e`` and the scale is ``2^(FIXED_BITS − e)``, so no scaled sum reaches
-    2^(FIXED_BITS − 1) and the sum of truncated contributions keeps ``FIXED_BITS`` = 50 bits below
-    the bound. Rows whose bound is 0 (no gradient) get 2^126.
+    ``dS_ij = P_ij (dP_ij − δ_i)``, ``Σ_j P_ij ≤ 1``, ``|dP_ij| ≤ |dO_i| |v_j|``) is at most, per coordinate,
+    ``max|k| · (|dO_i| · max_j |v_j| + |δ_i|)`` (maxima over the (batch, head)); that bound rounded up to
+    a power of two ``2^e`` gives the scale ``2^(FIXED_BITS − e)``: scaled, every partial sum is at most
+    2^FIXED_BITS and the integer sum keeps ``FIXED_BITS`` = 30 bits below the bound. Rows whose bound is 0
+    (no gradient: every contribution is exactly 0) get 2^126; bounds below 2^-96 keep fewer bits (the
+    scale stays a normal float32).
 
     k, v, dout ``[B, H, S, D]``; delta ``[B, H, S]`` (rowsum(dout·out), shifted by an lse gradient).
     """
@@ -661,8 +631,8 @@ def fixed_point_scales(k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, del
     kmax = torch.maximum(kf.amax(-1), -kf.amin(-1)).float()                                     # [B, H]
     vmax = torch.linalg.vector_norm(v, dim=-1, dtype=torch.float32).amax(-1)                  # [B, H]
     dnorm = torch.linalg.vector_norm(dout, dim=-1, dtype=torch.float32)                       # [B, H, S]
-    bound = 2.0 * kmax[..., None] * (dnorm * vmax[..., None] + delta.float().abs())
-    exp = torch.ceil(torch.log2(bound)).clamp(min=FIXED_BITS - 126.0, max=126.0)   # scale <= 2^126
+    bound = kmax[..., None] * (dnorm * vmax[..., None] + delta.float().abs())
+    exp = torch.ceil(torch.log2(bound)).clamp(min=-96.0, max=128.0)    # 2^-98 <= scale <= 2^126
     scale = torch.ldexp(torch.ones_like(bound), (FIXED_BITS - exp).to(torch.int32))
     return torch.where(torch.isfinite(bound), scale, torch.zeros_like(scale))
 
@@ -743,8 +713,8 @@ def tile_loop_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
 
     Per key tile of ``block_n`` keys and per query step of ``block_m`` rows: Sᵀ and dPᵀ in float32,
     Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), Pᵀ rounded to the input dtype for dV, dSᵀ rounded for dK and
-    for dQ (which adds dS·K into a float32 buffer, or with ``dq_fixed`` as fixed point split into two int32
-    sums, `fixed_point_scales` and `FIXED_LO_BITS`). ``key_tiles``: the order the key tiles are walked in
+    for dQ (which adds dS·K into a float32 buffer, or with ``dq_fixed`` as fixed point: each row's part
+    scaled by `fixed_point_scales`, rounded to the nearest integer, summed in int32). ``key_tiles``: the order the key tiles are walked in
     (default ascending; the order of dQ's additions). Returns dq, dk, dv in the inputs' dtype.
     """
     B, H, S, D = q.shape
@@ -753,7 +723,7 @@ def tile_loop_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     delta = (out.float() * dout.float()).sum(-1)
     lse2 = torch.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     dq_acc = torch.zeros(B, H, S, D, dtype=torch.float32, device=q.device)
-    dq_hi, dq_lo = (torch.zeros(B, H, S, D, dtype=torch.int32, device=q.device) for _ in range(2))
+    dq_int = torch.zeros(B, H, S, D, dtype=torch.int32, device=q.device)
     dqs = fixed_point_scales(k, v, dout, delta) if dq_fixed else None
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -771,16 +741,13 @@ def tile_loop_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
             dk_acc += dst @ qt
             part = dst.transpose(-1, -2) @ kt
             if dq_fixed:
-                y = part * dqs[:, :, m0:m0 + block_m, None]
-                hi = (y * 2.0 ** -FIXED_LO_BITS).to(torch.int32)
-                dq_hi[:, :, m0:m0 + block_m] += hi
-                dq_lo[:, :, m0:m0 + block_m] += (y - hi.float() * 2.0 ** FIXED_LO_BITS).to(torch.int32)
+                dq_int[:, :, m0:m0 + block_m] += torch.round(part * dqs[:, :, m0:m0 + block_m, None]).to(torch.int32)
             else:
                 dq_acc[:, :, m0:m0 + block_m] += part
         dk[:, :, n0:n0 + block_n] = (dk_acc * scale).to(dt)
         dv[:, :, n0:n0 + block_n] = dv_acc.to(dt)
     if dq_fixed:
-        total = (dq_hi.long() * 2 ** FIXED_LO_BITS + dq_lo.long()).float()
+        total = dq_int.float()
         dq = torch.where(dqs[..., None] == 0, float("nan"), total / dqs[..., None] * scale)
         return dq.to(dt), dk, dv
     return (dq_acc * scale).to(dt), dk, dv

@@ -31,7 +31,7 @@ replace pointer loads of the walked operands on sm90+ when strides allow (see `t
 On Hopper the single pass runs the Gluon kernel instead (`gluon_bwd`: a TMA producer warpgroup and two
 consumer warpgroups, dQ by TMA reduce-add) wherever it supports the call (`gluon_backward_usable`,
 kernel option ``gluon``); the same gradients up to the order of the dQ additions. There
-``deterministic=True`` runs the same single pass with dQ accumulated in fixed point, two int32 sums per
+``deterministic=True`` runs the same single pass with dQ accumulated in fixed point, one int32 sum per
 element (integer additions give the same bits in any order; `gluon_bwd.fixed_point_scales`) instead of
 two passes.
 """
