@@ -164,9 +164,10 @@ class SSTAInfo(NamedTuple):
     """What `ssta_attention(..., return_info=True)` also returns (tensors stay on the device)."""
 
     block_mask: torch.Tensor   # bool [B or 1, H or 1, N, N], tile order
-    plan: BlockSparsePlan
+    plan: BlockSparsePlan      # what the kernels ran: blocks in tile order, or text first (`text_first`)
     density: torch.Tensor      # float32 scalar: mean of the block mask
     layout: TileLayout
+    text_first: bool = False   # plan's blocks in `TileLayout.to_text_first` order (`BackendSpec.text_first`)
 
 
 @_autocast_off
@@ -234,30 +235,38 @@ def ssta_attention(
     spec = select_backend(backend, AttentionCall(q.device, q.dtype, int(q.shape[-1]), bs, bs))
     # one pass over q and k both reorders them and yields the tile means the selection needs
     needs_means = config.sparse_type in ("ssta", "block_attn") and config.pool_thw is None
-    (q_t, q_means), (k_t, k_means) = (layout.tile_with_means(x) if needs_means else (layout.tile(x), None)
-                                      for x in (q, k))
-    v_t = layout.tile(v)
+    # the kernels' block order: tile order, or text blocks first where the backend runs blocks in the order
+    # given (`BackendSpec.text_first`); masks are built in tile order and rotated for the plan
+    tf = spec.text_first and layout.num_text_blocks > 0
+    (q_t, q_means), (k_t, k_means) = (layout.tile_with_means(x, tf) if needs_means else (layout.tile(x, text_first=tf),
+                                                                                        None) for x in (q, k))
+    v_t = layout.tile(v, text_first=tf)
     if tile_means_hook is not None and q_means is not None:
         q_means, k_means = tile_means_hook(q_means, k_means)
-    block_mask = block_mask_from_tiled(q_t, k_t, layout, config, text_mask, q_means, k_means)
+    block_mask = block_mask_from_tiled(q_t, k_t, layout, config, text_mask, q_means, k_means, text_first=tf)
+    run_mask = layout.to_text_first(block_mask, (-2, -1)) if tf else block_mask
     dev = q.device
     backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     k_valid, key_bias = _key_args(layout, spec, q, text_mask, padding_free, backward)
+    if tf:
+        k_valid = layout.to_text_first(k_valid)
+        key_bias = None if key_bias is None else layout.to_text_first(key_bias, slots=True)
     plan = BlockSparsePlan.from_block_mask(
-        block_mask, bs, bs, k_valid, layout.query_valid(dev) if padding_free else None,
+        run_mask, bs, bs, k_valid, layout.query_valid(dev, tf) if padding_free else None,
         zero_q_tail=False,      # untile drops those rows, its backward passes 0 there
         key_bias=key_bias,
     )
     out_t, lse = _run(spec, q_t, k_t, v_t, plan, scale)
     if padding_free and config.pad_type == "zero" and layout.has_video_padding:
-        n_zero = zero_keys_per_row_block(block_mask, layout.zero_keys(dev, spec.key_tile))
+        zero_keys = layout.zero_keys(dev, spec.key_tile)
+        n_zero = zero_keys_per_row_block(run_mask, layout.to_text_first(zero_keys) if tf else zero_keys)
         if not return_lse:
-            out = untile_with_zero_keys(layout, out_t, lse, n_zero, like=q)
+            out = untile_with_zero_keys(layout, out_t, lse, n_zero, like=q, text_first=tf)
         else:
             out_t, lse = add_zero_keys(out_t, lse, n_zero, bs)
-            out = layout.untile(out_t)
+            out = layout.untile(out_t, text_first=tf)
     else:
-        out = layout.untile(out_t)
-    extra = ((layout.untile(lse),) if return_lse else ()) + ((SSTAInfo(block_mask, plan, plan.density, layout),)
-                                                             if return_info else ())
+        out = layout.untile(out_t, text_first=tf)
+    extra = ((layout.untile(lse, text_first=tf),) if return_lse else ()) + (
+        (SSTAInfo(block_mask, plan, plan.density, layout, tf),) if return_info else ())
     return (out, *extra) if extra else out

@@ -34,8 +34,9 @@ Triple = Tuple[int, int, int]
 
 
 def _build_indices(grid: Triple, tile: Triple, text_len: int, pad_type: str,
-                   device: torch.device | str = "cpu") -> Dict[str, torch.Tensor]:
-    """Index tensors for one layout (see `TileLayout.indices` for their meaning).
+                   device: torch.device | str = "cpu", text_first: bool = False) -> Dict[str, torch.Tensor]:
+    """Index tensors for one layout (see `TileLayout.indices` for their meaning), in block order or,
+    with ``text_first``, with the text blocks moved before the video blocks (`_text_first_indices`).
 
     A tile of ``bs_t = Tt*Th*Tw`` tokens is stored in a block of ``bs = bs_t`` rounded up to 16 slots:
     real tokens first, then the tile's grid padding, then the storage tail (zeros, never a key or a
@@ -99,11 +100,25 @@ def _build_indices(grid: Triple, tile: Triple, text_len: int, pad_type: str,
     key_mult = torch.cat([video_mult.flatten(), torch.ones(Nt * bs, dtype=torch.float32, device=device)])
     video_valid = valid.sum(1).to(torch.int32)
     text_valid = (text_len - torch.arange(Nt, device=device) * bs_t).clamp(0, bs_t).to(torch.int32)
-    return {
+    idx = {
         "src": src_all, "zero_pos": zero_pos, "inverse": inverse, "kernel_src": kernel_src, "owner": owner,
         "video_valid": video_valid, "slot_raster": slot_raster, "key_mult": key_mult,
         "key_bias": key_mult.log(), "query_valid": torch.cat([video_valid, text_valid])[None],
     }
+    return _text_first_indices(idx, Nt, bs) if text_first and Nt else idx
+
+
+def _text_first_indices(idx: Dict[str, torch.Tensor], Nt: int, bs: int) -> Dict[str, torch.Tensor]:
+    """``idx`` with the ``Nt`` text blocks (of ``bs`` slots) first: slot ``p`` of block order becomes slot
+    ``(p + Nt·bs) mod P``. Per-slot tensors rotate, slot numbers shift; the per-video-tile ones stay."""
+    shift = Nt * bs
+    P = idx["src"].numel()
+    out = {name: torch.roll(idx[name], shift) for name in ("src", "kernel_src", "owner", "key_mult", "key_bias")}
+    out["zero_pos"] = torch.sort((idx["zero_pos"] + shift) % P).values
+    out["inverse"] = (idx["inverse"] + shift) % P
+    out["query_valid"] = torch.roll(idx["query_valid"], Nt, dims=1)
+    out["video_valid"], out["slot_raster"] = idx["video_valid"], idx["slot_raster"]
+    return out
 
 
 def _duplicates(idx: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -122,14 +137,15 @@ def _duplicates(idx: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=64)
-def _cpu_indices(grid: Triple, tile: Triple, text_len: int, pad_type: str) -> Dict[str, torch.Tensor]:
-    idx = _build_indices(grid, tile, text_len, pad_type)
+def _cpu_indices(grid: Triple, tile: Triple, text_len: int, pad_type: str,
+                 text_first: bool = False) -> Dict[str, torch.Tensor]:
+    idx = _build_indices(grid, tile, text_len, pad_type, text_first=text_first)
     return {**idx, **_duplicates(idx)}
 
 
 @functools.lru_cache(maxsize=256)
-def _device_indices(grid, tile, text_len, pad_type, device: str) -> Dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in _cpu_indices(grid, tile, text_len, pad_type).items()}
+def _device_indices(grid, tile, text_len, pad_type, device: str, text_first: bool = False) -> Dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in _cpu_indices(grid, tile, text_len, pad_type, text_first).items()}
 
 
 def _row_view(x: torch.Tensor) -> torch.Tensor:
@@ -167,8 +183,9 @@ def _triton_select_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 class _GatherRows(torch.autograd.Function):
     """``y = x.index_select(dim, index)`` with rows ``zero_pos`` of y set to 0, plus (optionally)
-    the float32 means of the first ``n_means`` groups of ``group`` rows of y, each sum divided by
-    ``mean_div`` (the tile volume: a storage tail of zeros does not count; not differentiable).
+    the float32 means of the ``n_means`` groups of ``group`` rows of y from group ``mean_group0`` on,
+    each sum divided by ``mean_div`` (the tile volume: a storage tail of zeros does not count; not
+    differentiable).
 
     On CUDA one Triton pass copies the rows and sums the groups; elsewhere PyTorch ops do.
     Backward: duplicated sources (repeat padding, text padding copies) sum their gradients. With
@@ -179,11 +196,12 @@ class _GatherRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, dim, index, zero_pos, kernel_src, group, n_means, mean_div=1, dups=None, unique=False):
+    def forward(ctx, x, dim, index, zero_pos, kernel_src, group, n_means, mean_div=1, dups=None, unique=False,
+                mean_group0=0):
         if kernel_src is not None and x.dim() == 4 and dim == 2 and triton_runs_on(x):
             from .kernels.triton_gather import gather_rows_with_means
 
-            y, means = gather_rows_with_means(x, kernel_src, group, n_means, mean_div)
+            y, means = gather_rows_with_means(x, kernel_src, group, n_means, mean_div, mean_group0)
             if dups is not None and y.dtype in (torch.float16, torch.bfloat16) and ctx.needs_input_grad[0]:
                 # the backward returns the gradient to token order with the Triton gather (`_select_rows`
                 # of a gradient laid out like y): compile it now, beside the forward (`precompile`)
@@ -198,7 +216,7 @@ class _GatherRows(torch.autograd.Function):
                 y.index_fill_(dim, zero_pos, 0)
             means = None
             if n_means:
-                head = y.narrow(dim, 0, n_means * group)
+                head = y.narrow(dim, mean_group0 * group, n_means * group)
                 means = head.unflatten(dim, (n_means, group)).sum(dim=dim + 1, dtype=torch.float32) / mean_div
         ctx.save_for_backward(index, zero_pos, *(dups or ()))
         ctx.dim, ctx.shape, ctx.has_dups, ctx.unique = dim, x.shape, dups is not None, unique
@@ -220,15 +238,15 @@ class _GatherRows(torch.autograd.Function):
             if dup_slots.numel():
                 acc = gx.index_select(dim, targets).float().index_add_(dim, local, gy.index_select(dim, dup_slots).float())
                 gx.index_copy_(dim, targets, acc.to(gx.dtype))
-            return gx, None, None, None, None, None, None, None, None, None
+            return gx, None, None, None, None, None, None, None, None, None, None
         if ctx.unique:    # every source row taken at most once (untile): a scatter, no sums
             return (gy.new_zeros(ctx.shape).index_copy_(dim, index, gy), None, None, None, None, None, None, None,
-                    None, None)
+                    None, None, None)
         if zero_pos.numel():
             gy = gy.index_fill(dim, zero_pos, 0)
         acc_dtype = torch.float32 if half else gy.dtype
         gx = gy.new_zeros(ctx.shape, dtype=acc_dtype).index_add_(dim, index, gy.to(acc_dtype))
-        return gx.to(gy.dtype), None, None, None, None, None, None, None, None, None
+        return gx.to(gy.dtype), None, None, None, None, None, None, None, None, None, None
 
 
 def _dups(idx: Dict[str, torch.Tensor]):
@@ -333,8 +351,9 @@ class TileLayout:
     def padded_len(self) -> int:
         return self.num_blocks * self.block_size
 
-    def indices(self, device: torch.device | str) -> Dict[str, torch.Tensor]:
-        """Cached index tensors on ``device``:
+    def indices(self, device: torch.device | str, text_first: bool = False) -> Dict[str, torch.Tensor]:
+        """Cached index tensors on ``device`` (``text_first``: for the text-first block order, see
+        `to_text_first`; the per-video-tile ones are the same):
         ``src [padded_len]`` source token of every block-ordered slot; ``zero_pos`` slots filled with
         zeros; ``kernel_src`` = src with -1 at the zero slots; ``inverse [seq_len]`` slot of every
         original token; ``owner [padded_len]`` its inverse (the token a slot holds, -1 for padding and
@@ -343,9 +362,23 @@ class TileLayout:
         token on its own slot (1 elsewhere) and ``key_bias`` its log (`key_bias`); ``query_valid [1, N]``
         real query rows per block (`query_valid`).
         """
+        text_first = bool(text_first) and self.num_text_blocks > 0
         if torch.compiler.is_compiling():   # built in the graph (a few small static-shape ops), not cached
-            return _build_indices(self.grid_thw, self.tile_thw, self.text_len, self.pad_type, device)
-        return _device_indices(self.grid_thw, self.tile_thw, self.text_len, self.pad_type, str(torch.device(device)))
+            return _build_indices(self.grid_thw, self.tile_thw, self.text_len, self.pad_type, device, text_first)
+        return _device_indices(self.grid_thw, self.tile_thw, self.text_len, self.pad_type, str(torch.device(device)),
+                               text_first)
+
+    def to_text_first(self, x: torch.Tensor, dims=-1, slots: bool = False) -> torch.Tensor:
+        """A tensor indexed by block (``slots``: by block-ordered slot) along ``dims`` (an int or a
+        tuple, e.g. ``(-2, -1)`` for a block mask), re-indexed for the text-first order that `tile` /
+        `untile` / `indices` take with ``text_first=True``: the text blocks, then the video blocks (a
+        rotation by the text blocks; a new tensor, or ``x`` itself without text). Backends whose
+        kernels take blocks in the order given run SSTA in it (`BackendSpec.text_first`)."""
+        n = self.num_text_blocks * (self.block_size if slots else 1)
+        if not n:
+            return x
+        dims = (dims,) if isinstance(dims, int) else tuple(dims)
+        return torch.roll(x, (n,) * len(dims), dims=dims)
 
     # ------------------------------------------------------------------ reorder
     def _check_seq_len(self, n: int) -> None:
@@ -355,37 +388,42 @@ class TileLayout:
                 f"{'*'.join(map(str, self.grid_thw))} + {self.text_len} = {self.seq_len}"
             )
 
-    def tile(self, x: torch.Tensor, seq_dim: int = 2) -> torch.Tensor:
-        """``[..., S, ...]`` (sequence along ``seq_dim``) → block order ``[..., N*bs, ...]`` (new tensor)."""
+    def tile(self, x: torch.Tensor, seq_dim: int = 2, text_first: bool = False) -> torch.Tensor:
+        """``[..., S, ...]`` (sequence along ``seq_dim``) → block order ``[..., N*bs, ...]`` (new tensor;
+        ``text_first``: in the text-first order, `to_text_first`)."""
         self._check_seq_len(x.shape[seq_dim])
-        idx = self.indices(x.device)
+        idx = self.indices(x.device, text_first)
         return _GatherRows.apply(x, seq_dim % x.dim(), idx["src"], idx["zero_pos"], idx["kernel_src"],
                                  self.block_size, 0, 1, _dups(idx))[0]
 
-    def tile_with_means(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def tile_with_means(self, x: torch.Tensor, text_first: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """`tile` of ``x [B, H, S, D]`` plus the float32 mean of every video tile ``[B, H, Nv, D]``
-        (padding included, as the block selection defines it), from the same pass over x."""
+        (padding included, as the block selection defines it; in video tile order also with
+        ``text_first``), from the same pass over x."""
         if x.dim() != 4:
             raise ValueError(f"expected [B, H, S, D], got shape {tuple(x.shape)}")
         self._check_seq_len(x.shape[2])
-        idx = self.indices(x.device)
+        idx = self.indices(x.device, text_first)
+        first = self.num_text_blocks if text_first else 0
         return _GatherRows.apply(x, 2, idx["src"], idx["zero_pos"], idx["kernel_src"], self.block_size,
-                                 self.num_video_blocks, self.tile_volume, _dups(idx))
+                                 self.num_video_blocks, self.tile_volume, _dups(idx), False, first)
 
-    def untile(self, y: torch.Tensor, seq_dim: int = 2) -> torch.Tensor:
-        """Inverse of `tile`: block order ``[..., N*bs, ...]`` → ``[..., S, ...]`` (padding dropped)."""
+    def untile(self, y: torch.Tensor, seq_dim: int = 2, text_first: bool = False) -> torch.Tensor:
+        """Inverse of `tile`: block order (``text_first``: the text-first order) ``[..., N*bs, ...]`` →
+        ``[..., S, ...]`` (padding dropped)."""
         if y.shape[seq_dim] != self.padded_len:
             raise ValueError(f"expected {self.padded_len} block-ordered tokens, got {y.shape[seq_dim]}")
-        idx = self.indices(y.device)
+        idx = self.indices(y.device, text_first)
         return _GatherRows.apply(y, seq_dim % y.dim(), idx["inverse"], idx["zero_pos"][:0], None, 1, 0, 1, None,
                                  True)[0]
 
     # ------------------------------------------------------------------ validity per block
-    def query_valid(self, device: torch.device | str) -> torch.Tensor:
-        """Real query rows per block, int32 ``[1, N]`` (a `BlockSparsePlan.q_valid`): video tiles count
-        their real tokens, text blocks their tokens before the padding copies. Rows past the count
-        are dropped by `untile`, so they need not be computed."""
-        return self.indices(device)["query_valid"]     # built once per layout and device (no copy per call)
+    def query_valid(self, device: torch.device | str, text_first: bool = False) -> torch.Tensor:
+        """Real query rows per block, int32 ``[1, N]`` (a `BlockSparsePlan.q_valid`; ``text_first``: in
+        that order): video tiles count their real tokens, text blocks their tokens before the padding
+        copies. Rows past the count are dropped by `untile`, so they need not be computed."""
+        # built once per layout, device and order (no copy per call)
+        return self.indices(device, text_first)["query_valid"]
 
     def _loaded_video_keys(self, device, key_tile: int) -> torch.Tensor:
         """Keys per video tile that padding-free ``zero`` padding loads: the real tokens, rounded up to

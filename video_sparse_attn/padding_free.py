@@ -115,9 +115,11 @@ class _UntileZeroKeys(torch.autograd.Function):
         return d_out, d_lse, None, None, None, None, None
 
 
-def untile_with_zero_keys(layout, out: torch.Tensor, lse: torch.Tensor, n: torch.Tensor, like: torch.Tensor):
+def untile_with_zero_keys(layout, out: torch.Tensor, lse: torch.Tensor, n: torch.Tensor, like: torch.Tensor,
+                          text_first: bool = False):
     """``layout.untile(add_zero_keys(out, lse, n)[0])``: block-ordered ``out [B, H, P, D]``, ``lse [B, H, P]``
-    and zero keys per query block ``n [B', H', P // block]`` → ``[B, H, S, D]``.
+    and zero keys per query block ``n [B', H', P // block]`` (all three in the text-first order with
+    ``text_first``, `TileLayout.to_text_first`) → ``[B, H, S, D]``.
 
     On CUDA (eager) one fused Triton pass each way, writing the result with ``like``'s layout (q's:
     diffusers' ``[B, S, H, D]`` storage stays so); elsewhere the two steps as PyTorch ops.
@@ -125,7 +127,7 @@ def untile_with_zero_keys(layout, out: torch.Tensor, lse: torch.Tensor, n: torch
     from .kernels.registry import triton_runs_on
 
     if triton_runs_on(out) and not torch.compiler.is_compiling():
-        idx = layout.indices(out.device)
+        idx = layout.indices(out.device, text_first)
         return _UntileZeroKeys.apply(out, lse, n.to(torch.float32), idx["inverse"], idx["owner"],
                                      layout.block_size, like)
-    return layout.untile(add_zero_keys(out, lse, n, layout.block_size)[0])
+    return layout.untile(add_zero_keys(out, lse, n, layout.block_size)[0], text_first=text_first)

@@ -16,12 +16,13 @@ from . import precompile as pc
 __all__ = ["gather_rows_with_means"]
 
 
-@triton.jit(do_not_specialize=["H", "R", "num_mean_groups"])
+@triton.jit(do_not_specialize=["H", "R", "num_mean_groups", "mean_group0"])
 def _gather_rows_kernel(
     X, Y, SRC, MEAN,
     sxb, sxh, sxs, sxd,          # x strides [B, H, S, D] (any)
     syb, syh, sys_,              # y is [B, H, R, D] contiguous in D
-    H, R, num_mean_groups, inv_mean_div,  # R output rows; means = group sums * inv_mean_div
+    H, R, num_mean_groups, mean_group0, inv_mean_div,  # R output rows; means of groups mean_group0 + (0..n-1)
+                                                       # = group sums * inv_mean_div
     D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
     WANT_MEAN: tl.constexpr,
 ):
@@ -45,17 +46,18 @@ def _gather_rows_kernel(
         if WANT_MEAN:
             acc += tl.sum(x.to(tl.float32), axis=0)
     if WANT_MEAN:
-        if g < num_mean_groups:
-            tl.store(MEAN + (bh.to(tl.int64) * num_mean_groups + g) * D + offs_d, acc * inv_mean_div, mask=d_ok)
+        gm = g - mean_group0
+        if (gm >= 0) & (gm < num_mean_groups):
+            tl.store(MEAN + (bh.to(tl.int64) * num_mean_groups + gm) * D + offs_d, acc * inv_mean_div, mask=d_ok)
 
 
 def gather_rows_with_means(x: torch.Tensor, src: torch.Tensor, group: int, num_mean_groups: int,
-                           mean_div: int = 0):
+                           mean_div: int = 0, mean_group0: int = 0):
     """Gather rows of ``x [B, H, S, D]`` (any strides) by ``src [R]`` (int64, -1 → zero row).
 
     Returns ``y [B, H, R, D]`` (contiguous) and, when ``num_mean_groups > 0``, the float32 sums of
-    the first ``num_mean_groups`` groups of ``group`` rows divided by ``mean_div`` (default ``group``:
-    their means), ``[B, H, num_mean_groups, D]``.
+    the ``num_mean_groups`` groups of ``group`` rows from group ``mean_group0`` on, divided by
+    ``mean_div`` (default ``group``: their means), ``[B, H, num_mean_groups, D]``.
     ``group`` must be a multiple of 16, and of ``R`` when means are asked for.
     """
     B, H, S, D = x.shape
@@ -73,7 +75,7 @@ def gather_rows_with_means(x: torch.Tensor, src: torch.Tensor, group: int, num_m
             break
     pc.launch(
         _gather_rows_kernel, (triton.cdiv(R, group), B * H),
-        x, y, src, mean, *x.stride(), y.stride(0), y.stride(1), y.stride(2), H, R, num_mean_groups,
+        x, y, src, mean, *x.stride(), y.stride(0), y.stride(1), y.stride(2), H, R, num_mean_groups, mean_group0,
         1.0 / (mean_div or group), D=D, D_PAD=d_pad, GROUP=group, BLOCK_R=block_r, WANT_MEAN=want, num_warps=4,
     )
     return y, (mean if want else None)

@@ -48,8 +48,10 @@ def _selection(q_video, k_video, layout: TileLayout, config: SSTAConfig, q_means
 @torch.no_grad()
 def block_mask_from_tiled(q_t: torch.Tensor, k_t: torch.Tensor, layout: TileLayout, config: SSTAConfig,
                           text_mask: Optional[torch.Tensor] = None, q_means: Optional[torch.Tensor] = None,
-                          k_means: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Block mask from block-ordered ``q_t, k_t [B, H, N*bs, D]`` (see `build_block_mask`).
+                          k_means: Optional[torch.Tensor] = None, text_first: bool = False) -> torch.Tensor:
+    """Block mask from block-ordered ``q_t, k_t [B, H, N*bs, D]`` (see `build_block_mask`; ``text_first``:
+    q_t and k_t are in the text-first order, `TileLayout.to_text_first`; the mask is in block order
+    either way).
 
     ``q_means, k_means [B, H, Nv, D]`` float32 tile means (from `TileLayout.tile_with_means`) are used
     when given and the selection needs plain means, so q and k are not read a second time.
@@ -65,8 +67,9 @@ def block_mask_from_tiled(q_t: torch.Tensor, k_t: torch.Tensor, layout: TileLayo
         if kind in ("ssta", "sta"):
             video = sta_window_mask(layout.tiles_thw, config.kernel_thw, dev)[None, None]
         if kind in ("ssta", "block_attn"):
+            v0 = Nt * layout.block_size if text_first else 0
             nvt = Nv * layout.block_size
-            sel = _selection(q_t[:, :, :nvt], k_t[:, :, :nvt], layout, config, q_means, k_means)
+            sel = _selection(q_t[:, :, v0:v0 + nvt], k_t[:, :, v0:v0 + nvt], layout, config, q_means, k_means)
             video = sel if video is None else (video | sel)
     mask = assemble_with_text(video, Nt)
     if text_rule_applies(config) and text_mask is not None and Nt > 0:
