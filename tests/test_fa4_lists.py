@@ -1,5 +1,7 @@
 """The plan → FlashAttention-4 block-list conversion, checked on the CPU against a dense construction."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -66,6 +68,26 @@ def test_lists_equal_dense_construction(qb, kb, broadcast):
     assert fa4_block_lists(plan, B) is lists                                      # cached on the plan
 
 
+@pytest.mark.parametrize("window", [False, True])
+def test_backward_lists_built_only_when_asked(window):
+    """``backward=False`` leaves ``bwd`` None (a forward without gradients does not build it); asking
+    for it later adds the same lists a full conversion gives to the cached forward lists."""
+    torch.manual_seed(5)
+    mask = torch.rand(2, 3, 4, 6) < 0.5
+    k_valid = torch.randint(0, 385, (2, 6), dtype=torch.int32)
+    kw = {"window_lo": -300, "window_hi": 200} if window else {}
+    plan = BlockSparsePlan.from_block_mask(mask, 384, 384, k_valid, **kw)
+    fwd_only = fa4_block_lists(plan, 2, backward=False)
+    assert fwd_only.bwd is None
+    assert fa4_block_lists(plan, 2, backward=False) is fwd_only                    # cached
+    both = fa4_block_lists(plan, 2)
+    assert both.bwd is not None and all(a is b for a, b in zip(both.fwd, fwd_only.fwd))
+    fresh = fa4_block_lists(dataclasses.replace(plan), 2, cache=False)
+    for a, b in zip(both.fwd + both.bwd, fresh.fwd + fresh.bwd):
+        assert torch.equal(a, b)
+    assert fa4_block_lists(plan, 2, backward=False) is both                        # both cached now
+
+
 def _expected_from_tokens(plan, batch):
     """Sub-block classes (mask, full) [B, H', Rq, Rk] from the dense token mask, by brute force: a pair
     is live when some valid row sees some key, full when every valid row sees all 128 keys."""
@@ -130,7 +152,6 @@ def test_causal_lists_skip_blocks_above_the_diagonal():
 def test_unwindowed_lists_equal_the_windowed_classification(qb, kb):
     """The per-block fast path (no window) lists exactly what the per-sub-block classification lists
     for a window that excludes nothing."""
-    import dataclasses
 
     torch.manual_seed(qb + kb)
     B, Mq, Nk = 2, 6, 5

@@ -101,7 +101,8 @@ def _kernels():
 
     return [(triton_fwd._fwd_kernel, SHAPE_ARGS_M), (triton_bwd._dq_kernel, SHAPE_ARGS_M),
             (triton_bwd._dkdv_kernel, SHAPE_ARGS_N), (triton_bwd._delta_kernel, ["H"]),
-            (triton_bwd._dq_convert_kernel, ["H"]), (triton_gather._gather_rows_kernel, ["H", "R", "num_mean_groups"])]
+            (triton_bwd._dq_convert_kernel, ["H"]),
+            (triton_gather._gather_rows_kernel, ["H", "R", "num_mean_groups", "mean_group0"])]
 
 
 def test_unspecialised_arguments_exist_and_exclude_the_row_count():

@@ -42,7 +42,7 @@ class FA4BlockLists(NamedTuple):
     """FA4's block-sparse tensors for one plan (counts int32 ``[B', H', R]``, ids ``[B', H', R, C]``)."""
 
     fwd: tuple              # (mask_cnt, mask_idx, full_cnt, full_idx): Q sub-block rows → KV sub-blocks
-    bwd: tuple              # the same, KV sub-block columns → Q sub-blocks
+    bwd: Optional[tuple]    # the same, KV sub-block columns → Q sub-blocks (None: not built, no backward)
     key_ok: torch.Tensor    # int32 [B, Sk]: 1 where a key token takes part (read by the mask_mod)
     row_bounds: Optional[tuple] = None   # with a window: (lo, hi) int32 [B, Sq], row i sees keys lo[i]..hi[i]
 
@@ -93,40 +93,53 @@ def _classify(q_sub, k_sub, kept, qv, kv, shift, lo, hi):
     return live & ~full, full
 
 
-def _unwindowed_lists(plan, kv, qv, rq, rk, Bx):
-    """Forward / backward lists of a plan without a window, compacted per block and then repeated per
-    sub-block (3× fewer elements to compact than `_classify`'s per-sub-block rows at 384-token blocks;
-    1.9 vs 7.0 ms at 720p on the H200, one process). Without a window a pair's class depends only on
-    its KV sub-block (full when all 128 keys are valid) and whether the Q sub-block has a real row."""
-    def candidates(count, index, valid_other, r_other):   # per block row: ids, existing, valid tokens
-        cand, kept = _candidates(count, index, 1, r_other)
-        cand = cand.expand(Bx, *cand.shape[1:])
-        v = torch.gather(valid_other[:, None, None, :].expand(Bx, *cand.shape[1:3], -1), -1, cand.long())
-        return cand, kept & (v > 0), v
+def _unwindowed_candidates(count, index, valid_other, r_other, Bx):
+    """Per block row of a plan's lists: the other side's sub-block ids, whether they exist (kept, some
+    valid token) and their valid tokens."""
+    cand, kept = _candidates(count, index, 1, r_other)
+    cand = cand.expand(Bx, *cand.shape[1:])
+    v = torch.gather(valid_other[:, None, None, :].expand(Bx, *cand.shape[1:3], -1), -1, cand.long())
+    return cand, kept & (v > 0), v
 
-    def per_sub_row(cnt, idx, r, live):   # one row per sub-block of the owning block; 0 where not live
-        cnt = (cnt[..., None] * live).flatten(-2).to(torch.int32).contiguous()
-        return cnt, idx[..., None, :].expand(*idx.shape[:-1], r, idx.shape[-1]).flatten(-3, -2).contiguous()
 
-    cand, exists, v = candidates(plan.kv_count, plan.kv_index, kv, rk)
+def _per_sub_row(cnt, idx, r, live):
+    """One list row per sub-block of the owning block; count 0 where the sub-block is not ``live``."""
+    cnt = (cnt[..., None] * live).flatten(-2).to(torch.int32).contiguous()
+    return cnt, idx[..., None, :].expand(*idx.shape[:-1], r, idx.shape[-1]).flatten(-3, -2).contiguous()
+
+
+def _unwindowed_fwd(plan, kv, qv, rq, rk, Bx):
+    """Forward lists of a plan without a window, compacted per block and then repeated per sub-block
+    (3× fewer elements to compact than `_classify`'s per-sub-block rows at 384-token blocks; 1.9 vs 7.0
+    ms for both directions at 720p on the H200, one process). Without a window a pair's class depends
+    only on its KV sub-block (full when all 128 keys are valid) and whether the Q sub-block has a real
+    row."""
+    cand, exists, v = _unwindowed_candidates(plan.kv_count, plan.kv_index, kv, rk, Bx)
     q_live = (qv > 0).view(qv.shape[0], 1, -1, rq)
-    fwd_f = per_sub_row(*compact(cand, exists & (v == FA4_BLOCK)), rq, q_live)
-    fwd_m = per_sub_row(*compact(cand, exists & (v < FA4_BLOCK)), rq, q_live)
-    cand, exists, _ = candidates(plan.q_count, plan.q_index, qv, rq)
-    b_cnt, b_idx = per_sub_row(*compact(cand, exists), rk, torch.ones_like(kv, dtype=torch.bool).view(
+    fwd_f = _per_sub_row(*compact(cand, exists & (v == FA4_BLOCK)), rq, q_live)
+    fwd_m = _per_sub_row(*compact(cand, exists & (v < FA4_BLOCK)), rq, q_live)
+    return fwd_m[0], fwd_m[1], fwd_f[0], fwd_f[1]
+
+
+def _unwindowed_bwd(plan, kv, qv, rq, rk, Bx):
+    """Backward lists of a plan without a window (see `_unwindowed_fwd`)."""
+    cand, exists, _ = _unwindowed_candidates(plan.q_count, plan.q_index, qv, rq, Bx)
+    b_cnt, b_idx = _per_sub_row(*compact(cand, exists), rk, torch.ones_like(kv, dtype=torch.bool).view(
         kv.shape[0], 1, -1, rk))
     kv_b = kv[:, None, :]
     fb_cnt = (b_cnt * (kv_b == FA4_BLOCK)).to(torch.int32).contiguous()
     mb_cnt = (b_cnt * ((kv_b > 0) & (kv_b < FA4_BLOCK))).to(torch.int32).contiguous()
-    return (fwd_m[0], fwd_m[1], fwd_f[0], fwd_f[1]), (mb_cnt, b_idx, fb_cnt, b_idx)
+    return mb_cnt, b_idx, fb_cnt, b_idx
 
 
-def fa4_block_lists(plan, batch: int, cache: bool = True) -> FA4BlockLists:
+def fa4_block_lists(plan, batch: int, cache: bool = True, backward: bool = True) -> FA4BlockLists:
     """Convert ``plan`` to FA4's forward / backward block lists (cached on the plan unless ``cache`` is
     False; no host sync). With a token window (``plan.window_lo`` / ``window_hi``), sub-blocks wholly
-    outside it are dropped, wholly inside are full blocks, and the rest mask blocks."""
+    outside it are dropped, wholly inside are full blocks, and the rest mask blocks. ``backward=False``:
+    the backward lists are not built (``bwd`` None; a later call with ``backward=True`` adds them to
+    the cached forward lists) — a forward without gradients does not pay for them."""
     cached = getattr(plan, _CACHE_ATTR, None) if cache else None
-    if cached is not None and cached[0] == batch:
+    if cached is not None and cached[0] == batch and (cached[1].bwd is not None or not backward):
         return cached[1]
     rq, rk = plan.q_block // FA4_BLOCK, plan.k_block // FA4_BLOCK
     kv = _sub_valid(plan.k_valid, rk)                                                    # [Bv, Nk*rk]
@@ -144,21 +157,26 @@ def fa4_block_lists(plan, batch: int, cache: bool = True) -> FA4BlockLists:
         (m_cnt, m_idx), (f_cnt, f_idx) = compact(cand, mask), compact(cand, full)
         return tuple(t.contiguous() for t in (m_cnt, m_idx, f_cnt, f_idx))
 
-    row_bounds = None
-    if plan.has_window:
-        w_lo, w_hi = plan.window_bounds()
-        pos = (torch.arange(plan.num_q_blocks * plan.q_block, device=plan.device, dtype=torch.int32)
-               + plan.window_shift.repeat_interleave(plan.q_block, -1)).expand(batch, -1)
-        row_bounds = ((pos + w_lo).contiguous(), (pos + w_hi).contiguous())
-        fwd, bwd = lists(plan.kv_count, plan.kv_index, rq, rk, False), lists(plan.q_count, plan.q_index, rk, rq, True)
+    if cached is not None and cached[0] == batch:      # forward lists cached, backward ones asked for
+        base = cached[1]
     else:
-        fwd, bwd = _unwindowed_lists(plan, kv, qv, rq, rk, Bx)
-    out = FA4BlockLists(
-        fwd=fwd,
-        bwd=bwd,
-        key_ok=plan.token_valid().to(torch.int32).expand(batch, -1).contiguous(),
-        row_bounds=row_bounds,
-    )
+        row_bounds = None
+        if plan.has_window:
+            w_lo, w_hi = plan.window_bounds()
+            pos = (torch.arange(plan.num_q_blocks * plan.q_block, device=plan.device, dtype=torch.int32)
+                   + plan.window_shift.repeat_interleave(plan.q_block, -1)).expand(batch, -1)
+            row_bounds = ((pos + w_lo).contiguous(), (pos + w_hi).contiguous())
+            fwd = lists(plan.kv_count, plan.kv_index, rq, rk, False)
+        else:
+            fwd = _unwindowed_fwd(plan, kv, qv, rq, rk, Bx)
+        base = FA4BlockLists(fwd=fwd, bwd=None,
+                             key_ok=plan.token_valid().to(torch.int32).expand(batch, -1).contiguous(),
+                             row_bounds=row_bounds)
+    out = base
+    if backward:
+        bwd = (lists(plan.q_count, plan.q_index, rk, rq, True) if plan.has_window
+               else _unwindowed_bwd(plan, kv, qv, rq, rk, Bx))
+        out = base._replace(bwd=bwd)
     if cache:
         object.__setattr__(plan, _CACHE_ATTR, (batch, out))
     return out
@@ -261,7 +279,8 @@ class _FA4BlockSparse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scale):
-        lists = fa4_block_lists(plan, q.shape[0])
+        # the backward lists only when a backward can follow (built in the backward otherwise never)
+        lists = fa4_block_lists(plan, q.shape[0], backward=any(ctx.needs_input_grad[:3]))
         q_pad = ~plan.query_valid()
         out, lse, out_raw, lse_raw = fa4_forward(q, k, v, lists, q_pad, scale, plan.zero_q_tail)
         ctx.save_for_backward(q, k, v, out_raw, lse_raw, q_pad)
