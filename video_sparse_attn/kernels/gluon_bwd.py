@@ -714,8 +714,9 @@ def tile_loop_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     Per key tile of ``block_n`` keys and per query step of ``block_m`` rows: Sᵀ and dPᵀ in float32,
     Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), Pᵀ rounded to the input dtype for dV, dSᵀ rounded for dK and
     for dQ (which adds dS·K into a float32 buffer, or with ``dq_fixed`` as fixed point: each row's part
-    scaled by `fixed_point_scales`, rounded to the nearest integer, summed in int32). ``key_tiles``: the order the key tiles are walked in
-    (default ascending; the order of dQ's additions). Returns dq, dk, dv in the inputs' dtype.
+    scaled by `fixed_point_scales`, rounded to the nearest integer, summed in int32). ``key_tiles``: the
+    order the key tiles are walked in (default ascending; the order of dQ's additions). Returns dq, dk,
+    dv in the inputs' dtype.
     """
     B, H, S, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
