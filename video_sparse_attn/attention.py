@@ -42,6 +42,31 @@ def resolve_backend(backend: str, q: torch.Tensor, plan: Optional[BlockSparsePla
     return select_backend(backend, AttentionCall.of(q, plan)).name
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def _tile_beside(layout: TileLayout, v: torch.Tensor, text_first: bool):
+    """``layout.tile(v)`` and a ``join()`` to call before v's tiles are read. On CUDA (eager, not capturing)
+    the gather runs on a side stream, beside the mask / plan / list kernels that follow on the current
+    one: those are many small latency-bound kernels, the gather a bandwidth-bound pass that fills the
+    SMs they leave idle. Elsewhere it runs in line and ``join`` does nothing."""
+    if not v.is_cuda or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return layout.tile(v, text_first=text_first), lambda: None
+    main = torch.cuda.current_stream(v.device)
+    side = _SIDE_STREAMS.get(v.device)
+    if side is None:
+        side = _SIDE_STREAMS[v.device] = torch.cuda.Stream(v.device)
+    side.wait_stream(main)                      # v (and q, k's tiles before it) written
+    with torch.cuda.stream(side):
+        v_t = layout.tile(v, text_first=text_first)
+
+    def join():
+        main.wait_stream(side)
+        v_t.record_stream(main)                 # freed only after the current stream's reads
+
+    return v_t, join
+
+
 def _run(spec: BackendSpec, q, k, v, plan, scale) -> Tuple[torch.Tensor, torch.Tensor]:
     return spec.load()(q, k, v, plan, scale)
 
@@ -240,7 +265,7 @@ def ssta_attention(
     tf = spec.text_first and layout.num_text_blocks > 0
     (q_t, q_means), (k_t, k_means) = (layout.tile_with_means(x, tf) if needs_means else (layout.tile(x, text_first=tf),
                                                                                         None) for x in (q, k))
-    v_t = layout.tile(v, text_first=tf)
+    v_t, v_ready = _tile_beside(layout, v, tf)
     if tile_means_hook is not None and q_means is not None:
         q_means, k_means = tile_means_hook(q_means, k_means)
     block_mask = block_mask_from_tiled(q_t, k_t, layout, config, text_mask, q_means, k_means, text_first=tf)
@@ -256,6 +281,7 @@ def ssta_attention(
         zero_q_tail=False,      # untile drops those rows, its backward passes 0 there
         key_bias=key_bias,
     )
+    v_ready()
     out_t, lse = _run(spec, q_t, k_t, v_t, plan, scale)
     if padding_free and config.pad_type == "zero" and layout.has_video_padding:
         zero_keys = layout.zero_keys(dev, spec.key_tile)
