@@ -4,7 +4,9 @@ Video tokens come in raster order over the latent grid ``(t, h, w)`` (t slowest)
 per axis to a multiple of the tile, tiles are laid out in raster order and tokens in raster order
 inside each tile (einops: ``(nt tt nh th nw tw) -> (nt nh nw tt th tw)``). Text is padded to a
 multiple of the block size by repeating its last token. The block-ordered sequence is
-``[Nv video blocks | Nt text blocks]`` of ``bs = prod(tile)`` tokens each.
+``[Nv video blocks | Nt text blocks]`` of ``bs = prod(tile)`` tokens each; the reorders and indices
+also come in a text-first order, ``[Nt text blocks | Nv video blocks]`` (`TileLayout.to_text_first`),
+for kernels that take blocks in the order given (the text rows, which see every key, go first).
 
 Padding values: ``zero`` → 0, ``repeat`` → copy of the last slice along each padded axis, ``mask``
 → 0. Inside each tile the real tokens come first (raster order among them, padding after), so that
