@@ -109,7 +109,7 @@ def test_gather_means_from_a_later_group():
     torch.testing.assert_close(means.cpu(), ref_means, rtol=1e-5, atol=1e-6)
 
 
-def test_text_first_compiles_fullgraph(torch_text_first):
+def test_text_first_compiles_fullgraph(torch_text_first, monkeypatch):
     """Under `torch.compile(fullgraph=True)` the text-first indices are built in the graph (static shapes):
     the compiled text-first call equals the eager tile-order one, forward and backward."""
     from torch._dynamo.testing import CompileCounterWithBackend
@@ -124,7 +124,7 @@ def test_text_first_compiles_fullgraph(torch_text_first):
     g = torch.randn_like(q)
     out = compiled(q, k, v)
     grads = torch.autograd.grad((out * g).sum(), (q, k, v))
-    registry.BACKENDS["torch"] = dataclasses.replace(torch_text_first, text_first=False)   # undone by the fixture
+    monkeypatch.setitem(registry.BACKENDS, "torch", dataclasses.replace(torch_text_first, text_first=False))
     ref = ssta_attention(q, k, v, thw, cfg, L, tm, backend="torch")
     ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v))
     assert cnt.frame_count == 1

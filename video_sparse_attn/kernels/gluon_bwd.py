@@ -205,10 +205,7 @@ if HAS_GLUON:
         st = warpgroup_mma(k_c, q_s.permute((1, 0)), zero, use_acc=False, is_async=True)
         dpt = warpgroup_mma(v_c, do_s.permute((1, 0)), zero, use_acc=False, is_async=True)
         lse2 = lse_smem.index(s).load(_COL_LAYOUT)
-        if DQ_FIXED:   # the rows' scales, read before the slot is released
-            dq_scale = dqs_smem.index(s).load(gl.SliceLayout(1, _DQ_LAYOUT))
-        else:
-            dq_scale = 1.0
+        dq_scale = _dq_row_scales(dqs_smem, s, DQ_FIXED)
         st = warpgroup_mma_wait(num_outstanding=1, deps=(st,))
         # P <= 1 (the exact P is, up to rounding): keeps P finite for the zeroed keys past k_valid
         # (S = 0) in rows whose lse is very negative, so that their dS·K adds exactly 0 to dQ
@@ -231,6 +228,15 @@ if HAS_GLUON:
         mbarrier.arrive(empty.index(s), count=1)   # Q / dO / lse2 / delta of slot s no longer read
         _dq_out(c, dq, row, DQ_ACC, dq_offs, dq_desc, dq_smem, dq_scale, BLOCK_KC, D, DQ_TMA, DQ_FIXED)
         return dk, dv
+
+    @gluon.jit
+    def _dq_row_scales(dqs_smem, s, DQ_FIXED: gl.constexpr):
+        """The step's rows' fixed-point dQ scales from slot ``s`` (read before the slot is released), as
+        a slice of `_DQ_LAYOUT` rows; 1.0 without ``DQ_FIXED``."""
+        if DQ_FIXED:
+            return dqs_smem.index(s).load(gl.SliceLayout(1, _DQ_LAYOUT))
+        else:
+            return 1.0
 
     @gluon.jit
     def _issue_s(c: gl.constexpr, i, q_smem, k_smem, full, BLOCK_M: gl.constexpr, BLOCK_KC: gl.constexpr,
@@ -301,10 +307,7 @@ if HAS_GLUON:
                 pt_op = gl.convert_layout(pt.to(q_s.dtype), _A_LAYOUT)
                 dv = warpgroup_mma(pt_op, do_s, dv, is_async=True)
                 delta = delta_smem.index(s).load(_COL_LAYOUT)
-                if DQ_FIXED:   # the rows' scales, read before the slot is released
-                    dq_scale = dqs_smem.index(s).load(gl.SliceLayout(1, _DQ_LAYOUT))
-                else:
-                    dq_scale = 1.0
+                dq_scale = _dq_row_scales(dqs_smem, s, DQ_FIXED)
                 dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt_acc,))
                 dst = (pt * (dpt - delta[None, :])).to(q_s.dtype)
                 ds_smem.index(buf).slice(c * BLOCK_KC, BLOCK_KC, dim=0).store(dst)
@@ -590,9 +593,9 @@ def gluon_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             desc2(v, BLOCK_N, n_layout), desc1(lse2), desc1(delta), desc1(dqs),
             dq_d, dq_acc, dk, dv,
             n_steps, step_rows, col_order, k_valid, *strides, H, S, scale * LOG2E, scale)
-    meta = dict(SPARSE=sparse, DQ_TMA=dq_tma, OVERLAP=bool(overlap),
-                DQ_FIXED=bool(dq_fixed), K_BLOCK=k_block, BLOCK_M=BLOCK_M,
-                BLOCK_N=BLOCK_N, D=D, STAGES=int(stages), CONSUMER_REGS=_REGS[0], PRODUCER_REGS=_REGS[1], num_warps=4)
+    meta = dict(SPARSE=sparse, DQ_TMA=dq_tma, OVERLAP=bool(overlap), DQ_FIXED=bool(dq_fixed), K_BLOCK=k_block,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D, STAGES=int(stages), CONSUMER_REGS=_REGS[0],
+                PRODUCER_REGS=_REGS[1], num_warps=4)
     grid = (n_tiles, B * H)
     if compile_only:
         return _bwd_kernel.warmup(*args, grid=grid, **meta)
@@ -627,8 +630,8 @@ def fixed_point_scales(k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, del
     k, v, dout ``[B, H, S, D]``; delta ``[B, H, S]`` (rowsum(dout·out), shifted by an lse gradient).
     """
     B, H, S, D = k.shape
-    kf = k.reshape(B, H, S * D)
-    kmax = torch.maximum(kf.amax(-1), -kf.amin(-1)).float()                                     # [B, H]
+    kmin, kmax = torch.aminmax(k.reshape(B, H, S * D), dim=-1)                                 # one pass
+    kmax = torch.maximum(kmax, -kmin).float()                                                 # [B, H]
     vmax = torch.linalg.vector_norm(v, dim=-1, dtype=torch.float32).amax(-1)                  # [B, H]
     dnorm = torch.linalg.vector_norm(dout, dim=-1, dtype=torch.float32)                       # [B, H, S]
     bound = kmax[..., None] * (dnorm * vmax[..., None] + delta.float().abs())
@@ -723,8 +726,7 @@ def tile_loop_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     dt = q.dtype
     delta = (out.float() * dout.float()).sum(-1)
     lse2 = torch.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    dq_acc = torch.zeros(B, H, S, D, dtype=torch.float32, device=q.device)
-    dq_int = torch.zeros(B, H, S, D, dtype=torch.int32, device=q.device)
+    dq_acc = torch.zeros(B, H, S, D, dtype=torch.int32 if dq_fixed else torch.float32, device=q.device)
     dqs = fixed_point_scales(k, v, dout, delta) if dq_fixed else None
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -742,14 +744,12 @@ def tile_loop_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
             dk_acc += dst @ qt
             part = dst.transpose(-1, -2) @ kt
             if dq_fixed:
-                dq_int[:, :, m0:m0 + block_m] += torch.round(part * dqs[:, :, m0:m0 + block_m, None]).to(torch.int32)
-            else:
-                dq_acc[:, :, m0:m0 + block_m] += part
+                part = torch.round(part * dqs[:, :, m0:m0 + block_m, None]).to(torch.int32)
+            dq_acc[:, :, m0:m0 + block_m] += part
         dk[:, :, n0:n0 + block_n] = (dk_acc * scale).to(dt)
         dv[:, :, n0:n0 + block_n] = dv_acc.to(dt)
     if dq_fixed:
-        total = dq_int.float()
-        dq = torch.where(dqs[..., None] == 0, float("nan"), total / dqs[..., None] * scale)
+        dq = torch.where(dqs[..., None] == 0, float("nan"), dq_acc.float() / dqs[..., None] * scale)
         return dq.to(dt), dk, dv
     return (dq_acc * scale).to(dt), dk, dv
 

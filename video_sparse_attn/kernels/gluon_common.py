@@ -48,7 +48,8 @@ try:  # any import problem, or a Triton older than MIN_TRITON, means "no Gluon"
 except Exception:  # noqa: BLE001
     HAS_GLUON = False
 
-__all__ = ["HAS_GLUON", "MIN_TRITON", "version_supported", "hopper_unsupported", "plan_unsupported"]
+__all__ = ["HAS_GLUON", "MIN_TRITON", "version_supported", "hopper_unsupported", "dtype_unsupported",
+           "plan_unsupported"]
 if HAS_GLUON:
     __all__ += ["triton", "tl", "gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma",
                 "warpgroup_mma_wait", "TensorDescriptor", "tma_load", "tma_store", "cta_barrier"]
@@ -63,6 +64,11 @@ def hopper_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Opt
         return "Triton's interpreter"
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return "not a Hopper (sm90) GPU"
+    return dtype_unsupported(q, k, v)
+
+
+def dtype_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+    """Why the Gluon kernels do not take these dtypes (None: q / k / v all bf16 or all fp16)."""
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtype {q.dtype} (bf16 / fp16 only)"
     return None

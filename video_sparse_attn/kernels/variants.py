@@ -51,7 +51,7 @@ def kernels() -> list:
     from . import gluon_bwd, gluon_fwd, triton_bwd, triton_fwd, triton_gather, triton_untile
 
     gluon = [gluon_fwd._sparse_ws_kernel, gluon_bwd._prep_kernel, gluon_bwd._bwd_kernel,
-             gluon_bwd._dq_convert_kernel] if gluon_fwd.HAS_GLUON else []
+             gluon_bwd._dq_convert_kernel, gluon_bwd._dq_fixed_convert_kernel] if gluon_fwd.HAS_GLUON else []
     return [triton_fwd._fwd_kernel, triton_bwd._delta_kernel, triton_bwd._dkdv_kernel, triton_bwd._dq_convert_kernel,
             triton_bwd._dq_kernel, triton_gather._gather_rows_kernel, triton_untile._untile_scaled_fwd_kernel,
             triton_untile._untile_scaled_bwd_kernel, *gluon]
@@ -164,9 +164,7 @@ def sm90(gpu: str = "NVIDIA H200"):
     def hopper_unsupported(q, k, v):               # the Gluon kernels' device check, answered as sm90 would
         if not gluon_common.HAS_GLUON:
             return "Triton has no Gluon"
-        if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-            return f"dtype {q.dtype} (bf16 / fp16 only)"
-        return None
+        return gluon_common.dtype_unsupported(q, k, v)
 
     real_tuned = tuning.tuned_kernel
 
