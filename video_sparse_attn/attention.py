@@ -57,7 +57,7 @@ def _tile_beside(layout: TileLayout, v: torch.Tensor, text_first: bool):
     if side is None:
         side = _SIDE_STREAMS[v.device] = torch.cuda.Stream(v.device)
     side.wait_stream(main)                      # v (and q, k's tiles before it) written
-    with torch.cuda.stream(side):
+    with torch.cuda.device(v.device), torch.cuda.stream(side):
         v_t = layout.tile(v, text_first=text_first)
 
     def join():
